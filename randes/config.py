@@ -1,0 +1,36 @@
+"""Per-bundle transform settings, fixed when the bundle is created."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Rank1Policy = Literal["flip", "plain", "private"]
+"""What happens to rank-1 tensors (biases, norms):
+
+- ``flip``: element-wise random sign flip, superposed like everything else;
+- ``plain``: superposed without any map (task-arithmetic style, interference unscrambled);
+- ``private``: kept out of the superposition, stored verbatim per task (costs their size).
+"""
+
+SuperpositionDType = Literal["float32", "bfloat16", "float16"]
+
+
+class TransformConfig(BaseModel):
+    """How task deltas are scrambled and stored in one bundle.
+
+    Every field is part of the bundle's identity: changing it would make the stored
+    superposition unreadable, so it is written into every manifest.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    sign_flip: bool = True
+    layer_shuffle: bool = True
+    rank1: Rank1Policy = "private"
+    dtype: SuperpositionDType = "float32"
+    scale: float | None = Field(
+        default=None,
+        gt=0,
+        description="Bundle-wide lambda; None selects the data-free default (randes.scaling).",
+    )
+    max_shard_bytes: int = Field(default=512 * 1024 * 1024, ge=1024 * 1024)

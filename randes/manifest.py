@@ -1,0 +1,156 @@
+"""The bundle format: JSON manifests that name content-addressed safetensors shards.
+
+A version's manifest is the whole truth about it: which shards hold the superposition,
+which tasks it contains with their seeds and scales, and the sha256 of every byte it
+references. Manifests are immutable; version n+1 gets a new one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from randes.config import TransformConfig
+from randes.errors import ManifestError
+
+FORMAT_VERSION = 1
+
+_M = TypeVar("_M", bound=BaseModel)
+
+_SHA256 = r"^[0-9a-f]{64}$"
+
+
+class ShardRef(BaseModel):
+    """One stored file: its object key, size and sha256, and the tensors inside it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    key: str = Field(min_length=1, max_length=1024)
+    sha256: str = Field(pattern=_SHA256)
+    size: int = Field(ge=0)
+    tensors: list[str] = Field(default_factory=list)
+
+
+class KeyMap(BaseModel):
+    """How a checkpoint's tensor names relate to the base's.
+
+    ``checkpoint_name = checkpoint_prefix + base_name[len(base_prefix):]``. Both empty
+    means identical names. Recorded so that materialize restores the fine-tune's names.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base_prefix: str = ""
+    checkpoint_prefix: str = ""
+
+    def to_checkpoint(self, base_name: str) -> str:
+        return self.checkpoint_prefix + base_name[len(self.base_prefix) :]
+
+    def to_base(self, checkpoint_name: str) -> str | None:
+        """The base name of a checkpoint tensor, or None when it is outside the prefix."""
+        if not checkpoint_name.startswith(self.checkpoint_prefix):
+            return None
+        return self.base_prefix + checkpoint_name[len(self.checkpoint_prefix) :]
+
+
+class BaseRef(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    uri: str
+    sha256: str = Field(pattern=_SHA256)
+    manifest_key: str
+    manifest_sha256: str = Field(pattern=_SHA256)
+
+
+class TaskEntry(BaseModel):
+    """One task folded into a version: everything needed to retrieve or remove it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    seed: int = Field(ge=0, lt=2**63)
+    source_uri: str
+    source_sha256: str = Field(pattern=_SHA256)
+    added_in_version: int = Field(ge=1)
+    scale: float | None = Field(default=None, gt=0)
+    key_map: KeyMap = Field(default_factory=KeyMap)
+    delta_norms: dict[str, float] = Field(default_factory=dict)
+    private: list[ShardRef] = Field(default_factory=list)
+    files: dict[str, ShardRef] = Field(
+        default_factory=dict, description="Side files of the source kept verbatim (config.json)."
+    )
+
+
+class BaseManifest(BaseModel):
+    """A registered base model, stored once and shared by every bundle on it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+    name: str
+    uri: str
+    sha256: str = Field(pattern=_SHA256)
+    shards: list[ShardRef]
+    files: dict[str, ShardRef] = Field(default_factory=dict)
+    norms: dict[str, float] = Field(default_factory=dict)
+
+
+class BundleManifest(BaseModel):
+    """One immutable bundle version."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+    bundle: str
+    version: int = Field(ge=0)
+    parent_version: int | None = None
+    created_at: str
+    base: BaseRef
+    transform: TransformConfig
+    superposition: list[ShardRef] = Field(default_factory=list)
+    tasks: list[TaskEntry] = Field(default_factory=list)
+
+    def task(self, name: str) -> TaskEntry:
+        for entry in self.tasks:
+            if entry.name == name:
+                return entry
+        raise KeyError(name)
+
+    def shards(self) -> Iterator[ShardRef]:
+        """Every stored file this version references (superposition, privates, side files)."""
+        yield from self.superposition
+        for entry in self.tasks:
+            yield from entry.private
+            yield from entry.files.values()
+
+
+def dump_manifest(manifest: BaseModel) -> bytes:
+    """Canonical bytes: sorted keys, so equal manifests hash equally."""
+    return manifest.model_dump_json(indent=None).encode("utf-8")
+
+
+def load_bundle_manifest(data: bytes) -> BundleManifest:
+    return _load(BundleManifest, data)
+
+
+def load_base_manifest(data: bytes) -> BaseManifest:
+    return _load(BaseManifest, data)
+
+
+def _load(model: type[_M], data: bytes) -> _M:
+    try:
+        parsed = model.model_validate_json(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise ManifestError(f"invalid {model.__name__}: {where}: {first.get('msg')}") from None
+    except ValueError as exc:  # pragma: no cover - defensive, pydantic wraps JSON errors
+        raise ManifestError(f"invalid {model.__name__}: {exc}") from None
+    if parsed.format_version != FORMAT_VERSION:  # type: ignore[attr-defined]
+        raise ManifestError(
+            f"unsupported format_version {parsed.format_version}"  # type: ignore[attr-defined]
+        )
+    return parsed

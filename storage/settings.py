@@ -1,0 +1,45 @@
+"""Configuration from the environment (``RANDES_*``), with an embedded default.
+
+With nothing set, everything lives under ``~/.randes``: a SQLite registry and a
+local-directory store, so one command works on a laptop with no server.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RANDES_", extra="ignore")
+
+    home: Path = Field(default_factory=lambda: Path.home() / ".randes")
+    database_url: SecretStr | None = None
+    store_url: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    cache_dir: Path | None = None
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The SQLAlchemy URL; SQLite under RANDES_HOME when none is configured."""
+        if self.database_url is not None:
+            return self.database_url.get_secret_value()
+        return f"sqlite:///{(self.home / 'registry.db').resolve()}"
+
+    @property
+    def resolved_store_url(self) -> str:
+        if self.store_url:
+            return self.store_url
+        return (self.home / "store").resolve().as_uri()
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        """Local content-addressed cache of shards fetched from the store."""
+        return (self.cache_dir or self.home / "cache").resolve()
+
+
+def load_settings() -> Settings:
+    return Settings()
