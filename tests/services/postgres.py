@@ -1,0 +1,1 @@
+"""Embedded PostgreSQL fixture (session-scoped)."""
