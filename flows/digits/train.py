@@ -1,0 +1,229 @@
+"""Pretraining of the base and fine-tuning of the task models, deterministic by seed.
+
+Recipe, chosen to look like real fine-tunes rather than to flatter any merge method:
+
+- the base is pretrained on upright digits only (supervised, with small random shifts as
+  augmentation), like a backbone pretrained on one broad domain; its pretraining head is
+  discarded, so the saved base checkpoint has no head;
+- each task starts from the base with a zero head, trains the head alone for a few steps
+  (linear probing), then the whole model with a small learning rate for a few hundred
+  steps (LP-FT), so the backbone delta is small relative to the weights (reported as
+  ||delta|| / ||W||) but carries what the head cannot: tasks on rotated, mirrored,
+  inverted or shifted images need other features than the upright base provides.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from flows.digits.data import TASKS, digits_split, get_task, task_split
+from flows.digits.model import (
+    WEIGHTS_FILE,
+    DigitsConfig,
+    DigitsViT,
+    load_pretrained,
+    save_pretrained,
+    set_head,
+)
+
+TASK_SEEDS: dict[str, int] = {name: 101 + 7 * i for i, name in enumerate(TASKS)}
+"""Training seed of each benchmark task (distinct, fixed)."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines the trained weights; stored next to them for reuse checks."""
+
+    model: DigitsConfig = field(default_factory=DigitsConfig)
+    pretrain_steps: int = 600
+    pretrain_lr: float = 2e-3
+    pretrain_seed: int = 7
+    probe_steps: int = 40
+    probe_lr: float = 2e-2
+    finetune_steps: int = 150
+    finetune_lr: float = 5e-4
+    head_lr: float = 5e-3
+    batch_size: int = 128
+
+    def to_json(self) -> dict[str, object]:
+        data = asdict(self)
+        data["model"] = self.model.to_json()
+        return data
+
+
+def _set_threads() -> None:
+    # The project's machines have 2 cores; more threads than cores only adds contention.
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def _batches(n: int, batch: int, steps: int, gen: torch.Generator) -> Iterable[Tensor]:
+    """`steps` minibatch index sets, reshuffled every epoch, drawn from `gen` only."""
+    done = 0
+    while done < steps:
+        perm = torch.randperm(n, generator=gen)
+        for start in range(0, n - batch + 1, batch):
+            yield perm[start : start + batch]
+            done += 1
+            if done >= steps:
+                return
+
+
+def _augment_shift(images: Tensor, gen: torch.Generator) -> Tensor:
+    """Random +-1 pixel translation per image (zero padded), for pretraining only."""
+    padded = F.pad(images, (1, 1, 1, 1))
+    dx = torch.randint(0, 3, (images.shape[0],), generator=gen)
+    dy = torch.randint(0, 3, (images.shape[0],), generator=gen)
+    out = torch.empty_like(images)
+    for i in range(images.shape[0]):
+        out[i] = padded[i, dy[i] : dy[i] + 8, dx[i] : dx[i] + 8]
+    return out
+
+
+def pretrain(recipe: Recipe) -> DigitsViT:
+    """Train the backbone on upright digit classification; return it without its head."""
+    _set_threads()
+    torch.manual_seed(recipe.pretrain_seed)
+    gen = torch.Generator().manual_seed(recipe.pretrain_seed)
+    model = DigitsViT(recipe.model)
+    set_head(model, 10)
+    assert model.head is not None
+    nn_init = torch.nn.init
+    nn_init.normal_(model.head.weight, std=0.02)
+    images, labels = digits_split("train")
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.pretrain_lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=recipe.pretrain_lr, total_steps=recipe.pretrain_steps, pct_start=0.1
+    )
+    model.train()
+    for idx in _batches(len(labels), recipe.batch_size, recipe.pretrain_steps, gen):
+        x = _augment_shift(images[idx], gen)
+        loss = F.cross_entropy(model(x), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.head = None
+    return model.eval()
+
+
+def finetune(base: DigitsViT, task: str, recipe: Recipe, seed: int | None = None) -> DigitsViT:
+    """LP-FT of a copy of `base` on one task; the base is left untouched."""
+    _set_threads()
+    spec = get_task(task)
+    seed = TASK_SEEDS.get(task, 997) if seed is None else seed
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    cfg = DigitsConfig(**{**asdict(base.cfg), "num_classes": spec.num_classes, "task": task})
+    model = DigitsViT(cfg)
+    missing = model.load_state_dict(base.state_dict(), strict=False)
+    assert set(missing.missing_keys) == {"head.weight", "head.bias"}, missing
+    set_head(model, spec.num_classes)
+    assert model.head is not None
+    images, labels = task_split(task, "train")
+
+    # Linear probe: backbone frozen, the head finds the readout of the base features.
+    model.eval()
+    with torch.no_grad():
+        feats = model.features(images)
+    probe = torch.optim.Adam(model.head.parameters(), lr=recipe.probe_lr)
+    for _ in range(recipe.probe_steps):
+        loss = F.cross_entropy(model.head(feats), labels)
+        probe.zero_grad(set_to_none=True)
+        loss.backward()
+        probe.step()
+
+    # Full fine-tune at a small learning rate: the delta stays small, as in real fine-tunes.
+    head_params = list(model.head.parameters())
+    head_ids = {id(p) for p in head_params}
+    body = [p for p in model.parameters() if id(p) not in head_ids]
+    opt = torch.optim.AdamW(
+        [
+            {"params": body, "lr": recipe.finetune_lr},
+            {"params": head_params, "lr": recipe.head_lr},
+        ],
+        weight_decay=0.0,
+    )
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, recipe.finetune_steps))
+    model.train()
+    for idx in _batches(len(labels), recipe.batch_size, recipe.finetune_steps, gen):
+        loss = F.cross_entropy(model(images[idx]), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def accuracy(model: DigitsViT, task: str, split: str = "test") -> float:
+    """Fraction of correct predictions of `model` on `task`'s `split`."""
+    images, labels = task_split(task, split)
+    model.eval()
+    return float((model(images).argmax(dim=-1) == labels).float().mean())
+
+
+def relative_delta_norm(base: Mapping[str, Tensor], tuned: Mapping[str, Tensor]) -> float:
+    """||theta_t - theta_base|| / ||theta_base|| over the tensors both have (heads excluded)."""
+    num = 0.0
+    den = 0.0
+    for name, w in base.items():
+        d = tuned[name].float() - w.float()
+        num += float(d.pow(2).sum())
+        den += float(w.float().pow(2).sum())
+    return (num / den) ** 0.5
+
+
+def build_models(
+    out_dir: Path,
+    tasks: Iterable[str] | None = None,
+    recipe: Recipe | None = None,
+    reuse: bool = True,
+    log: bool = False,
+) -> tuple[Path, dict[str, Path]]:
+    """Pretrain a base and fine-tune every task, saved as HF style dirs under `out_dir`.
+
+    Layout: `out_dir/base/` and `out_dir/tasks/<task>/`, each with model.safetensors and
+    config.json. With `reuse`, dirs written earlier by the same recipe are kept (the recipe
+    is stored in `out_dir/recipe.json`), which makes repeated benchmark runs cheap while a
+    changed recipe always retrains. Training is deterministic, so reuse never changes results.
+    """
+    recipe = recipe or Recipe()
+    names = list(TASKS) if tasks is None else list(tasks)
+    for name in names:
+        get_task(name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    recipe_file = out_dir / "recipe.json"
+    recipe_json = json.dumps(recipe.to_json(), sort_keys=True)
+    same = reuse and recipe_file.exists() and recipe_file.read_text() == recipe_json
+    if not same and recipe_file.exists():
+        recipe_file.unlink()  # the dirs below are stale until the new recipe is written again
+
+    base_dir = out_dir / "base"
+    t0 = time.perf_counter()
+    if same and (base_dir / WEIGHTS_FILE).exists():
+        base = load_pretrained(base_dir)
+    else:
+        base = pretrain(recipe)
+        save_pretrained(base, base_dir)
+        same = False  # a new base invalidates every fine-tune
+    if log:
+        print(f"base ready in {time.perf_counter() - t0:.1f}s")
+    task_dirs: dict[str, Path] = {}
+    for name in names:
+        t1 = time.perf_counter()
+        tdir = out_dir / "tasks" / name
+        if not (same and (tdir / WEIGHTS_FILE).exists()):
+            save_pretrained(finetune(base, name, recipe), tdir)
+        task_dirs[name] = tdir
+        if log:
+            print(f"task {name} ready in {time.perf_counter() - t1:.1f}s")
+    recipe_file.write_text(recipe_json)
+    return base_dir, task_dirs

@@ -1,0 +1,427 @@
+"""Lazy, validated reading of safetensors checkpoints (single file, dir, HF shards).
+
+Checkpoints come from outside: a fine-tune uploaded by a customer, a hub download.
+So before any tensor is touched the reader
+
+- refuses pickle formats (``.bin``, ``.pt``...) outright: unpickling runs code;
+- parses every safetensors header itself with bounded reads (8-byte length checked
+  against the file size and a hard cap, then exactly that many bytes of JSON), checks
+  dtypes, shapes and that the data offsets tile the data region exactly;
+
+and only then hands the file to ``safetensors.safe_open`` (memory-mapped), opening
+tensors one at a time on demand. No attacker-controlled number ever sizes an allocation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from randes.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_INDEX_BYTES = 100 * 1024 * 1024
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "preprocessor_config.json",
+)
+"""Small files that make a weights dir a usable Hugging Face model, kept verbatim."""
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_SHARD = re.compile(r"^(?P<prefix>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors$")
+_CHUNK = 1024 * 1024
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """What a header says about a tensor: enough to plan a fold without reading data."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtype_size(self.dtype)
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.is_floating_point
+
+
+def dtype_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def read_header(path: Path) -> dict[str, TensorMeta]:
+    """Validate a safetensors file's header with bounded reads; return its tensors.
+
+    Raises CorruptCheckpointError (one line, naming the file) on any inconsistency.
+    """
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                raise CorruptCheckpointError(f"{path}: file too short for a safetensors header")
+            n = int.from_bytes(prefix, "little")
+            if n > size - 8 or n > MAX_HEADER_BYTES:
+                raise CorruptCheckpointError(
+                    f"{path}: absurd safetensors header length {n} (file is {size} bytes)"
+                )
+            raw = fh.read(n)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(raw) != n:
+        raise CorruptCheckpointError(f"{path}: truncated safetensors header")
+    return _parse_header(path, raw, data_len=size - 8 - n)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _parse_header(path: Path, raw: bytes, *, data_len: int) -> dict[str, TensorMeta]:
+    def bad(why: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{path}: corrupt safetensors header: {why}")
+
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise bad(f"malformed JSON ({str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(header, dict):
+        raise bad("not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):
+        raise bad("__metadata__ must map strings to strings")
+
+    metas: dict[str, TensorMeta] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name, info in header.items():
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise bad(f"tensor {name!r}: expected dtype, shape, data_offsets")
+        dtype = DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+        if dtype is None:
+            raise bad(f"tensor {name!r}: unsupported dtype {info['dtype']!r}")
+        shape = info["shape"]
+        if not isinstance(shape, list) or not all(_is_nonneg_int(d) for d in shape):
+            raise bad(f"tensor {name!r}: shape must be a list of non-negative integers")
+        offsets = info["data_offsets"]
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_nonneg_int(o) for o in offsets)
+        ):
+            raise bad(f"tensor {name!r}: data_offsets must be two non-negative integers")
+        begin, end = offsets
+        if not begin <= end <= data_len:
+            raise bad(f"tensor {name!r}: data_offsets [{begin}, {end}] outside the data region")
+        meta = TensorMeta(dtype=dtype, shape=tuple(shape))
+        if end - begin != meta.nbytes:
+            raise bad(
+                f"tensor {name!r}: {end - begin} bytes stored, "
+                f"{meta.nbytes} expected for {info['dtype']}{list(shape)}"
+            )
+        metas[name] = meta
+        spans.append((begin, end, name))
+
+    cursor = 0
+    for begin, end, name in sorted(spans):
+        if begin != cursor:
+            what = "overlaps another tensor" if begin < cursor else "leaves a gap"
+            raise bad(f"tensor {name!r} {what} at byte {begin}")
+        cursor = end
+    if cursor != data_len:
+        raise bad(f"data region is {data_len} bytes, tensors cover {cursor}")
+    return metas
+
+
+def _is_nonneg_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+class CheckpointReader:
+    """Tensors of one checkpoint, possibly sharded, opened on demand.
+
+    A context manager: ``with CheckpointReader.open(path) as ckpt: ckpt.get(name)``.
+    Headers are validated at construction; data is read only by ``get``.
+    """
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        side_files: dict[str, Path] | None = None,
+        *,
+        expected: dict[str, str] | None = None,
+    ) -> None:
+        self.files: list[Path] = [Path(f) for f in files]
+        self.side_files: dict[str, Path] = dict(side_files or {})
+        self._metas: dict[str, TensorMeta] = {}
+        self._file_of: dict[str, Path] = {}
+        self._handles: dict[Path, Any] = {}
+        for path in self.files:
+            _refuse_pickle(path)
+            if path.suffix != ".safetensors":
+                raise CheckpointError(f"{path}: not a .safetensors file")
+            if not path.is_file():
+                raise CheckpointError(f"{path}: no such file")
+            for name, meta in read_header(path).items():
+                if name in self._metas:
+                    raise CorruptCheckpointError(
+                        f"{path}: tensor {name!r} also in {self._file_of[name]}"
+                    )
+                self._metas[name] = meta
+                self._file_of[name] = path
+        if expected is not None:
+            _check_index(self._file_of, expected)
+
+    @classmethod
+    def open(cls, source: Path) -> CheckpointReader:
+        """Open a .safetensors file, or a dir in Hugging Face layout."""
+        source = Path(source)
+        if not source.exists():
+            raise CheckpointError(f"{source}: no such file or directory")
+        if source.is_file():
+            _refuse_pickle(source)
+            if source.suffix != ".safetensors":
+                raise CheckpointError(f"{source}: not a .safetensors file")
+            side = _side_files(source.parent) if _is_hf_weight_name(source.name) else {}
+            return cls([source], side)
+        if not source.is_dir():
+            raise CheckpointError(f"{source}: not a file or directory")
+        return cls._open_dir(source)
+
+    @classmethod
+    def _open_dir(cls, root: Path) -> CheckpointReader:
+        side = _side_files(root)
+        index = root / INDEX_FILE
+        if index.is_file():
+            files, expected = _read_index(index)
+            return cls(files, side, expected=expected)
+        if (root / SINGLE_FILE).is_file():
+            return cls([root / SINGLE_FILE], side)
+        weights = sorted(p for p in root.iterdir() if p.suffix == ".safetensors" and p.is_file())
+        if len(weights) == 1:
+            return cls(weights, side)
+        if weights:
+            return cls(_complete_shard_set(root, weights), side)
+        if any(p.suffix in PICKLE_SUFFIXES for p in root.iterdir()):
+            raise UnsafeCheckpointError(
+                f"{root}: only pickle checkpoints (.bin/.pt) found; they can run code on load, "
+                "convert them to safetensors"
+            )
+        raise CheckpointError(f"{root}: no safetensors weights in directory")
+
+    @classmethod
+    def from_files(cls, files: Sequence[Path]) -> CheckpointReader:
+        if not files:
+            raise CheckpointError("no checkpoint files given")
+        return cls(list(files))
+
+    # -- mapping-like access -------------------------------------------------------
+
+    def keys(self) -> list[str]:
+        """Tensor names, sorted (a stable order for streaming)."""
+        return sorted(self._metas)
+
+    def metas(self) -> dict[str, TensorMeta]:
+        return {name: self._metas[name] for name in self.keys()}
+
+    def meta(self, name: str) -> TensorMeta:
+        return self._metas[name]
+
+    def file_of(self, name: str) -> Path:
+        return self._file_of[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._metas
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self._metas)
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor (a fresh CPU tensor; the file stays memory-mapped)."""
+        path = self._file_of[name]
+        try:
+            handle = self._handles.get(path)
+            if handle is None:
+                handle = safe_open(str(path), framework="pt", device="cpu")
+                self._handles[path] = handle
+            tensor: torch.Tensor = handle.get_tensor(name)
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot read {name!r}: {exc}") from None
+        except Exception as exc:  # safetensors raises its own error type
+            raise CorruptCheckpointError(f"{path}: cannot read {name!r}: {exc}") from None
+        meta = self._metas[name]
+        if tensor.dtype != meta.dtype or tuple(tensor.shape) != meta.shape:
+            raise CorruptCheckpointError(f"{path}: {name!r} changed since its header was read")
+        return tensor
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"CheckpointReader({[str(f) for f in self.files]!r}, {len(self)} tensors)"
+
+
+def _refuse_pickle(path: Path) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise UnsafeCheckpointError(
+            f"{path}: pickle checkpoint refused (it can run code on load); "
+            "convert it to safetensors"
+        )
+
+
+def _is_hf_weight_name(name: str) -> bool:
+    return name == SINGLE_FILE or _SHARD.match(name) is not None
+
+
+def _side_files(root: Path) -> dict[str, Path]:
+    return {name: root / name for name in SIDE_FILES if (root / name).is_file()}
+
+
+def _read_index(index: Path) -> tuple[list[Path], dict[str, str]]:
+    """Parse model.safetensors.index.json: the shard files and tensor -> file map."""
+    if index.stat().st_size > MAX_INDEX_BYTES:
+        raise CorruptCheckpointError(f"{index}: index file too large")
+    try:
+        data = json.loads(index.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise CorruptCheckpointError(f"{index}: malformed JSON") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CorruptCheckpointError(f"{index}: missing or empty weight_map")
+    names: set[str] = set()
+    for tensor, fname in weight_map.items():
+        if (
+            not isinstance(fname, str)
+            or Path(fname).name != fname
+            or fname in (".", "..")
+            or not fname.endswith(".safetensors")
+        ):
+            raise CorruptCheckpointError(f"{index}: bad shard name {fname!r} for {tensor!r}")
+        names.add(fname)
+    files = [index.parent / n for n in sorted(names)]
+    for path in files:
+        if not path.is_file():
+            raise CheckpointError(f"{index}: shard {path.name} is missing")
+    return files, {t: f for t, f in weight_map.items()}
+
+
+def _check_index(file_of: dict[str, Path], expected: dict[str, str]) -> None:
+    for tensor, fname in expected.items():
+        actual = file_of.get(tensor)
+        if actual is None or actual.name != fname:
+            raise CorruptCheckpointError(
+                f"{INDEX_FILE}: {tensor!r} is not in {fname} as the index says"
+            )
+    extra = set(file_of) - set(expected)
+    if extra:
+        raise CorruptCheckpointError(
+            f"{INDEX_FILE}: {len(extra)} tensors in the shards are missing from the index "
+            f"(e.g. {sorted(extra)[0]!r})"
+        )
+
+
+def _complete_shard_set(root: Path, weights: list[Path]) -> list[Path]:
+    """Several .safetensors without an index: accept only one complete HF shard set."""
+    matches = [_SHARD.match(p.name) for p in weights]
+    if not all(matches):
+        raise CheckpointError(
+            f"{root}: several .safetensors files and no {INDEX_FILE}; cannot tell which "
+            "make up the model"
+        )
+    groups = {(m.group("prefix"), m.group("n")) for m in matches if m}
+    indices = sorted(int(m.group("i")) for m in matches if m)
+    if len(groups) != 1:
+        raise CheckpointError(f"{root}: shards of several models in one directory")
+    total = int(next(iter(groups))[1])
+    if indices != list(range(1, total + 1)):
+        raise CheckpointError(f"{root}: incomplete shard set ({len(indices)} of {total})")
+    return weights
+
+
+def source_digest(reader: CheckpointReader) -> str:
+    """sha256 over a checkpoint's content, independent of where it lies.
+
+    Weight files sorted by basename, then side files sorted by name; each contributes
+    its name, its length and its bytes (streamed 1 MiB at a time), so identical
+    checkpoints hash identically and no two different ones share a framing.
+    """
+    digest = hashlib.sha256(b"randes/source/v1\n")
+    entries = [(b"weights", p.name, p) for p in sorted(reader.files, key=lambda p: p.name)]
+    entries += [(b"side", name, reader.side_files[name]) for name in sorted(reader.side_files)]
+    for kind, name, path in entries:
+        encoded = name.encode("utf-8")
+        size = path.stat().st_size
+        digest.update(kind + b"\0" + len(encoded).to_bytes(8, "big") + encoded)
+        digest.update(size.to_bytes(8, "big"))
+        with path.open("rb") as fh:
+            while chunk := fh.read(_CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,106 @@
+"""Resolve a checkpoint SOURCE (local path, s3://, hf://) to local files and a pinned uri.
+
+The uri recorded in the registry must name exactly the bytes that were folded, so
+that `randes remove` can fetch them again: a Hugging Face revision is pinned to the
+commit it resolved to, and every source is checked against its sha256 on re-fetch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from randes.errors import CheckpointError, UnsafeCheckpointError
+from storage.settings import Settings
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+WANTED_SUFFIXES = (".safetensors", ".json")
+_HF = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?)(?:@(?P<rev>[\w./-]+))?$")
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """A checkpoint available on local disk, with the uri that names it for good."""
+
+    uri: str
+    path: Path
+
+
+def resolve_source(source: str, *, settings: Settings) -> ResolvedSource:
+    """Bring ``source`` to local disk (no-op for local paths) and pin its uri."""
+    if source.startswith("s3://"):
+        return _resolve_s3(source, settings)
+    if source.startswith("hf://"):
+        return _resolve_hf(source)
+    if "://" in source and not source.startswith("file://"):
+        raise CheckpointError(f"unsupported source {source!r}: use a path, s3:// or hf://")
+    path = Path(source.removeprefix("file://")).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"no such file or directory: {path}")
+    path = path.resolve()
+    return ResolvedSource(uri=path.as_uri(), path=path)
+
+
+def split_hf_uri(uri: str) -> tuple[str, str | None]:
+    match = _HF.fullmatch(uri)
+    if not match:
+        raise CheckpointError(f"invalid Hugging Face source {uri!r}: use hf://org/repo[@revision]")
+    return match["repo"], match["rev"]
+
+
+def _resolve_hf(source: str) -> ResolvedSource:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo_id, revision = split_hf_uri(source)
+    try:
+        local = Path(
+            snapshot_download(
+                repo_id=repo_id, revision=revision, allow_patterns=["*.safetensors", "*.json"]
+            )
+        )
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"{source}: not in the local Hugging Face cache and the hub cannot be reached"
+        ) from None
+    except HfHubHTTPError as exc:
+        raise CheckpointError(f"{source}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    commit = local.name  # snapshots/<commit sha>
+    return ResolvedSource(uri=f"hf://{repo_id}@{commit}", path=local)
+
+
+def _resolve_s3(source: str, settings: Settings) -> ResolvedSource:
+    from storage.store import open_store
+
+    bucket, _, key = source.removeprefix("s3://").partition("/")
+    if not bucket:
+        raise CheckpointError(f"invalid S3 source {source!r}: use s3://bucket/key")
+    store = open_store(
+        f"s3://{bucket}", endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
+    )
+    key = key.strip("/")
+    prefix = f"{key}/" if key else ""
+    objects = [info for info in store.list(prefix) if info.key != prefix]
+    single = key and not objects and store.exists(key)
+    target = settings.resolved_cache_dir / "sources" / hashlib.sha256(source.encode()).hexdigest()
+    if single:
+        if key.endswith(PICKLE_SUFFIXES):
+            raise UnsafeCheckpointError(f"{source}: pickle checkpoints are refused (they can run code)")
+        dest = target / PurePosixPath(key).name
+        store.get_file(key, dest, sha256=None)
+        return ResolvedSource(uri=source, path=dest)
+    if not objects:
+        raise CheckpointError(f"no such S3 object or prefix: {source}")
+    names = [info.key[len(prefix) :] for info in objects]
+    wanted = [n for n in names if "/" not in n and n.endswith(WANTED_SUFFIXES)]
+    if not any(n.endswith(".safetensors") for n in wanted):
+        if any(n.endswith(PICKLE_SUFFIXES) for n in names):
+            raise UnsafeCheckpointError(
+                f"{source}: only pickle checkpoints found; they are refused (they can run code)"
+            )
+        raise CheckpointError(f"{source}: no .safetensors file under this prefix")
+    for name in wanted:
+        store.get_file(prefix + name, target / name, sha256=None)
+    return ResolvedSource(uri=source.rstrip("/"), path=target)

@@ -1,0 +1,554 @@
+"""The bundle lifecycle over one store + one registry: the commit protocol lives here.
+
+Every operation that creates a version follows the same order, which is what keeps a
+crash harmless at any point:
+
+1. compute in a private work directory (nothing shared is touched);
+2. lease the object keys about to be written (so a concurrent `gc` keeps them);
+3. upload shards and side files (content-addressed, create-if-absent: idempotent);
+4. upload the manifest (content-addressed too);
+5. commit the registry row in one transaction: only now is the version visible.
+
+A crash before 5 leaves unreferenced objects that `gc` reclaims once their lease
+expires; a lost race at 5 (another fold took version n+1) rebuilds on the new head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from randes.checkpoint import CheckpointReader, source_digest
+from randes.config import TransformConfig
+from randes.errors import IntegrityError, RandesError
+from randes.fold import fold, unfold
+from randes.manifest import (
+    BaseManifest,
+    BaseRef,
+    BundleManifest,
+    ShardRef,
+    TaskEntry,
+    dump_manifest,
+    load_base_manifest,
+    load_bundle_manifest,
+)
+from randes.names import validate_name
+from randes.retrieve import materialize as materialize_model
+from randes.rng import new_task_seed
+from randes.scaling import default_scale
+from randes.writer import WrittenShard
+from storage.cache import ObjectCache, file_sha256
+from storage.keys import blob_key, manifest_key
+from storage.registry import (
+    AlreadyIngestedError,
+    BaseRecord,
+    BundleRecord,
+    NewTask,
+    Registry,
+    TaskExistsError,
+    TaskNotFoundError,
+    VersionConflictError,
+    VersionRecord,
+)
+from storage.settings import Settings, load_settings
+from storage.sources import resolve_source
+from storage.store import ObjectStore, open_store
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+LEASE_TTL_S = 6 * 3600.0
+"""How long keys written by a fold stay protected from `gc` if the fold dies uncommitted."""
+
+MAX_FOLD_ATTEMPTS = 20
+"""Rebuilds on a newer head before giving up when many writers race on one bundle."""
+
+
+class FoldContentionError(RandesError):
+    """Too many concurrent writers: every attempt lost the race for the next version."""
+
+
+@dataclass(frozen=True)
+class FoldOutcome:
+    """What a fold or removal did. ``skipped`` means the source was already ingested."""
+
+    bundle: str
+    task: str
+    version: int
+    skipped: bool = False
+    seed: int | None = None
+    attempts: int = 1
+
+
+@dataclass(frozen=True)
+class GcReport:
+    deleted: list[str]
+    kept_young: int
+    referenced: int
+
+
+class Workspace:
+    """One store, one registry and a local cache: what every command works on."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: ObjectStore | None = None,
+        registry: Registry | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store or open_store(
+            settings.resolved_store_url,
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+        )
+        self.registry = registry or Registry(settings.resolved_database_url)
+        self.cache = ObjectCache(settings.resolved_cache_dir / "objects", self.store)
+        self.work_root = settings.resolved_cache_dir / "work"
+
+    @classmethod
+    def open(cls, settings: Settings | None = None) -> Workspace:
+        return cls(settings or load_settings())
+
+    def close(self) -> None:
+        self.registry.close()
+
+    def __enter__(self) -> Workspace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ setup
+    def init(self) -> None:
+        """Create the store root and bring the registry schema to the newest migration."""
+        self.settings.home.mkdir(parents=True, exist_ok=True)
+        self.store.ensure_root()
+        self.registry.upgrade()
+
+    # ------------------------------------------------------------------ bases
+    def add_base(self, name: str, source: str) -> BaseRecord:
+        """Register and store a base model: its weight files verbatim, content-addressed."""
+        validate_name(name, "base name")
+        resolved = resolve_source(source, settings=self.settings)
+        with CheckpointReader.open(resolved.path) as reader:
+            digest = source_digest(reader)
+            shards = [self._upload_file(path, _file_tensors(path)) for path in reader.files]
+            files = {n: self._upload_file(p, []) for n, p in sorted(reader.side_files.items())}
+            norms = {key: float(reader.get(key).double().norm()) for key in reader.keys()
+                     if reader.meta(key).dtype.is_floating_point}
+        manifest = BaseManifest(
+            name=name, uri=resolved.uri, sha256=digest, shards=shards, files=files, norms=norms
+        )
+        key, sha = self._put_manifest(manifest)
+        keys = [ref.key for ref in shards] + [ref.key for ref in files.values()] + [key]
+        return self.registry.add_base(
+            name, resolved.uri, digest, key, sha, object_keys=keys
+        )
+
+    def base_manifest(self, name: str) -> BaseManifest:
+        record = self.registry.get_base(name)
+        data = self.store.get_bytes(record.manifest_key, sha256=record.manifest_sha256)
+        return load_base_manifest(data)
+
+    # ---------------------------------------------------------------- bundles
+    def create_bundle(
+        self, name: str, base: str, config: TransformConfig, *, gate_threshold: float | None = None
+    ) -> BundleRecord:
+        validate_name(name, "bundle name")
+        return self.registry.create_bundle(
+            name, base, config.model_dump(mode="json"), gate_threshold=gate_threshold
+        )
+
+    def bundle_config(self, bundle: str) -> TransformConfig:
+        return TransformConfig.model_validate(self.registry.get_bundle(bundle).transform)
+
+    def manifest(self, version: VersionRecord) -> BundleManifest:
+        data = self.store.get_bytes(version.manifest_key, sha256=version.manifest_sha256)
+        return load_bundle_manifest(data)
+
+    def resolve(self, bundle: str, ref: str | None = None) -> tuple[VersionRecord, BundleManifest]:
+        record = self.registry.resolve(bundle, ref)
+        return record, self.manifest(record)
+
+    # ------------------------------------------------------------------- fold
+    def fold(
+        self,
+        bundle: str,
+        source: str,
+        task: str,
+        *,
+        scale: float | None = None,
+        progress: Progress | None = None,
+    ) -> FoldOutcome:
+        """Fold one checkpoint into ``bundle`` as ``task``: a new version, or a no-op.
+
+        Folding the same bytes twice (under any task name) is a no-op reported as
+        skipped; a lost race for the next version number rebuilds on the new head.
+        """
+        validate_name(task, "task name")
+        bundle_rec = self.registry.get_bundle(bundle)
+        config = TransformConfig.model_validate(bundle_rec.transform)
+        resolved = resolve_source(source, settings=self.settings)
+        with CheckpointReader.open(resolved.path) as checkpoint:
+            digest = source_digest(checkpoint)
+            for attempt in range(1, MAX_FOLD_ATTEMPTS + 1):
+                hit = self.registry.ledger_lookup(bundle, digest)
+                if hit is not None:
+                    return FoldOutcome(bundle, hit[0], hit[1], skipped=True, attempts=attempt)
+                head = self.registry.head(bundle)
+                parent = self.manifest(head) if head is not None else None
+                if parent is not None and any(t.name == task for t in parent.tasks):
+                    raise TaskExistsError(f"bundle {bundle!r} already holds a task named {task!r}")
+                seed = self._fresh_seed(bundle)
+                version = head.version + 1 if head is not None else 1
+                try:
+                    with self._work_dir() as work, self._base_reader(bundle_rec) as base:
+                        with self._superposition_reader(parent) as parent_reader:
+                            result = fold(
+                                base=base, checkpoint=checkpoint, parent=parent_reader,
+                                seed=seed, config=config, out_dir=work, progress=progress,
+                            )
+                        entry_files = dict(checkpoint.side_files)
+                        owner = uuid.uuid4().hex
+                        try:
+                            self._lease([*result.superposition, *result.private], entry_files, owner)
+                            entry = TaskEntry(
+                                name=task, seed=seed, source_uri=resolved.uri,
+                                source_sha256=digest, added_in_version=version, scale=scale,
+                                key_map=result.key_map, delta_norms=result.delta_norms,
+                                private=self._upload_shards(result.private),
+                                files={n: self._upload_file(p, []) for n, p in entry_files.items()},
+                            )
+                            manifest = self._next_manifest(
+                                bundle, bundle_rec, config, head, parent,
+                                superposition=self._upload_shards(result.superposition),
+                                tasks=[*(parent.tasks if parent else []), entry],
+                            )
+                            self._commit(bundle, manifest, owner, added=[
+                                NewTask(name=task, seed=seed, source_uri=resolved.uri,
+                                        source_sha256=digest)
+                            ], ledger=[(digest, task)])
+                        finally:
+                            self.registry.release(owner)
+                except VersionConflictError:
+                    log.info("bundle %s: another fold took version %d; rebuilding", bundle, version)
+                    continue
+                except AlreadyIngestedError:
+                    continue  # the ledger lookup at the top of the loop reports it
+                return FoldOutcome(bundle, task, version, seed=seed, attempts=attempt)
+        raise FoldContentionError(
+            f"bundle {bundle!r}: lost the race for a new version {MAX_FOLD_ATTEMPTS} times"
+        )
+
+    def remove(self, bundle: str, task: str, *, progress: Progress | None = None) -> FoldOutcome:
+        """Fold ``task`` out again: re-fetch its source by uri, check its sha256, subtract."""
+        bundle_rec = self.registry.get_bundle(bundle)
+        config = TransformConfig.model_validate(bundle_rec.transform)
+        for attempt in range(1, MAX_FOLD_ATTEMPTS + 1):
+            head = self.registry.head(bundle)
+            parent = self.manifest(head) if head is not None else None
+            entry = next((t for t in (parent.tasks if parent else []) if t.name == task), None)
+            if head is None or parent is None or entry is None:
+                raise TaskNotFoundError(f"bundle {bundle!r} holds no task named {task!r}")
+            resolved = resolve_source(entry.source_uri, settings=self.settings)
+            with CheckpointReader.open(resolved.path) as checkpoint:
+                if source_digest(checkpoint) != entry.source_sha256:
+                    raise IntegrityError(
+                        f"source of task {task!r} ({entry.source_uri}) changed since it was "
+                        "folded; cannot remove it exactly"
+                    )
+                owner = uuid.uuid4().hex
+                try:
+                    with self._work_dir() as work, self._base_reader(bundle_rec) as base:
+                        with self._superposition_reader(parent) as parent_reader:
+                            assert parent_reader is not None or not parent.superposition
+                            result = unfold(
+                                base=base, checkpoint=checkpoint, parent=parent_reader,  # type: ignore[arg-type]
+                                seed=entry.seed, config=config, out_dir=work, progress=progress,
+                            )
+                        self._lease(result.superposition, {}, owner)
+                        remaining = [t for t in parent.tasks if t.name != task]
+                        manifest = self._next_manifest(
+                            bundle, bundle_rec, config, head, parent,
+                            superposition=self._upload_shards(result.superposition) if remaining else [],
+                            tasks=remaining,
+                        )
+                        self._commit(bundle, manifest, owner, removed=[task])
+                except VersionConflictError:
+                    continue
+                finally:
+                    self.registry.release(owner)
+            return FoldOutcome(bundle, task, head.version + 1, seed=entry.seed, attempts=attempt)
+        raise FoldContentionError(
+            f"bundle {bundle!r}: lost the race for a new version {MAX_FOLD_ATTEMPTS} times"
+        )
+
+    # --------------------------------------------------------------- retrieve
+    def task_scale(self, manifest: BundleManifest, entry: TaskEntry) -> float:
+        return default_scale(len(manifest.tasks), manifest.transform, entry.scale)
+
+    def materialize(
+        self,
+        bundle: str,
+        ref: str | None,
+        task: str,
+        dest: Path,
+        *,
+        scale: float | None = None,
+        progress: Progress | None = None,
+    ) -> Path:
+        """Write ``task`` as a standalone Hugging Face style model directory at ``dest``.
+
+        The model is built in a sibling temporary directory and renamed into place, so
+        ``dest`` either does not exist or holds the whole model.
+        """
+        record, manifest = self.resolve(bundle, ref)
+        try:
+            entry = manifest.task(task)
+        except KeyError:
+            raise TaskNotFoundError(
+                f"bundle {bundle!r} version {record.version} holds no task named {task!r}"
+            ) from None
+        _check_destination(dest)
+        context = f"bundle {bundle} version {record.version}"
+        side = {name: self.cache.fetch(r, context=context) for name, r in entry.files.items()}
+        chosen = scale if scale is not None else self.task_scale(manifest, entry)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+        try:
+            with (
+                self._base_reader_for(manifest) as base,
+                self._superposition_reader(manifest) as superposition,
+                self._open_refs(entry.private, context) as private,
+            ):
+                materialize_model(
+                    base=base, superposition=superposition, private=private, seed=entry.seed,
+                    key_map=entry.key_map, config=manifest.transform, scale=chosen,
+                    out_dir=staging, side_files=side, progress=progress,
+                )
+            if dest.exists():
+                dest.rmdir()
+            staging.rename(dest)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return dest
+
+    def pull(self, bundle: str, ref: str | None, dest: Path) -> VersionRecord:
+        """Download one version with every object it needs, verified, as a local store.
+
+        The result is laid out like the store itself (objects/, manifests/) plus a
+        ``bundle.json`` naming the version, so it can serve offline retrieval.
+        """
+        record, manifest = self.resolve(bundle, ref)
+        _check_destination(dest)
+        base = self.base_manifest(manifest.base.name)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+        try:
+            refs = [*manifest.shards(), *base.shards, *base.files.values()]
+            for ref in {r.key: r for r in refs}.values():
+                self.store.get_file(ref.key, staging / ref.key, sha256=ref.sha256)
+            for key, sha in (
+                (record.manifest_key, record.manifest_sha256),
+                (manifest.base.manifest_key, manifest.base.manifest_sha256),
+            ):
+                self.store.get_file(key, staging / key, sha256=sha)
+            (staging / "bundle.json").write_text(
+                _pointer_json(bundle, record), encoding="utf-8"
+            )
+            if dest.exists():
+                dest.rmdir()
+            staging.rename(dest)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return record
+
+    # --------------------------------------------------------------------- gc
+    def gc(self, *, grace_s: float = 3600.0, dry_run: bool = False) -> GcReport:
+        """Delete objects that no version or base references and no live fold leases.
+
+        Objects younger than ``grace_s`` are kept as well: a fold that has not yet
+        leased its keys (it leases before uploading) can never lose an object to gc.
+        """
+        keep = self.registry.referenced_keys() | self.registry.leased_keys()
+        now = dt.datetime.now(dt.UTC)
+        deleted: list[str] = []
+        young = 0
+        for info in self.store.list(""):
+            if info.key in keep:
+                continue
+            if (now - info.last_modified).total_seconds() < grace_s:
+                young += 1
+                continue
+            if not dry_run:
+                self.store.delete(info.key)
+            deleted.append(info.key)
+        return GcReport(deleted=deleted, kept_young=young, referenced=len(keep))
+
+    # ---------------------------------------------------------------- helpers
+    def _fresh_seed(self, bundle: str) -> int:
+        used = self.registry.used_seeds(bundle)
+        while True:
+            seed = new_task_seed()
+            if seed not in used:
+                return seed
+
+    @contextlib.contextmanager
+    def _work_dir(self) -> Iterator[Path]:
+        self.work_root.mkdir(parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(dir=self.work_root))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def _open_refs(self, refs: Sequence[ShardRef], context: str) -> Iterator[CheckpointReader | None]:
+        if not refs:
+            yield None
+            return
+        paths = [self.cache.fetch(ref, context=context) for ref in refs]
+        with CheckpointReader.from_files(paths) as reader:
+            yield reader
+
+    @contextlib.contextmanager
+    def _base_reader(self, bundle: BundleRecord) -> Iterator[CheckpointReader]:
+        manifest = self.base_manifest(bundle.base_name)
+        with self._open_refs(manifest.shards, f"base {manifest.name}") as reader:
+            assert reader is not None
+            yield reader
+
+    @contextlib.contextmanager
+    def _base_reader_for(self, manifest: BundleManifest) -> Iterator[CheckpointReader]:
+        base = self.base_manifest(manifest.base.name)
+        if base.sha256 != manifest.base.sha256:
+            raise IntegrityError(
+                f"base {base.name!r} in the registry is not the base bundle "
+                f"{manifest.bundle!r} was built on"
+            )
+        with self._open_refs(base.shards, f"base {base.name}") as reader:
+            assert reader is not None
+            yield reader
+
+    def _superposition_reader(
+        self, manifest: BundleManifest | None
+    ) -> contextlib.AbstractContextManager[CheckpointReader | None]:
+        if manifest is None:
+            return contextlib.nullcontext(None)
+        context = f"bundle {manifest.bundle} version {manifest.version}"
+        return self._open_refs(manifest.superposition, context)
+
+    def _lease(self, shards: Sequence[WrittenShard], files: dict[str, Path], owner: str) -> None:
+        shas = [s.sha256 for s in shards] + [file_sha256(p) for p in files.values()]
+        self.registry.lease([blob_key(sha) for sha in shas], owner, LEASE_TTL_S)
+
+    def _upload_shards(self, shards: Sequence[WrittenShard]) -> list[ShardRef]:
+        refs = []
+        for shard in shards:
+            key = blob_key(shard.sha256)
+            self.store.put_file(key, shard.path, sha256=shard.sha256)
+            refs.append(ShardRef(key=key, sha256=shard.sha256, size=shard.size,
+                                 tensors=list(shard.tensors)))
+        return refs
+
+    def _upload_file(self, path: Path, tensors: list[str]) -> ShardRef:
+        sha = file_sha256(path)
+        key = blob_key(sha)
+        self.store.put_file(key, path, sha256=sha)
+        return ShardRef(key=key, sha256=sha, size=path.stat().st_size, tensors=tensors)
+
+    def _put_manifest(self, manifest: BaseManifest | BundleManifest) -> tuple[str, str]:
+        data = dump_manifest(manifest)
+        sha = hashlib.sha256(data).hexdigest()
+        key = manifest_key(sha)
+        self.store.put_bytes(key, data, if_absent=True)
+        return key, sha
+
+    def _next_manifest(
+        self,
+        bundle: str,
+        bundle_rec: BundleRecord,
+        config: TransformConfig,
+        head: VersionRecord | None,
+        parent: BundleManifest | None,
+        *,
+        superposition: list[ShardRef],
+        tasks: list[TaskEntry],
+    ) -> BundleManifest:
+        base_rec = self.registry.get_base(bundle_rec.base_name)
+        return BundleManifest(
+            bundle=bundle,
+            version=head.version + 1 if head is not None else 1,
+            parent_version=head.version if head is not None else None,
+            created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            base=BaseRef(
+                name=base_rec.name, uri=base_rec.uri, sha256=base_rec.sha256,
+                manifest_key=base_rec.manifest_key, manifest_sha256=base_rec.manifest_sha256,
+            ),
+            transform=config,
+            superposition=superposition,
+            tasks=tasks,
+        )
+
+    def _commit(
+        self,
+        bundle: str,
+        manifest: BundleManifest,
+        owner: str,
+        *,
+        added: Sequence[NewTask] = (),
+        removed: Sequence[str] = (),
+        ledger: Sequence[tuple[str, str]] = (),
+    ) -> VersionRecord:
+        data = dump_manifest(manifest)
+        key = manifest_key(hashlib.sha256(data).hexdigest())
+        self.registry.lease([key], owner, LEASE_TTL_S)
+        key, sha = self._put_manifest(manifest)
+        keys = sorted({ref.key for ref in manifest.shards()} | {key})
+        return self.registry.commit_version(
+            bundle,
+            version=manifest.version,
+            parent_version=manifest.parent_version,
+            manifest_key=key,
+            manifest_sha256=sha,
+            object_keys=keys,
+            added=list(added),
+            removed=list(removed),
+            ledger=list(ledger),
+        )
+
+
+def _file_tensors(path: Path) -> list[str]:
+    with CheckpointReader.from_files([path]) as reader:
+        return sorted(reader.keys())
+
+
+def _check_destination(dest: Path) -> None:
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise RandesError(f"destination {dest} exists and is not an empty directory")
+
+
+def _pointer_json(bundle: str, record: VersionRecord) -> str:
+    return json.dumps(
+        {
+            "bundle": bundle,
+            "version": record.version,
+            "manifest_key": record.manifest_key,
+            "manifest_sha256": record.manifest_sha256,
+        },
+        indent=2,
+    )
