@@ -1,0 +1,169 @@
+"""Prefect flows: ingest, validate, publish. Thin flows over small, retried tasks.
+
+Idempotence does not rely on Prefect's cache: the ingestion ledger in the registry
+is the cache (a checkpoint already folded is a no-op), so a flow run that crashed
+half-way is completed by simply running it again. Task retries are reserved for
+transient faults (store or database unreachable); bad input fails at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import TaskRun
+from prefect.states import State
+from prefect.tasks import Task
+
+from flows.discovery import Candidate, discover
+from flows.validation import (
+    TaskValidation,
+    ValidationReport,
+    load_evaluator,
+    report_markdown,
+    validate_task,
+)
+from storage.registry import DatabaseUnavailableError
+from storage.settings import load_settings
+from storage.store.errors import StoreUnavailableError
+from storage.workspace import FoldOutcome, Workspace
+
+TRANSIENT = (StoreUnavailableError, DatabaseUnavailableError, ConnectionError, TimeoutError)
+RETRY_DELAYS = [2, 5, 10]
+
+
+def retry_transient_only(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Retry store / database outages; never retry a refusal of bad input."""
+    try:
+        state.result()
+    except TRANSIENT:
+        return True
+    except BaseException:  # noqa: BLE001 - anything else is final
+        return False
+    return False
+
+
+def _task_options() -> dict[str, Any]:
+    return {
+        "retries": len(RETRY_DELAYS),
+        "retry_delay_seconds": RETRY_DELAYS,
+        "retry_condition_fn": retry_transient_only,
+        "cache_policy": NO_CACHE,
+        "persist_result": False,
+    }
+
+
+@task(name="discover-checkpoints", **_task_options())
+def discover_checkpoints(source: str) -> list[Candidate]:
+    return discover(source, settings=load_settings())
+
+
+@task(name="fold-checkpoint", **_task_options())
+def fold_checkpoint(bundle: str, candidate: Candidate) -> FoldOutcome:
+    with Workspace.open() as ws:
+        return ws.fold(bundle, candidate.source, candidate.task)
+
+
+@task(name="validate-task", **_task_options())
+def validate_one(
+    bundle: str, version: int, task_name: str, evaluator: str | None, scale: float | None
+) -> TaskValidation:
+    function = load_evaluator(evaluator) if evaluator else None
+    with Workspace.open() as ws:
+        return validate_task(ws, bundle, version, task_name, evaluator=function, scale=scale)
+
+
+@task(name="record-validation", **_task_options())
+def record_validation(report: ValidationReport) -> str:
+    with Workspace.open() as ws:
+        for t in report.tasks:
+            if t.metric is not None and t.value is not None:
+                ws.registry.add_evaluation(
+                    report.bundle, report.version, t.task, t.metric, t.value,
+                    reference=t.reference, normalized=t.normalized,
+                )
+            if t.delta_cosine is not None:
+                ws.registry.add_evaluation(
+                    report.bundle, report.version, t.task, "delta_cosine", t.delta_cosine
+                )
+        status = "validated" if report.passed else "rejected"
+        ws.registry.set_status(report.bundle, report.version, status)
+    return status
+
+
+@flow(name="validate", log_prints=True)
+def validate_flow(
+    bundle: str,
+    version: int | None = None,
+    evaluator: str | None = None,
+    scale: float | None = None,
+) -> ValidationReport:
+    """Retrieve every task of a version, measure it, and gate the version."""
+    with Workspace.open() as ws:
+        record, manifest = ws.resolve(bundle, None if version is None else str(version))
+        threshold = ws.registry.get_bundle(bundle).gate_threshold
+    futures = [
+        validate_one.submit(bundle, record.version, t.name, evaluator, scale)
+        for t in manifest.tasks
+    ]
+    report = ValidationReport(bundle, record.version, threshold, [f.result() for f in futures])
+    status = record_validation(report)
+    key = f"{bundle}-validation".lower().replace("_", "-").replace(".", "-")
+    create_table_artifact(
+        key=key, table=[t.row() for t in report.tasks],
+        description=f"{bundle} version {record.version}: {status}",
+    )
+    create_markdown_artifact(key=f"{key}-summary", markdown=report_markdown(report))
+    get_run_logger().info("%s version %d: %s", bundle, record.version, status)
+    return report
+
+
+@flow(name="ingest", log_prints=True)
+def ingest_flow(
+    bundle: str,
+    source: str,
+    evaluator: str | None = None,
+    validate: bool = True,
+) -> dict[str, Any]:
+    """Fold every checkpoint under ``source`` that the ledger does not hold yet."""
+    logger = get_run_logger()
+    candidates = discover_checkpoints(source)
+    folded: list[FoldOutcome] = []
+    skipped: list[FoldOutcome] = []
+    for candidate in candidates:  # sequential: each fold builds on the previous head
+        outcome = fold_checkpoint(bundle, candidate)
+        (skipped if outcome.skipped else folded).append(outcome)
+        logger.info(
+            "%s: %s", candidate.task,
+            "already folded" if outcome.skipped else f"version {outcome.version}",
+        )
+    report = None
+    if validate and folded:
+        report = validate_flow(bundle, folded[-1].version, evaluator)
+    summary = {
+        "bundle": bundle,
+        "found": len(candidates),
+        "folded": [o.task for o in folded],
+        "skipped": [o.task for o in skipped],
+        "version": folded[-1].version if folded else None,
+        "status": None if report is None else ("validated" if report.passed else "rejected"),
+    }
+    create_markdown_artifact(
+        key=f"{bundle}-ingest".lower().replace("_", "-").replace(".", "-"),
+        markdown=(
+            f"# Ingest into {bundle}\n\nfound {len(candidates)}, folded {len(folded)} "
+            f"({', '.join(summary['folded']) or '-'}), already present {len(skipped)}; "
+            f"head version {summary['version']}, status {summary['status']}"
+        ),
+    )
+    return summary
+
+
+@flow(name="publish")
+def publish_flow(bundle: str, version: int, alias: str = "production") -> dict[str, Any]:
+    """Move ``alias`` to a validated version, atomically (one registry transaction)."""
+    with Workspace.open() as ws:
+        record = ws.registry.set_alias(bundle, alias, version)
+    return {"bundle": bundle, "alias": record.name, "version": record.version}

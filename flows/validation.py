@@ -1,0 +1,210 @@
+"""Validation of a bundle version: retrieve every task and measure it.
+
+Two measurements, both optional by what is at hand:
+
+- delta fidelity: cosine and relative error of the retrieved delta against the
+  source delta (needs the task's source, fetched again by its pinned uri);
+- task metric: an evaluator entry point ``module:function(state_dict, task) -> {metric: value}``
+  scores the retrieved model and, when the source is at hand, the fine-tuned model,
+  whose ratio is the normalized score.
+
+The gate compares each task's normalized score (or, without an evaluator, its delta
+cosine) with the bundle's threshold; one task below it rejects the version.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from randes.checkpoint import CheckpointReader, source_digest
+from randes.errors import RandesError
+from randes.manifest import TaskEntry
+from randes.retrieve import retrieve
+from storage.sources import resolve_source
+from storage.workspace import Workspace
+
+Evaluator = Callable[[Mapping[str, torch.Tensor], str], Mapping[str, float]]
+
+
+class EvaluatorError(RandesError):
+    """An evaluator entry point that cannot be imported or returns no metric."""
+
+
+@dataclass(frozen=True)
+class TaskValidation:
+    task: str
+    delta_cosine: float | None
+    delta_rel_error: float | None
+    metric: str | None
+    value: float | None
+    reference: float | None
+    normalized: float | None
+
+    @property
+    def score(self) -> float | None:
+        """What the gate compares: the normalized metric, else the delta cosine."""
+        return self.normalized if self.normalized is not None else self.delta_cosine
+
+    def row(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    bundle: str
+    version: int
+    threshold: float | None
+    tasks: list[TaskValidation]
+
+    @property
+    def passed(self) -> bool:
+        if self.threshold is None:
+            return True
+        return all(t.score is not None and t.score >= self.threshold for t in self.tasks)
+
+    @property
+    def failing(self) -> list[str]:
+        if self.threshold is None:
+            return []
+        return [t.task for t in self.tasks if t.score is None or t.score < self.threshold]
+
+
+def load_evaluator(spec: str) -> Evaluator:
+    """Import ``module:function``; the function scores a state dict on a task."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise EvaluatorError(f"evaluator {spec!r}: use module:function")
+    try:
+        module = importlib.import_module(module_name)
+        function = getattr(module, attr)
+    except (ImportError, AttributeError) as exc:
+        raise EvaluatorError(f"evaluator {spec!r} cannot be loaded: {exc}") from None
+    if not callable(function):
+        raise EvaluatorError(f"evaluator {spec!r} is not callable")
+    return function  # type: ignore[no-any-return]
+
+
+def validate_task(
+    ws: Workspace,
+    bundle: str,
+    version: int,
+    task: str,
+    *,
+    evaluator: Evaluator | None = None,
+    scale: float | None = None,
+) -> TaskValidation:
+    """Retrieve one task of one version and measure it against its source."""
+    record, manifest = ws.resolve(bundle, str(version))
+    entry = manifest.task(task)
+    chosen = scale if scale is not None else ws.task_scale(manifest, entry)
+    context = f"bundle {bundle} version {record.version}"
+    source = _open_source(ws, entry)
+    try:
+        with (
+            ws._base_reader_for(manifest) as base,
+            ws._superposition_reader(manifest) as superposition,
+            ws._open_refs(entry.private, context) as private,
+        ):
+            stream = retrieve(
+                base=base, superposition=superposition, private=private, seed=entry.seed,
+                key_map=entry.key_map, config=manifest.transform, scale=chosen,
+            )
+            keep = evaluator is not None
+            state, cosine, rel_error = _measure(stream, base, source, entry, keep_state=keep)
+        metric = value = reference = normalized = None
+        if evaluator is not None:
+            metric, value = _first_metric(evaluator(state, task), task)
+            if source is not None:
+                _, reference = _first_metric(
+                    evaluator({k: source.get(k) for k in source.keys()}, task), task
+                )
+                normalized = value / reference if reference else None
+        return TaskValidation(task, cosine, rel_error, metric, value, reference, normalized)
+    finally:
+        if source is not None:
+            source.close()
+
+
+def _open_source(ws: Workspace, entry: TaskEntry) -> CheckpointReader | None:
+    """The task's source checkpoint when it can be fetched and still has its sha256."""
+    try:
+        resolved = resolve_source(entry.source_uri, settings=ws.settings)
+        reader = CheckpointReader.open(resolved.path)
+    except RandesError:
+        return None
+    if source_digest(reader) != entry.source_sha256:
+        reader.close()
+        return None
+    return reader
+
+
+def _measure(
+    stream: Iterator[tuple[str, torch.Tensor]],
+    base: CheckpointReader,
+    source: CheckpointReader | None,
+    entry: TaskEntry,
+    *,
+    keep_state: bool,
+) -> tuple[dict[str, torch.Tensor], float | None, float | None]:
+    """Consume the retrieval stream once: keep tensors if asked, accumulate fidelity."""
+    state: dict[str, torch.Tensor] = {}
+    dot = ret_sq = src_sq = diff_sq = 0.0
+    for name, tensor in stream:
+        if keep_state:
+            state[name] = tensor
+        if source is None or name not in source:
+            continue
+        base_name = entry.key_map.to_base(name)
+        if base_name is None or base_name not in base or not tensor.is_floating_point():
+            continue
+        base_tensor = base.get(base_name).double()
+        got = tensor.double() - base_tensor
+        want = source.get(name).double() - base_tensor
+        dot += float((got * want).sum())
+        ret_sq += float((got * got).sum())
+        src_sq += float((want * want).sum())
+        diff_sq += float(((got - want) ** 2).sum())
+    if source is None or src_sq == 0.0:
+        return state, None, None
+    cosine = dot / math.sqrt(ret_sq * src_sq) if ret_sq > 0 else 0.0
+    return state, cosine, math.sqrt(diff_sq / src_sq)
+
+
+def _first_metric(result: Mapping[str, float], task: str) -> tuple[str, float]:
+    if not result:
+        raise EvaluatorError(f"evaluator returned no metric for task {task!r}")
+    metric, value = next(iter(result.items()))
+    return metric, float(value)
+
+
+def report_markdown(report: ValidationReport) -> str:
+    verdict = "validated" if report.passed else f"rejected (below gate: {', '.join(report.failing)})"
+    lines = [
+        f"# {report.bundle} version {report.version}: {verdict}",
+        "",
+        f"Gate threshold: {report.threshold if report.threshold is not None else 'none'}",
+        "",
+        "| task | metric | retrieved | fine-tuned | normalized | delta cosine | delta rel. error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t in report.tasks:
+        lines.append(
+            f"| {t.task} | {t.metric or ''} | {_fmt(t.value)} | {_fmt(t.reference)} | "
+            f"{_fmt(t.normalized)} | {_fmt(t.delta_cosine)} | {_fmt(t.delta_rel_error)} |"
+        )
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def write_report(path: Path, report: ValidationReport) -> None:
+    path.write_text(report_markdown(report), encoding="utf-8")

@@ -1,0 +1,241 @@
+"""Folding one task into (or out of) a superposition, streaming tensor by tensor.
+
+    S_new[slot] = S_parent[slot] + direction * T_t(theta_t - theta_base)[slot]
+
+Each slot is computed from exactly one base tensor, one checkpoint tensor and one
+parent slot, then handed to the ShardWriter and dropped: peak memory is a few of the
+largest tensors and the cost is one pass over base + checkpoint + parent, whatever
+the number of tasks already in the parent. All metadata checks (missing tensors,
+shape / dtype mismatches) run before any data is read; every checkpoint tensor is
+checked for NaN/Inf before a result is returned, and an error deletes what was written.
+
+Private tensors (stored verbatim for this task only) are kept under the CHECKPOINT's
+names: extra tensors the base lacks (task heads), non-float buffers that differ from
+the base, and, with rank1 policy "private", the fine-tuned rank-1 tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from randes.checkpoint import CheckpointReader
+from randes.config import TransformConfig
+from randes.errors import IncompatibleCheckpointError, NonFiniteTensorError
+from randes.keymap import detect_key_map
+from randes.manifest import KeyMap
+from randes.transforms import Layout, TaskTransform, plan_layout
+from randes.writer import ShardWriter, WrittenShard
+
+Progress = Callable[[int, int], None]
+
+SUPERPOSITION_DIR = "superposition"
+PRIVATE_DIR = "private"
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@dataclass
+class FoldResult:
+    superposition: list[WrittenShard]
+    private: list[WrittenShard]
+    key_map: KeyMap
+    delta_norms: dict[str, float]
+
+
+def superposition_dtype(config: TransformConfig) -> torch.dtype:
+    return TORCH_DTYPES[config.dtype]
+
+
+def layout_of(base: CheckpointReader, config: TransformConfig) -> Layout:
+    return plan_layout(base.metas(), config)
+
+
+def superposed_names(base: CheckpointReader, config: TransformConfig) -> list[str]:
+    """The slot names a superposition over ``base`` holds (sorted)."""
+    return list(layout_of(base, config).superposed)
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+        raise NonFiniteTensorError(f"checkpoint tensor {name!r} holds NaN or Inf")
+
+
+def check_compatible(
+    base: CheckpointReader, checkpoint: CheckpointReader, key_map: KeyMap
+) -> None:
+    """Every base tensor present in the checkpoint with the same shape and dtype."""
+    for name in base.keys():
+        ck = key_map.to_checkpoint(name)
+        if ck not in checkpoint:
+            raise IncompatibleCheckpointError(f"checkpoint lacks base tensor {ck!r}")
+        b, c = base.meta(name), checkpoint.meta(ck)
+        if b.shape != c.shape:
+            raise IncompatibleCheckpointError(
+                f"tensor {ck!r}: shape {list(c.shape)} differs from the base's {list(b.shape)}"
+            )
+        if b.dtype != c.dtype:
+            raise IncompatibleCheckpointError(
+                f"tensor {ck!r}: dtype {c.dtype} differs from the base's {b.dtype}"
+            )
+
+
+def check_superposition(
+    base: CheckpointReader, superposition: CheckpointReader, layout: Layout
+) -> None:
+    """A stored superposition has exactly the layout's slots, base-shaped, in the bundle dtype."""
+    dtype = superposition_dtype(layout.config)
+    expected = set(layout.superposed)
+    actual = set(superposition.keys())
+    if actual != expected:
+        diff = sorted(expected ^ actual)
+        raise IncompatibleCheckpointError(
+            f"superposition does not match the base layout ({len(diff)} names differ, "
+            f"e.g. {diff[0]!r})"
+        )
+    for slot in layout.superposed:
+        meta = superposition.meta(slot)
+        if meta.shape != base.meta(slot).shape or meta.dtype != dtype:
+            raise IncompatibleCheckpointError(
+                f"superposition slot {slot!r}: {meta.dtype}{list(meta.shape)} does not match "
+                f"{dtype}{list(base.meta(slot).shape)}"
+            )
+
+
+def fold(
+    *,
+    base: CheckpointReader,
+    checkpoint: CheckpointReader,
+    parent: CheckpointReader | None,
+    seed: int,
+    config: TransformConfig,
+    out_dir: Path,
+    direction: int = 1,
+    progress: Progress | None = None,
+) -> FoldResult:
+    """Add (direction=1) or subtract (-1) one task's scrambled delta to a superposition.
+
+    Writes ``out_dir/superposition`` (the whole new superposition) and, when adding,
+    ``out_dir/private`` (this task's private tensors).
+    """
+    if direction not in (1, -1):
+        raise ValueError("direction must be 1 or -1")
+    out_dir = Path(out_dir)
+    layout = layout_of(base, config)
+    key_map = detect_key_map(base.keys(), checkpoint.keys())
+    check_compatible(base, checkpoint, key_map)
+    if parent is not None:
+        check_superposition(base, parent, layout)
+    transform = TaskTransform(layout, seed)
+    dtype = superposition_dtype(config)
+
+    covered = {key_map.to_checkpoint(n) for n in base.keys()}
+    extras = [n for n in checkpoint.keys() if n not in covered]
+    total = len(layout.superposed) + len(layout.private_base) + len(layout.non_float)
+    total += len(extras)
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    delta_norms: dict[str, float] = {}
+    sup_writer = ShardWriter(
+        out_dir / SUPERPOSITION_DIR, max_shard_bytes=config.max_shard_bytes, prefix="model"
+    )
+    priv_writer = (
+        ShardWriter(out_dir / PRIVATE_DIR, max_shard_bytes=config.max_shard_bytes, prefix="model")
+        if direction == 1
+        else None
+    )
+
+    def keep_private(name: str, tensor: torch.Tensor) -> None:
+        if priv_writer is not None:
+            priv_writer.add(name, tensor)
+
+    try:
+        for slot in layout.superposed:
+            source = transform.source_of(slot)
+            ck_name = key_map.to_checkpoint(source)
+            tuned = checkpoint.get(ck_name)
+            check_finite(ck_name, tuned)
+            delta = tuned.to(torch.float32) - base.get(source).to(torch.float32)
+            del tuned
+            delta_norms[source] = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
+            value = transform.scramble_one(source, delta)
+            del delta
+            if direction == -1:
+                value = value.neg_()
+            if parent is not None:
+                value = value.add_(parent.get(slot).to(torch.float32))
+            sup_writer.add(slot, value.to(dtype))
+            del value
+            tick()
+
+        for source in sorted(layout.private_base):
+            ck_name = key_map.to_checkpoint(source)
+            tuned = checkpoint.get(ck_name)
+            check_finite(ck_name, tuned)
+            delta = tuned.to(torch.float32) - base.get(source).to(torch.float32)
+            delta_norms[source] = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
+            keep_private(ck_name, tuned)
+            tick()
+
+        for source in sorted(layout.non_float):
+            ck_name = key_map.to_checkpoint(source)
+            tuned = checkpoint.get(ck_name)
+            if not torch.equal(tuned, base.get(source)):
+                keep_private(ck_name, tuned)
+            tick()
+
+        for ck_name in extras:
+            tuned = checkpoint.get(ck_name)
+            check_finite(ck_name, tuned)
+            keep_private(ck_name, tuned)
+            tick()
+
+        superposition = sup_writer.finish()
+        private = priv_writer.finish() if priv_writer is not None else []
+    except BaseException:
+        sup_writer.abort()
+        if priv_writer is not None:
+            priv_writer.abort()
+        raise
+    return FoldResult(
+        superposition=superposition,
+        private=private,
+        key_map=key_map,
+        delta_norms=delta_norms,
+    )
+
+
+def unfold(
+    *,
+    base: CheckpointReader,
+    checkpoint: CheckpointReader,
+    parent: CheckpointReader,
+    seed: int,
+    config: TransformConfig,
+    out_dir: Path,
+    progress: Progress | None = None,
+) -> FoldResult:
+    """Remove a task: the exact inverse of fold (same checkpoint, same seed), no private output."""
+    return fold(
+        base=base,
+        checkpoint=checkpoint,
+        parent=parent,
+        seed=seed,
+        config=config,
+        out_dir=out_dir,
+        direction=-1,
+        progress=progress,
+    )
