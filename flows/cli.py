@@ -76,14 +76,22 @@ def bundle_create(
     sign_flip: Annotated[bool, typer.Option(help="Random column sign flips.")] = True,
     layer_shuffle: Annotated[bool, typer.Option(help="Random layer shuffling.")] = True,
     rank1: Annotated[
-        str, typer.Option(click_type=click.Choice(["flip", "plain", "private"]),
-                          help="Rank-1 tensors: flipped, superposed unmapped, or stored per task.")
+        str,
+        typer.Option(
+            click_type=click.Choice(["flip", "plain", "private"]),
+            help="Rank-1 tensors: flipped, superposed unmapped, or stored per task.",
+        ),
     ] = "",
     dtype: Annotated[
-        str, typer.Option(click_type=click.Choice(["float32", "bfloat16", "float16"]),
-                          help="Storage dtype of the superposition.")
+        str,
+        typer.Option(
+            click_type=click.Choice(["float32", "bfloat16", "float16"]),
+            help="Storage dtype of the superposition.",
+        ),
     ] = "float32",
-    scale: Annotated[float | None, typer.Option(help="Bundle-wide lambda (default: data-free).")] = None,
+    scale: Annotated[
+        float | None, typer.Option(help="Bundle-wide lambda (default: data-free).")
+    ] = None,
     gate: Annotated[
         float | None, typer.Option(help="Validation gate: minimum normalized score per task.")
     ] = None,
@@ -92,7 +100,10 @@ def bundle_create(
     from randes.config import TransformConfig
 
     fields: dict[str, object] = {
-        "sign_flip": sign_flip, "layer_shuffle": layer_shuffle, "dtype": dtype, "scale": scale,
+        "sign_flip": sign_flip,
+        "layer_shuffle": layer_shuffle,
+        "dtype": dtype,
+        "scale": scale,
     }
     if rank1:
         fields["rank1"] = rank1
@@ -105,7 +116,9 @@ def bundle_create(
 @app.command()
 def fold(
     bundle: Annotated[str, typer.Argument(help="Bundle to fold into.")],
-    source: Annotated[str, typer.Argument(help="Checkpoint: path, s3://... or hf://org/repo[@rev].")],
+    source: Annotated[
+        str, typer.Argument(help="Checkpoint: path, s3://... or hf://org/repo[@rev].")
+    ],
     task: Annotated[str, typer.Option("--task", help="Task name for this checkpoint.")],
     scale: Annotated[float | None, typer.Option(help="Per-task lambda override.")] = None,
 ) -> None:
@@ -159,7 +172,9 @@ def pull(
 
 @app.command()
 def gc(
-    grace: Annotated[float, typer.Option(help="Keep unreferenced objects younger than this (s).")] = 3600.0,
+    grace: Annotated[
+        float, typer.Option(help="Keep unreferenced objects younger than this (s).")
+    ] = 3600.0,
     dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
 ) -> None:
     """Delete stored objects that no version references (never a running fold's)."""
@@ -189,9 +204,13 @@ def tasks(
         registry.close()
     rows = [
         {
-            "bundle": r.bundle, "task": r.name, "seed": r.seed,
-            "added_in_version": r.added_in_version, "removed_in_version": r.removed_in_version,
-            "source_uri": r.source_uri, "source_sha256": r.source_sha256,
+            "bundle": r.bundle,
+            "task": r.name,
+            "seed": r.seed,
+            "added_in_version": r.added_in_version,
+            "removed_in_version": r.removed_in_version,
+            "source_uri": r.source_uri,
+            "source_sha256": r.source_sha256,
         }
         for r in records
     ]
@@ -199,7 +218,8 @@ def tasks(
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
     print_table(
-        "tasks", ["bundle", "task", "seed", "added in", "source"],
+        "tasks",
+        ["bundle", "task", "seed", "added in", "source"],
         [[r["bundle"], r["task"], r["seed"], r["added_in_version"], r["source_uri"]] for r in rows],
     )
 
@@ -221,9 +241,12 @@ def versions(
         by_version.setdefault(alias.version, []).append(alias.name)
     rows = [
         {
-            "version": r.version, "parent_version": r.parent_version, "status": r.status,
+            "version": r.version,
+            "parent_version": r.parent_version,
+            "status": r.status,
             "aliases": sorted(by_version.get(r.version, [])),
-            "created_at": r.created_at.isoformat(), "manifest_key": r.manifest_key,
+            "created_at": r.created_at.isoformat(),
+            "manifest_key": r.manifest_key,
         }
         for r in records
     ]
@@ -231,10 +254,86 @@ def versions(
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
     print_table(
-        f"{bundle} versions", ["version", "parent", "status", "aliases", "created"],
-        [[r["version"], r["parent_version"], r["status"], ",".join(r["aliases"]), r["created_at"]]
-         for r in rows],
+        f"{bundle} versions",
+        ["version", "parent", "status", "aliases", "created"],
+        [
+            [
+                r["version"],
+                r["parent_version"],
+                r["status"],
+                ",".join(r["aliases"]),
+                r["created_at"],
+            ]
+            for r in rows
+        ],
     )
+
+
+@app.command()
+def ingest(
+    bundle: Annotated[str, typer.Argument()],
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="Directory of task folders, s3://bucket/prefix, or hf://org/repo[@rev],..."
+        ),
+    ],
+    evaluator: Annotated[
+        str | None, typer.Option(help="module:function scoring a state dict.")
+    ] = None,
+    validate: Annotated[bool, typer.Option(help="Validate the new head afterwards.")] = True,
+) -> None:
+    """Fold every new checkpoint found under SOURCE (one per task), then validate."""
+    from flows.pipeline import ingest_flow
+
+    summary = ingest_flow(bundle, source, evaluator=evaluator, validate=validate)
+    out.print(
+        f"{bundle}: found {summary['found']}, folded {len(summary['folded'])}, "
+        f"already present {len(summary['skipped'])}; version {summary['version']} "
+        f"{summary['status'] or ''}".rstrip()
+    )
+
+
+@app.command()
+def validate(
+    bundle: Annotated[str, typer.Argument()],
+    version: Annotated[int | None, typer.Option(help="Version (default: head).")] = None,
+    evaluator: Annotated[
+        str | None, typer.Option(help="module:function scoring a state dict.")
+    ] = None,
+    scale: Annotated[float | None, typer.Option(help="Override lambda for every task.")] = None,
+) -> None:
+    """Retrieve every task of a version, measure it, and gate the version."""
+    from flows.pipeline import validate_flow
+    from flows.validation import report_markdown
+
+    report = validate_flow(bundle, version, evaluator, scale)
+    out.print(report_markdown(report))
+    if not report.passed:
+        raise typer.Exit(code=3)
+
+
+@app.command()
+def publish(
+    bundle: Annotated[str, typer.Argument()],
+    version: Annotated[int, typer.Option(help="Validated version to publish.")],
+    alias: Annotated[str, typer.Option(help="Alias to move.")] = "production",
+) -> None:
+    """Move an alias (default ``production``) to a validated version, atomically."""
+    registry = _registry()
+    try:
+        record = registry.set_alias(bundle, alias, version)
+    finally:
+        registry.close()
+    out.print(f"{bundle}@{record.name} -> version {record.version}")
+
+
+@app.command()
+def demo() -> None:
+    """The whole pipeline on the embedded default with real data (scikit-learn digits)."""
+    from flows.demo import run_demo
+
+    run_demo()
 
 
 def _redact(url: str) -> str:

@@ -25,9 +25,9 @@ from flows.validation import (
     report_markdown,
     validate_task,
 )
+from storage.errors import StoreUnavailableError
 from storage.registry import DatabaseUnavailableError
 from storage.settings import load_settings
-from storage.store.errors import StoreUnavailableError
 from storage.workspace import FoldOutcome, Workspace
 
 TRANSIENT = (StoreUnavailableError, DatabaseUnavailableError, ConnectionError, TimeoutError)
@@ -81,8 +81,13 @@ def record_validation(report: ValidationReport) -> str:
         for t in report.tasks:
             if t.metric is not None and t.value is not None:
                 ws.registry.add_evaluation(
-                    report.bundle, report.version, t.task, t.metric, t.value,
-                    reference=t.reference, normalized=t.normalized,
+                    report.bundle,
+                    report.version,
+                    t.task,
+                    t.metric,
+                    t.value,
+                    reference=t.reference,
+                    normalized=t.normalized,
                 )
             if t.delta_cosine is not None:
                 ws.registry.add_evaluation(
@@ -112,7 +117,8 @@ def validate_flow(
     status = record_validation(report)
     key = f"{bundle}-validation".lower().replace("_", "-").replace(".", "-")
     create_table_artifact(
-        key=key, table=[t.row() for t in report.tasks],
+        key=key,
+        table=[t.row() for t in report.tasks],
         description=f"{bundle} version {record.version}: {status}",
     )
     create_markdown_artifact(key=f"{key}-summary", markdown=report_markdown(report))
@@ -136,7 +142,8 @@ def ingest_flow(
         outcome = fold_checkpoint(bundle, candidate)
         (skipped if outcome.skipped else folded).append(outcome)
         logger.info(
-            "%s: %s", candidate.task,
+            "%s: %s",
+            candidate.task,
             "already folded" if outcome.skipped else f"version {outcome.version}",
         )
     report = None

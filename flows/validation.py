@@ -113,8 +113,13 @@ def validate_task(
             ws._open_refs(entry.private, context) as private,
         ):
             stream = retrieve(
-                base=base, superposition=superposition, private=private, seed=entry.seed,
-                key_map=entry.key_map, config=manifest.transform, scale=chosen,
+                base=base,
+                superposition=superposition,
+                private=private,
+                seed=entry.seed,
+                key_map=entry.key_map,
+                config=manifest.transform,
+                scale=chosen,
             )
             keep = evaluator is not None
             state, cosine, rel_error = _measure(stream, base, source, entry, keep_state=keep)
@@ -123,7 +128,7 @@ def validate_task(
             metric, value = _first_metric(evaluator(state, task), task)
             if source is not None:
                 _, reference = _first_metric(
-                    evaluator({k: source.get(k) for k in source.keys()}, task), task
+                    evaluator({k: source.get(k) for k in source.keys()}, task), task  # noqa: SIM118
                 )
                 normalized = value / reference if reference else None
         return TaskValidation(task, cosine, rel_error, metric, value, reference, normalized)
@@ -185,7 +190,9 @@ def _first_metric(result: Mapping[str, float], task: str) -> tuple[str, float]:
 
 
 def report_markdown(report: ValidationReport) -> str:
-    verdict = "validated" if report.passed else f"rejected (below gate: {', '.join(report.failing)})"
+    verdict = (
+        "validated" if report.passed else f"rejected (below gate: {', '.join(report.failing)})"
+    )
     lines = [
         f"# {report.bundle} version {report.version}: {verdict}",
         "",

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 from logging.config import fileConfig
 
+from typing import Any
+
 from alembic import context
+from alembic.autogenerate.api import AutogenContext
 from sqlalchemy import Connection, text
 
 from storage.registry.engine import make_engine, write_options
-from storage.registry.models import Base
+from storage.registry.models import Base, UTCDateTime
 
 # An arbitrary constant: the advisory lock key that serializes schema upgrades.
 MIGRATION_LOCK_KEY = 0x72616E646573  # "randes"
@@ -43,10 +46,18 @@ def _url() -> str:
     return load_settings().resolved_database_url
 
 
+def _render_item(kind: str, obj: Any, autogen_context: AutogenContext) -> str | bool:
+    """Render application types as plain `sa` types, so migrations never import the app."""
+    if kind == "type" and isinstance(obj, UTCDateTime):
+        return "sa.DateTime(timezone=True)"
+    return False
+
+
 def _run(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
+        render_item=_render_item,
         render_as_batch=True,  # SQLite cannot ALTER most things: future migrations batch
         compare_type=True,
         transactional_ddl=True,

@@ -68,11 +68,9 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
         raise NonFiniteTensorError(f"checkpoint tensor {name!r} holds NaN or Inf")
 
 
-def check_compatible(
-    base: CheckpointReader, checkpoint: CheckpointReader, key_map: KeyMap
-) -> None:
+def check_compatible(base: CheckpointReader, checkpoint: CheckpointReader, key_map: KeyMap) -> None:
     """Every base tensor present in the checkpoint with the same shape and dtype."""
-    for name in base.keys():
+    for name in base:
         ck = key_map.to_checkpoint(name)
         if ck not in checkpoint:
             raise IncompatibleCheckpointError(f"checkpoint lacks base tensor {ck!r}")
@@ -136,8 +134,8 @@ def fold(
     transform = TaskTransform(layout, seed)
     dtype = superposition_dtype(config)
 
-    covered = {key_map.to_checkpoint(n) for n in base.keys()}
-    extras = [n for n in checkpoint.keys() if n not in covered]
+    covered = {key_map.to_checkpoint(n) for n in base}
+    extras = [n for n in checkpoint if n not in covered]
     total = len(layout.superposed) + len(layout.private_base) + len(layout.non_float)
     total += len(extras)
     done = 0

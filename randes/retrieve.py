@@ -61,7 +61,7 @@ def retrieve(
     private_names = set(private.keys()) if private is not None else set()
     emitted: set[str] = set()
 
-    for name in base.keys():
+    for name in base:
         ck_name = key_map.to_checkpoint(name)
         if private is not None and ck_name in private_names:
             yield ck_name, private.get(ck_name)
@@ -75,9 +75,7 @@ def retrieve(
             theta = base.get(name)
             if superposition is not None:
                 slot = transform.slot_of(name)
-                delta = transform.unscramble_one(
-                    name, superposition.get(slot).to(torch.float32)
-                )
+                delta = transform.unscramble_one(name, superposition.get(slot).to(torch.float32))
                 value = theta.to(torch.float32).add_(delta, alpha=_scale_for(scale, name))
                 theta = value.to(theta.dtype)
             yield ck_name, theta
@@ -110,7 +108,7 @@ def materialize(
     out_dir.mkdir(parents=True, exist_ok=True)
     private_count = len(private.keys()) if private is not None else 0
     extra = private_count - sum(
-        1 for n in base.keys() if private is not None and key_map.to_checkpoint(n) in private
+        1 for n in base if private is not None and key_map.to_checkpoint(n) in private
     )
     total = len(base.keys()) + extra
     writer = ShardWriter(out_dir, max_shard_bytes=max_shard_bytes, prefix="model")

@@ -22,9 +22,7 @@ def data_free_scale(n_tasks: int) -> float:
     return DEFAULT_SCALE
 
 
-def default_scale(
-    n_tasks: int, config: TransformConfig, task_scale: float | None = None
-) -> float:
+def default_scale(n_tasks: int, config: TransformConfig, task_scale: float | None = None) -> float:
     """Resolve lambda: task scale, else bundle scale, else the data-free default."""
     if task_scale is not None:
         if not task_scale > 0:

@@ -41,7 +41,7 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return flat.view(torch.uint8).numpy().data.cast("B")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -167,7 +167,10 @@ class ShardWriter:
                 total += payload
             self._temps = []
             if hf_index and n > 1:
-                index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+                index = {
+                    "metadata": {"total_size": total},
+                    "weight_map": dict(sorted(weight_map.items())),
+                }
                 write_atomic(
                     self.out_dir / f"{self.prefix}{_INDEX_SUFFIX}",
                     json.dumps(index, indent=2).encode("utf-8"),

@@ -66,7 +66,9 @@ def _resolve_hf(source: str) -> ResolvedSource:
             f"{source}: not in the local Hugging Face cache and the hub cannot be reached"
         ) from None
     except HfHubHTTPError as exc:
-        raise CheckpointError(f"{source}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        raise CheckpointError(
+            f"{source}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        ) from None
     commit = local.name  # snapshots/<commit sha>
     return ResolvedSource(uri=f"hf://{repo_id}@{commit}", path=local)
 
@@ -87,7 +89,9 @@ def _resolve_s3(source: str, settings: Settings) -> ResolvedSource:
     target = settings.resolved_cache_dir / "sources" / hashlib.sha256(source.encode()).hexdigest()
     if single:
         if key.endswith(PICKLE_SUFFIXES):
-            raise UnsafeCheckpointError(f"{source}: pickle checkpoints are refused (they can run code)")
+            raise UnsafeCheckpointError(
+                f"{source}: pickle checkpoints are refused (they can run code)"
+            )
         dest = target / PurePosixPath(key).name
         store.get_file(key, dest, sha256=None)
         return ResolvedSource(uri=source, path=dest)

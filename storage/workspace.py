@@ -146,16 +146,17 @@ class Workspace:
             digest = source_digest(reader)
             shards = [self._upload_file(path, _file_tensors(path)) for path in reader.files]
             files = {n: self._upload_file(p, []) for n, p in sorted(reader.side_files.items())}
-            norms = {key: float(reader.get(key).double().norm()) for key in reader.keys()
-                     if reader.meta(key).dtype.is_floating_point}
+            norms = {
+                key: float(reader.get(key).double().norm())
+                for key in reader.keys()  # noqa: SIM118
+                if reader.meta(key).dtype.is_floating_point
+            }
         manifest = BaseManifest(
             name=name, uri=resolved.uri, sha256=digest, shards=shards, files=files, norms=norms
         )
         key, sha = self._put_manifest(manifest)
         keys = [ref.key for ref in shards] + [ref.key for ref in files.values()] + [key]
-        return self.registry.add_base(
-            name, resolved.uri, digest, key, sha, object_keys=keys
-        )
+        return self.registry.add_base(name, resolved.uri, digest, key, sha, object_keys=keys)
 
     def base_manifest(self, name: str) -> BaseManifest:
         record = self.registry.get_base(name)
@@ -217,29 +218,55 @@ class Workspace:
                     with self._work_dir() as work, self._base_reader(bundle_rec) as base:
                         with self._superposition_reader(parent) as parent_reader:
                             result = fold(
-                                base=base, checkpoint=checkpoint, parent=parent_reader,
-                                seed=seed, config=config, out_dir=work, progress=progress,
+                                base=base,
+                                checkpoint=checkpoint,
+                                parent=parent_reader,
+                                seed=seed,
+                                config=config,
+                                out_dir=work,
+                                progress=progress,
                             )
                         entry_files = dict(checkpoint.side_files)
                         owner = uuid.uuid4().hex
                         try:
-                            self._lease([*result.superposition, *result.private], entry_files, owner)
+                            self._lease(
+                                [*result.superposition, *result.private], entry_files, owner
+                            )
                             entry = TaskEntry(
-                                name=task, seed=seed, source_uri=resolved.uri,
-                                source_sha256=digest, added_in_version=version, scale=scale,
-                                key_map=result.key_map, delta_norms=result.delta_norms,
+                                name=task,
+                                seed=seed,
+                                source_uri=resolved.uri,
+                                source_sha256=digest,
+                                added_in_version=version,
+                                scale=scale,
+                                key_map=result.key_map,
+                                delta_norms=result.delta_norms,
                                 private=self._upload_shards(result.private),
                                 files={n: self._upload_file(p, []) for n, p in entry_files.items()},
                             )
                             manifest = self._next_manifest(
-                                bundle, bundle_rec, config, head, parent,
+                                bundle,
+                                bundle_rec,
+                                config,
+                                head,
+                                parent,
                                 superposition=self._upload_shards(result.superposition),
                                 tasks=[*(parent.tasks if parent else []), entry],
                             )
-                            self._commit(bundle, manifest, owner, added=[
-                                NewTask(name=task, seed=seed, source_uri=resolved.uri,
-                                        source_sha256=digest)
-                            ], ledger=[(digest, task)])
+                            self._commit(
+                                bundle,
+                                manifest,
+                                owner,
+                                added=[
+                                    NewTask(
+                                        name=task,
+                                        seed=seed,
+                                        source_uri=resolved.uri,
+                                        source_sha256=digest,
+                                    )
+                                ],
+                                ledger=[(digest, task)],
+                            )
                         finally:
                             self.registry.release(owner)
                 except VersionConflictError:
@@ -275,14 +302,25 @@ class Workspace:
                         with self._superposition_reader(parent) as parent_reader:
                             assert parent_reader is not None or not parent.superposition
                             result = unfold(
-                                base=base, checkpoint=checkpoint, parent=parent_reader,  # type: ignore[arg-type]
-                                seed=entry.seed, config=config, out_dir=work, progress=progress,
+                                base=base,
+                                checkpoint=checkpoint,
+                                parent=parent_reader,  # type: ignore[arg-type]
+                                seed=entry.seed,
+                                config=config,
+                                out_dir=work,
+                                progress=progress,
                             )
                         self._lease(result.superposition, {}, owner)
                         remaining = [t for t in parent.tasks if t.name != task]
                         manifest = self._next_manifest(
-                            bundle, bundle_rec, config, head, parent,
-                            superposition=self._upload_shards(result.superposition) if remaining else [],
+                            bundle,
+                            bundle_rec,
+                            config,
+                            head,
+                            parent,
+                            superposition=self._upload_shards(result.superposition)
+                            if remaining
+                            else [],
                             tasks=remaining,
                         )
                         self._commit(bundle, manifest, owner, removed=[task])
@@ -334,9 +372,16 @@ class Workspace:
                 self._open_refs(entry.private, context) as private,
             ):
                 materialize_model(
-                    base=base, superposition=superposition, private=private, seed=entry.seed,
-                    key_map=entry.key_map, config=manifest.transform, scale=chosen,
-                    out_dir=staging, side_files=side, progress=progress,
+                    base=base,
+                    superposition=superposition,
+                    private=private,
+                    seed=entry.seed,
+                    key_map=entry.key_map,
+                    config=manifest.transform,
+                    scale=chosen,
+                    out_dir=staging,
+                    side_files=side,
+                    progress=progress,
                 )
             if dest.exists():
                 dest.rmdir()
@@ -366,9 +411,7 @@ class Workspace:
                 (manifest.base.manifest_key, manifest.base.manifest_sha256),
             ):
                 self.store.get_file(key, staging / key, sha256=sha)
-            (staging / "bundle.json").write_text(
-                _pointer_json(bundle, record), encoding="utf-8"
-            )
+            (staging / "bundle.json").write_text(_pointer_json(bundle, record), encoding="utf-8")
             if dest.exists():
                 dest.rmdir()
             staging.rename(dest)
@@ -417,7 +460,9 @@ class Workspace:
             shutil.rmtree(path, ignore_errors=True)
 
     @contextlib.contextmanager
-    def _open_refs(self, refs: Sequence[ShardRef], context: str) -> Iterator[CheckpointReader | None]:
+    def _open_refs(
+        self, refs: Sequence[ShardRef], context: str
+    ) -> Iterator[CheckpointReader | None]:
         if not refs:
             yield None
             return
@@ -461,8 +506,9 @@ class Workspace:
         for shard in shards:
             key = blob_key(shard.sha256)
             self.store.put_file(key, shard.path, sha256=shard.sha256)
-            refs.append(ShardRef(key=key, sha256=shard.sha256, size=shard.size,
-                                 tensors=list(shard.tensors)))
+            refs.append(
+                ShardRef(key=key, sha256=shard.sha256, size=shard.size, tensors=list(shard.tensors))
+            )
         return refs
 
     def _upload_file(self, path: Path, tensors: list[str]) -> ShardRef:
@@ -496,8 +542,11 @@ class Workspace:
             parent_version=head.version if head is not None else None,
             created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             base=BaseRef(
-                name=base_rec.name, uri=base_rec.uri, sha256=base_rec.sha256,
-                manifest_key=base_rec.manifest_key, manifest_sha256=base_rec.manifest_sha256,
+                name=base_rec.name,
+                uri=base_rec.uri,
+                sha256=base_rec.sha256,
+                manifest_key=base_rec.manifest_key,
+                manifest_sha256=base_rec.manifest_sha256,
             ),
             transform=config,
             superposition=superposition,

@@ -73,6 +73,9 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "begin", _sqlite_begin)
         return engine
     if backend == "postgresql":
+        if parsed.drivername == "postgresql":
+            # psycopg 3 is the driver this project ships; plain URLs would mean psycopg2.
+            parsed = parsed.set(drivername="postgresql+psycopg")
         connect_args: dict[str, Any] = {}
         if "connect_timeout" not in parsed.query:
             connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_S
