@@ -17,8 +17,7 @@ PostgreSQL a transaction-scoped advisory lock serializes concurrent upgrades
 from __future__ import annotations
 
 from logging.config import fileConfig
-
-from typing import Any
+from typing import Any, Literal
 
 from alembic import context
 from alembic.autogenerate.api import AutogenContext
@@ -46,7 +45,7 @@ def _url() -> str:
     return load_settings().resolved_database_url
 
 
-def _render_item(kind: str, obj: Any, autogen_context: AutogenContext) -> str | bool:
+def _render_item(kind: str, obj: Any, autogen_context: AutogenContext) -> str | Literal[False]:
     """Render application types as plain `sa` types, so migrations never import the app."""
     if kind == "type" and isinstance(obj, UTCDateTime):
         return "sa.DateTime(timezone=True)"

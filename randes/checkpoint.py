@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import torch
 from safetensors import safe_open
@@ -227,7 +227,7 @@ class CheckpointReader:
             _check_index(self._file_of, expected)
 
     @classmethod
-    def open(cls, source: Path) -> CheckpointReader:
+    def open(cls, source: Path) -> Self:
         """Open a .safetensors file, or a dir in Hugging Face layout."""
         source = Path(source)
         if not source.exists():
@@ -243,7 +243,7 @@ class CheckpointReader:
         return cls._open_dir(source)
 
     @classmethod
-    def _open_dir(cls, root: Path) -> CheckpointReader:
+    def _open_dir(cls, root: Path) -> Self:
         side = _side_files(root)
         index = root / INDEX_FILE
         if index.is_file():
@@ -264,7 +264,7 @@ class CheckpointReader:
         raise CheckpointError(f"{root}: no safetensors weights in directory")
 
     @classmethod
-    def from_files(cls, files: Sequence[Path]) -> CheckpointReader:
+    def from_files(cls, files: Sequence[Path]) -> Self:
         if not files:
             raise CheckpointError("no checkpoint files given")
         return cls(list(files))
@@ -294,14 +294,19 @@ class CheckpointReader:
         return len(self._metas)
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor (a fresh CPU tensor; the file stays memory-mapped)."""
+        """Read one tensor: a fresh CPU tensor that the caller owns and may modify.
+
+        safe_open hands out tensors backed by its copy-on-write memory map, where an
+        in-place change would show up in every later read of the same name through
+        this reader; the copy keeps reads pure.
+        """
         path = self._file_of[name]
         try:
             handle = self._handles.get(path)
             if handle is None:
                 handle = safe_open(str(path), framework="pt", device="cpu")
                 self._handles[path] = handle
-            tensor: torch.Tensor = handle.get_tensor(name)
+            tensor: torch.Tensor = handle.get_tensor(name).clone()
         except OSError as exc:
             raise CheckpointError(f"{path}: cannot read {name!r}: {exc}") from None
         except Exception as exc:  # safetensors raises its own error type
@@ -314,7 +319,7 @@ class CheckpointReader:
     def close(self) -> None:
         self._handles.clear()
 
-    def __enter__(self) -> CheckpointReader:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

@@ -46,6 +46,7 @@ class Recipe:
     pretrain_steps: int = 600
     pretrain_lr: float = 2e-3
     pretrain_seed: int = 7
+    pretrain_augment: bool = False
     probe_steps: int = 40
     probe_lr: float = 2e-2
     finetune_steps: int = 150
@@ -104,7 +105,7 @@ def pretrain(recipe: Recipe) -> DigitsViT:
     )
     model.train()
     for idx in _batches(len(labels), recipe.batch_size, recipe.pretrain_steps, gen):
-        x = _augment_shift(images[idx], gen)
+        x = _augment_shift(images[idx], gen) if recipe.pretrain_augment else images[idx]
         loss = F.cross_entropy(model(x), labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -93,16 +93,12 @@ def upgrade() -> None:
             "status IN ('staged', 'validated', 'published', 'rejected')",
             name=op.f("ck_bundle_versions_status"),
         ),
-        sa.CheckConstraint(
-            "version >= 0", name=op.f("ck_bundle_versions_version_nonnegative")
-        ),
+        sa.CheckConstraint("version >= 0", name=op.f("ck_bundle_versions_version_nonnegative")),
         sa.ForeignKeyConstraint(
             ["bundle_id"], ["bundles.id"], name=op.f("fk_bundle_versions_bundle_id_bundles")
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_bundle_versions")),
-        sa.UniqueConstraint(
-            "bundle_id", "version", name="uq_bundle_versions_bundle_id_version"
-        ),
+        sa.UniqueConstraint("bundle_id", "version", name="uq_bundle_versions_bundle_id_version"),
     )
     op.create_table(
         "ingestion_ledger",
@@ -182,9 +178,7 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_evaluations")),
     )
-    op.create_index(
-        op.f("ix_evaluations_version_id"), "evaluations", ["version_id"], unique=False
-    )
+    op.create_index(op.f("ix_evaluations_version_id"), "evaluations", ["version_id"], unique=False)
     op.create_table(
         "version_objects",
         sa.Column("version_id", sa.Integer(), nullable=False),

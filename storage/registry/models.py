@@ -225,9 +225,7 @@ class VersionObject(Base):
     __tablename__ = "version_objects"
     __table_args__ = (PrimaryKeyConstraint("version_id", "key"),)
 
-    version_id: Mapped[int] = mapped_column(
-        ForeignKey("bundle_versions.id", ondelete="CASCADE")
-    )
+    version_id: Mapped[int] = mapped_column(ForeignKey("bundle_versions.id", ondelete="CASCADE"))
     key: Mapped[str] = mapped_column(String(KEY_LEN))
 
 

@@ -171,7 +171,7 @@ class LocalStore(ObjectStore):
         tmp = tmp_path_for(dest)
         try:
             try:
-                src = open(src_path, "rb")
+                src = open(src_path, "rb")  # noqa: SIM115 - closed by the with below
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 raise self._missing(key) from None
             with src, open(tmp, "xb") as out:

@@ -78,4 +78,4 @@ def open_dict(path: Path, tensors: dict[str, torch.Tensor]) -> CheckpointReader:
 
 
 def load_all(reader: CheckpointReader) -> dict[str, torch.Tensor]:
-    return {name: reader.get(name) for name in reader.keys()}
+    return {name: reader.get(name) for name in reader}

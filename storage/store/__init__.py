@@ -1,0 +1,59 @@
+"""The artifact store: one interface over a local directory and S3-compatible servers.
+
+``open_store`` turns the configured URL (``RANDES_STORE_URL``) into a backend:
+``file:///abs/dir`` gives a `LocalStore` (the embedded default), ``s3://bucket[/prefix]``
+an `S3Store` (with ``RANDES_S3_ENDPOINT_URL`` for SeaweedFS, MinIO, R2...).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from storage.errors import InvalidStoreUrlError
+from storage.store.base import ObjectInfo, ObjectStore, validate_key, validate_prefix
+from storage.store.local import LocalStore
+from storage.store.s3 import S3Store
+
+__all__ = [
+    "LocalStore",
+    "ObjectInfo",
+    "ObjectStore",
+    "S3Store",
+    "open_store",
+    "validate_key",
+    "validate_prefix",
+]
+
+
+def open_store(
+    url: str, *, endpoint_url: str | None = None, region: str | None = None
+) -> ObjectStore:
+    """The store at ``url``: ``file:///abs/dir`` or ``s3://bucket[/prefix]``.
+
+    ``endpoint_url`` and ``region`` only matter for S3 (an S3-compatible server and its
+    region); credentials come from the normal boto3 chain, never from the URL.
+    """
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise InvalidStoreUrlError(f"store URL {url!r}: file URLs must be local (file:///dir)")
+        path = Path(unquote(parts.path))
+        if not path.is_absolute():
+            raise InvalidStoreUrlError(f"store URL {url!r}: use an absolute path (file:///dir)")
+        return LocalStore(path)
+    if parts.scheme == "s3":
+        if parts.username or parts.password:
+            # Say nothing about the value: it may be a secret.
+            raise InvalidStoreUrlError(
+                "s3 store URL must not carry credentials; use the boto3 credential chain"
+            )
+        if not parts.netloc:
+            raise InvalidStoreUrlError(f"store URL {url!r}: missing bucket (s3://bucket/prefix)")
+        if parts.query or parts.fragment:
+            raise InvalidStoreUrlError(f"store URL {url!r}: no query or fragment allowed")
+        prefix = unquote(parts.path).strip("/")
+        return S3Store(parts.netloc, prefix, endpoint_url=endpoint_url, region=region)
+    raise InvalidStoreUrlError(
+        f"unsupported store URL {url!r}: use file:///abs/dir or s3://bucket/prefix"
+    )
