@@ -36,13 +36,14 @@ class ObjectCache:
         self._verified: dict[Path, tuple[int, int]] = {}
         root.mkdir(parents=True, exist_ok=True)
 
-    def fetch(self, ref: ShardRef, *, context: str = "") -> Path:
+    def fetch(self, ref: ShardRef, *, context: str = "", suffix: str = ".safetensors") -> Path:
         """Local path of a verified copy of ``ref``; downloads it when missing.
 
         ``context`` (e.g. "bundle demo v3") goes into the integrity error so a user
-        learns which version a damaged shard belongs to.
+        learns which version a damaged shard belongs to. ``suffix`` lets readers that
+        go by file type (safetensors) open the cached copy.
         """
-        path = self.root / ref.sha256
+        path = self.root / f"{ref.sha256}{suffix}"
         if path.exists():
             self._verify(path, ref, context)
             return path

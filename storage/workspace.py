@@ -211,7 +211,7 @@ class Workspace:
                 head = self.registry.head(bundle)
                 parent = self.manifest(head) if head is not None else None
                 if parent is not None and any(t.name == task for t in parent.tasks):
-                    raise TaskExistsError(f"bundle {bundle!r} already holds a task named {task!r}")
+                    raise TaskExistsError(bundle, task)
                 seed = self._fresh_seed(bundle)
                 version = head.version + 1 if head is not None else 1
                 try:
@@ -288,7 +288,7 @@ class Workspace:
             parent = self.manifest(head) if head is not None else None
             entry = next((t for t in (parent.tasks if parent else []) if t.name == task), None)
             if head is None or parent is None or entry is None:
-                raise TaskNotFoundError(f"bundle {bundle!r} holds no task named {task!r}")
+                raise TaskNotFoundError(bundle, task)
             resolved = resolve_source(entry.source_uri, settings=self.settings)
             with CheckpointReader.open(resolved.path) as checkpoint:
                 if source_digest(checkpoint) != entry.source_sha256:
@@ -356,12 +356,12 @@ class Workspace:
         try:
             entry = manifest.task(task)
         except KeyError:
-            raise TaskNotFoundError(
-                f"bundle {bundle!r} version {record.version} holds no task named {task!r}"
-            ) from None
+            raise TaskNotFoundError(bundle, task) from None
         _check_destination(dest)
         context = f"bundle {bundle} version {record.version}"
-        side = {name: self.cache.fetch(r, context=context) for name, r in entry.files.items()}
+        side = {
+            name: self.cache.fetch(r, context=context, suffix="") for name, r in entry.files.items()
+        }
         chosen = scale if scale is not None else self.task_scale(manifest, entry)
         dest.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))

