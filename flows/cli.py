@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -33,6 +34,19 @@ base_app = typer.Typer(help="Base models.", no_args_is_help=True)
 bundle_app = typer.Typer(help="Bundles.", no_args_is_help=True)
 app.add_typer(base_app, name="base")
 app.add_typer(bundle_app, name="bundle")
+
+
+class Rank1(str, Enum):
+    flip = "flip"
+    plain = "plain"
+    private = "private"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
@@ -76,19 +90,12 @@ def bundle_create(
     sign_flip: Annotated[bool, typer.Option(help="Random column sign flips.")] = True,
     layer_shuffle: Annotated[bool, typer.Option(help="Random layer shuffling.")] = True,
     rank1: Annotated[
-        str,
-        typer.Option(
-            click_type=click.Choice(["flip", "plain", "private"]),
-            help="Rank-1 tensors: flipped, superposed unmapped, or stored per task.",
-        ),
-    ] = "",
+        Rank1 | None,
+        typer.Option(help="Rank-1 tensors: flipped, superposed unmapped, or stored per task."),
+    ] = None,
     dtype: Annotated[
-        str,
-        typer.Option(
-            click_type=click.Choice(["float32", "bfloat16", "float16"]),
-            help="Storage dtype of the superposition.",
-        ),
-    ] = "float32",
+        DType, typer.Option(help="Storage dtype of the superposition.")
+    ] = DType.float32,
     scale: Annotated[
         float | None, typer.Option(help="Bundle-wide lambda (default: data-free).")
     ] = None,
@@ -102,11 +109,11 @@ def bundle_create(
     fields: dict[str, object] = {
         "sign_flip": sign_flip,
         "layer_shuffle": layer_shuffle,
-        "dtype": dtype,
+        "dtype": dtype.value,
         "scale": scale,
     }
-    if rank1:
-        fields["rank1"] = rank1
+    if rank1 is not None:
+        fields["rank1"] = rank1.value
     config = TransformConfig.model_validate(fields)
     with _workspace() as ws:
         record = ws.create_bundle(name, base, config, gate_threshold=gate)

@@ -115,19 +115,29 @@ def plan_layout(metas: Mapping[str, TensorMeta], config: TransformConfig) -> Lay
     )
 
 
-def flip(seed: int, name: str, x: torch.Tensor) -> torch.Tensor:
-    """Column sign flip keyed by (seed, name): x viewed (shape[0], -1) times r; self-inverse.
+def flip_(seed: int, name: str, x: torch.Tensor) -> torch.Tensor:
+    """In-place column sign flip keyed by (seed, name): x viewed (shape[0], -1) times r.
 
-    Rank-0/1 tensors are flipped element-wise. Computed in x's dtype (exact: signs only).
+    Rank-0/1 tensors are flipped element-wise. Exact in any float dtype (signs only).
+    Self-inverse. Returns x.
     """
     if x.numel() == 0:
-        return x.clone()
+        return x
+    if not x.is_contiguous():
+        raise ValueError("flip_ needs a contiguous tensor")
     if x.dim() <= 1:
         r = sign_vector(seed, name, x.numel()).to(device=x.device, dtype=x.dtype)
-        return x * r.reshape(x.shape)
+        x.view(-1).mul_(r)
+        return x
     cols = x.numel() // x.shape[0]
     r = sign_vector(seed, name, cols).to(device=x.device, dtype=x.dtype)
-    return (x.reshape(x.shape[0], cols) * r).reshape(x.shape)
+    x.view(x.shape[0], cols).mul_(r)
+    return x
+
+
+def flip(seed: int, name: str, x: torch.Tensor) -> torch.Tensor:
+    """Out-of-place flip_: a new tensor, x untouched."""
+    return flip_(seed, name, x.clone(memory_format=torch.contiguous_format))
 
 
 class TaskTransform:
@@ -153,15 +163,24 @@ class TaskTransform:
         """The base tensor whose delta this task stores in ``slot``."""
         return self._source_of.get(slot, slot)
 
-    def scramble_one(self, source: str, delta: torch.Tensor) -> torch.Tensor:
-        """The flip part of T_t for one source tensor (its placement is slot_of)."""
-        if source in self.layout.flipped:
-            return flip(self.seed, source, delta)
-        return delta
+    def scramble_one(
+        self, source: str, delta: torch.Tensor, *, inplace: bool = False
+    ) -> torch.Tensor:
+        """The flip part of T_t for one source tensor (its placement is slot_of).
 
-    def unscramble_one(self, source: str, slot_value: torch.Tensor) -> torch.Tensor:
+        ``inplace=True`` reuses ``delta``'s memory (streaming callers own it).
+        """
+        if source not in self.layout.flipped:
+            return delta
+        if inplace and delta.is_contiguous():
+            return flip_(self.seed, source, delta)
+        return flip(self.seed, source, delta)
+
+    def unscramble_one(
+        self, source: str, slot_value: torch.Tensor, *, inplace: bool = False
+    ) -> torch.Tensor:
         """Inverse of scramble_one: ``slot_value`` read from ``slot_of(source)``."""
-        return self.scramble_one(source, slot_value)  # sign flips are self-inverse
+        return self.scramble_one(source, slot_value, inplace=inplace)  # flips: self-inverse
 
     def scramble(self, deltas: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """T_t over whole superposed sets: {source: delta} -> {slot: value}."""
