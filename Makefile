@@ -6,7 +6,6 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export PREFECT_HOME ?= $(CURDIR)/.randes/prefect
 export DO_NOT_TRACK := 1
 
 .PHONY: demo test lint typecheck bench venv clean

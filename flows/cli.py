@@ -293,7 +293,7 @@ def ingest(
     """Fold every new checkpoint found under SOURCE (one per task), then validate."""
     from flows.pipeline import ingest_flow
 
-    summary = ingest_flow(bundle, source, evaluator=evaluator, validate=validate)
+    summary = ingest_flow(bundle, source, evaluator=evaluator, run_validation=validate)
     out.print(
         f"{bundle}: found {summary['found']}, folded {len(summary['folded'])}, "
         f"already present {len(summary['skipped'])}; version {summary['version']} "

@@ -47,7 +47,7 @@ def run_demo(tasks: list[str] | None = None) -> dict[str, float | None]:
             out.print(f"    bundle {DEMO_BUNDLE!r} exists; new checkpoints only")
     out.print("4/6 ingest flow: fold every new fine-tune, then validate")
     summary = ingest_flow(
-        DEMO_BUNDLE, str(Path(models_dir) / "tasks"), evaluator=DEMO_EVALUATOR, validate=True
+        DEMO_BUNDLE, str(Path(models_dir) / "tasks"), evaluator=DEMO_EVALUATOR, run_validation=True
     )
     version = summary["version"]
     if version is None:  # nothing new: validate the head again for the table

@@ -131,7 +131,7 @@ def ingest_flow(
     bundle: str,
     source: str,
     evaluator: str | None = None,
-    validate: bool = True,
+    run_validation: bool = True,
 ) -> dict[str, Any]:
     """Fold every checkpoint under ``source`` that the ledger does not hold yet."""
     logger = get_run_logger()
@@ -147,7 +147,7 @@ def ingest_flow(
             "already folded" if outcome.skipped else f"version {outcome.version}",
         )
     report = None
-    if validate and folded:
+    if run_validation and folded:
         report = validate_flow(bundle, folded[-1].version, evaluator)
     summary = {
         "bundle": bundle,

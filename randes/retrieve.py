@@ -18,7 +18,7 @@ import torch
 
 from randes.checkpoint import CheckpointReader
 from randes.config import TransformConfig
-from randes.errors import IncompatibleCheckpointError
+from randes.errors import IncompatibleCheckpointError, RandesError
 from randes.fold import check_superposition, layout_of
 from randes.manifest import KeyMap
 from randes.transforms import TaskTransform
@@ -103,8 +103,12 @@ def materialize(
 
     ``model.safetensors`` (or shards + ``model.safetensors.index.json``) plus copies of
     the side files (config.json...). Loadable with ``safetensors.torch.load_file``.
+    ``out_dir`` must be new or empty.
     """
     out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        # stale shards or index files would mix with the new ones when loaded
+        raise RandesError(f"{out_dir}: destination exists and is not an empty directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     private_count = len(private.keys()) if private is not None else 0
     extra = private_count - sum(

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from randes.checkpoint import CheckpointReader
 from randes.config import TransformConfig
-from randes.errors import IncompatibleCheckpointError, NonFiniteTensorError
+from randes.errors import IncompatibleCheckpointError, NonFiniteTensorError, RandesError
 from randes.fold import FoldResult, fold, layout_of, superposed_names, unfold
 from randes.manifest import KeyMap
 from randes.retrieve import materialize, retrieve
@@ -390,6 +390,17 @@ def test_materialize(
         assert _max_rel(loaded[name], expected) < 1e-5
     with CheckpointReader.open(dest) as again:
         assert set(again.keys()) == set(tuned)
+    with pytest.raises(RandesError, match="not an empty directory"):
+        materialize(
+            base=base,
+            superposition=None,
+            private=None,
+            seed=8,
+            key_map=KeyMap(),
+            config=config,
+            scale=1.0,
+            out_dir=dest,
+        )
 
 
 # ----------------------------------------------------------------- refusals
@@ -470,6 +481,23 @@ def test_parent_mismatch_refused(tmp_path: Path, base_model: dict[str, torch.Ten
             config=TransformConfig(dtype="bfloat16"),
             out_dir=tmp_path / "o3",
         )
+
+
+def test_fold_reports_progress(tmp_path: Path, base_model: dict[str, torch.Tensor]) -> None:
+    calls: list[tuple[int, int]] = []
+    base = open_dict(tmp_path / "b.safetensors", base_model)
+    ckpt = open_dict(tmp_path / "c.safetensors", finetune(base_model, seed=1))
+    fold(
+        base=base,
+        checkpoint=ckpt,
+        parent=None,
+        seed=1,
+        config=TransformConfig(),
+        out_dir=tmp_path / "o",
+        progress=lambda d, t: calls.append((d, t)),
+    )
+    total = len(ckpt.keys())
+    assert calls == [(i, total) for i in range(1, total + 1)]
 
 
 def test_non_float_buffer_equal_to_base_is_not_private(

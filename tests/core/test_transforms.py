@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from randes.checkpoint import TensorMeta
 from randes.config import TransformConfig
-from randes.transforms import TaskTransform, flip, layer_group_key, plan_layout
+from randes.transforms import TaskTransform, flip, flip_, layer_group_key, plan_layout
 from tests.core.helpers import gpt2_like
 
 SEEDS = st.integers(min_value=0, max_value=2**63 - 1)
@@ -82,6 +82,8 @@ def test_sign_flip_is_self_inverse(seed: int, name: str, shape: list[int]) -> No
     once = flip(seed, name, x)
     assert torch.equal(flip(seed, name, once), x)
     assert torch.equal(once.abs(), x.abs())
+    y = x.clone()
+    assert flip_(seed, name, y) is y and torch.equal(y, once)
 
 
 def test_column_flip_is_per_column() -> None:

@@ -56,7 +56,7 @@ def postgres_server() -> Iterator[Any]:
         yield server
     finally:
         server.cleanup()
-        pass  # shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
