@@ -28,6 +28,17 @@ class DatabaseUnavailableError(RegistryError):
     """
 
 
+class SchemaNotInitializedError(RegistryError):
+    """The database is reachable but has no registry schema (or an older one).
+
+    Fixed by `randes init` (`Registry.upgrade()`).
+    """
+
+
+class MigrationError(RegistryError):
+    """A schema migration failed; it ran in one transaction, so nothing changed."""
+
+
 # -- lookups --------------------------------------------------------------------------
 
 

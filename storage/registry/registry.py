@@ -37,7 +37,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from randes.names import validate_name
@@ -51,7 +51,10 @@ from storage.registry.errors import (
     BundleNotFoundError,
     DatabaseUnavailableError,
     InvalidValueError,
+    MigrationError,
+    RegistryError,
     RejectedVersionError,
+    SchemaNotInitializedError,
     SeedConflictError,
     TaskExistsError,
     TaskNotFoundError,
@@ -98,6 +101,19 @@ INT64_MAX = 2**63 - 1
 # bound-parameter limits).
 _CHUNK = 500
 
+# How the backends say "that table/column does not exist" (schema not migrated) ...
+_PG_UNDEFINED = ("42P01", "42703")
+_SQLITE_UNDEFINED = ("no such table", "no such column")
+# ... and "the database file cannot be used right now".
+_SQLITE_UNAVAILABLE = (
+    "unable to open database",
+    "database is locked",
+    "disk i/o error",
+    "file is not a database",
+    "readonly database",
+    "database or disk is full",
+)
+
 _DIGITS = re.compile(r"[0-9]+")
 _SQLITE_UNIQUE = re.compile(r"UNIQUE constraint failed: (.+)$")
 
@@ -136,6 +152,11 @@ def _violated(exc: IntegrityError) -> str | None:
     table = qualified[0].split(".", 1)[0]
     cols = frozenset(c.split(".", 1)[1] for c in qualified if "." in c)
     return _UNIQUE_BY_COLUMNS.get((table, cols))
+
+
+def _first_line(exc: DBAPIError) -> str:
+    text = str(exc.orig if exc.orig is not None else exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
@@ -233,6 +254,7 @@ class Registry:
 
     def _alembic(self, action: Callable[[Any, str], None], revision: str) -> None:
         from alembic.config import Config
+        from alembic.util.exc import CommandError
 
         directory = migrations_dir()
         config = Config(str(directory / "alembic.ini"))
@@ -242,17 +264,46 @@ class Registry:
             with self._writer.begin() as conn:
                 config.attributes["connection"] = conn
                 action(config, revision)
-        except OperationalError as exc:
-            raise self._unavailable(exc) from None
+        except DBAPIError as exc:
+            if isinstance(translated := self._translate(exc), DatabaseUnavailableError):
+                raise translated from None
+            raise MigrationError(
+                f"migrating the registry schema of {self.url} to {revision} failed "
+                f"(nothing was changed): {_first_line(exc)}"
+            ) from exc
+        except CommandError as exc:
+            raise MigrationError(f"cannot migrate the registry schema: {exc}") from exc
 
     # -- transactions -------------------------------------------------------------------
 
-    def _unavailable(self, exc: OperationalError) -> DatabaseUnavailableError:
-        detail = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
+    def _translate(self, exc: DBAPIError) -> RegistryError | None:
+        """The registry error for a driver error about the database as a whole
+        (unreachable, locked, schema missing), or None for one the caller must handle."""
+        if isinstance(exc, IntegrityError):
+            return None
+        detail = _first_line(exc)
         password = self._url.password
         if password:
             detail = detail.replace(str(password), "***")
-        return DatabaseUnavailableError(f"registry database {self.url} unavailable: {detail}")
+        sqlstate = getattr(exc.orig, "sqlstate", None)
+        lowered = detail.lower()
+        if sqlstate in _PG_UNDEFINED or any(m in lowered for m in _SQLITE_UNDEFINED):
+            return SchemaNotInitializedError(
+                f"registry database {self.url} has no registry schema or an outdated one "
+                f"(run `randes init`): {detail}"
+            )
+        unavailable = (
+            exc.connection_invalidated
+            or any(m in lowered for m in _SQLITE_UNAVAILABLE)
+            or (
+                self.backend == "postgresql"
+                and isinstance(exc, OperationalError)
+                and (sqlstate is None or str(sqlstate).startswith(("08", "53", "57")))
+            )
+        )
+        if unavailable:
+            return DatabaseUnavailableError(f"registry database {self.url} unavailable: {detail}")
+        return None
 
     @contextmanager
     def _tx(self, write: bool = False) -> Iterator[Session]:
@@ -261,8 +312,11 @@ class Registry:
         try:
             with factory() as session, session.begin():
                 yield session
-        except OperationalError as exc:
-            raise self._unavailable(exc) from None
+        except DBAPIError as exc:
+            translated = self._translate(exc)
+            if translated is None:
+                raise
+            raise translated from None
 
     # -- lookups shared by the methods ------------------------------------------------
 
@@ -940,5 +994,8 @@ class Registry:
         try:
             with self._engine.connect() as conn:
                 return MigrationContext.configure(conn).get_current_revision()
-        except OperationalError as exc:
-            raise self._unavailable(exc) from None
+        except DBAPIError as exc:
+            translated = self._translate(exc)
+            if translated is None:
+                raise
+            raise translated from None

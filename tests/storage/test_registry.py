@@ -179,7 +179,11 @@ def test_versions_and_resolve(registry: Registry, bundle: str) -> None:
 
 def test_first_version_may_be_zero(registry: Registry, bundle: str) -> None:
     registry.commit_version(
-        bundle, version=0, parent_version=None, manifest_key="m0", manifest_sha256=sha("0"),
+        bundle,
+        version=0,
+        parent_version=None,
+        manifest_key="m0",
+        manifest_sha256=sha("0"),
         object_keys=[],
     )
     commit(registry, 1, added=[task("t", 1)])
@@ -197,7 +201,11 @@ def test_commit_version_checks_the_head(registry: Registry, bundle: str) -> None
         commit(registry, 3, added=[task("t2", 2)])  # a stale writer cannot skip 2
     with pytest.raises(VersionNotFoundError):
         registry.commit_version(
-            bundle, version=2, parent_version=9, manifest_key="m", manifest_sha256=sha("m"),
+            bundle,
+            version=2,
+            parent_version=9,
+            manifest_key="m",
+            manifest_sha256=sha("m"),
             object_keys=[],
         )
     with pytest.raises(InvalidValueError):
@@ -283,21 +291,37 @@ def test_ledger(registry: Registry, bundle: str) -> None:
     assert registry.ledger_lookup(bundle, sha("unknown")) is None
     with pytest.raises(AlreadyIngestedError) as err:
         registry.commit_version(
-            bundle, version=2, parent_version=1, manifest_key="m2", manifest_sha256=sha("m2"),
-            object_keys=[], added=[task("t1-again", 5)], ledger=[(t1.source_sha256, "t1-again")],
+            bundle,
+            version=2,
+            parent_version=1,
+            manifest_key="m2",
+            manifest_sha256=sha("m2"),
+            object_keys=[],
+            added=[task("t1-again", 5)],
+            ledger=[(t1.source_sha256, "t1-again")],
         )
     assert (err.value.task_name, err.value.version) == ("t1", 1)
     assert err.value.source_sha256 == t1.source_sha256
     # The ledger is checked before the version number: a duplicate is a no-op, not a retry.
     with pytest.raises(AlreadyIngestedError):
         registry.commit_version(
-            bundle, version=1, parent_version=None, manifest_key="m", manifest_sha256=sha("m"),
-            object_keys=[], ledger=[(t1.source_sha256, "t1")],
+            bundle,
+            version=1,
+            parent_version=None,
+            manifest_key="m",
+            manifest_sha256=sha("m"),
+            object_keys=[],
+            ledger=[(t1.source_sha256, "t1")],
         )
     with pytest.raises(InvalidValueError):
         registry.commit_version(
-            bundle, version=2, parent_version=1, manifest_key="m", manifest_sha256=sha("m"),
-            object_keys=[], ledger=[(sha("z"), "z"), (sha("z"), "z2")],
+            bundle,
+            version=2,
+            parent_version=1,
+            manifest_key="m",
+            manifest_sha256=sha("m"),
+            object_keys=[],
+            ledger=[(sha("z"), "z"), (sha("z"), "z2")],
         )
     # Ledgers are per bundle.
     registry.create_bundle("other", "base", {})
@@ -312,9 +336,14 @@ def test_commit_version_is_atomic(registry: Registry, bundle: str) -> None:
     new_x, new_y = task("x", 7), task("y", 7)  # same seed twice: only the database sees it
     with pytest.raises(SeedConflictError) as err:
         registry.commit_version(
-            bundle, version=2, parent_version=1, manifest_key="manifests/b/2.json",
-            manifest_sha256=sha("m2"), object_keys=["shards/two", "shards/one"],
-            added=[new_x, new_y], removed=["a"],
+            bundle,
+            version=2,
+            parent_version=1,
+            manifest_key="manifests/b/2.json",
+            manifest_sha256=sha("m2"),
+            object_keys=["shards/two", "shards/one"],
+            added=[new_x, new_y],
+            removed=["a"],
             ledger=[(new_x.source_sha256, "x"), (new_y.source_sha256, "y")],
         )
     assert err.value.seed == 7
@@ -354,7 +383,9 @@ def test_status_and_publishing(registry: Registry, bundle: str) -> None:
 
 def test_evaluations(registry: Registry, bundle: str) -> None:
     commit(registry, 1, added=[task("a", 1), task("b", 2)])
-    e1 = registry.add_evaluation(bundle, 1, "a", "accuracy", 0.9, reference=0.95, normalized=0.9 / 0.95)
+    e1 = registry.add_evaluation(
+        bundle, 1, "a", "accuracy", 0.9, reference=0.95, normalized=0.9 / 0.95
+    )
     e2 = registry.add_evaluation(bundle, 1, "b", "accuracy", 0.5)
     assert (e1.bundle, e1.version, e1.reference) == (bundle, 1, 0.95)
     assert e2.reference is None and e2.normalized is None

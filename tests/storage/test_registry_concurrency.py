@@ -243,8 +243,12 @@ def _blocked_commit(
 
 def _version_row(bundle_id: int) -> BundleVersion:
     return BundleVersion(
-        bundle_id=bundle_id, version=1, parent_version=None, status="staged",
-        manifest_key="manifests/theirs.json", manifest_sha256=sha("theirs"),
+        bundle_id=bundle_id,
+        version=1,
+        parent_version=None,
+        status="staged",
+        manifest_key="manifests/theirs.json",
+        manifest_sha256=sha("theirs"),
     )
 
 

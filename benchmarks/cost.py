@@ -1,0 +1,865 @@
+"""Cost of fold and materialize: peak memory and wall time against a plain safetensors copy.
+
+Question answered (issue requirement): on a GPT-2-shaped model of at least 40M
+parameters with 8 tasks, does one fold stay under 1.2 GB peak RSS, without that peak
+growing with the number of tasks or (beyond the largest tensor) with the model size,
+and what do fold and materialize cost as a ratio to a plain safetensors read + write
+of the same bytes, measured side by side in one run? Does fold time grow with the
+number of tasks already folded?
+
+Method:
+
+- Two GPT-2-shaped fp32 models are generated on disk under a temp dir, tensor by
+  tensor (never a whole model in memory): ``small`` (6 layers, d=768, vocab 8192,
+  ~50M parameters) and ``large`` (12 layers, same widths, ~92M parameters). Both have
+  the same largest tensor (``wte.weight``, 25 MB), so a streaming fold should show the
+  same peak for both. Each has a base (bare GPT-2 names, as in the hub's ``gpt2``) and
+  8 fine-tunes = base + small noise, saved like ``GPT2ForSequenceClassification``
+  (``transformer.`` prefix, plus a ``score.weight`` head the base lacks).
+- Tasks 1..8 are folded sequentially, each on the previous superposition, with the
+  default TransformConfig. Every fold runs in a FRESH subprocess, so its peak is its
+  own: peak RSS is the kernel's exact high-water mark ``VmHWM`` of that process
+  (``ru_maxrss`` is not used: Linux carries the forking parent's high-water mark
+  across exec into it); anonymous memory (``RssAnon``, the process's own heap, what
+  it cannot give back to the page cache) is sampled every 2 ms. The reader uses
+  ``readinto`` rather than mmap, so file pages are not counted in either; the
+  file-backed part of RSS is the interpreter's and torch's shared libraries.
+  The fixed cost of the interpreter + torch + randes, measured in the same process
+  just before the fold, is reported as ``idle``; ``own`` = peak - idle.
+- Baseline, interleaved with every fold and materialize run, in its own fresh
+  subprocess: ``safetensors.torch.load_file`` of every file the fold reads (base,
+  checkpoint, parent superposition) and ``save_file`` of the same tensors' bytes the
+  fold writes (superposition + private). Fold fsyncs what it writes (durability is a
+  requirement); plain ``save_file`` does not, so the baseline is reported both
+  ``plain`` and ``+fsync`` (its files fsynced after writing, timed separately). The
+  parent calls ``os.sync()`` before every timed run so no run pays for the previous
+  one's dirty pages. All inputs are hot in the page cache for both (24 GB RAM).
+- Materialize of task 1 from the 8-task superposition, same protocol, against a
+  baseline reading base + superposition + private and writing the model's bytes.
+- One more fold (task 2, on the 1-task superposition) per size runs under cProfile
+  to split its time into reading, hashing, writing + fsync, RNG and tensor math.
+
+    .venv/bin/python benchmarks/cost.py            # full run (~10 min on 2 cores)
+    .venv/bin/python benchmarks/cost.py --quick    # smaller models, 3 tasks
+
+``--write-docs`` replaces the ``## Cost`` section at the end of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MB = 1_000_000
+GB = 1_000_000_000
+TARGET_RSS = 1.2 * GB
+DOCS = ROOT / "docs" / "benchmarks.md"
+SECTION = "## Cost"
+
+
+# ---------------------------------------------------------------------------------------
+# Model shapes and generation (parent process only, one tensor at a time)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    layers: int
+    d: int
+    vocab: int
+    ctx: int
+    labels: int = 2
+
+    def base_tensors(self) -> dict[str, tuple[int, ...]]:
+        """GPT-2 names and shapes (Conv1D weights are (in, out), as in transformers)."""
+        d = self.d
+        shapes: dict[str, tuple[int, ...]] = {
+            "wte.weight": (self.vocab, d),
+            "wpe.weight": (self.ctx, d),
+            "ln_f.weight": (d,),
+            "ln_f.bias": (d,),
+        }
+        for i in range(self.layers):
+            p = f"h.{i}."
+            shapes |= {
+                p + "ln_1.weight": (d,),
+                p + "ln_1.bias": (d,),
+                p + "attn.c_attn.weight": (d, 3 * d),
+                p + "attn.c_attn.bias": (3 * d,),
+                p + "attn.c_proj.weight": (d, d),
+                p + "attn.c_proj.bias": (d,),
+                p + "ln_2.weight": (d,),
+                p + "ln_2.bias": (d,),
+                p + "mlp.c_fc.weight": (d, 4 * d),
+                p + "mlp.c_fc.bias": (4 * d,),
+                p + "mlp.c_proj.weight": (4 * d, d),
+                p + "mlp.c_proj.bias": (d,),
+            }
+        return shapes
+
+    def params(self) -> int:
+        return sum(_numel(s) for s in self.base_tensors().values())
+
+    def largest_bytes(self) -> int:
+        return 4 * max(_numel(s) for s in self.base_tensors().values())
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+FULL = (
+    ModelSpec("small", layers=6, d=768, vocab=8192, ctx=1024),
+    ModelSpec("large", layers=12, d=768, vocab=8192, ctx=1024),
+)
+QUICK = (
+    ModelSpec("small", layers=4, d=384, vocab=4096, ctx=512),
+    ModelSpec("large", layers=8, d=384, vocab=4096, ctx=512),
+)
+
+
+def write_streaming(path: Path, shapes: dict[str, tuple[int, ...]], make: Any) -> int:
+    """A standard fp32 safetensors file written one tensor at a time; returns its size.
+
+    ``make(name)`` returns the tensor; the header is computed from ``shapes`` first.
+    """
+    import torch
+
+    names = sorted(shapes)
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for n in names:
+        nbytes = 4 * _numel(shapes[n])
+        header[n] = {"dtype": "F32", "shape": list(shapes[n]), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little"))
+        fh.write(raw)
+        for n in names:
+            t = make(n)
+            assert t.dtype == torch.float32 and tuple(t.shape) == shapes[n], n
+            fh.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)
+    return path.stat().st_size
+
+
+def generate(spec: ModelSpec, root: Path, tasks: int) -> tuple[Path, list[Path]]:
+    """base.safetensors and task{k}/model.safetensors (fine-tunes) under ``root``."""
+    import torch
+
+    from randes.checkpoint import CheckpointReader
+
+    shapes = spec.base_tensors()
+    base_path = root / "base" / "model.safetensors"
+
+    def base_tensor(name: str) -> torch.Tensor:
+        g = torch.Generator().manual_seed(hash_name(name))
+        if len(shapes[name]) == 1:
+            return torch.ones(shapes[name]) if name.endswith("weight") else torch.zeros(
+                shapes[name]
+            )
+        return torch.randn(shapes[name], generator=g).mul_(0.02)
+
+    write_streaming(base_path, shapes, base_tensor)
+    task_paths = []
+    prefix = "transformer."
+    with CheckpointReader.open(base_path) as base:
+        for k in range(1, tasks + 1):
+            tuned_shapes = {prefix + n: s for n, s in shapes.items()}
+            tuned_shapes["score.weight"] = (spec.labels, spec.d)
+            g = torch.Generator().manual_seed(1000 + k)
+
+            def tuned(name: str, g: torch.Generator = g) -> torch.Tensor:
+                if name == "score.weight":
+                    return torch.randn(tuned_shapes[name], generator=g).mul_(0.02)
+                t = base.get(name[len(prefix) :])
+                return t.add_(torch.randn(t.shape, generator=g), alpha=1e-3)
+
+            path = root / f"task{k}" / "model.safetensors"
+            write_streaming(path, tuned_shapes, tuned)
+            task_paths.append(path.parent)
+    return base_path, task_paths
+
+
+def hash_name(name: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=7).digest(), "big")
+
+
+# ---------------------------------------------------------------------------------------
+# Workers (each run in a fresh interpreter)
+# ---------------------------------------------------------------------------------------
+
+
+class MemSampler:
+    """Samples RssAnon / VmRSS of this process every ``interval`` s in a thread."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        self.peak_anon = 0
+        self.peak_rss = 0
+        self._stop = threading.Event()
+        self._fh = open("/proc/self/status", "rb")  # noqa: SIM115 - closed in stop()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> dict[str, int]:
+        self._fh.seek(0)
+        out = {}
+        for line in self._fh.read().split(b"\n"):
+            if line[:6] in (b"RssAno", b"RssFil", b"VmRSS:", b"VmHWM:"):
+                key, value = line.split(b":", 1)
+                out[key.decode()] = int(value.split()[0]) * 1024
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            s = self.sample()
+            self.peak_anon = max(self.peak_anon, s["RssAnon"])
+            self.peak_rss = max(self.peak_rss, s["VmRSS"])
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> MemSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        s = self.sample()
+        self.peak_anon = max(self.peak_anon, s["RssAnon"])
+        self.hwm = s["VmHWM"]
+        self._fh.close()
+
+
+def _worker(job: dict[str, Any]) -> dict[str, Any]:
+    import gc
+
+    import torch
+
+    from randes.checkpoint import CheckpointReader
+    from randes.config import TransformConfig
+    from randes.fold import fold
+    from randes.manifest import KeyMap
+    from randes.retrieve import materialize
+
+    torch.set_num_threads(int(job.get("threads", os.cpu_count() or 1)))
+    op = job["op"]
+    gc.collect()
+    sampler = MemSampler()
+    idle = sampler.sample()
+    result: dict[str, Any] = {"op": op}
+
+    if op in ("fold", "profile"):
+
+        def run() -> Any:
+            parent = job["parent"]
+            with (
+                CheckpointReader.open(Path(job["base"])) as base,
+                CheckpointReader.open(Path(job["checkpoint"])) as ckpt,
+            ):
+                par = CheckpointReader.from_files([Path(p) for p in parent]) if parent else None
+                try:
+                    return fold(
+                        base=base,
+                        checkpoint=ckpt,
+                        parent=par,
+                        seed=job["seed"],
+                        config=TransformConfig(),
+                        out_dir=Path(job["out"]),
+                    )
+                finally:
+                    if par is not None:
+                        par.close()
+
+        if op == "profile":
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            t0 = time.perf_counter()
+            prof.enable()
+            res = run()
+            prof.disable()
+            result["wall"] = time.perf_counter() - t0
+            result["profile"] = _categorize(pstats.Stats(prof))
+        else:
+            with sampler:
+                t0 = time.perf_counter()
+                res = run()
+                result["wall"] = time.perf_counter() - t0
+        result["superposition"] = [
+            {"path": str(s.path), "tensors": s.tensors, "size": s.size} for s in res.superposition
+        ]
+        result["private"] = [
+            {"path": str(s.path), "tensors": s.tensors, "size": s.size} for s in res.private
+        ]
+        result["key_map"] = res.key_map.model_dump()
+
+    elif op == "materialize":
+        with sampler:
+            t0 = time.perf_counter()
+            with (
+                CheckpointReader.open(Path(job["base"])) as base,
+                CheckpointReader.from_files([Path(p) for p in job["superposition"]]) as sup,
+                CheckpointReader.from_files([Path(p) for p in job["private"]]) as priv,
+            ):
+                shards = materialize(
+                    base=base,
+                    superposition=sup,
+                    private=priv,
+                    seed=job["seed"],
+                    key_map=KeyMap(**job["key_map"]),
+                    config=TransformConfig(),
+                    scale=0.4,
+                    out_dir=Path(job["out"]),
+                )
+            result["wall"] = time.perf_counter() - t0
+        result["written"] = sum(s.size for s in shards)
+        result["tensors"] = sorted(n for s in shards for n in s.tensors)
+
+    elif op == "baseline":
+        from safetensors.torch import load_file, save_file
+
+        with sampler:
+            t0 = time.perf_counter()
+            loaded = [load_file(p) for p in job["inputs"]]
+            outs = []
+            for out in job["outputs"]:
+                save_file({n: loaded[i][n] for i, n in out["tensors"]}, out["path"])
+                outs.append(out["path"])
+            result["wall"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            for p in outs:
+                fd = os.open(p, os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
+            result["fsync"] = time.perf_counter() - t1
+        result["read"] = sum(os.path.getsize(p) for p in job["inputs"])
+        result["written"] = sum(os.path.getsize(p) for p in outs)
+        del loaded
+    else:
+        raise ValueError(op)
+
+    if op != "profile":
+        result["idle_rss"] = idle["VmRSS"]
+        result["idle_anon"] = idle["RssAnon"]
+        result["peak_rss"] = sampler.hwm
+        result["peak_anon"] = sampler.peak_anon
+    return result
+
+
+_CATEGORIES = (
+    ("read (readinto)", ("readinto",)),
+    ("hash (sha256)", ("'update' of '_hashlib.HASH'",)),
+    ("write", ("'write' of '_io",)),
+    ("fsync", ("fsync",)),
+    ("RNG (shake256 signs, perms)", ("shake_256", "'digest' of '_hashlib")),
+)
+
+
+def _categorize(stats: Any) -> dict[str, float]:
+    """Self time of every profiled function, bucketed by what it does."""
+    out: dict[str, float] = {}
+    for (filename, _line, func), (_cc, _nc, tottime, _ct, _callers) in stats.stats.items():
+        label = f"{filename}:{func}"
+        cat = "other Python"
+        for name, needles in _CATEGORIES:
+            if any(n in label for n in needles):
+                cat = name
+                break
+        else:
+            if filename == "~" and ("torch" in func or "Tensor" in func or "numpy" in func):
+                cat = "tensor math (torch)"
+            elif "torch" in filename:
+                cat = "tensor math (torch)"
+        out[cat] = out.get(cat, 0.0) + tottime
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------
+
+
+def spawn(job: dict[str, Any]) -> dict[str, Any]:
+    os.sync()  # no run pays for the dirty pages of the one before
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(job)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {job['op']} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _files(shards: list[dict[str, Any]]) -> list[str]:
+    return [s["path"] for s in shards]
+
+
+def fold_baseline_job(
+    base: Path, ckpt: Path, parent: list[str], fold_res: dict[str, Any], out: Path
+) -> dict[str, Any]:
+    """Read base + checkpoint + parent, write the fold's output tensors' bytes."""
+    ckpt_file = str(ckpt / "model.safetensors")
+    inputs = [str(base), ckpt_file, *parent]
+    sup_tensors = [t for s in fold_res["superposition"] for t in s["tensors"]]
+    priv_tensors = [t for s in fold_res["private"] for t in s["tensors"]]
+    prefix = fold_res["key_map"]["checkpoint_prefix"]
+    return {
+        "op": "baseline",
+        "inputs": inputs,
+        "outputs": [
+            # slots are base-shaped: take the checkpoint's tensor of the same name
+            {"path": str(out / "sup.safetensors"), "tensors": [[1, prefix + t] for t in sup_tensors]},
+            {"path": str(out / "priv.safetensors"), "tensors": [[1, t] for t in priv_tensors]},
+        ],
+    }
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def run_size(
+    spec: ModelSpec, root: Path, tasks: int, repeats: int, log: Any
+) -> dict[str, Any]:
+    t_gen = time.perf_counter()
+    base, task_dirs = generate(spec, root, tasks)
+    base_size = base.stat().st_size
+    ckpt_size = (task_dirs[0] / "model.safetensors").stat().st_size
+    log(
+        f"[{spec.name}] {spec.params() / 1e6:.1f}M params, base {base_size / MB:.0f} MB, "
+        f"{tasks} fine-tunes generated in {time.perf_counter() - t_gen:.1f}s"
+    )
+    seeds = [hash_name(f"task-seed-{k}") for k in range(1, tasks + 1)]
+    folds: list[dict[str, Any]] = []
+    baselines: list[dict[str, Any]] = []
+    parent: list[str] = []
+    first_private: list[str] = []
+    key_map: dict[str, Any] = {}
+    bl_dir = root / "baseline"
+    prev_dir: Path | None = None
+    for k in range(1, tasks + 1):
+        kept: Path | None = None
+        for r in range(repeats):
+            out = root / f"fold{k}-r{r}"
+            res = spawn(
+                {
+                    "op": "fold",
+                    "base": str(base),
+                    "checkpoint": str(task_dirs[k - 1]),
+                    "parent": parent,
+                    "seed": seeds[k - 1],
+                    "out": str(out),
+                }
+            )
+            res |= {"k": k, "rep": r}
+            folds.append(res)
+            bl_dir.mkdir(exist_ok=True)
+            bl = spawn(fold_baseline_job(base, task_dirs[k - 1], parent, res, bl_dir))
+            bl |= {"k": k, "rep": r}
+            baselines.append(bl)
+            shutil.rmtree(bl_dir)
+            written = sum(s["size"] for s in res["superposition"] + res["private"])
+            assert abs(written - bl["written"]) < 64 * 1024, (written, bl["written"])
+            log(
+                f"[{spec.name}] fold k={k} r={r}: {res['wall']:.2f}s "
+                f"peak RSS {res['peak_rss'] / MB:.0f} MB (anon {res['peak_anon'] / MB:.0f}, "
+                f"idle {res['idle_rss'] / MB:.0f}) | baseline {bl['wall']:.2f}s "
+                f"+fsync {bl['fsync']:.2f}s"
+            )
+            if kept is None:
+                kept = out
+                next_parent = _files(res["superposition"])
+                if k == 1:
+                    first_private = _files(res["private"])
+                    key_map = res["key_map"]
+            else:
+                shutil.rmtree(out)
+        parent = next_parent
+        if prev_dir is not None and k > 2:  # keep fold1 (private of task 1) and the parent
+            shutil.rmtree(prev_dir / "superposition")
+        prev_dir = kept
+
+    # profile: task 2 folded on the 1-task superposition (no longer on disk: refold task 1)
+    prof_root = root / "profile"
+    p1 = spawn(
+        {
+            "op": "fold",
+            "base": str(base),
+            "checkpoint": str(task_dirs[0]),
+            "parent": [],
+            "seed": seeds[0],
+            "out": str(prof_root / "one"),
+        }
+    )
+    prof = spawn(
+        {
+            "op": "profile",
+            "base": str(base),
+            "checkpoint": str(task_dirs[min(1, tasks - 1)]),
+            "parent": _files(p1["superposition"]),
+            "seed": seeds[min(1, tasks - 1)],
+            "out": str(prof_root / "two"),
+        }
+    )
+    shutil.rmtree(prof_root)
+
+    mats: list[dict[str, Any]] = []
+    mat_bls: list[dict[str, Any]] = []
+    for r in range(repeats):
+        out = root / f"mat-r{r}"
+        m = spawn(
+            {
+                "op": "materialize",
+                "base": str(base),
+                "superposition": parent,
+                "private": first_private,
+                "seed": seeds[0],
+                "key_map": key_map,
+                "out": str(out),
+            }
+        )
+        shutil.rmtree(out)
+        mats.append(m)
+        bl_dir.mkdir(exist_ok=True)
+        prefix = key_map["checkpoint_prefix"]
+        base_names = set(spec.base_tensors())
+        # the model's bytes: base-shaped tensors (from the base) + task-only ones (private)
+        tensors = [[0, n[len(prefix) :]] for n in m["tensors"] if n[len(prefix) :] in base_names]
+        tensors += [[2, n] for n in m["tensors"] if n[len(prefix) :] not in base_names]
+        bl = spawn(
+            {
+                "op": "baseline",
+                "inputs": [str(base), *parent, *first_private],
+                "outputs": [{"path": str(bl_dir / "model.safetensors"), "tensors": tensors}],
+            }
+        )
+        shutil.rmtree(bl_dir)
+        mat_bls.append(bl)
+        assert abs(m["written"] - bl["written"]) < 64 * 1024, (m["written"], bl["written"])
+        log(
+            f"[{spec.name}] materialize r={r}: {m['wall']:.2f}s peak RSS "
+            f"{m['peak_rss'] / MB:.0f} MB (anon {m['peak_anon'] / MB:.0f}) | baseline "
+            f"{bl['wall']:.2f}s +fsync {bl['fsync']:.2f}s"
+        )
+    return {
+        "spec": spec,
+        "params": spec.params(),
+        "base_bytes": base_size,
+        "ckpt_bytes": ckpt_size,
+        "largest": spec.largest_bytes(),
+        "sup_bytes": sum(s["size"] for s in folds[-1]["superposition"]),
+        "folds": folds,
+        "baselines": baselines,
+        "profile": prof,
+        "mats": mats,
+        "mat_baselines": mat_bls,
+        "tasks": tasks,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------
+
+
+def _mb(x: float) -> str:
+    return f"{x / MB:.0f}"
+
+
+def _slope(ks: list[int], ys: list[float]) -> float:
+    """Least-squares slope of ys against ks."""
+    mk, my = statistics.fmean(ks), statistics.fmean(ys)
+    den = sum((k - mk) ** 2 for k in ks)
+    return sum((k - mk) * (y - my) for k, y in zip(ks, ys, strict=True)) / den if den else 0.0
+
+
+def report(results: list[dict[str, Any]], repeats: int) -> tuple[str, list[str]]:
+    lines: list[str] = []
+    verdicts: list[str] = []
+    add = lines.append
+
+    add("### Models\n")
+    add("| model | layers x d, vocab | parameters | checkpoint | superposition | largest tensor |")
+    add("|---|---|---:|---:|---:|---:|")
+    for res in results:
+        s: ModelSpec = res["spec"]
+        add(
+            f"| {s.name} | {s.layers} x {s.d}, {s.vocab} | {res['params'] / 1e6:.1f}M "
+            f"| {_mb(res['ckpt_bytes'])} MB | {_mb(res['sup_bytes'])} MB "
+            f"| {_mb(res['largest'])} MB (wte) |"
+        )
+
+    add("\n### Peak memory of one fold, per task count k (fresh process each)\n")
+    add(
+        "MB (10^6 bytes). `peak RSS` = VmHWM of the fold's process; `anon` = peak RssAnon "
+        "(sampled every 2 ms); `idle` = RSS of the same process just before the fold "
+        "(interpreter + torch + randes); `own` = peak RSS - idle. Max over repeats.\n"
+    )
+    header = "| model | " + " | ".join(f"k={k}" for k in range(1, results[0]["tasks"] + 1))
+    add(header + " | max | target |")
+    add("|---|" + "---:|" * (results[0]["tasks"] + 2))
+    for res in results:
+        name = res["spec"].name
+        by_k: dict[int, list[dict[str, Any]]] = {}
+        for f in res["folds"]:
+            by_k.setdefault(f["k"], []).append(f)
+        for label, key in (("peak RSS", "peak_rss"), ("anon", "peak_anon")):
+            vals = [max(f[key] for f in by_k[k]) for k in sorted(by_k)]
+            add(
+                f"| {name} {label} | " + " | ".join(_mb(v) for v in vals)
+                + f" | **{_mb(max(vals))}** | {'< 1200' if key == 'peak_rss' else ''} |"
+            )
+        own = [max(f["peak_rss"] - f["idle_rss"] for f in by_k[k]) for k in sorted(by_k)]
+        add(f"| {name} own | " + " | ".join(_mb(v) for v in own) + f" | {_mb(max(own))} | |")
+        idle = [max(f["idle_rss"] for f in by_k[k]) for k in sorted(by_k)]
+        add(f"| {name} idle | " + " | ".join(_mb(v) for v in idle) + f" | {_mb(max(idle))} | |")
+
+    add("\n### Fold wall time per task count k (s, median of "
+        f"{repeats} fresh-process runs per k)\n")
+    add(header + " | slope / task | baseline (plain) | baseline +fsync |")
+    add("|---|" + "---:|" * (results[0]["tasks"] + 3))
+    for res in results:
+        ks = sorted({f["k"] for f in res["folds"]})
+        med = [median([f["wall"] for f in res["folds"] if f["k"] == k]) for k in ks]
+        blp = [median([b["wall"] for b in res["baselines"] if b["k"] == k]) for k in ks]
+        blf = [
+            median([b["wall"] + b["fsync"] for b in res["baselines"] if b["k"] == k]) for k in ks
+        ]
+        slope = _slope(ks[1:], med[1:]) if len(ks) > 2 else 0.0
+        res["fold_slope"] = slope
+        res["fold_k_medians"] = med
+        add(
+            f"| {res['spec'].name} fold | " + " | ".join(f"{v:.2f}" for v in med)
+            + f" | {slope * 1000:+.0f} ms ({100 * slope / median(med[1:] or med):+.1f}%) "
+            f"| | |"
+        )
+        add(
+            f"| {res['spec'].name} baseline plain | " + " | ".join(f"{v:.2f}" for v in blp)
+            + " | | | |"
+        )
+        add(
+            f"| {res['spec'].name} baseline +fsync | " + " | ".join(f"{v:.2f}" for v in blf)
+            + " | | | |"
+        )
+
+    add("\n### Wall time against a plain safetensors read + write of the same bytes\n")
+    add(
+        "Medians over every run (fold: k >= 2, which reads base + checkpoint + parent "
+        "superposition; each run interleaved with its baseline). Ratio = ours / baseline.\n"
+    )
+    add(
+        "| model | operation | reads | writes | ours (s) | baseline plain (s) | ratio "
+        "| baseline +fsync (s) | ratio | peak RSS ours | peak RSS baseline |"
+    )
+    add("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for res in results:
+        name = res["spec"].name
+        rows = (
+            ("fold (k>=2)", [f for f in res["folds"] if f["k"] >= 2] or res["folds"],
+             [b for b in res["baselines"] if b["k"] >= 2] or res["baselines"]),
+            ("materialize", res["mats"], res["mat_baselines"]),
+        )
+        for op, ours, bls in rows:
+            o = median([x["wall"] for x in ours])
+            bp = median([b["wall"] for b in bls])
+            bf = median([b["wall"] + b["fsync"] for b in bls])
+            res[f"ratio_{op.split()[0]}"] = (o / bp, o / bf)
+            add(
+                f"| {name} | {op} | {_mb(bls[0]['read'])} MB | {_mb(bls[0]['written'])} MB "
+                f"| {o:.2f} | {bp:.2f} | **{o / bp:.2f}x** | {bf:.2f} | **{o / bf:.2f}x** "
+                f"| {_mb(max(x['peak_rss'] for x in ours))} MB "
+                f"| {_mb(max(b['peak_rss'] for b in bls))} MB |"
+            )
+
+    add("\n### Where fold time goes (one fold of task 2 under cProfile, self time)\n")
+    cats = sorted({c for r in results for c in r["profile"]["profile"]})
+    add("| model | " + " | ".join(cats) + " | total (profiled) |")
+    add("|---|" + "---:|" * (len(cats) + 1))
+    for res in results:
+        p = res["profile"]["profile"]
+        tot = sum(p.values())
+        add(
+            f"| {res['spec'].name} | "
+            + " | ".join(f"{p.get(c, 0):.2f}s ({100 * p.get(c, 0) / tot:.0f}%)" for c in cats)
+            + f" | {res['profile']['wall']:.2f}s |"
+        )
+
+    # verdicts
+    peak = max(f["peak_rss"] for r in results for f in r["folds"])
+    verdicts.append(
+        f"Peak RSS of one fold <= 1.2 GB: {'PASS' if peak < TARGET_RSS else 'FAIL'} "
+        f"(max {_mb(peak)} MB over every fold of both models)."
+    )
+    for res in results:
+        ks = sorted({f["k"] for f in res["folds"]})
+        peaks = [max(f["peak_rss"] for f in res["folds"] if f["k"] == k) for k in ks]
+        spread = max(peaks) - min(peaks)
+        verdicts.append(
+            f"Peak RSS flat in k ({res['spec'].name}): "
+            f"{'PASS' if spread < 0.1 * max(peaks) else 'FAIL'} "
+            f"({_mb(min(peaks))}..{_mb(max(peaks))} MB for k=1..{ks[-1]})."
+        )
+    if len(results) >= 2:
+        small, large = results[0], results[-1]
+        own_s = max(f["peak_rss"] - f["idle_rss"] for f in small["folds"])
+        own_l = max(f["peak_rss"] - f["idle_rss"] for f in large["folds"])
+        growth = own_l - own_s
+        allowed = large["largest"] - small["largest"] + 0.05 * own_s + 20 * MB
+        verdicts.append(
+            f"Peak RSS flat in model size: {'PASS' if growth <= allowed else 'FAIL'} "
+            f"(fold's own memory {_mb(own_s)} MB -> {_mb(own_l)} MB for "
+            f"{small['params'] / 1e6:.0f}M -> {large['params'] / 1e6:.0f}M parameters, "
+            f"same largest tensor {_mb(large['largest'])} MB; superposition "
+            f"{_mb(small['sup_bytes'])} -> {_mb(large['sup_bytes'])} MB)."
+        )
+    for res in results:
+        med = res["fold_k_medians"]
+        rel = res["fold_slope"] / median(med[1:] or med)
+        verdicts.append(
+            f"Fold time flat in k ({res['spec'].name}): "
+            f"{'PASS' if abs(rel) < 0.03 else 'CHECK'} "
+            f"(slope {res['fold_slope'] * 1000:+.0f} ms per task already folded over k=2.."
+            f"{len(med)}, {100 * rel:+.1f}% of a fold; k=1 has no parent to read)."
+        )
+    for res in results:
+        rf = res["ratio_fold"]
+        rm = res["ratio_materialize"]
+        verdicts.append(
+            f"Ratios ({res['spec'].name}): fold {rf[0]:.2f}x plain / {rf[1]:.2f}x +fsync; "
+            f"materialize {rm[0]:.2f}x plain / {rm[1]:.2f}x +fsync."
+        )
+    return "\n".join(lines), verdicts
+
+
+def machine() -> str:
+    import psutil
+    import torch
+
+    mem = psutil.virtual_memory().total / 2**30
+    return (
+        f"{os.cpu_count()}-core CPU VM ({platform.processor() or platform.machine()}), "
+        f"{mem:.0f} GiB RAM, torch {torch.__version__.split('+')[0]} CPU, "
+        f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
+    )
+
+
+def write_docs(section: str) -> None:
+    """Replace (or append) the ``## Cost`` section of docs/benchmarks.md, nothing else."""
+    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
+    start = text.find("\n" + SECTION + "\n")
+    if start == -1 and text.startswith(SECTION + "\n"):
+        start = 0
+    if start == -1:
+        new = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+    else:
+        start += 1 if text[start] == "\n" else 0
+        nxt = text.find("\n## ", start + len(SECTION))
+        tail = "" if nxt == -1 else text[nxt:]
+        new = text[:start] + section.rstrip("\n") + "\n" + tail
+    DOCS.parent.mkdir(parents=True, exist_ok=True)
+    DOCS.write_text(new)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smaller models, 3 tasks")
+    ap.add_argument("--tasks", type=int, default=None, help="tasks folded (default 8)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per fold k / materialize")
+    ap.add_argument("--tmp", default=None, help="parent dir of the temp dir")
+    ap.add_argument("--keep", action="store_true", help="keep the generated files")
+    ap.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
+    ap.add_argument("--date", default=datetime.date.today().isoformat())
+    ap.add_argument("--json", default=None, help="also dump raw results to this file")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker is not None:
+        print(json.dumps(_worker(json.loads(args.worker))))
+        return
+
+    specs = QUICK if args.quick else FULL
+    tasks = args.tasks or (3 if args.quick else 8)
+    tmp = Path(tempfile.mkdtemp(prefix="randes-cost-", dir=args.tmp))
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    log(f"working in {tmp}")
+    try:
+        results = []
+        for spec in specs:
+            results.append(run_size(spec, tmp / spec.name, tasks, args.repeats, log))
+            shutil.rmtree(tmp / spec.name, ignore_errors=not args.keep) if not args.keep else None
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    elapsed = time.perf_counter() - t0
+    tables, verdicts = report(results, args.repeats)
+    cmd = "python benchmarks/cost.py" + (" --quick" if args.quick else "")
+    extra = [a for a in sys.argv[1:] if a not in ("--quick", "--write-docs")]
+    if extra:
+        cmd += " " + " ".join(extra)
+    section = "\n".join(
+        [
+            SECTION,
+            "",
+            f"Run {args.date} on {machine()}; whole run {elapsed / 60:.1f} min.",
+            "",
+            f"    .venv/bin/{cmd}",
+            "",
+            "Method: see the docstring of `benchmarks/cost.py` (fresh process per fold, "
+            "GPT-2-shaped fp32 models, default TransformConfig, baseline = "
+            "`safetensors.torch.load_file` of every file the operation reads + `save_file` "
+            "of as many bytes as it writes, interleaved run by run).",
+            "",
+            "**Verdicts**",
+            "",
+            *[f"- {v}" for v in verdicts],
+            "",
+            tables,
+            "",
+        ]
+    )
+    print(section)
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                [{k: v for k, v in r.items() if k != "spec"} | {"spec": r["spec"].__dict__}
+                 for r in results],
+                indent=1,
+            )
+        )
+    if args.write_docs:
+        write_docs(section)
+        log(f"wrote {SECTION!r} to {DOCS}")
+
+
+if __name__ == "__main__":
+    main()
