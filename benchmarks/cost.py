@@ -168,8 +168,7 @@ def write_streaming(path: Path, shapes: dict[str, tuple[int, ...]], make: Any) -
 def generate(spec: ModelSpec, root: Path, tasks: int) -> tuple[Path, list[Path]]:
     """base.safetensors and task{k}/model.safetensors (fine-tunes) under ``root``."""
     import torch
-
-    from randes.checkpoint import CheckpointReader
+    from safetensors import safe_open
 
     shapes = spec.base_tensors()
     base_path = root / "base" / "model.safetensors"
@@ -185,7 +184,7 @@ def generate(spec: ModelSpec, root: Path, tasks: int) -> tuple[Path, list[Path]]
     write_streaming(base_path, shapes, base_tensor)
     task_paths = []
     prefix = "transformer."
-    with CheckpointReader.open(base_path) as base:
+    with safe_open(str(base_path), framework="pt") as base:
         for k in range(1, tasks + 1):
             tuned_shapes = {prefix + n: s for n, s in shapes.items()}
             tuned_shapes["score.weight"] = (spec.labels, spec.d)
@@ -194,7 +193,7 @@ def generate(spec: ModelSpec, root: Path, tasks: int) -> tuple[Path, list[Path]]
             def tuned(name: str, g: torch.Generator = g) -> torch.Tensor:
                 if name == "score.weight":
                     return torch.randn(tuned_shapes[name], generator=g).mul_(0.02)
-                t = base.get(name[len(prefix) :])
+                t = base.get_tensor(name[len(prefix) :]).clone()
                 return t.add_(torch.randn(t.shape, generator=g), alpha=1e-3)
 
             path = root / f"task{k}" / "model.safetensors"
@@ -404,17 +403,77 @@ def _categorize(stats: Any) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------
 
 
+def serve() -> None:
+    """Fork server: import everything once, then run each job in a forked child.
+
+    A child of fork has its own address space whose high-water mark (VmHWM) starts at
+    the RSS it inherits (interpreter + torch + randes, the same as a fresh process after
+    its imports), so its peak is its own job's alone, without paying a 3-5 s torch import
+    per run. Torch never ran an op here, so no thread pool is forked.
+    """
+    import safetensors.torch  # noqa: F401
+    import torch  # noqa: F401
+
+    import randes.fold  # noqa: F401
+    import randes.retrieve  # noqa: F401
+
+    for line in sys.stdin:
+        job = json.loads(line)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child
+            os.close(r)
+            try:
+                out = {"ok": _worker(job)}
+            except BaseException:  # noqa: BLE001 - reported to the driver
+                import traceback
+
+                out = {"error": traceback.format_exc()}
+            with os.fdopen(w, "w") as fh:
+                fh.write(json.dumps(out))
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as fh:
+            data = fh.read()
+        os.waitpid(pid, 0)
+        sys.stdout.write((data or json.dumps({"error": "worker died"})) + "\n")
+        sys.stdout.flush()
+
+
+class Server:
+    def __init__(self, core: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--serve", "--core", str(core)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def run(self, job: dict[str, Any]) -> dict[str, Any]:
+        os.sync()  # no run pays for the dirty pages of the one before
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("fork server died")
+        out = json.loads(line)
+        if "error" in out:
+            raise RuntimeError(f"worker {job['op']} failed:\n{out['error']}")
+        return out["ok"]
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+_SERVER: Server | None = None
+
+
 def spawn(job: dict[str, Any]) -> dict[str, Any]:
-    os.sync()  # no run pays for the dirty pages of the one before
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(job)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {job['op']} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    assert _SERVER is not None
+    return _SERVER.run(job)
 
 
 def _files(shards: list[dict[str, Any]]) -> list[str]:
@@ -797,10 +856,14 @@ def main() -> None:
     ap.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
     ap.add_argument("--date", default=datetime.date.today().isoformat())
     ap.add_argument("--json", default=None, help="also dump raw results to this file")
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--core", default=str(ROOT), help="checkout whose randes/ is measured (default: this one)"
+    )
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.worker is not None:
-        print(json.dumps(_worker(json.loads(args.worker))))
+    sys.path.insert(0, str(Path(args.core).resolve()))
+    if args.serve:
+        serve()
         return
 
     specs = QUICK if args.quick else FULL
@@ -812,12 +875,16 @@ def main() -> None:
         print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
     log(f"working in {tmp}")
+    global _SERVER
+    _SERVER = Server(Path(args.core))
     try:
         results = []
         for spec in specs:
             results.append(run_size(spec, tmp / spec.name, tasks, args.repeats, log))
-            shutil.rmtree(tmp / spec.name, ignore_errors=not args.keep) if not args.keep else None
+            if not args.keep:
+                shutil.rmtree(tmp / spec.name)
     finally:
+        _SERVER.close()
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
     elapsed = time.perf_counter() - t0

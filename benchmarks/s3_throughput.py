@@ -2,7 +2,7 @@
 
 Question answered: what does our S3Store (create-if-absent multipart uploads with
 sha256 checked on the way up, ranged parallel downloads hashed in order on the way
-down, fsync before rename) cost compared with the plain ``upload_file`` /
+down) cost compared with the plain ``upload_file`` /
 ``download_file`` of boto3, on the same bytes, the same server, in the same run?
 
 A bundle-like set of files (a few large safetensors-sized shards plus small
@@ -171,7 +171,7 @@ def main() -> None:
             )
         print(
             "\nratio = method / plain boto3. ours: sha256 checked while uploading and "
-            "downloading, create-if-absent, fsync before rename; plain boto3: none of these."
+            "downloading, create-if-absent; plain boto3: neither."
         )
     finally:
         server.stop()

@@ -2,10 +2,13 @@
 
     S_new[slot] = S_parent[slot] + direction * T_t(theta_t - theta_base)[slot]
 
-Each slot is computed from exactly one base tensor, one checkpoint tensor and one
-parent slot, then handed to the ShardWriter and dropped: peak memory is a few of the
-largest tensors and the cost is one pass over base + checkpoint + parent, whatever
-the number of tasks already in the parent. All metadata checks (missing tensors,
+Every output tensor's name, dtype and shape follow from the headers, so both outputs
+are planned before any data is read and the ShardWriter streams them to disk. Each
+slot is computed from exactly one base tensor, one checkpoint tensor and one parent
+slot, written and dropped: peak memory is about two of the largest tensors, and the
+cost is one pass over base + checkpoint + parent (plus one extra read of the small
+non-float buffers, compared with the base's to plan the private shards), whatever the
+model size or the number of tasks already in the parent. All metadata checks (missing tensors,
 shape / dtype mismatches) run before any data is read; every checkpoint tensor is
 checked for NaN/Inf before a result is returned, and an error deletes what was written.
 
@@ -29,7 +32,7 @@ from randes.errors import IncompatibleCheckpointError, NonFiniteTensorError
 from randes.keymap import detect_key_map
 from randes.manifest import KeyMap
 from randes.transforms import Layout, TaskTransform, plan_layout
-from randes.writer import ShardWriter, WrittenShard
+from randes.writer import ShardWriter, TensorSpec, WrittenShard
 
 Progress = Callable[[int, int], None]
 
@@ -102,6 +105,23 @@ def _delta(name: str, tuned: torch.Tensor, theta: torch.Tensor) -> tuple[torch.T
     if not math.isfinite(norm):
         check_finite(name, tuned)  # names the checkpoint when it is the culprit
         raise NonFiniteTensorError(f"delta of {name!r} is not finite (NaN/Inf in the base?)")
+    return delta, norm
+
+
+def _owned_delta(
+    checkpoint: CheckpointReader, ck_name: str, theta: torch.Tensor
+) -> tuple[torch.Tensor, float]:
+    """_delta of a checkpoint tensor, computed in the memory of the tensor read.
+
+    Holds two tensors (the fine-tuned one, turned into the delta, and the base's), not
+    three; the caller owns the result.
+    """
+    delta = checkpoint.get(ck_name).to(torch.float32).sub_(theta.to(torch.float32))
+    norm = l2_norm(delta)
+    if not math.isfinite(norm):
+        del delta
+        check_finite(ck_name, checkpoint.get(ck_name))  # names the checkpoint if the culprit
+        raise NonFiniteTensorError(f"delta of {ck_name!r} is not finite (NaN/Inf in the base?)")
     return delta, norm
 
 
@@ -183,27 +203,41 @@ def fold(
         if progress is not None:
             progress(done, total)
 
+    # Private outputs, checkpoint name -> base source (None: an extra the base lacks).
+    # Non-float buffers are kept only when they differ from the base: that is decided
+    # here, one buffer at a time, so the private shards can be planned before writing.
+    private_of: dict[str, str | None] = {}
+    for source in sorted(layout.private_base):
+        private_of[key_map.to_checkpoint(source)] = source
+    for source in sorted(layout.non_float):
+        ck_name = key_map.to_checkpoint(source)
+        if direction == 1 and not torch.equal(checkpoint.get(ck_name), base.get(source)):
+            private_of[ck_name] = source
+        tick()
+    private_of.update(dict.fromkeys(extras))
+
     delta_norms: dict[str, float] = {}
     sup_writer = ShardWriter(
-        out_dir / SUPERPOSITION_DIR, max_shard_bytes=config.max_shard_bytes, prefix="model"
+        out_dir / SUPERPOSITION_DIR,
+        max_shard_bytes=config.max_shard_bytes,
+        plan=[TensorSpec(slot, dtype, base.meta(slot).shape) for slot in layout.superposed],
     )
     priv_writer = (
-        ShardWriter(out_dir / PRIVATE_DIR, max_shard_bytes=config.max_shard_bytes, prefix="model")
+        ShardWriter(
+            out_dir / PRIVATE_DIR,
+            max_shard_bytes=config.max_shard_bytes,
+            plan=[TensorSpec.of(n, checkpoint.meta(n)) for n in private_of],
+        )
         if direction == 1
         else None
     )
 
-    def keep_private(name: str, tensor: torch.Tensor) -> None:
-        if priv_writer is not None:
-            priv_writer.add(name, tensor)
-
     try:
-        for slot in layout.superposed:
+        for slot in sup_writer.order:
             source = transform.source_of(slot)
             ck_name = key_map.to_checkpoint(source)
-            delta, delta_norms[source] = _delta(ck_name, checkpoint.get(ck_name), base.get(source))
-            value = transform.scramble_one(source, delta, inplace=True)
-            del delta
+            value, delta_norms[source] = _owned_delta(checkpoint, ck_name, base.get(source))
+            value = transform.scramble_one(source, value, inplace=True)
             if direction == -1:
                 value = value.neg_()
             if parent is not None:
@@ -212,25 +246,19 @@ def fold(
             del value
             tick()
 
-        for source in sorted(layout.private_base):
-            ck_name = key_map.to_checkpoint(source)
+        # unfold writes no private tensors, but still checks them and records their norms
+        for ck_name in priv_writer.order if priv_writer is not None else list(private_of):
+            base_name = private_of[ck_name]
             tuned = checkpoint.get(ck_name)
-            _, delta_norms[source] = _delta(ck_name, tuned, base.get(source))
-            keep_private(ck_name, tuned)
-            tick()
-
-        for source in sorted(layout.non_float):
-            ck_name = key_map.to_checkpoint(source)
-            tuned = checkpoint.get(ck_name)
-            if not torch.equal(tuned, base.get(source)):
-                keep_private(ck_name, tuned)
-            tick()
-
-        for ck_name in extras:
-            tuned = checkpoint.get(ck_name)
-            check_finite(ck_name, tuned)
-            keep_private(ck_name, tuned)
-            tick()
+            if base_name is None:
+                check_finite(ck_name, tuned)
+            elif base_name in layout.private_base:
+                _, delta_norms[base_name] = _delta(ck_name, tuned, base.get(base_name))
+            if priv_writer is not None:
+                priv_writer.add(ck_name, tuned)
+            del tuned
+            if base_name not in layout.non_float:  # those were counted when compared
+                tick()
 
         superposition = sup_writer.finish()
         private = priv_writer.finish() if priv_writer is not None else []

@@ -2,8 +2,11 @@
 
     theta_t = theta_base + lambda * T_t^-1(S)
 
-Each base tensor reads one base tensor and one superposition slot (or a private
-tensor), so retrieval is one pass over base + superposition. Names are mapped back to
+Each output tensor reads one base tensor and one superposition slot (or a private
+tensor), so retrieval is one pass over base + superposition. Every output's name,
+dtype and shape follow from the headers, so materialize plans its shards up front and
+streams each tensor to disk as it is computed: about two of the largest tensors are in
+memory at once, whatever the model size. Names are mapped back to
 the fine-tune's own (``bert.`` prefix restored) so the result loads where the fine-tune
 did.
 """
@@ -16,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from randes.checkpoint import CheckpointReader
+from randes.checkpoint import CheckpointReader, TensorMeta
 from randes.config import TransformConfig
 from randes.errors import IncompatibleCheckpointError, RandesError
 from randes.fold import check_superposition, layout_of
 from randes.manifest import KeyMap
 from randes.transforms import TaskTransform
-from randes.writer import ShardWriter, WrittenShard, write_atomic
+from randes.writer import ShardWriter, TensorSpec, WrittenShard, write_atomic
 
 DEFAULT_SCALE_KEY = "*"
 """In a per-tensor scale dict, the lambda of tensors not named in it."""
@@ -36,6 +39,66 @@ def _scale_for(scale: float | Mapping[str, float], name: str) -> float:
     if DEFAULT_SCALE_KEY in scale:
         return float(scale[DEFAULT_SCALE_KEY])
     raise ValueError(f"no scale for tensor {name!r} and no {DEFAULT_SCALE_KEY!r} default")
+
+
+class _Retrieval:
+    """One task's output tensors: all planned from the headers, each computed on demand."""
+
+    def __init__(
+        self,
+        *,
+        base: CheckpointReader,
+        superposition: CheckpointReader | None,
+        private: CheckpointReader | None,
+        seed: int,
+        key_map: KeyMap,
+        config: TransformConfig,
+        scale: float | Mapping[str, float],
+    ) -> None:
+        layout = layout_of(base, config)
+        if superposition is not None:
+            check_superposition(base, superposition, layout)
+        self.base = base
+        self.superposition = superposition
+        self.private = private
+        self.scale = scale
+        self.layout = layout
+        self.transform = TaskTransform(layout, seed)
+        private_names = set(private.keys()) if private is not None else set()
+        # checkpoint name -> (base name, or None for a private tensor; its meta)
+        self.plan: dict[str, tuple[str | None, TensorMeta]] = {}
+        for name in base:
+            ck_name = key_map.to_checkpoint(name)
+            if private is not None and ck_name in private_names:
+                self.plan[ck_name] = (None, private.meta(ck_name))
+            elif name in layout.private_base:
+                raise IncompatibleCheckpointError(
+                    f"private tensor {ck_name!r} of this task is missing (rank1 policy 'private')"
+                )
+            else:
+                self.plan[ck_name] = (name, base.meta(name))
+        for ck_name in sorted(private_names - set(self.plan)):
+            self.plan[ck_name] = (None, private.meta(ck_name))  # type: ignore[union-attr]
+
+    def specs(self) -> list[TensorSpec]:
+        return [TensorSpec.of(ck_name, meta) for ck_name, (_, meta) in self.plan.items()]
+
+    def tensor(self, ck_name: str) -> torch.Tensor:
+        """Compute one output tensor: reads one base tensor and one slot (or a private one)."""
+        name, _ = self.plan[ck_name]
+        if name is None:
+            assert self.private is not None
+            return self.private.get(ck_name)  # verbatim
+        theta = self.base.get(name)
+        if name in self.layout.non_float or self.superposition is None:
+            return theta
+        slot = self.transform.slot_of(name)
+        delta = self.transform.unscramble_one(
+            name, self.superposition.get(slot).to(torch.float32), inplace=True
+        )
+        value = theta.to(torch.float32).add_(delta, alpha=_scale_for(self.scale, name))
+        del delta
+        return value.to(theta.dtype)
 
 
 def retrieve(
@@ -52,37 +115,20 @@ def retrieve(
 
     ``superposition=None`` stands for an all-zero superposition (a bundle without
     tasks). ``scale`` is lambda, or a dict of lambdas per base tensor name with an
-    optional ``"*"`` default. Private tensors come back verbatim.
+    optional ``"*"`` default. Private tensors come back verbatim. Order: the base's
+    tensors (sorted base names), then private tensors the base lacks (sorted).
     """
-    layout = layout_of(base, config)
-    if superposition is not None:
-        check_superposition(base, superposition, layout)
-    transform = TaskTransform(layout, seed)
-    private_names = set(private.keys()) if private is not None else set()
-    emitted: set[str] = set()
-
-    for name in base:
-        ck_name = key_map.to_checkpoint(name)
-        if private is not None and ck_name in private_names:
-            yield ck_name, private.get(ck_name)
-        elif name in layout.private_base:
-            raise IncompatibleCheckpointError(
-                f"private tensor {ck_name!r} of this task is missing (rank1 policy 'private')"
-            )
-        elif name in layout.non_float:
-            yield ck_name, base.get(name)
-        else:
-            theta = base.get(name)
-            if superposition is not None:
-                slot = transform.slot_of(name)
-                delta = transform.unscramble_one(name, superposition.get(slot).to(torch.float32))
-                value = theta.to(torch.float32).add_(delta, alpha=_scale_for(scale, name))
-                theta = value.to(theta.dtype)
-            yield ck_name, theta
-        emitted.add(ck_name)
-
-    for ck_name in sorted(private_names - emitted):
-        yield ck_name, private.get(ck_name)  # type: ignore[union-attr]
+    plan = _Retrieval(
+        base=base,
+        superposition=superposition,
+        private=private,
+        seed=seed,
+        key_map=key_map,
+        config=config,
+        scale=scale,
+    )
+    for ck_name in plan.plan:
+        yield ck_name, plan.tensor(ck_name)
 
 
 def materialize(
@@ -110,26 +156,19 @@ def materialize(
         # stale shards or index files would mix with the new ones when loaded
         raise RandesError(f"{out_dir}: destination exists and is not an empty directory")
     out_dir.mkdir(parents=True, exist_ok=True)
-    private_count = len(private.keys()) if private is not None else 0
-    extra = private_count - sum(
-        1 for n in base if private is not None and key_map.to_checkpoint(n) in private
+    plan = _Retrieval(
+        base=base,
+        superposition=superposition,
+        private=private,
+        seed=seed,
+        key_map=key_map,
+        config=config,
+        scale=scale,
     )
-    total = len(base.keys()) + extra
-    writer = ShardWriter(out_dir, max_shard_bytes=max_shard_bytes, prefix="model")
-    with writer:
-        for done, (name, tensor) in enumerate(
-            retrieve(
-                base=base,
-                superposition=superposition,
-                private=private,
-                seed=seed,
-                key_map=key_map,
-                config=config,
-                scale=scale,
-            ),
-            start=1,
-        ):
-            writer.add(name, tensor)
+    with ShardWriter(out_dir, max_shard_bytes=max_shard_bytes, plan=plan.specs()) as writer:
+        total = len(writer.order)
+        for done, ck_name in enumerate(writer.order, start=1):
+            writer.add(ck_name, plan.tensor(ck_name))
             if progress is not None:
                 progress(done, total)
         shards = writer.finish(hf_index=True)

@@ -20,6 +20,10 @@ class Settings(BaseSettings):
     store_url: str | None = None
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
+    s3_retry_seconds: float | None = Field(default=None, gt=0)
+    """How long one store operation keeps retrying transient S3 failures before it
+    raises `StoreUnavailableError` (the store's own default when unset); a flow task
+    then retries the whole step later."""
     cache_dir: Path | None = None
 
     @property

@@ -7,7 +7,8 @@ means the benchmark exercises exactly the code path real checkpoints take.
 
 Layout (all float32; Linear weights are (out, in)):
 
-    wte.weight/bias                  patch embedding (d_model x patch*patch)
+    wte.weight                       patch embedding (patch*patch x d_model): like GPT-2's
+                                     token table, row j is the embedding of pixel j of a patch
     wpe.weight                       position embedding (n_tokens x d_model)
     h.{i}.ln_1.weight/bias
     h.{i}.attn.c_attn.weight/bias    fused q,k,v (3*d_model x d_model)
@@ -107,13 +108,27 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class PatchEmbedding(nn.Module):
+    """`wte.weight` of shape (patch_dim, d_model): a patch embeds as pixels @ weight."""
+
+    def __init__(self, patch_dim: int, d_model: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(patch_dim, d_model))
+
+    def forward(self, patches: Tensor) -> Tensor:
+        return patches @ self.weight
+
+
 class DigitsViT(nn.Module):
     """Backbone + optional head. `features` is the mean-pooled, final-normed token state."""
 
     def __init__(self, cfg: DigitsConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.wte = nn.Linear(cfg.patch_dim, cfg.d_model)
+        # (patch_dim, d_model), GPT-2's (vocab, d) orientation: a patch embeds as pixels @ wte,
+        # as a one-hot token embeds as one_hot @ wte. Its columns are the model width, so
+        # column sign flips randomise it as much as any other matrix.
+        self.wte = PatchEmbedding(cfg.patch_dim, cfg.d_model)
         self.wpe = nn.Embedding(cfg.n_tokens, cfg.d_model)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
@@ -125,7 +140,9 @@ class DigitsViT(nn.Module):
     def _init_weights(self) -> None:
         # GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer).
         for name, p in self.named_parameters():
-            if name.endswith("bias"):
+            if name == "wte.weight":
+                nn.init.normal_(p, std=0.5)  # pixels are in [0, 1]: O(1) token norms
+            elif name.endswith("bias"):
                 nn.init.zeros_(p)
             elif ".ln_" in name or name.startswith("ln_"):
                 nn.init.ones_(p)
@@ -169,7 +186,7 @@ def config_from_state_dict(
 ) -> DigitsConfig:
     """Infer the shape hyper-parameters from tensor shapes (n_head cannot be: taken from base)."""
     base = base or DigitsConfig()
-    d_model, patch_dim = state_dict["wte.weight"].shape
+    patch_dim, d_model = state_dict["wte.weight"].shape
     n_tokens = state_dict["wpe.weight"].shape[0]
     layers = {int(m.group(1)) for k in state_dict if (m := _LAYER.match(k))}
     patch = int(round(math.sqrt(patch_dim)))

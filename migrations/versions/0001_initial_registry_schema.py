@@ -11,6 +11,7 @@ schema however `storage.registry.models` evolves.
 """
 
 from collections.abc import Sequence
+from datetime import datetime
 
 import sqlalchemy as sa
 from alembic import op
@@ -26,7 +27,7 @@ SHA256 = sa.String(length=64)
 KEY = sa.String(length=512)
 
 
-def _timestamp(name: str) -> sa.Column[sa.DateTime]:
+def _timestamp(name: str) -> sa.Column[datetime]:
     return sa.Column(name, sa.DateTime(timezone=True), nullable=False)
 
 

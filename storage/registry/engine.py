@@ -16,6 +16,7 @@ unique constraints (a loser waits on the index entry, then gets a unique violati
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -67,10 +68,9 @@ def make_engine(url: str) -> Engine:
     if backend == "sqlite":
         database = parsed.database
         if database and database != ":memory:" and not database.startswith("file:"):
-            try:
+            # On failure, connecting fails too and says so (DatabaseUnavailableError).
+            with contextlib.suppress(OSError):
                 Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            except OSError:
-                pass  # connecting will fail and say so (DatabaseUnavailableError)
         engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)

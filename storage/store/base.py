@@ -160,6 +160,12 @@ class ObjectStore(ABC):
 
     url: str
 
+    #: fsync each downloaded file before renaming it onto its destination. Off by
+    #: default: every consumer re-verifies downloads by sha256 (the cache does after
+    #: a restart) or can fetch again, and on a fast link the fsync costs as much as
+    #: the transfer. Store *writes* are always durable.
+    durable_downloads: bool = False
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
 

@@ -95,8 +95,9 @@ def publish_no_replace(tmp: Path, final: Path) -> bool:
 class LocalStore(ObjectStore):
     """Objects as files under ``root``; keys map one-to-one onto relative paths."""
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, *, durable_downloads: bool = False) -> None:
         root = Path(root)
+        self.durable_downloads = durable_downloads
         if not root.is_absolute():
             root = root.resolve()
         self.root = root
@@ -178,8 +179,9 @@ class LocalStore(ObjectStore):
                 actual, _ = copy_hashing(src, out)
                 if expected is not None and actual != expected:
                     raise integrity_error(key, self.url, expected, actual)
-                out.flush()
-                os.fsync(out.fileno())
+                if self.durable_downloads:
+                    out.flush()
+                    os.fsync(out.fileno())
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)

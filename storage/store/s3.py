@@ -199,6 +199,7 @@ class S3Store(ObjectStore):
         connect_timeout: float = 5.0,
         read_timeout: float = 60.0,
         addressing_style: str | None = None,
+        durable_downloads: bool = False,
         client: Any | None = None,
     ) -> None:
         if not bucket or "/" in bucket:
@@ -216,6 +217,7 @@ class S3Store(ObjectStore):
         self.part_size = part_size
         self.max_concurrency = max_concurrency
         self.retry_timeout = retry_timeout
+        self.durable_downloads = durable_downloads
         self._session: Any = None
         if client is None:
             self._session = boto3.session.Session(region_name=region)
@@ -519,12 +521,16 @@ class S3Store(ObjectStore):
         *,
         etag: str | None = None,
         on_response: Callable[[dict[str, Any]], None] | None = None,
+        whole: bool = False,
     ) -> int:
         """Stream bytes ``[start, end]`` (``end`` inclusive, None: to the end) to ``sink``.
 
         A connection lost mid-body is resumed from the next byte with a new ranged
         GET (pinned to ``etag`` so a replaced object cannot be spliced in). Returns
         the number of bytes delivered. An empty range past the end delivers nothing.
+        ``whole`` reads each response body in one call (bounded parts of a parallel
+        download: one allocation, no re-assembly); a failed read then delivers
+        nothing and the retry asks for the same range again.
         """
         full = self._full(key)
         offset = start
@@ -558,14 +564,16 @@ class S3Store(ObjectStore):
                 raise self._translate(exc, "get", key) from exc
             except BotoCoreError as exc:
                 raise self._translate(exc, "get", key) from exc
-            if first and on_response is not None:
-                on_response(response)
+            if first:
+                if on_response is not None:
+                    on_response(response)
                 if etag is None:
-                    etag = response.get("ETag")
+                    etag = response.get("ETag")  # pin resumed reads to this version
             first = False
             body = response["Body"]
             try:
-                for chunk in body.iter_chunks(_READ_CHUNK):
+                chunks = [body.read()] if whole else body.iter_chunks(_READ_CHUNK)
+                for chunk in chunks:
                     sink(chunk)
                     offset += len(chunk)
                     backoff.progress()
@@ -585,9 +593,9 @@ class S3Store(ObjectStore):
                 body.close()
 
     def _read_range(self, key: str, start: int, end: int, etag: str | None) -> bytes:
-        buffer = bytearray()
-        self._stream_range(key, start, end, buffer.extend, etag=etag)
-        return bytes(buffer)
+        pieces: list[bytes] = []
+        self._stream_range(key, start, end, pieces.append, etag=etag, whole=True)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def _download(self, key: str, sink: Callable[[bytes], None]) -> int:
         """Whole object to ``sink`` in order; large objects as parallel ranges.
@@ -658,8 +666,9 @@ class S3Store(ObjectStore):
                 self._download(key, _hashing_writer(out, digest if expected else None))
                 if expected is not None and digest.hexdigest() != expected:
                     raise integrity_error(key, self.url, expected, digest.hexdigest())
-                out.flush()
-                os.fsync(out.fileno())
+                if self.durable_downloads:
+                    out.flush()
+                    os.fsync(out.fileno())
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)

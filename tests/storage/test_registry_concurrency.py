@@ -117,6 +117,19 @@ def _fold_worker(
         reg.close()
 
 
+def _upgrade_worker(url: str, barrier: Any, results: Any, idx: int) -> None:
+    """`randes init` from several workers at once."""
+    reg = Registry(url)
+    try:
+        barrier.wait(timeout=TIMEOUT_S)
+        reg.upgrade()
+        results.put((idx, "upgraded", reg.schema_revision()))
+    except Exception as exc:
+        results.put((idx, "error", repr(exc)))
+    finally:
+        reg.close()
+
+
 def _run_processes(target: Callable[..., None], url: str, args: list[tuple[Any, ...]]) -> list[Any]:
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(len(args))
@@ -147,7 +160,7 @@ def _run_processes(target: Callable[..., None], url: str, args: list[tuple[Any, 
 
 
 def test_racing_commits_exactly_one_wins(registry: Registry, registry_url: str) -> None:
-    n = 5
+    n = 4
     out = _run_processes(
         _race_worker, registry_url, [(f"t{i}", 100 + i, sha(f"src {i}")) for i in range(n)]
     )
@@ -162,7 +175,7 @@ def test_racing_commits_exactly_one_wins(registry: Registry, registry_url: str) 
 
 
 def test_racing_same_checkpoint_is_ingested_once(registry: Registry, registry_url: str) -> None:
-    n = 4
+    n = 3
     out = _run_processes(
         _race_worker, registry_url, [(f"t{i}", 100 + i, sha("the same")) for i in range(n)]
     )
@@ -175,7 +188,7 @@ def test_racing_same_checkpoint_is_ingested_once(registry: Registry, registry_ur
 def test_optimistic_fold_loop_loses_nothing_and_applies_nothing_twice(
     registry: Registry, registry_url: str
 ) -> None:
-    workers, per_worker = 4, 3
+    workers, per_worker = 3, 3
     shared = ("shared", 999, sha("shared checkpoint"))  # every worker also folds this one
     plans = [
         ([(f"w{w}-{i}", w * 100 + i, sha(f"ckpt {w} {i}")) for i in range(per_worker)] + [shared],)
@@ -201,6 +214,17 @@ def test_optimistic_fold_loop_loses_nothing_and_applies_nothing_twice(
         for i in range(per_worker):
             hit = registry.ledger_lookup(BUNDLE, sha(f"ckpt {w} {i}"))
             assert hit is not None and hit[0] == f"w{w}-{i}"
+
+
+def test_concurrent_upgrades_all_succeed(registry_url: str) -> None:
+    out = _run_processes(_upgrade_worker, registry_url, [(), (), ()])
+    assert [r[1:] for r in out] == [("upgraded", "0001")] * 3
+    reg = Registry(registry_url)
+    try:
+        reg.add_base("base", "file:///base", sha("base"), "bases/base.json", sha("bm"), [])
+        assert len(reg.list_bases()) == 1
+    finally:
+        reg.close()
 
 
 # -- a writer blocked behind an uncommitted competitor -------------------------------------
