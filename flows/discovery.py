@@ -15,7 +15,7 @@ from pathlib import Path
 from randes.errors import CheckpointError
 from randes.names import validate_name
 from storage.settings import Settings
-from storage.sources import split_hf_uri
+from storage.sources import open_configured_store, split_hf_uri
 
 
 @dataclass(frozen=True)
@@ -59,13 +59,9 @@ def _local_candidates(root: Path) -> list[Candidate]:
 
 
 def _s3_candidates(source: str, settings: Settings) -> list[Candidate]:
-    from storage.store import open_store
-
     bucket, _, prefix = source.removeprefix("s3://").partition("/")
     prefix = prefix.strip("/")
-    store = open_store(
-        f"s3://{bucket}", endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
-    )
+    store = open_configured_store(f"s3://{bucket}", settings)
     listing_prefix = f"{prefix}/" if prefix else ""
     tasks: set[str] = set()
     for info in store.list(listing_prefix):

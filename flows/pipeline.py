@@ -93,8 +93,15 @@ def record_validation(report: ValidationReport) -> str:
                 ws.registry.add_evaluation(
                     report.bundle, report.version, t.task, "delta_cosine", t.delta_cosine
                 )
-        status = "validated" if report.passed else "rejected"
-        ws.registry.set_status(report.bundle, report.version, status)
+        current = ws.registry.get_version(report.bundle, report.version).status
+        if not report.passed:
+            status = "rejected"
+        elif current == "published":
+            status = current  # re-validating what an alias serves must not unpublish it
+        else:
+            status = "validated"
+        if status != current:
+            ws.registry.set_status(report.bundle, report.version, status)
     return status
 
 

@@ -7,10 +7,11 @@ are planned before any data is read and the ShardWriter streams them to disk. Ea
 slot is computed from exactly one base tensor, one checkpoint tensor and one parent
 slot, written and dropped: peak memory is about two of the largest tensors, and the
 cost is one pass over base + checkpoint + parent (plus one extra read of the small
-non-float buffers, compared with the base's to plan the private shards), whatever the
-model size or the number of tasks already in the parent. All metadata checks (missing tensors,
-shape / dtype mismatches) run before any data is read; every checkpoint tensor is
-checked for NaN/Inf before a result is returned, and an error deletes what was written.
+non-float buffers, compared with the base's to plan the private shards), whatever
+the model size or the number of tasks already in the parent. All metadata checks
+(missing tensors, shape / dtype mismatches) run before any data is read; every
+checkpoint tensor is checked for NaN/Inf before a result is returned, and an error
+deletes what was written.
 
 Private tensors (stored verbatim for this task only) are kept under the CHECKPOINT's
 names: extra tensors the base lacks (task heads), non-float buffers that differ from

@@ -11,9 +11,13 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from randes.errors import CheckpointError, UnsafeCheckpointError
 from storage.settings import Settings
+
+if TYPE_CHECKING:
+    from storage.store import ObjectStore
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 WANTED_SUFFIXES = (".safetensors", ".json")
@@ -73,15 +77,21 @@ def _resolve_hf(source: str) -> ResolvedSource:
     return ResolvedSource(uri=f"hf://{repo_id}@{commit}", path=local)
 
 
-def _resolve_s3(source: str, settings: Settings) -> ResolvedSource:
-    from storage.store import open_store
+def open_configured_store(url: str, settings: Settings) -> ObjectStore:
+    """The store at ``url`` with the S3 options of ``settings`` (endpoint, region, retries)."""
+    from storage.store import S3Store, open_store
 
+    store = open_store(url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
+    if settings.s3_retry_seconds is not None and isinstance(store, S3Store):
+        store.retry_timeout = settings.s3_retry_seconds  # read at each operation
+    return store
+
+
+def _resolve_s3(source: str, settings: Settings) -> ResolvedSource:
     bucket, _, key = source.removeprefix("s3://").partition("/")
     if not bucket:
         raise CheckpointError(f"invalid S3 source {source!r}: use s3://bucket/key")
-    store = open_store(
-        f"s3://{bucket}", endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
-    )
+    store = open_configured_store(f"s3://{bucket}", settings)
     key = key.strip("/")
     prefix = f"{key}/" if key else ""
     objects = [info for info in store.list(prefix) if info.key != prefix]

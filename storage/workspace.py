@@ -60,8 +60,8 @@ from storage.registry import (
     VersionRecord,
 )
 from storage.settings import Settings, load_settings
-from storage.sources import resolve_source
-from storage.store import ObjectStore, S3Store, open_store
+from storage.sources import open_configured_store, resolve_source
+from storage.store import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class Workspace:
         registry: Registry | None = None,
     ) -> None:
         self.settings = settings
-        self.store = store or _open_configured_store(settings)
+        self.store = store or open_configured_store(settings.resolved_store_url, settings)
         self.registry = registry or Registry(settings.resolved_database_url)
         self.cache = ObjectCache(settings.resolved_cache_dir / "objects", self.store)
         self.work_root = settings.resolved_cache_dir / "work"
@@ -575,17 +575,6 @@ class Workspace:
             removed=list(removed),
             ledger=list(ledger),
         )
-
-
-def _open_configured_store(settings: Settings) -> ObjectStore:
-    store = open_store(
-        settings.resolved_store_url,
-        endpoint_url=settings.s3_endpoint_url,
-        region=settings.s3_region,
-    )
-    if settings.s3_retry_seconds is not None and isinstance(store, S3Store):
-        store.retry_timeout = settings.s3_retry_seconds  # read at each operation
-    return store
 
 
 def _file_tensors(path: Path) -> list[str]:

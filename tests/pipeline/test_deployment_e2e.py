@@ -14,6 +14,7 @@ setting of the calling shell leaks in, analytics are off, and prompts are disabl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -70,9 +71,7 @@ def _free_port() -> int:
 
 def _clean_environment() -> dict[str, str]:
     """The caller's environment without any Prefect or RanDeS setting."""
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RANDES_"))
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RANDES_"))}
     # Make the venv's console scripts and interpreter the ones found on PATH as well.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env |= {
@@ -109,6 +108,23 @@ class PrefectServer:
             return json.loads(response.read() or b"null")
 
 
+# The server runs under a small sh guard holding the read end of a pipe whose write end
+# only this test process holds: if the test process dies without its teardown (even by
+# SIGKILL), the pipe closes and the guard terminates the server's whole process group.
+_GUARD = r"""
+exec 3<&0
+"$@" </dev/null &
+pid=$!
+( read -r _ <&3; kill -TERM 0 ) &
+watcher=$!
+exec 3<&-
+wait "$pid"
+rc=$?
+kill "$watcher" 2>/dev/null
+exit $rc
+"""
+
+
 def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + SERVER_START_S
     while time.monotonic() < deadline:
@@ -133,21 +149,18 @@ def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None
 def _stop(process: subprocess.Popen[bytes]) -> None:
     """Stop the server and every process it started (its own process group)."""
     if process.poll() is None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
     # uvicorn or service children may outlive the leader: kill whatever is left of the group
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
     if process.poll() is None:
         process.wait(timeout=30)
+    if process.stdin is not None:
+        with contextlib.suppress(OSError):
+            process.stdin.close()
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +182,10 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
     with log.open("wb") as out:
         process = subprocess.Popen(
             [
+                "/bin/sh",
+                "-c",
+                _GUARD,
+                "prefect-server-guard",
                 _prefect_executable(),
                 "server",
                 "start",
@@ -181,7 +198,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
             env=server_env,
             stdout=out,
             stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,  # the guard's lifeline: EOF when this process dies
             start_new_session=True,  # its own process group, stopped as a whole
         )
     try:

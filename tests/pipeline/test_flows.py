@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from flows.pipeline import ingest_flow, publish_flow
+from flows.pipeline import ingest_flow, publish_flow, validate_flow
 from storage.registry import RejectedVersionError
 from storage.workspace import Workspace
 from tests.factories import D_MODEL, make_finetune
@@ -107,9 +107,7 @@ def test_version_under_the_gate_is_rejected_and_the_alias_stays(
 
     with Workspace.open() as ws:
         assert ws.registry.get_version("gated", 2).status == "rejected"
-        scores = {
-            (e.task_name, e.metric): e for e in ws.registry.evaluations("gated", 2)
-        }
+        scores = {(e.task_name, e.metric): e for e in ws.registry.evaluations("gated", 2)}
         assert scores["alpha", "accuracy"].normalized < 0.8  # type: ignore[operator]
         assert scores["loud", "accuracy"].normalized >= 0.8  # type: ignore[operator]
 
@@ -122,6 +120,12 @@ def test_version_under_the_gate_is_rejected_and_the_alias_stays(
         assert ws.registry.get_version("gated", 1).status == "published"
         assert ws.registry.get_version("gated", 2).status == "rejected"
 
+    # Checking the serving version again (a scheduled re-validation) keeps it published.
+    assert validate_flow("gated", 1, EVALUATOR).passed
+    with Workspace.open() as ws:
+        assert ws.registry.get_version("gated", 1).status == "published"
+        assert ws.registry.resolve("gated", "production").version == 1
+
 
 def test_transient_store_outage_is_retried_and_the_run_completes(
     new_bundle: Callable[..., None],
@@ -130,8 +134,6 @@ def test_transient_store_outage_is_retried_and_the_run_completes(
     monkeypatch: pytest.MonkeyPatch,
     s3_server: Any,
 ) -> None:
-    from prefect.client.orchestration import get_client
-
     if not s3_server.running:
         s3_server.start()
     bucket = s3_server.new_bucket("flows")
@@ -152,7 +154,7 @@ def test_transient_store_outage_is_retried_and_the_run_completes(
     restart_errors: list[BaseException] = []
 
     def restart_later() -> None:
-        outage_seen.wait(timeout=120)
+        outage_seen.seen.wait(timeout=120)
         time.sleep(3.0)  # past the store's 1 s budget: the task attempt has failed
         try:
             s3_server.start()
@@ -164,7 +166,7 @@ def test_transient_store_outage_is_retried_and_the_run_completes(
     try:
         state = ingest_flow("remote", str(source), run_validation=False, return_state=True)
     finally:
-        outage_seen.set()
+        outage_seen.seen.set()
         restarter.join(timeout=120)
         store_log.removeHandler(outage_seen)
         if not s3_server.running:
@@ -185,15 +187,15 @@ def test_transient_store_outage_is_retried_and_the_run_completes(
     assert history[-1] == "Completed", history
 
 
-class _LogEvent(logging.Handler, threading.Event):
-    """Set by the first warning a logger emits."""
+class _LogEvent(logging.Handler):
+    """A handler whose ``seen`` event is set by the first warning it receives."""
 
     def __init__(self) -> None:
-        logging.Handler.__init__(self, level=logging.WARNING)
-        threading.Event.__init__(self)
+        super().__init__(level=logging.WARNING)
+        self.seen = threading.Event()
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.set()
+        self.seen.set()
 
 
 def _fold_run_history(flow_run_id: uuid.UUID | None) -> tuple[Any, list[str]]:
@@ -224,4 +226,4 @@ def _fold_run_history(flow_run_id: uuid.UUID | None) -> tuple[Any, list[str]]:
         assert len(done) == 1, [(r.name, r.state) for r in runs]
         states = client.read_task_run_states(done[0].id)
     ordered = sorted(states, key=lambda s: s.timestamp)
-    return done[0], [s.name for s in ordered]
+    return done[0], [str(s.name) for s in ordered]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 import random
 import secrets
@@ -45,6 +46,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 PROBE_BUCKET = "randes-readiness-probe"  # written by the readiness check only
@@ -252,7 +255,8 @@ class SeaweedServer:
         client = self.client(
             connect_timeout=1, read_timeout=2, retries={"max_attempts": 1, "mode": "standard"}
         )
-        deadline = time.monotonic() + self.start_timeout
+        t0 = time.monotonic()
+        deadline = t0 + self.start_timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
             if self._proc is None or self._proc.poll() is not None:
@@ -261,6 +265,9 @@ class SeaweedServer:
                 )
             try:
                 self._probe(client)
+                logger.info(
+                    "SeaweedFS S3 ready at %s after %.1fs", self.endpoint_url, time.monotonic() - t0
+                )
                 return
             except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
                 last = exc

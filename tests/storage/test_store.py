@@ -253,8 +253,19 @@ BAD_KEYS = [
 ]
 
 
+@pytest.fixture(scope="module", params=["local", "s3"])
+def offline_store(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> ObjectStore:
+    """Keys are validated before any I/O: no server, no bucket needed (and no cost)."""
+    if request.param == "local":
+        return LocalStore(tmp_path_factory.mktemp("offline"))
+    return S3Store("never-contacted", endpoint_url="http://127.0.0.1:9", retry_timeout=0)
+
+
 @pytest.mark.parametrize("key", BAD_KEYS)
-def test_invalid_keys_rejected(store: ObjectStore, key: str, tmp_path: Path) -> None:
+def test_invalid_keys_rejected(offline_store: ObjectStore, key: str, tmp_path: Path) -> None:
+    store = offline_store
     with pytest.raises(InvalidKeyError):
         store.put_bytes(key, b"x")
     with pytest.raises(ValueError):  # InvalidKeyError is a ValueError too
@@ -267,7 +278,8 @@ def test_invalid_keys_rejected(store: ObjectStore, key: str, tmp_path: Path) -> 
         store.delete(key)
 
 
-def test_invalid_prefixes_rejected(store: ObjectStore) -> None:
+def test_invalid_prefixes_rejected(offline_store: ObjectStore) -> None:
+    store = offline_store
     for prefix in ("/a", "../", "a/../", "a//", "a\nb"):
         with pytest.raises(InvalidKeyError):
             list(store.list(prefix))
