@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -36,13 +36,13 @@ app.add_typer(base_app, name="base")
 app.add_typer(bundle_app, name="bundle")
 
 
-class Rank1(str, Enum):
+class Rank1(StrEnum):
     flip = "flip"
     plain = "plain"
     private = "private"
 
 
-class DType(str, Enum):
+class DType(StrEnum):
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"

@@ -156,10 +156,11 @@ def ingest_flow(
     report = None
     if run_validation and folded:
         report = validate_flow(bundle, folded[-1].version, evaluator)
-    summary = {
+    folded_names = [o.task for o in folded]
+    summary: dict[str, Any] = {
         "bundle": bundle,
         "found": len(candidates),
-        "folded": [o.task for o in folded],
+        "folded": folded_names,
         "skipped": [o.task for o in skipped],
         "version": folded[-1].version if folded else None,
         "status": None if report is None else ("validated" if report.passed else "rejected"),
@@ -168,7 +169,7 @@ def ingest_flow(
         key=f"{bundle}-ingest".lower().replace("_", "-").replace(".", "-"),
         markdown=(
             f"# Ingest into {bundle}\n\nfound {len(candidates)}, folded {len(folded)} "
-            f"({', '.join(summary['folded']) or '-'}), already present {len(skipped)}; "
+            f"({', '.join(folded_names) or '-'}), already present {len(skipped)}; "
             f"head version {summary['version']}, status {summary['status']}"
         ),
     )

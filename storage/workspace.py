@@ -400,8 +400,8 @@ class Workspace:
         staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
         try:
             refs = [*manifest.shards(), *base.shards, *base.files.values()]
-            for ref in {r.key: r for r in refs}.values():
-                self.store.get_file(ref.key, staging / ref.key, sha256=ref.sha256)
+            for obj in {r.key: r for r in refs}.values():
+                self.store.get_file(obj.key, staging / obj.key, sha256=obj.sha256)
             for key, sha in (
                 (record.manifest_key, record.manifest_sha256),
                 (manifest.base.manifest_key, manifest.base.manifest_sha256),

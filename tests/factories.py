@@ -43,9 +43,12 @@ def gpt2_state(seed: int, *, n_layer: int = N_LAYER, d: int = D_MODEL) -> dict[s
     return state
 
 
-def write_model(directory: Path, state: dict[str, torch.Tensor], config: dict | None = None) -> Path:
+def write_model(
+    directory: Path, state: dict[str, torch.Tensor], config: dict | None = None
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
+    tensors = {k: v.contiguous() for k, v in state.items()}
+    save_file(tensors, str(directory / "model.safetensors"))
     if config is not None:
         (directory / "config.json").write_text(json.dumps(config))
     return directory
