@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from storage.errors import ObjectNotFoundError, StoreError
+from storage.errors import InvalidKeyError, ObjectNotFoundError, StoreError
 from storage.store.base import (
     TMP_PREFIX,
     ObjectInfo,
@@ -110,12 +110,28 @@ class LocalStore(ObjectStore):
     def _missing(self, key: str) -> ObjectNotFoundError:
         return ObjectNotFoundError(f"no object {key!r} in {self.url}")
 
+    def _make_parent(self, final: Path, key: str) -> None:
+        """Create the directories of ``key``. S3 can hold both ``a`` and ``a/b``; a
+        directory cannot, so that conflict is reported as a key problem."""
+        try:
+            makedirs_durable(final.parent)
+            if not final.parent.is_dir():
+                raise NotADirectoryError(final.parent)
+        except (FileExistsError, NotADirectoryError):
+            raise InvalidKeyError(
+                f"key {key!r} in {self.url}: a parent path is an object, not a directory"
+            ) from None
+        if final.is_dir():
+            raise InvalidKeyError(
+                f"key {key!r} in {self.url} is a directory of other objects, not an object"
+            )
+
     def _write_new(self, key: str, fill: BinaryIO | bytes, expected: str | None) -> bool:
         """Write to a temporary sibling, verify, fsync, then publish without replacing."""
         final = self._path(key)
-        if final.exists():
+        if final.is_file():
             return False
-        makedirs_durable(final.parent)
+        self._make_parent(final, key)
         tmp = tmp_path_for(final)
         try:
             with open(tmp, "xb") as out:
@@ -151,7 +167,7 @@ class LocalStore(ObjectStore):
         if if_absent:
             return self._write_new(key, bytes(data), None)
         final = self._path(key)
-        makedirs_durable(final.parent)
+        self._make_parent(final, key)
         tmp = tmp_path_for(final)
         try:
             with open(tmp, "xb") as out:

@@ -731,8 +731,8 @@ class S3Store(ObjectStore):
             page = self._call("list", prefix or None, lambda: self._client.list_objects_v2(**args))
             for item in page.get("Contents", []):
                 full: str = item["Key"]
-                if not full.startswith(root):
-                    continue
+                if not full.startswith(root) or full == root or full.endswith("/"):
+                    continue  # outside the root, or a console's "folder" marker
                 yield ObjectInfo(full[len(root) :], int(item["Size"]), _utc(item["LastModified"]))
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:

@@ -476,3 +476,14 @@ def test_interrupted_download_resumes(outage_server: SeaweedServer, tmp_path: Pa
         if not outage_server.running:
             outage_server.start()
     assert sha(bytes(received)) == sha(data)
+
+
+def test_local_key_that_is_also_a_directory(local_store: LocalStore) -> None:
+    """S3 holds ``a`` and ``a/b`` side by side; a directory tree cannot: a clear error."""
+    local_store.put_bytes("a/b", b"1")
+    with pytest.raises(InvalidKeyError, match="directory"):
+        local_store.put_bytes("a", b"2")
+    local_store.put_bytes("c", b"1")
+    with pytest.raises(InvalidKeyError, match="directory"):
+        local_store.put_bytes("c/d", b"2")
+    assert [i.key for i in local_store.list()] == ["a/b", "c"]
