@@ -90,6 +90,11 @@ def _port_free(port: int) -> bool:
     return True
 
 
+# Ports handed to servers of this process: a stopped server keeps its ports for
+# its restart, so another server started meanwhile must not take them.
+_RESERVED: set[int] = set()
+
+
 def pick_ports(count: int, *, low: int = 11_000, high: int = 21_000) -> list[int]:
     """``count`` HTTP ports in [low, high) whose gRPC twin (+10000) is free as well.
 
@@ -101,11 +106,12 @@ def pick_ports(count: int, *, low: int = 11_000, high: int = 21_000) -> list[int
     rng = random.Random(os.getpid() ^ time.monotonic_ns())
     for _ in range(5000):
         port = rng.randrange(low, high)
-        if port in chosen or any(abs(port - c) < 2 for c in chosen):
+        if port in _RESERVED or any(abs(port - c) < 2 for c in chosen):
             continue
         if _port_free(port) and _port_free(port + GRPC_OFFSET):
             chosen.append(port)
             if len(chosen) == count:
+                _RESERVED.update(chosen)
                 return chosen
     raise RuntimeError("could not find free ports for SeaweedFS")
 
@@ -364,6 +370,12 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServe
     try:
         for name, value in server.env().items():
             mp.setenv(name, value)
+        # Only these credentials: no developer profile or ~/.aws file can take over,
+        # and no instance-metadata probing (no network here).
+        mp.delenv("AWS_PROFILE", raising=False)
+        mp.delenv("AWS_SESSION_TOKEN", raising=False)
+        mp.setenv("AWS_CONFIG_FILE", os.devnull)
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
         mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
         server.start()
         yield server
