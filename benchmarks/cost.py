@@ -557,7 +557,7 @@ def run_size(spec: ModelSpec, root: Path, tasks: int, repeats: int, log: Any) ->
                         "threads": threads,
                     }
                 )
-                runs.append(res | {"what": "fold", "k": k})
+                runs.append(res | {"what": "fold", "k": k, "rep": r})
                 shas.add(tuple(s["sha256"] for s in res["superposition"] + res["private"]))
                 line.append(
                     f"{res['threads']} thr {res['wall']:.2f}s RSS {res['peak_rss'] / MB:.0f} MB"
@@ -574,7 +574,7 @@ def run_size(spec: ModelSpec, root: Path, tasks: int, repeats: int, log: Any) ->
             bl_dir.mkdir(exist_ok=True)
             bl = spawn(fold_baseline_job(base, task_dirs[k - 1], parent, res, bl_dir))
             shutil.rmtree(bl_dir)
-            runs.append(bl | {"what": "fold baseline", "k": k})
+            runs.append(bl | {"what": "fold baseline", "k": k, "rep": r})
             written = sum(s["size"] for s in res["superposition"] + res["private"])
             assert abs(written - bl["written"]) < 64 * 1024, (written, bl["written"])
             log(" ".join(line) + f" baseline {bl['wall']:.2f}s +fsync {bl['fsync']:.2f}s")
@@ -635,7 +635,7 @@ def run_size(spec: ModelSpec, root: Path, tasks: int, repeats: int, log: Any) ->
             )
             shutil.rmtree(out)
             mat_shas.add(m["sha256"])
-            runs.append(m | {"what": "materialize", "k": tasks})
+            runs.append(m | {"what": "materialize", "k": tasks, "rep": r})
             line.append(
                 f"{m['threads']} thr {m['wall']:.2f}s RSS {m['peak_rss'] / MB:.0f} MB"
                 f" (anon {m['peak_anon'] / MB:.0f}) |"
@@ -652,7 +652,7 @@ def run_size(spec: ModelSpec, root: Path, tasks: int, repeats: int, log: Any) ->
             }
         )
         shutil.rmtree(bl_dir)
-        runs.append(bl | {"what": "materialize baseline", "k": tasks})
+        runs.append(bl | {"what": "materialize baseline", "k": tasks, "rep": r})
         assert abs(m["written"] - bl["written"]) < 64 * 1024, (m["written"], bl["written"])
         log(" ".join(line) + f" baseline {bl['wall']:.2f}s +fsync {bl['fsync']:.2f}s")
     if len(mat_shas) != 1:
@@ -768,6 +768,25 @@ def report(results: list[dict[str, Any]], repeats: int) -> tuple[str, list[str]]
         ):
             med = [median([fn(r) for r in _select(res, "fold baseline", k=k)]) for k in ks]
             add(f"| {name} {label} | " + " | ".join(f"{v:.2f}" for v in med) + " | | |")
+        for mode, pred in thread_modes:
+            # each run over the baseline that ran right after it: shares its noise
+            paired = [
+                median(
+                    [
+                        f["wall"] / b["wall"]
+                        for f in _select(res, "fold", k=k, threads=pred)
+                        for b in _select(res, "fold baseline", k=k, rep=f["rep"])
+                    ]
+                )
+                for k in ks
+            ]
+            slope = _slope(ks[1:], paired[1:]) if tasks > 2 else 0.0
+            rel = slope * (tasks - 2) / median(paired[1:] or paired)
+            add(
+                f"| {name} ratio {mode} / plain (paired) | "
+                + " | ".join(f"{v:.1f}x" for v in paired)
+                + f" | {slope:+.2f}x | {100 * rel:+.0f}% |"
+            )
 
     add("\n### Wall time against a plain safetensors read + write of the same bytes\n")
     add(
@@ -858,7 +877,7 @@ def report(results: list[dict[str, Any]], repeats: int) -> tuple[str, list[str]]
         parts = []
         ok = True
         for mode, (slope, growth) in res.get("slopes", {}).items():
-            ok = ok and abs(growth) < 0.10
+            ok = ok and growth < 0.10  # a negative slope is noise, not growth
             parts.append(
                 f"{mode}: {slope * 1000:+.0f} ms per task, {100 * growth:+.0f}% over k=2..{tasks}"
             )
@@ -927,6 +946,7 @@ def main() -> None:
     tasks = args.tasks or (3 if args.quick else 8)
     tmp = Path(tempfile.mkdtemp(prefix="randes-cost-", dir=args.tmp))
     t0 = time.perf_counter()
+    load0 = os.getloadavg()[0]
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
@@ -947,14 +967,23 @@ def main() -> None:
     elapsed = time.perf_counter() - t0
     tables, verdicts = report(results, args.repeats)
     cmd = "python benchmarks/cost.py" + (" --quick" if args.quick else "")
-    extra = [a for a in sys.argv[1:] if a not in ("--quick", "--write-docs")]
-    if extra:
-        cmd += " " + " ".join(extra)
+    shown = []
+    argv = sys.argv[1:]
+    for i, a in enumerate(argv):  # options that do not change what is measured are left out
+        if a in ("--quick", "--write-docs", "--keep") or a.startswith(("--json", "--tmp")):
+            continue
+        if i and argv[i - 1] in ("--json", "--tmp"):
+            continue
+        shown.append(a)
+    if shown:
+        cmd += " " + " ".join(shown)
     section = "\n".join(
         [
             SECTION,
             "",
-            f"Run {args.date} on {machine()}; whole run {elapsed / 60:.1f} min.",
+            f"Run {args.date} on {machine()}; whole run {elapsed / 60:.1f} min; load average "
+            f"{load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (other sessions "
+            "share these 2 cores: single runs are noisy, hence medians and paired ratios).",
             "",
             f"    .venv/bin/{cmd}",
             "",

@@ -76,9 +76,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def timed(action: Callable[[], Any]) -> float:
+def timed(action: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
     started = time.perf_counter()
-    action()
+    action(*args, **kwargs)
     return time.perf_counter() - started
 
 
@@ -105,49 +105,44 @@ def main() -> None:
             name: {"up": [], "down": []} for name in ("ours", "boto3", "boto3 + sha256")
         }
 
+        Bundle = list[tuple[str, Path, str]]
+
+        def ours_up(prefix: str, files: Bundle) -> None:
+            for key, path, sha in files:
+                assert store.put_file(f"{prefix}/{key}", path, sha256=sha)
+
+        def ours_down(prefix: str, files: Bundle, out: Path) -> None:
+            for key, _, sha in files:
+                store.get_file(f"{prefix}/{key}", out / key, sha256=sha)
+
+        def boto_up(prefix: str, files: Bundle) -> None:
+            for key, path, _ in files:
+                client.upload_file(str(path), bucket, f"{prefix}/{key}", Config=transfer)
+
+        def boto_down(prefix: str, files: Bundle, out: Path, verify: bool = False) -> None:
+            for key, _, sha in files:
+                dest = out / key
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                client.download_file(bucket, f"{prefix}/{key}", str(dest), Config=transfer)
+                if verify:
+                    assert file_sha256(dest) == sha
+
         for rep in range(args.repeats):
-            for name in ("ours", "boto3"):
+            # Alternate which method goes first, so neither always meets a cold server.
+            for name in ("ours", "boto3") if rep % 2 == 0 else ("boto3", "ours"):
                 prefix = f"r{rep}-{name}"
                 out = work / f"out-{prefix}"
                 if name == "ours":
-
-                    def up(prefix: str = prefix) -> None:
-                        for key, path, sha in files:
-                            assert store.put_file(f"{prefix}/{key}", path, sha256=sha)
-
-                    def down(prefix: str = prefix, out: Path = out) -> None:
-                        for key, _, sha in files:
-                            store.get_file(f"{prefix}/{key}", out / key, sha256=sha)
-
-                    results[name]["up"].append(timed(up))
-                    results[name]["down"].append(timed(down))
+                    results[name]["up"].append(timed(ours_up, prefix, files))
+                    results[name]["down"].append(timed(ours_down, prefix, files, out))
                 else:
-
-                    def up(prefix: str = prefix) -> None:
-                        for key, path, _ in files:
-                            client.upload_file(
-                                str(path), bucket, f"{prefix}/{key}", Config=transfer
-                            )
-
-                    def down(prefix: str = prefix, out: Path = out, verify: bool = False) -> None:
-                        for key, _, sha in files:
-                            dest = out / key
-                            dest.parent.mkdir(parents=True, exist_ok=True)
-                            client.download_file(
-                                bucket, f"{prefix}/{key}", str(dest), Config=transfer
-                            )
-                            if verify:
-                                assert file_sha256(dest) == sha
-
-                    results[name]["up"].append(timed(up))
-                    results[name]["down"].append(timed(down))
+                    results[name]["up"].append(timed(boto_up, prefix, files))
+                    results[name]["down"].append(timed(boto_down, prefix, files, out))
                     shutil.rmtree(out)
-                    verify_out = work / f"out-{prefix}-v"
                     results["boto3 + sha256"]["up"].append(results[name]["up"][-1])
                     results["boto3 + sha256"]["down"].append(
-                        timed(lambda p=prefix, o=verify_out: down(p, o, True))
+                        timed(boto_down, prefix, files, out, verify=True)
                     )
-                    out = verify_out
                 shutil.rmtree(out)
                 for key, _, _ in files:
                     store.delete(f"{prefix}/{key}")

@@ -20,8 +20,10 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -63,6 +65,11 @@ from storage.settings import Settings, load_settings
 from storage.sources import open_configured_store, resolve_source
 from storage.store import ObjectStore
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: stale work dirs are not swept
+    fcntl = None  # type: ignore[assignment]
+
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
@@ -72,6 +79,9 @@ LEASE_TTL_S = 6 * 3600.0
 
 MAX_FOLD_ATTEMPTS = 20
 """Rebuilds on a newer head before giving up when many writers race on one bundle."""
+
+LEGACY_WORK_DIR_AGE_S = 24 * 3600.0
+"""Work dirs without a lock file (made before they had one) are swept once this old."""
 
 
 class FoldContentionError(RandesError):
@@ -423,6 +433,7 @@ class Workspace:
         Objects younger than ``grace_s`` are kept as well: a fold that has not yet
         leased its keys (it leases before uploading) can never lose an object to gc.
         """
+        self._sweep_work_dirs()
         keep = self.registry.referenced_keys() | self.registry.leased_keys()
         now = dt.datetime.now(dt.UTC)
         deleted: list[str] = []
@@ -448,12 +459,78 @@ class Workspace:
 
     @contextlib.contextmanager
     def _work_dir(self) -> Iterator[Path]:
+        """A private directory ``work/<name>`` for one fold, removed when it ends.
+
+        A fold killed outright (SIGKILL, OOM killer, power loss) cannot remove it, and
+        it holds a whole superposition. So each one comes with ``work/<name>.lock``,
+        flock-ed by its process from before the file is visible until the directory is
+        gone: the kernel drops the lock when the process dies, and the next fold or gc
+        sweeps every directory whose lock it can take (`_sweep_work_dirs`).
+        """
         self.work_root.mkdir(parents=True, exist_ok=True)
-        path = Path(tempfile.mkdtemp(dir=self.work_root))
+        self._sweep_work_dirs()
+        name = uuid.uuid4().hex
+        fd, pending = tempfile.mkstemp(dir=self.work_root, prefix=".pending-")
+        lock = self.work_root / f"{name}.lock"
         try:
-            yield path
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            os.rename(pending, lock)  # visible only once locked
+            path = self.work_root / name
+            path.mkdir()
+            try:
+                yield path
+            finally:
+                shutil.rmtree(path, ignore_errors=True)
         finally:
-            shutil.rmtree(path, ignore_errors=True)
+            Path(pending).unlink(missing_ok=True)
+            lock.unlink(missing_ok=True)
+            os.close(fd)  # releases the lock, after the directory is gone
+
+    def _sweep_work_dirs(self) -> None:
+        """Remove the work directories of folds that died without cleaning up."""
+        if fcntl is None or not self.work_root.is_dir():
+            return
+        try:
+            entries = list(self.work_root.iterdir())
+        except OSError:
+            return
+        now = time.time()
+        for entry in entries:
+            try:
+                if entry.suffix == ".lock":
+                    self._sweep_locked(entry)
+                    continue
+                # A lock file never renamed into place, or a directory made before work
+                # dirs had locks: nobody can prove it alive, so it goes only when old.
+                unlocked = entry.name.startswith(".pending-") or (
+                    entry.is_dir() and not entry.with_name(f"{entry.name}.lock").exists()
+                )
+                if unlocked and now - entry.stat().st_mtime > LEGACY_WORK_DIR_AGE_S:
+                    if entry.is_dir():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink(missing_ok=True)
+            except OSError as exc:  # another sweeper got there first, permissions...
+                log.debug("cannot sweep %s: %s", entry, exc)
+
+    @staticmethod
+    def _sweep_locked(lock: Path) -> None:
+        assert fcntl is not None
+        try:
+            fd = os.open(lock, os.O_RDWR)  # never O_CREAT: a vanished lock is done with
+        except FileNotFoundError:
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return  # its fold is alive
+            log.info("removing the work directory of a fold that died: %s", lock.stem)
+            shutil.rmtree(lock.with_suffix(""), ignore_errors=True)
+            lock.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
 
     @contextlib.contextmanager
     def _open_refs(

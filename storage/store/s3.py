@@ -601,41 +601,45 @@ class S3Store(ObjectStore):
         """Whole object to ``sink`` in order; large objects as parallel ranges.
 
         The first ranged GET doubles as the size probe (no HEAD round trip for the
-        many small objects); the rest is fetched ``max_concurrency`` parts at a time
-        and handed to ``sink`` strictly in order, so a streaming hash stays valid.
+        many small objects). As soon as its headers tell the size, the following
+        parts are requested ``max_concurrency`` at a time while the first body is
+        still streaming; parts are handed to ``sink`` strictly in order, so a
+        streaming hash stays valid and memory stays bounded.
         """
         meta: dict[str, Any] = {}
+        inflight: deque[Future[bytes]] = deque()
+        pending: Iterator[int] = iter(())
+        pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="s3-get")
 
         def remember(response: dict[str, Any]) -> None:
-            meta["etag"] = response.get("ETag")
+            nonlocal pending
+            etag = response.get("ETag")
             content_range = response.get("ContentRange")
             total = None
             if content_range and "/" in content_range:
                 tail = content_range.rsplit("/", 1)[1]
                 total = int(tail) if tail.isdigit() else None
-            if total is None:  # no range support: the body is the whole object
-                total = int(response.get("ContentLength", 0))
+            if total is None:  # no range support: this body is the whole object
                 meta["whole"] = True
+                return
             meta["total"] = total
-
-        received = self._stream_range(key, 0, self.part_size - 1, sink, on_response=remember)
-        total = int(meta.get("total", received))
-        if meta.get("whole") or received >= total:
-            return received
-        etag = meta.get("etag")
-        starts = range(received, total, self.part_size)
-        with ThreadPoolExecutor(
-            max_workers=self.max_concurrency, thread_name_prefix="s3-get"
-        ) as pool:
-            inflight: deque[Future[bytes]] = deque()
-            pending = iter(starts)
+            meta["etag"] = etag
+            pending = iter(range(self.part_size, total, self.part_size))
             for _ in range(self.max_concurrency):
                 self._submit_range(pool, inflight, pending, key, total, etag)
+
+        try:
+            received = self._stream_range(key, 0, self.part_size - 1, sink, on_response=remember)
+            if meta.get("whole") or "total" not in meta:
+                return received
+            total = int(meta["total"])
             while inflight:
                 data = inflight.popleft().result()
-                self._submit_range(pool, inflight, pending, key, total, etag)
+                self._submit_range(pool, inflight, pending, key, total, meta["etag"])
                 sink(data)
                 received += len(data)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         if received != total:
             raise StoreError(f"object {key!r} in {self.url}: got {received} of {total} bytes")
         return received
