@@ -9,6 +9,7 @@ traceback.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -355,6 +356,11 @@ def _redact(url: str) -> str:
 
 def main(argv: list[str] | None = None) -> Literal[0] | int:
     """Console-script entry point: one line per user error, non-zero exit."""
+    root = logging.getLogger()
+    if not root.handlers:
+        # Without any handler, library warnings (an S3 retry notice per failed attempt)
+        # would reach stderr through logging's last-resort handler, around the error line.
+        root.addHandler(logging.NullHandler())
     try:
         app(args=argv, standalone_mode=False)
     except click.exceptions.Exit as exc:

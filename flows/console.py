@@ -16,7 +16,15 @@ err = Console(stderr=True)
 
 @contextlib.contextmanager
 def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
-    """A callback ``(done, total)`` that drives a rich progress bar on stderr."""
+    """A callback ``(done, total)`` that drives a rich progress bar on stderr.
+
+    Only on a terminal: elsewhere (logs, pipes, CI) rich would still emit a newline when
+    the bar stops, and the contract for scripts is that stderr holds nothing but the one
+    line of an error.
+    """
+    if not err.is_terminal:
+        yield lambda done, total: None
+        return
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

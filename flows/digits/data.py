@@ -149,7 +149,7 @@ def digits_split(split: str) -> tuple[Tensor, Tensor]:
 
 @lru_cache(maxsize=64)
 def task_split(task: str, split: str) -> tuple[Tensor, Tensor]:
-    """Transformed images and task labels of one split (cached: evaluation runs thousands of times)."""
+    """Transformed images and task labels of one split (cached: evaluation runs often)."""
     t = get_task(task)
     images, digits = digits_split(split)
     return t.transform(images).contiguous(), t.label(digits)

@@ -27,12 +27,17 @@ __all__ = [
 
 
 def open_store(
-    url: str, *, endpoint_url: str | None = None, region: str | None = None
+    url: str,
+    *,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    retry_timeout: float | None = None,
 ) -> ObjectStore:
     """The store at ``url``: ``file:///abs/dir`` or ``s3://bucket[/prefix]``.
 
-    ``endpoint_url`` and ``region`` only matter for S3 (an S3-compatible server and its
-    region); credentials come from the normal boto3 chain, never from the URL.
+    ``endpoint_url``, ``region`` and ``retry_timeout`` (seconds an operation keeps
+    retrying transient failures; default 30) only matter for S3. Credentials come from
+    the normal boto3 chain, never from the URL.
     """
     parts = urlsplit(url)
     if parts.scheme == "file":
@@ -53,7 +58,10 @@ def open_store(
         if parts.query or parts.fragment:
             raise InvalidStoreUrlError(f"store URL {url!r}: no query or fragment allowed")
         prefix = unquote(parts.path).strip("/")
-        return S3Store(parts.netloc, prefix, endpoint_url=endpoint_url, region=region)
+        store = S3Store(parts.netloc, prefix, endpoint_url=endpoint_url, region=region)
+        if retry_timeout is not None:
+            store.retry_timeout = retry_timeout
+        return store
     raise InvalidStoreUrlError(
         f"unsupported store URL {url!r}: use file:///abs/dir or s3://bucket/prefix"
     )

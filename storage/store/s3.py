@@ -17,6 +17,11 @@ Three concerns shape this module:
   ``max_concurrency + 1`` parts; downloads stream, with large objects fetched as
   parallel ranges written and hashed in order (same bound).
 
+Each failed attempt that will be retried is logged at WARNING on this module's
+logger (``storage.store.s3``), so callers and tests can observe an outage as it
+happens; a command line should install a handler so these notices do not reach
+stderr through logging's last-resort handler.
+
 Credentials come from the normal boto3 chain and never appear in messages: every
 error text is built here from the store URL, the key and the endpoint, and texts
 quoted from botocore are scrubbed of the access key, secret and session token.
