@@ -289,7 +289,7 @@ def test_concurrent_folds_of_different_tasks_all_land_once(
                     slot = transform.slot_of(source)
                     value = transform.scramble_one(source, delta)
                     expected[slot] = expected.get(slot, 0) + value
-            stored = {}
+            stored: dict[str, torch.Tensor] = {}
             for ref in head.superposition:
                 stored |= load_file(str(ws.cache.fetch(ref)))
             assert stored.keys() == expected.keys()

@@ -302,12 +302,14 @@ class KillReport:
     orphans: int
     stale_work_dirs: int
     store_tmp_files: int
+    cache_tmp_files: int
 
     def __str__(self) -> str:
         state = "committed" if self.committed else "not committed"
         return (
             f"{self.label:>14}: exit {self.exitcode}, {state}, {self.orphans} orphan object(s), "
-            f"{self.stale_work_dirs} stale work dir(s), {self.store_tmp_files} store tmp file(s)"
+            f"{self.stale_work_dirs} stale work dir(s), {self.store_tmp_files} store / "
+            f"{self.cache_tmp_files} cache tmp file(s)"
         )
 
 
@@ -339,6 +341,7 @@ def _kill_and_recover(
 
     with Workspace(settings) as ws:
         stale = [p for p in ws.work_root.glob("*") if p.is_dir()]
+        cache_tmp = len(list(ws.cache.root.glob(".tmp-*")))
         # 1. Nothing partial is visible: the old head, or the whole new version.
         versions = _check_visible(ws, models, scratch, recomputed)
         assert versions[-1] in (head_before, head_before + 1), versions
@@ -377,7 +380,9 @@ def _kill_and_recover(
     fresh = settings.model_copy(update={"cache_dir": scratch / "fresh-cache"})
     with Workspace(fresh) as ws:
         _check_visible(ws, models, scratch, recomputed)
-    return KillReport(label, proc.exitcode, committed, len(orphans), len(stale), store_tmp)
+    return KillReport(
+        label, proc.exitcode, committed, len(orphans), len(stale), store_tmp, cache_tmp
+    )
 
 
 def _local_tmp_files(ws: Workspace) -> int:
