@@ -25,6 +25,15 @@ class Settings(BaseSettings):
     raises `StoreUnavailableError` (the store's own default when unset); a flow task
     then retries the whole step later."""
     cache_dir: Path | None = None
+    torch_threads: int = Field(
+        default=1,
+        ge=1,
+        description=(
+            "Intra-op threads for fold / retrieve. Their math is under 10% of the time (the"
+            " rest is I/O and hashing), and on small shared machines extra threads only stall"
+            " each elementwise op: benchmarks/cost.py measured 1.3-1.9x slower folds with 2."
+        ),
+    )
 
     @property
     def resolved_database_url(self) -> str:

@@ -80,6 +80,15 @@ LEASE_TTL_S = 6 * 3600.0
 MAX_FOLD_ATTEMPTS = 20
 """Rebuilds on a newer head before giving up when many writers race on one bundle."""
 
+GC_INTENT_PREFIX = "gc-deleting:"
+"""gc leases ``gc-deleting:<key>`` before it deletes ``<key>``: its announcement to folds."""
+
+GC_INTENT_TTL_S = 300.0
+"""How long a gc announcement lasts (a gc that dies mid-batch blocks no fold for longer)."""
+
+GC_BATCH = 200
+"""Objects announced, re-checked and deleted together."""
+
 LEGACY_WORK_DIR_AGE_S = 24 * 3600.0
 """Work dirs without a lock file (made before they had one) are swept once this old."""
 
@@ -125,7 +134,13 @@ class Workspace:
 
     @classmethod
     def open(cls, settings: Settings | None = None) -> Workspace:
-        return cls(settings or load_settings())
+        """The workspace the environment describes; also applies the process-wide
+        torch thread setting, since commands and flow runs enter through here."""
+        import torch
+
+        settings = settings or load_settings()
+        torch.set_num_threads(settings.torch_threads)
+        return cls(settings)
 
     def close(self) -> None:
         self.registry.close()
@@ -432,11 +447,17 @@ class Workspace:
 
         Objects younger than ``grace_s`` are kept as well: a fold that has not yet
         leased its keys (it leases before uploading) can never lose an object to gc.
+
+        An old orphan (left by a fold that failed long ago) may be exactly what a
+        running retry of that fold needs: finding it stored, the retry does not upload
+        it again. So deletions go in batches, each announced first (`_delete_unclaimed`),
+        and a fold, once it has leased its keys, waits out any announcement on them
+        before it trusts an object already in the store (`_lease_keys`).
         """
         self._sweep_work_dirs()
         keep = self.registry.referenced_keys() | self.registry.leased_keys()
         now = dt.datetime.now(dt.UTC)
-        deleted: list[str] = []
+        candidates: list[str] = []
         young = 0
         for info in self.store.list(""):
             if info.key in keep:
@@ -444,10 +465,40 @@ class Workspace:
             if (now - info.last_modified).total_seconds() < grace_s:
                 young += 1
                 continue
-            if not dry_run:
-                self.store.delete(info.key)
-            deleted.append(info.key)
+            candidates.append(info.key)
+        if dry_run:
+            return GcReport(deleted=candidates, kept_young=young, referenced=len(keep))
+        deleted: list[str] = []
+        for start in range(0, len(candidates), GC_BATCH):
+            deleted += self._delete_unclaimed(candidates[start : start + GC_BATCH])
         return GcReport(deleted=deleted, kept_young=young, referenced=len(keep))
+
+    def _delete_unclaimed(self, keys: Sequence[str]) -> list[str]:
+        """Delete ``keys`` except those a fold leased or a version referenced meanwhile.
+
+        The order makes it safe against a fold that reuses a stored object: (1) lease
+        ``gc-deleting:<key>`` for the batch, (2) read leases and references again,
+        (3) delete the unclaimed keys, (4) release. A fold whose lease committed before
+        (2) is seen there, and its objects are kept; a fold leasing after (2) sees the
+        announcement from (1) and waits until (4) before it looks at the store, so an
+        object deleted here is simply uploaded again.
+        """
+        owner = f"gc-{uuid.uuid4().hex}"
+        self.registry.lease([GC_INTENT_PREFIX + k for k in keys], owner, GC_INTENT_TTL_S)
+        started = time.monotonic()
+        try:
+            claimed = self.registry.leased_keys() | self.registry.referenced_keys()
+            deleted = []
+            for key in keys:
+                if key in claimed:
+                    continue
+                if time.monotonic() - started > GC_INTENT_TTL_S / 3:
+                    break  # the announcement could run out under a slow store: next run
+                self.store.delete(key)
+                deleted.append(key)
+            return deleted
+        finally:
+            self.registry.release(owner)
 
     # ---------------------------------------------------------------- helpers
     def _fresh_seed(self, bundle: str) -> int:
@@ -572,7 +623,21 @@ class Workspace:
 
     def _lease(self, shards: Sequence[WrittenShard], files: dict[str, Path], owner: str) -> None:
         shas = [s.sha256 for s in shards] + [file_sha256(p) for p in files.values()]
-        self.registry.lease([blob_key(sha) for sha in shas], owner, LEASE_TTL_S)
+        self._lease_keys([blob_key(sha) for sha in shas], owner)
+
+    def _lease_keys(self, keys: Sequence[str], owner: str) -> None:
+        """Protect ``keys`` from gc before storing them (see `gc`).
+
+        A gc that announced the deletion of one of them before it could see this lease
+        may still delete it: wait until it is done (at most GC_INTENT_TTL_S), so that
+        the upload that follows finds the object gone and stores it again, instead of
+        finding it present just before it disappears.
+        """
+        self.registry.lease(keys, owner, LEASE_TTL_S)
+        announced = {GC_INTENT_PREFIX + key for key in keys}
+        while announced & self.registry.leased_keys():
+            log.info("waiting for a gc deleting objects this fold stores")
+            time.sleep(0.2)
 
     def _upload_shards(self, shards: Sequence[WrittenShard]) -> list[ShardRef]:
         refs = []
@@ -638,7 +703,7 @@ class Workspace:
     ) -> VersionRecord:
         data = dump_manifest(manifest)
         key = manifest_key(hashlib.sha256(data).hexdigest())
-        self.registry.lease([key], owner, LEASE_TTL_S)
+        self._lease_keys([key], owner)
         key, sha = self._put_manifest(manifest)
         keys = sorted({ref.key for ref in manifest.shards()} | {key})
         return self.registry.commit_version(

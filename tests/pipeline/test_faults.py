@@ -29,8 +29,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -598,3 +600,102 @@ def test_s3_stopped_mid_fold_errors_cleanly_and_the_retry_completes(
         ws.gc(grace_s=0)
         assert _stored_keys(ws) == ws.registry.referenced_keys()
     print(f"\nS3 outage: {len(orphans)} object(s) left by the failed attempt; error: {lines[0]}")
+
+
+# ------------------------------------------------------- gc racing a retried fold
+@pytest.mark.parametrize("fold_leases", ["before-gc-rechecks", "after-gc-rechecks"])
+def test_gc_running_during_a_retried_fold_keeps_what_the_fold_reuses(
+    fold_leases: str, models: Models, local_template: Path, tmp_path: Path
+) -> None:
+    """A fold died before its commit, long ago: its objects are orphans, unleased. Its
+    retry finds some of them stored (the task's private shard, its config.json: same
+    bytes, same keys) and does not upload them again, while a gc deletes orphans.
+
+    Both interleavings of the gc's final check with the retry's lease must end with a
+    complete version: the gc sees the lease and keeps the objects, or the retry sees
+    the gc's announcement, waits for it, and stores again what the gc deleted.
+    """
+    home = tmp_path / "home"
+    shutil.copytree(local_template, home)
+    settings = _settings(home)
+    env = {"RANDES_HOME": str(home)}
+    proc = _start_fold(env, models.tasks["t1"], "t1", tmp_path / "dead.log", "before-commit")
+    proc.join(120)
+    assert proc.exitcode == -signal.SIGKILL
+    _expire_leases(settings.resolved_database_url)
+
+    gc_ws, fold_ws = Workspace(settings), Workspace(settings)
+    gc_paused, resume_gc, fold_stored = threading.Event(), threading.Event(), threading.Event()
+    gc_errors: list[BaseException] = []
+
+    def run_gc() -> None:
+        try:
+            gc_ws.gc(grace_s=0)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            gc_errors.append(exc)
+
+    if fold_leases == "before-gc-rechecks":
+        # gc has read references and leases and listed the store; the retry then
+        # leases and stores, and only then does the gc decide what to delete.
+        listing = gc_ws.store.list
+
+        def list_then_pause(prefix: str = "") -> Iterator[Any]:
+            items = list(listing(prefix))
+            gc_paused.set()
+            assert resume_gc.wait(60)
+            yield from items
+
+        gc_ws.store.list = list_then_pause  # type: ignore[method-assign]
+    else:
+        # gc has announced and re-checked, and is about to delete; the retry leases now.
+        delete = gc_ws.store.delete
+
+        def pause_then_delete(key: str) -> None:
+            gc_paused.set()
+            assert resume_gc.wait(60)
+            delete(key)
+
+        gc_ws.store.delete = pause_then_delete  # type: ignore[method-assign]
+
+    commit = fold_ws.registry.commit_version
+
+    def note_then_commit(*args: Any, **kw: Any) -> Any:
+        fold_stored.set()  # leased, and stored (or found stored) every object
+        return commit(*args, **kw)
+
+    fold_ws.registry.commit_version = note_then_commit  # type: ignore[method-assign]
+    retry: dict[str, Any] = {}
+    fold_thread = threading.Thread(
+        target=lambda: retry.update(outcome=fold_ws.fold(BUNDLE, str(models.tasks["t1"]), "t1"))
+    )
+    gc_thread = threading.Thread(target=run_gc)
+    try:
+        gc_thread.start()
+        assert gc_paused.wait(60)
+        fold_thread.start()
+        if fold_leases == "before-gc-rechecks":
+            assert fold_stored.wait(60)
+        else:
+            # The retry has leased, sees the announcement and waits for the gc.
+            announced = [k for k in fold_ws.registry.leased_keys() if k.startswith("gc-")]
+            assert announced, "the gc announced nothing"
+            time.sleep(1.0)
+            assert not fold_stored.is_set(), "the retry stored objects a gc is deleting"
+        resume_gc.set()
+        gc_thread.join(60)
+        fold_thread.join(60)
+    finally:
+        resume_gc.set()
+        gc_thread.join(60)
+        fold_thread.join(60)
+        gc_ws.close()
+        fold_ws.close()
+    assert not gc_errors, gc_errors
+    assert retry["outcome"].version == 2
+
+    with Workspace(settings) as ws:
+        missing = sorted(k for k in ws.registry.referenced_keys() if not ws.store.exists(k))
+        assert missing == [], f"version 2 references deleted objects: {missing}"
+    fresh = settings.model_copy(update={"cache_dir": tmp_path / "fresh-cache"})
+    with Workspace(fresh) as ws:
+        _check_visible(ws, models, tmp_path / "scratch", set())
