@@ -42,6 +42,8 @@ TASK_SEEDS: dict[str, int] = {name: 101 + 7 * i for i, name in enumerate(TASKS)}
 class Recipe:
     """Everything that determines the trained weights; stored next to them for reuse checks."""
 
+    code_version: int = 2
+    """Bump when the model or training code changes: saved models then count as stale."""
     model: DigitsConfig = field(default_factory=DigitsConfig)
     pretrain_steps: int = 600
     pretrain_lr: float = 2e-3
