@@ -8,9 +8,13 @@ traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
+import os
 import sys
+from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
@@ -22,7 +26,13 @@ from flows.console import err, out, print_table, progress_bar
 from randes.errors import RandesError
 
 if TYPE_CHECKING:
+    from storage.registry import Registry
     from storage.workspace import Workspace
+
+
+class AlreadyFoldedError(RandesError):
+    """`randes fold` of a checkpoint the bundle holds under another task name."""
+
 
 app = typer.Typer(
     name="randes",
@@ -52,10 +62,36 @@ class DType(StrEnum):
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
+def _positive_scale(value: float | None) -> float | None:
+    """A lambda must be a finite number > 0: NaN would pass a plain ``> 0`` range check
+    and only fail deep inside a fold, after its objects were uploaded."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"{value} is not a finite number > 0")
+    return value
+
+
+def _finite(value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+ScaleOption = Annotated[
+    float | None, typer.Option(help="Override lambda.", callback=_positive_scale)
+]
+
+
 def _workspace() -> Workspace:
     from storage.workspace import Workspace
 
     return Workspace.open()
+
+
+def _pin_version(registry: Registry, bundle: str, ref: str | None) -> tuple[str, str]:
+    """``ref`` (head, version or alias) pinned to its version number now, and the context
+    that names it in an integrity error: "bundle B version N"."""
+    record = registry.resolve(bundle, ref)
+    return str(record.version), f"bundle {bundle} version {record.version}"
 
 
 def _split_ref(spec: str) -> tuple[str, str | None]:
@@ -98,10 +134,12 @@ def bundle_create(
         DType, typer.Option(help="Storage dtype of the superposition.")
     ] = DType.float32,
     scale: Annotated[
-        float | None, typer.Option(help="Bundle-wide lambda (default: data-free).")
+        float | None,
+        typer.Option(help="Bundle-wide lambda (default: data-free).", callback=_positive_scale),
     ] = None,
     gate: Annotated[
-        float | None, typer.Option(help="Validation gate: minimum normalized score per task.")
+        float | None,
+        typer.Option(help="Validation gate: minimum normalized score per task.", callback=_finite),
     ] = None,
 ) -> None:
     """Create an empty bundle over a registered base with a fixed transform."""
@@ -128,11 +166,24 @@ def fold(
         str, typer.Argument(help="Checkpoint: path, s3://... or hf://org/repo[@rev].")
     ],
     task: Annotated[str, typer.Option("--task", help="Task name for this checkpoint.")],
-    scale: Annotated[float | None, typer.Option(help="Per-task lambda override.")] = None,
+    scale: Annotated[
+        float | None, typer.Option(help="Per-task lambda override.", callback=_positive_scale)
+    ] = None,
 ) -> None:
-    """Fold one fine-tuned checkpoint into a bundle as a new version."""
+    """Fold one fine-tuned checkpoint into a bundle as a new version.
+
+    Folding a checkpoint the bundle already holds under the same task name is a no-op
+    (exit 0), so a retried command is harmless. The same bytes under another task name
+    are refused: the bundle cannot hold one delta twice, and exiting 0 would tell a
+    script that a task exists which does not.
+    """
     with _workspace() as ws, progress_bar(f"folding {task}") as progress:
         outcome = ws.fold(bundle, source, task, scale=scale, progress=progress)
+    if outcome.skipped and outcome.task != task:
+        raise AlreadyFoldedError(
+            f"this checkpoint is already in bundle {bundle!r} as task {outcome.task!r} "
+            f"(version {outcome.version}); not adding it again as {task!r}"
+        )
     if outcome.skipped:
         out.print(
             f"already folded as task {outcome.task!r} in version {outcome.version}: nothing to do"
@@ -157,12 +208,16 @@ def materialize(
     spec: Annotated[str, typer.Argument(metavar="BUNDLE[@REF]")],
     task: Annotated[str, typer.Argument()],
     dest: Annotated[Path, typer.Argument(help="New (or empty) directory for the model.")],
-    scale: Annotated[float | None, typer.Option(help="Override lambda.")] = None,
+    scale: ScaleOption = None,
 ) -> None:
     """Write one task's standalone model (model.safetensors + config.json)."""
+    from storage.cache import integrity_context
+
     bundle, ref = _split_ref(spec)
     with _workspace() as ws, progress_bar(f"materializing {task}") as progress:
-        path = ws.materialize(bundle, ref, task, dest, scale=scale, progress=progress)
+        pinned, context = _pin_version(ws.registry, bundle, ref)
+        with integrity_context(context):
+            path = ws.materialize(bundle, pinned, task, dest, scale=scale, progress=progress)
     out.print(f"wrote {path}")
 
 
@@ -172,9 +227,13 @@ def pull(
     dest: Annotated[Path, typer.Argument()],
 ) -> None:
     """Download one version with every object it needs; every sha256 is verified."""
+    from storage.cache import integrity_context
+
     bundle, ref = _split_ref(spec)
     with _workspace() as ws:
-        record = ws.pull(bundle, ref, dest)
+        pinned, context = _pin_version(ws.registry, bundle, ref)
+        with integrity_context(context):
+            record = ws.pull(bundle, pinned, dest)
     out.print(f"pulled {bundle} version {record.version} to {dest}")
 
 
@@ -292,9 +351,10 @@ def ingest(
     validate: Annotated[bool, typer.Option(help="Validate the new head afterwards.")] = True,
 ) -> None:
     """Fold every new checkpoint found under SOURCE (one per task), then validate."""
-    from flows.pipeline import ingest_flow
+    with _quiet_prefect_console():
+        from flows.pipeline import ingest_flow
 
-    summary = ingest_flow(bundle, source, evaluator=evaluator, run_validation=validate)
+        summary = ingest_flow(bundle, source, evaluator=evaluator, run_validation=validate)
     out.print(
         f"{bundle}: found {summary['found']}, folded {len(summary['folded'])}, "
         f"already present {len(summary['skipped'])}; version {summary['version']} "
@@ -309,13 +369,25 @@ def validate(
     evaluator: Annotated[
         str | None, typer.Option(help="module:function scoring a state dict.")
     ] = None,
-    scale: Annotated[float | None, typer.Option(help="Override lambda for every task.")] = None,
+    scale: Annotated[
+        float | None,
+        typer.Option(help="Override lambda for every task.", callback=_positive_scale),
+    ] = None,
 ) -> None:
     """Retrieve every task of a version, measure it, and gate the version."""
-    from flows.pipeline import validate_flow
+    from storage.cache import integrity_context
+
+    registry = _registry()
+    try:
+        pinned, context = _pin_version(registry, bundle, None if version is None else str(version))
+    finally:
+        registry.close()
+    with _quiet_prefect_console(), integrity_context(context):
+        from flows.pipeline import validate_flow
+
+        report = validate_flow(bundle, int(pinned), evaluator, scale)
     from flows.validation import report_markdown
 
-    report = validate_flow(bundle, version, evaluator, scale)
     out.print(report_markdown(report))
     if not report.passed:
         raise typer.Exit(code=3)
@@ -344,6 +416,55 @@ def demo() -> None:
     run_demo()
 
 
+_QUIET_PREFECT_ENV = {
+    # Read when Prefect configures logging: in this process if it is not imported yet,
+    # and in the temporary API server it starts as a subprocess when none is configured.
+    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
+    "PREFECT_LOGGING_HANDLERS_DEBUG_LEVEL": "CRITICAL",
+}
+
+
+@contextlib.contextmanager
+def _quiet_prefect_console() -> Iterator[None]:
+    """Keep Prefect's console logging off stderr while a command runs a flow.
+
+    The command-line contract is that stderr holds nothing but the one line of an error;
+    without this, a failed `randes ingest` or `validate` would print Prefect's whole log
+    (a traceback per failed task, the temporary server's start and stop, its telemetry
+    errors) around that line. Flow and task logs still reach the Prefect API (the
+    `api` handler), so a configured server keeps them; the command prints its summary.
+    Nothing from Prefect's telemetry either: DESIGN asks for analytics off.
+    """
+    saved_env = {name: os.environ.get(name) for name in _QUIET_PREFECT_ENV}
+    analytics = "PREFECT_SERVER_ANALYTICS_ENABLED"
+    saved_env[analytics] = os.environ.get(analytics)
+    os.environ.update(_QUIET_PREFECT_ENV)
+    os.environ.setdefault(analytics, "false")
+    muted: dict[logging.Handler, int] = {}
+    try:
+        from prefect.logging.handlers import PrefectConsoleHandler
+
+        loggers = [logging.getLogger()] + [
+            logger
+            for logger in list(logging.Logger.manager.loggerDict.values())
+            if isinstance(logger, logging.Logger)
+        ]
+        for logger in loggers:
+            for handler in logger.handlers:
+                if isinstance(handler, PrefectConsoleHandler) and handler not in muted:
+                    muted[handler] = handler.level
+                    handler.setLevel(logging.CRITICAL + 1)
+        yield
+    finally:
+        for handler, level in muted.items():
+            handler.setLevel(level)
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def _redact(url: str) -> str:
     """A database URL with its password hidden, for printing."""
     from sqlalchemy.engine import make_url
@@ -363,12 +484,14 @@ def main(argv: list[str] | None = None) -> Literal[0] | int:
         root.addHandler(logging.NullHandler())
     try:
         app(args=argv, standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except (click.exceptions.Exit, typer.Exit) as exc:
         return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except click.exceptions.Abort:
+    except _USAGE_ERRORS as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `randes` / `randes base`: help
+            exc.show()
+            return 2
+        return _usage_error(exc)
+    except (click.exceptions.Abort, typer.Abort):
         err.print("aborted")
         return 130
     except KeyboardInterrupt:
@@ -379,6 +502,21 @@ def main(argv: list[str] | None = None) -> Literal[0] | int:
         sys.stderr.write(f"error: {message}\n")
         return 1
     return 0
+
+
+# typer >= 0.16 ships its own copy of click: its usage errors are not click's classes.
+_USAGE_ERRORS: tuple[type[Exception], ...] = (click.ClickException, typer.TyperException)
+
+
+def _usage_error(exc: Exception) -> int:
+    """A bad command line as one line on stderr, like every other error (exit status 2)."""
+    message = getattr(exc, "format_message", lambda: str(exc))()
+    lines = str(message).strip().splitlines() or [type(exc).__name__]
+    ctx = getattr(exc, "ctx", None)
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    sys.stderr.write(f"error: {lines[0]}{hint}\n")
+    code = getattr(exc, "exit_code", 2)
+    return code if isinstance(code, int) and code else 2
 
 
 def entry() -> None:

@@ -27,6 +27,8 @@ from randes.checkpoint import CheckpointReader, source_digest
 from randes.errors import RandesError
 from randes.manifest import TaskEntry
 from randes.retrieve import retrieve
+from storage.cache import integrity_context
+from storage.registry import TaskNotFoundError
 from storage.sources import resolve_source
 from storage.workspace import Workspace
 
@@ -100,11 +102,36 @@ def validate_task(
     evaluator: Evaluator | None = None,
     scale: float | None = None,
 ) -> TaskValidation:
-    """Retrieve one task of one version and measure it against its source."""
+    """Retrieve one task of one version and measure it against its source.
+
+    Reads every object the task's materialized model is made of, each verified by
+    sha256 (through the cache, see `storage.cache`): the version's manifest, the base,
+    the superposition, the task's private tensors and its side files (config.json).
+    A damaged one raises `IntegrityError` naming its key and this bundle version.
+    """
+    context = f"bundle {bundle} version {version}"
+    with integrity_context(context):
+        return _validate_task(ws, bundle, version, task, evaluator=evaluator, scale=scale)
+
+
+def _validate_task(
+    ws: Workspace,
+    bundle: str,
+    version: int,
+    task: str,
+    *,
+    evaluator: Evaluator | None,
+    scale: float | None,
+) -> TaskValidation:
     record, manifest = ws.resolve(bundle, str(version))
-    entry = manifest.task(task)
+    try:
+        entry = manifest.task(task)
+    except KeyError:
+        raise TaskNotFoundError(bundle, task) from None
     chosen = scale if scale is not None else ws.task_scale(manifest, entry)
     context = f"bundle {bundle} version {record.version}"
+    for ref in entry.files.values():  # what materialize would copy next to the weights
+        ws.cache.fetch(ref, context=context, suffix="")
     source = _open_source(ws, entry)
     try:
         with (
@@ -144,7 +171,11 @@ def _open_source(ws: Workspace, entry: TaskEntry) -> CheckpointReader | None:
         reader = CheckpointReader.open(resolved.path)
     except RandesError:
         return None
-    if source_digest(reader) != entry.source_sha256:
+    try:
+        matches = source_digest(reader) == entry.source_sha256
+    except RandesError:  # the source vanished or became unreadable meanwhile
+        matches = False
+    if not matches:
         reader.close()
         return None
     return reader

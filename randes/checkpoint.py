@@ -38,6 +38,15 @@ from randes.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpo
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_INDEX_BYTES = 100 * 1024 * 1024
+MAX_RANK = 64
+"""Most dimensions a tensor may have (real checkpoints use at most a handful)."""
+MAX_ELEMENTS = 2**48
+"""Bound on the product of a shape's dimensions, empty (0) dimensions counted as 1.
+
+A header may declare a zero-size tensor with absurd dimensions (``[0, 2**62, 2**62]``):
+it stores no bytes, so the byte-count check passes, yet torch cannot even describe it
+(its strides overflow int64). The product is computed with an early exit, so a shape
+of thousands of huge numbers costs no big-integer arithmetic either."""
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
 SIDE_FILES = (
     "config.json",
@@ -172,27 +181,32 @@ def _parse_header(
     spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise bad(f"tensor {name!r}: expected dtype, shape, data_offsets")
+            raise bad(f"tensor {_short(name)}: expected dtype, shape, data_offsets")
         dtype = DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
         if dtype is None:
-            raise bad(f"tensor {name!r}: unsupported dtype {info['dtype']!r}")
+            raise bad(f"tensor {_short(name)}: unsupported dtype {_short(info['dtype'], 40)}")
         shape = info["shape"]
         if not isinstance(shape, list) or not all(_is_nonneg_int(d) for d in shape):
-            raise bad(f"tensor {name!r}: shape must be a list of non-negative integers")
+            raise bad(f"tensor {_short(name)}: shape must be a list of non-negative integers")
+        if len(shape) > MAX_RANK or not _plausible_size(shape):
+            raise bad(f"tensor {_short(name)}: implausible shape (rank {len(shape)})")
         offsets = info["data_offsets"]
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
             or not all(_is_nonneg_int(o) for o in offsets)
         ):
-            raise bad(f"tensor {name!r}: data_offsets must be two non-negative integers")
+            raise bad(f"tensor {_short(name)}: data_offsets must be two non-negative integers")
         begin, end = offsets
         if not begin <= end <= data_len:
-            raise bad(f"tensor {name!r}: data_offsets [{begin}, {end}] outside the data region")
+            raise bad(
+                f"tensor {_short(name)}: data_offsets [{_short(begin, 24)}, {_short(end, 24)}] "
+                "outside the data region"
+            )
         meta = TensorMeta(dtype=dtype, shape=tuple(shape))
         if end - begin != meta.nbytes:
             raise bad(
-                f"tensor {name!r}: {end - begin} bytes stored, "
+                f"tensor {_short(name)}: {end - begin} bytes stored, "
                 f"{meta.nbytes} expected for {info['dtype']}{list(shape)}"
             )
         metas[name] = meta
@@ -202,7 +216,7 @@ def _parse_header(
     for begin, end, name in sorted(spans):
         if begin != cursor:
             what = "overlaps another tensor" if begin < cursor else "leaves a gap"
-            raise bad(f"tensor {name!r} {what} at byte {begin}")
+            raise bad(f"tensor {_short(name)} {what} at byte {begin}")
         cursor = end
     if cursor != data_len:
         raise bad(f"data region is {data_len} bytes, tensors cover {cursor}")
@@ -211,6 +225,24 @@ def _parse_header(
 
 def _is_nonneg_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _plausible_size(shape: list[int]) -> bool:
+    """prod(max(d, 1) for d in shape) <= MAX_ELEMENTS, without ever building a big product."""
+    total = 1
+    for dim in shape:
+        if dim > MAX_ELEMENTS:
+            return False
+        total *= max(dim, 1)
+        if total > MAX_ELEMENTS:
+            return False
+    return True
+
+
+def _short(name: object, limit: int = 120) -> str:
+    """repr of a (possibly attacker-chosen) name, cut so that an error stays one short line."""
+    text = repr(name)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class CheckpointReader:
@@ -253,8 +285,19 @@ class CheckpointReader:
 
     @classmethod
     def open(cls, source: Path) -> Self:
-        """Open a .safetensors file, or a dir in Hugging Face layout."""
+        """Open a .safetensors file, or a dir in Hugging Face layout.
+
+        Every failure is a `CheckpointError`, including what the filesystem says about
+        an odd path (a name too long, a directory that cannot be listed).
+        """
         source = Path(source)
+        try:
+            return cls._open(source)
+        except OSError as exc:
+            raise CheckpointError(f"{source}: cannot read: {exc.strerror or exc}") from None
+
+    @classmethod
+    def _open(cls, source: Path) -> Self:
         if not source.exists():
             raise CheckpointError(f"{source}: no such file or directory")
         if source.is_file():
@@ -292,7 +335,10 @@ class CheckpointReader:
     def from_files(cls, files: Sequence[Path]) -> Self:
         if not files:
             raise CheckpointError("no checkpoint files given")
-        return cls(list(files))
+        try:
+            return cls(list(files))
+        except OSError as exc:
+            raise CheckpointError(f"cannot read checkpoint files: {exc.strerror or exc}") from None
 
     # -- mapping-like access -------------------------------------------------------
 
@@ -456,11 +502,14 @@ def source_digest(reader: CheckpointReader) -> str:
     entries = [(b"weights", p.name, p) for p in sorted(reader.files, key=lambda p: p.name)]
     entries += [(b"side", name, reader.side_files[name]) for name in sorted(reader.side_files)]
     for kind, name, path in entries:
-        encoded = name.encode("utf-8")
-        size = path.stat().st_size
-        digest.update(kind + b"\0" + len(encoded).to_bytes(8, "big") + encoded)
-        digest.update(size.to_bytes(8, "big"))
-        with path.open("rb") as fh:
-            while chunk := fh.read(_CHUNK):
-                digest.update(chunk)
+        encoded = name.encode("utf-8", "surrogateescape")
+        try:
+            size = path.stat().st_size
+            digest.update(kind + b"\0" + len(encoded).to_bytes(8, "big") + encoded)
+            digest.update(size.to_bytes(8, "big"))
+            with path.open("rb") as fh:
+                while chunk := fh.read(_CHUNK):
+                    digest.update(chunk)
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
     return digest.hexdigest()

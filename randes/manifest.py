@@ -7,10 +7,11 @@ references. Manifests are immutable; version n+1 gets a new one.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from randes.config import TransformConfig
 from randes.errors import ManifestError
@@ -20,6 +21,30 @@ FORMAT_VERSION = 1
 _M = TypeVar("_M", bound=BaseModel)
 
 _SHA256 = r"^[0-9a-f]{64}$"
+_KEY_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")
+
+
+def _safe_key(key: str) -> str:
+    """An object key a manifest may name: '/'-separated plain components.
+
+    Readers join keys to local directories (`randes pull` writes ``DEST/<key>``), so a
+    manifest must never be able to name ``../x``, ``/etc/x`` or a control character.
+    """
+    if not all(_KEY_PART.fullmatch(part) for part in key.split("/")):
+        raise ValueError("must be '/'-separated plain names (letters, digits, '._-')")
+    return key
+
+
+def _safe_file_name(name: str) -> str:
+    """A side-file name (``config.json``): written as ``DEST/<name>`` by materialize."""
+    if not _FILE_NAME.fullmatch(name):
+        raise ValueError("side file names must be plain file names")
+    return name
+
+
+SafeKey = Annotated[str, Field(min_length=1, max_length=1024), AfterValidator(_safe_key)]
+FileName = Annotated[str, AfterValidator(_safe_file_name)]
 
 
 class ShardRef(BaseModel):
@@ -27,9 +52,9 @@ class ShardRef(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    key: str = Field(min_length=1, max_length=1024)
+    key: SafeKey
     sha256: str = Field(pattern=_SHA256)
-    size: int = Field(ge=0)
+    size: int = Field(ge=0, le=2**63 - 1)
     tensors: list[str] = Field(default_factory=list)
 
 
@@ -61,7 +86,7 @@ class BaseRef(BaseModel):
     name: str
     uri: str
     sha256: str = Field(pattern=_SHA256)
-    manifest_key: str
+    manifest_key: SafeKey
     manifest_sha256: str = Field(pattern=_SHA256)
 
 
@@ -79,7 +104,7 @@ class TaskEntry(BaseModel):
     key_map: KeyMap = Field(default_factory=KeyMap)
     delta_norms: dict[str, float] = Field(default_factory=dict)
     private: list[ShardRef] = Field(default_factory=list)
-    files: dict[str, ShardRef] = Field(
+    files: dict[FileName, ShardRef] = Field(
         default_factory=dict, description="Side files of the source kept verbatim (config.json)."
     )
 
@@ -94,7 +119,7 @@ class BaseManifest(BaseModel):
     uri: str
     sha256: str = Field(pattern=_SHA256)
     shards: list[ShardRef]
-    files: dict[str, ShardRef] = Field(default_factory=dict)
+    files: dict[FileName, ShardRef] = Field(default_factory=dict)
     norms: dict[str, float] = Field(default_factory=dict)
 
 
@@ -132,6 +157,12 @@ def dump_manifest(manifest: BaseModel) -> bytes:
     return manifest.model_dump_json(indent=None).encode("utf-8")
 
 
+def _clip(text: str, limit: int = 160) -> str:
+    """Part of an error message that may quote the manifest: one short line at most."""
+    text = text.replace("\n", " ").replace("\r", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def load_bundle_manifest(data: bytes) -> BundleManifest:
     return _load(BundleManifest, data)
 
@@ -144,9 +175,10 @@ def _load(model: type[_M], data: bytes) -> _M:
     try:
         parsed = model.model_validate_json(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        raise ManifestError(f"invalid {model.__name__}: {where}: {first.get('msg')}") from None
+        first = exc.errors(include_url=False, include_input=False)[0]
+        where = _clip(".".join(str(p) for p in first.get("loc", ())))
+        message = _clip(str(first.get("msg")))
+        raise ManifestError(f"invalid {model.__name__}: {where}: {message}") from None
     except ValueError as exc:  # pragma: no cover - defensive, pydantic wraps JSON errors
         raise ManifestError(f"invalid {model.__name__}: {exc}") from None
     if parsed.format_version != FORMAT_VERSION:  # type: ignore[attr-defined]

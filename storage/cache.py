@@ -3,13 +3,27 @@
 The core reads tensors through memory-mapped safetensors files, so objects held in a
 remote store are first brought to local disk. Files are named by their sha256 and
 verified when they arrive (`ObjectStore.get_file` checks while streaming) and again
-when a cached copy is reused, so a damaged cache or store is reported, never folded.
+when a cached copy is first reused by a process, so damaged bytes are never folded or
+served:
+
+- a damaged cached copy is only a cache miss: it is removed and fetched again from the
+  store (verified), with a warning; the command goes on;
+- a damaged object in the store is an `IntegrityError` naming its key and, through
+  ``context``, the bundle version (or base) it belongs to.
+
+A cached copy that verified is trusted for what it is: bytes whose sha256 the manifest
+records. So commands that read through the cache (fold, materialize, validate) may
+succeed while the store's copy of an object they have cached is damaged; `randes pull`
+reads every object from the store and is the command that checks the store itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from randes.errors import IntegrityError
@@ -17,6 +31,25 @@ from randes.manifest import ShardRef
 from storage.store import ObjectStore
 
 _CHUNK = 1 << 20
+
+log = logging.getLogger(__name__)
+
+
+def add_context(exc: IntegrityError, context: str) -> IntegrityError:
+    """``exc`` with `` (context)`` appended, unless it already names a bundle or base."""
+    message = str(exc)
+    if not context or f"({context})" in message or "(bundle " in message or "(base " in message:
+        return exc
+    return IntegrityError(f"{message} ({context})")
+
+
+@contextlib.contextmanager
+def integrity_context(context: str) -> Iterator[None]:
+    """Re-raise any `IntegrityError` inside with ``context`` (e.g. "bundle b version 3")."""
+    try:
+        yield
+    except IntegrityError as exc:
+        raise add_context(exc, context) from None
 
 
 def file_sha256(path: Path) -> str:
@@ -45,28 +78,34 @@ class ObjectCache:
         """
         path = self.root / f"{ref.sha256}{suffix}"
         if path.exists():
-            self._verify(path, ref, context)
-            return path
-        try:
-            self.store.get_file(ref.key, path, sha256=ref.sha256)
-        except IntegrityError as exc:
+            if self._verify(path, ref):
+                return path
             where = f" ({context})" if context else ""
-            raise IntegrityError(f"{exc}{where}") from None
+            log.warning(
+                "cached copy of %s%s does not match its sha256; fetching it again from the store",
+                ref.key,
+                where,
+            )
+            path.unlink(missing_ok=True)
+            self._verified.pop(path, None)
+        with integrity_context(context):
+            self.store.get_file(ref.key, path, sha256=ref.sha256)
         self._remember(path)
         return path
 
-    def _verify(self, path: Path, ref: ShardRef, context: str) -> None:
+    def _verify(self, path: Path, ref: ShardRef) -> bool:
+        """Whether the cached copy at ``path`` holds exactly ``ref``'s bytes.
+
+        Hashed once per process and file version (size, mtime): a copy damaged or
+        replaced later changes its mtime and is hashed again.
+        """
         stat = path.stat()
         if self._verified.get(path) == (stat.st_size, stat.st_mtime_ns):
-            return
+            return True
         if stat.st_size != ref.size or file_sha256(path) != ref.sha256:
-            path.unlink(missing_ok=True)
-            where = f" ({context})" if context else ""
-            raise IntegrityError(
-                f"cached copy of {ref.key} does not match its sha256{where}; removed it, "
-                "run the command again to fetch a fresh copy"
-            )
+            return False
         self._remember(path)
+        return True
 
     def _remember(self, path: Path) -> None:
         stat = os.stat(path)

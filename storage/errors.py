@@ -30,6 +30,12 @@ class StoreUnavailableError(StoreError):
     """
 
 
+class DiskFullError(StoreError):
+    """A local write failed for lack of space (ENOSPC), quota (EDQUOT) or a file-size
+    limit (EFBIG): the local store, the cache, a work directory or a pull/materialize
+    destination. Whatever was half-written is removed; free space and run it again."""
+
+
 class InvalidKeyError(StoreError, ValueError):
     """A key that could escape the store root or that some backend cannot represent.
 

@@ -40,11 +40,20 @@ def resolve_source(source: str, *, settings: Settings) -> ResolvedSource:
         return _resolve_hf(source)
     if "://" in source and not source.startswith("file://"):
         raise CheckpointError(f"unsupported source {source!r}: use a path, s3:// or hf://")
-    path = Path(source.removeprefix("file://")).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"no such file or directory: {path}")
-    path = path.resolve()
+    try:
+        path = Path(source.removeprefix("file://")).expanduser()
+        if not path.exists():
+            raise CheckpointError(f"no such file or directory: {_short(str(path))}")
+        path = path.resolve()
+    except (OSError, RuntimeError) as exc:  # name too long, symlink loop, no home dir...
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CheckpointError(f"cannot use source {_short(source)}: {reason}") from None
     return ResolvedSource(uri=path.as_uri(), path=path)
+
+
+def _short(text: str, limit: int = 160) -> str:
+    """A user-given path or uri, cut so that an error about it stays one short line."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def split_hf_uri(uri: str) -> tuple[str, str | None]:

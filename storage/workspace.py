@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -28,6 +29,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 from randes.checkpoint import CheckpointReader, source_digest
 from randes.config import TransformConfig
@@ -56,6 +58,7 @@ from storage.registry import (
     BundleRecord,
     NewTask,
     Registry,
+    RegistryError,
     TaskExistsError,
     TaskNotFoundError,
     VersionConflictError,
@@ -64,6 +67,7 @@ from storage.registry import (
 from storage.settings import Settings, load_settings
 from storage.sources import open_configured_store, resolve_source
 from storage.store import ObjectStore
+from storage.store.base import disk_full_error, sweep_tmp_files
 
 try:
     import fcntl
@@ -93,6 +97,31 @@ LEGACY_WORK_DIR_AGE_S = 24 * 3600.0
 """Work dirs without a lock file (made before they had one) are swept once this old."""
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _reports_full_disk(method: Callable[_P, _R]) -> Callable[_P, _R]:
+    """A local write that runs out of space (cache, work directory, destination) ends
+    the command with one `DiskFullError` line instead of a traceback. Whatever the
+    operation had half-written is removed by its own cleanup on the way out."""
+
+    @functools.wraps(method)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(*args, **kwargs)
+        except OSError as exc:
+            workspace = args[0] if args else None
+            cache = getattr(getattr(workspace, "settings", None), "resolved_cache_dir", None)
+            where = f"work files under {cache}, or the destination" if cache else "local files"
+            translated = disk_full_error(exc, f"a local file ({where})")
+            if translated is None:
+                raise
+            raise translated from exc
+
+    return wrapper
+
+
 class FoldContentionError(RandesError):
     """Too many concurrent writers: every attempt lost the race for the next version."""
 
@@ -114,6 +143,9 @@ class GcReport:
     deleted: list[str]
     kept_young: int
     referenced: int
+    swept: int = 0
+    """Leftovers of writers that died mid-write: store temp files, incomplete multipart
+    uploads, cache temp files."""
 
 
 class Workspace:
@@ -159,25 +191,49 @@ class Workspace:
         self.registry.upgrade()
 
     # ------------------------------------------------------------------ bases
+    @_reports_full_disk
     def add_base(self, name: str, source: str) -> BaseRecord:
-        """Register and store a base model: its weight files verbatim, content-addressed."""
+        """Register and store a base model: its weight files verbatim, content-addressed.
+
+        Same protocol as a fold: the keys are leased before anything is uploaded (a
+        concurrent `gc` keeps them, or this waits out its announced deletions), and the
+        base is visible only once its registry row commits.
+        """
         validate_name(name, "base name")
         resolved = resolve_source(source, settings=self.settings)
         with CheckpointReader.open(resolved.path) as reader:
             digest = source_digest(reader)
-            shards = [self._upload_file(path, _file_tensors(path)) for path in reader.files]
-            files = {n: self._upload_file(p, []) for n, p in sorted(reader.side_files.items())}
-            norms = {
-                key: float(reader.get(key).double().norm())
-                for key in reader.keys()  # noqa: SIM118
-                if reader.meta(key).dtype.is_floating_point
-            }
-        manifest = BaseManifest(
-            name=name, uri=resolved.uri, sha256=digest, shards=shards, files=files, norms=norms
-        )
-        key, sha = self._put_manifest(manifest)
-        keys = [ref.key for ref in shards] + [ref.key for ref in files.values()] + [key]
-        return self.registry.add_base(name, resolved.uri, digest, key, sha, object_keys=keys)
+            side = sorted(reader.side_files.items())
+            shas = {path: file_sha256(path) for path in [*reader.files, *(p for _, p in side)]}
+            owner = uuid.uuid4().hex
+            try:
+                self._lease_keys(sorted({blob_key(sha) for sha in shas.values()}), owner)
+                shards = [
+                    self._upload_file(path, _file_tensors(path), sha=shas[path])
+                    for path in reader.files
+                ]
+                files = {n: self._upload_file(p, [], sha=shas[p]) for n, p in side}
+                norms = {
+                    key: float(reader.get(key).double().norm())
+                    for key in reader.keys()  # noqa: SIM118
+                    if reader.meta(key).dtype.is_floating_point
+                }
+                manifest = BaseManifest(
+                    name=name,
+                    uri=resolved.uri,
+                    sha256=digest,
+                    shards=shards,
+                    files=files,
+                    norms=norms,
+                )
+                self._lease_keys([manifest_key(_manifest_sha(manifest))], owner)
+                key, sha = self._put_manifest(manifest)
+                keys = [ref.key for ref in shards] + [ref.key for ref in files.values()] + [key]
+                return self.registry.add_base(
+                    name, resolved.uri, digest, key, sha, object_keys=keys
+                )
+            finally:
+                self._release(owner)
 
     def base_manifest(self, name: str) -> BaseManifest:
         record = self.registry.get_base(name)
@@ -205,6 +261,7 @@ class Workspace:
         return record, self.manifest(record)
 
     # ------------------------------------------------------------------- fold
+    @_reports_full_disk
     def fold(
         self,
         bundle: str,
@@ -289,7 +346,7 @@ class Workspace:
                                 ledger=[(digest, task)],
                             )
                         finally:
-                            self.registry.release(owner)
+                            self._release(owner)
                 except VersionConflictError:
                     log.info("bundle %s: another fold took version %d; rebuilding", bundle, version)
                     continue
@@ -300,6 +357,7 @@ class Workspace:
             f"bundle {bundle!r}: lost the race for a new version {MAX_FOLD_ATTEMPTS} times"
         )
 
+    @_reports_full_disk
     def remove(self, bundle: str, task: str, *, progress: Progress | None = None) -> FoldOutcome:
         """Fold ``task`` out again: re-fetch its source by uri, check its sha256, subtract."""
         bundle_rec = self.registry.get_bundle(bundle)
@@ -348,7 +406,7 @@ class Workspace:
                 except VersionConflictError:
                     continue
                 finally:
-                    self.registry.release(owner)
+                    self._release(owner)
             return FoldOutcome(bundle, task, head.version + 1, seed=entry.seed, attempts=attempt)
         raise FoldContentionError(
             f"bundle {bundle!r}: lost the race for a new version {MAX_FOLD_ATTEMPTS} times"
@@ -358,6 +416,7 @@ class Workspace:
     def task_scale(self, manifest: BundleManifest, entry: TaskEntry) -> float:
         return default_scale(len(manifest.tasks), manifest.transform, entry.scale)
 
+    @_reports_full_disk
     def materialize(
         self,
         bundle: str,
@@ -412,6 +471,7 @@ class Workspace:
             raise
         return dest
 
+    @_reports_full_disk
     def pull(self, bundle: str, ref: str | None, dest: Path) -> VersionRecord:
         """Download one version with every object it needs, verified, as a local store.
 
@@ -455,7 +515,8 @@ class Workspace:
         before it trusts an object already in the store (`_lease_keys`).
         """
         self._sweep_work_dirs()
-        keep = self.registry.referenced_keys() | self.registry.leased_keys()
+        leased = self.registry.leased_keys()
+        keep = self.registry.referenced_keys() | leased
         now = dt.datetime.now(dt.UTC)
         candidates: list[str] = []
         young = 0
@@ -471,7 +532,11 @@ class Workspace:
         deleted: list[str] = []
         for start in range(0, len(candidates), GC_BATCH):
             deleted += self._delete_unclaimed(candidates[start : start + GC_BATCH])
-        return GcReport(deleted=deleted, kept_young=young, referenced=len(keep))
+        # Leftovers of writers that died mid-write (never objects): store temp files or
+        # incomplete multipart uploads, and temp files of interrupted cache downloads.
+        swept = self.store.sweep_incomplete(grace_s, keep=leased)
+        swept += sweep_tmp_files(self.cache.root, grace_s)
+        return GcReport(deleted=deleted, kept_young=young, referenced=len(keep), swept=swept)
 
     def _delete_unclaimed(self, keys: Sequence[str]) -> list[str]:
         """Delete ``keys`` except those a fold leased or a version referenced meanwhile.
@@ -498,9 +563,20 @@ class Workspace:
                 deleted.append(key)
             return deleted
         finally:
-            self.registry.release(owner)
+            self._release(owner)
 
     # ---------------------------------------------------------------- helpers
+    def _release(self, owner: str) -> None:
+        """Drop ``owner``'s leases, best effort: after a commit the version is visible
+        whatever happens here, and leases left behind (registry unreachable just now)
+        only delay `gc` until they expire."""
+        try:
+            self.registry.release(owner)
+        except RegistryError as exc:
+            log.warning(
+                "could not release leases of %s (they expire by themselves): %s", owner, exc
+            )
+
     def _fresh_seed(self, bundle: str) -> int:
         used = self.registry.used_seeds(bundle)
         while True:
@@ -649,8 +725,8 @@ class Workspace:
             )
         return refs
 
-    def _upload_file(self, path: Path, tensors: list[str]) -> ShardRef:
-        sha = file_sha256(path)
+    def _upload_file(self, path: Path, tensors: list[str], *, sha: str | None = None) -> ShardRef:
+        sha = sha or file_sha256(path)
         key = blob_key(sha)
         self.store.put_file(key, path, sha256=sha)
         return ShardRef(key=key, sha256=sha, size=path.stat().st_size, tensors=tensors)
@@ -701,9 +777,7 @@ class Workspace:
         removed: Sequence[str] = (),
         ledger: Sequence[tuple[str, str]] = (),
     ) -> VersionRecord:
-        data = dump_manifest(manifest)
-        key = manifest_key(hashlib.sha256(data).hexdigest())
-        self._lease_keys([key], owner)
+        self._lease_keys([manifest_key(_manifest_sha(manifest))], owner)
         key, sha = self._put_manifest(manifest)
         keys = sorted({ref.key for ref in manifest.shards()} | {key})
         return self.registry.commit_version(
@@ -717,6 +791,10 @@ class Workspace:
             removed=list(removed),
             ledger=list(ledger),
         )
+
+
+def _manifest_sha(manifest: BaseManifest | BundleManifest) -> str:
+    return hashlib.sha256(dump_manifest(manifest)).hexdigest()
 
 
 def _file_tensors(path: Path) -> list[str]:

@@ -13,18 +13,28 @@ behaves the same against SeaweedFS, MinIO, R2 or AWS:
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import logging
 import os
 import re
+import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from randes.errors import IntegrityError
-from storage.errors import InvalidKeyError
+from storage.errors import DiskFullError, InvalidKeyError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: temp files are swept by age alone
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
 
 #: Prefix of temporary files next to their final path (LocalStore objects, and the
 #: destination of every ``get_file``). Keys may not have a component starting with
@@ -119,6 +129,70 @@ def tmp_path_for(dest: Path) -> Path:
     """A unique temporary sibling of ``dest``: same directory (hence same filesystem,
     so the final rename/link is atomic), unique so concurrent writers never share it."""
     return dest.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{dest.name}"[:255])
+
+
+#: errno values meaning "this local write cannot fit", reported as `DiskFullError`.
+DISK_FULL_ERRNOS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large (file-size limit)",
+}
+
+
+def disk_full_error(exc: OSError, what: str) -> DiskFullError | None:
+    """The one-line error for a write that ran out of space, or None for other errors.
+
+    ``what`` says what was being written (``object 'k' in file:///store``): a failed
+    ``write()`` carries no file name, so the caller's context is the useful part.
+    """
+    reason = DISK_FULL_ERRNOS.get(exc.errno or 0)
+    if reason is None:
+        return None
+    where = f" ({exc.filename})" if exc.filename else ""
+    return DiskFullError(f"{reason} writing {what}{where}; free some space and run it again")
+
+
+def lock_while_writing(fd: int) -> None:
+    """Mark a temporary file as being written: `sweep_tmp_files` never removes a file
+    whose writer is alive (the kernel drops the lock when the process dies)."""
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+
+def sweep_tmp_files(root: Path, older_than: float) -> int:
+    """Remove ``.tmp-*`` files under ``root`` left by writers that died mid-write.
+
+    A file goes only when it was last modified more than ``older_than`` seconds ago
+    and no live process holds its write lock (`lock_while_writing`). Returns how many
+    were removed. Errors on single entries (raced with another sweeper) are skipped.
+    """
+    removed = 0
+    now = time.time()
+    for directory, _dirs, names in os.walk(root):
+        for name in names:
+            if not name.startswith(TMP_PREFIX):
+                continue
+            path = os.path.join(directory, name)
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            except OSError:
+                continue
+            try:
+                if now - os.fstat(fd).st_mtime < older_than:
+                    continue
+                if fcntl is not None:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except OSError:
+                        continue  # its writer is alive
+                os.unlink(path)
+                removed += 1
+                log.info("removed %s, left by a writer that died", path)
+            except OSError as exc:
+                log.debug("cannot sweep %s: %s", path, exc)
+            finally:
+                os.close(fd)
+    return removed
 
 
 def fsync_dir(path: Path) -> None:
@@ -220,3 +294,14 @@ class ObjectStore(ABC):
     @abstractmethod
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         """Objects whose key starts with ``prefix``, in lexicographic key order."""
+
+    def sweep_incomplete(self, older_than: float, *, keep: Collection[str] = ()) -> int:
+        """Remove what writers that died mid-write left behind, started more than
+        ``older_than`` seconds ago: temporary files of a local store, incomplete
+        multipart uploads on S3. An upload for a key in ``keep`` (keys a live writer
+        leased) is left alone. Returns how many were removed; never touches objects.
+
+        Listings never show these leftovers; they only cost space. `Workspace.gc`
+        calls this.
+        """
+        return 0

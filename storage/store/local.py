@@ -5,15 +5,17 @@ temporary sibling, fsynced, then *linked* (not renamed) onto its final name. A l
 fails if the name exists, which gives create-if-absent atomically (two writers of
 the same content-addressed key cannot clobber each other) and a crash at any moment
 leaves either no object or a complete one, plus at worst a ``.tmp-*`` leftover that
-listings ignore.
+listings ignore and `sweep_incomplete` (run by ``randes gc``) removes. A full disk is
+reported as `DiskFullError`, with the temporary file removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
@@ -24,8 +26,11 @@ from storage.store.base import (
     ObjectInfo,
     ObjectStore,
     check_sha256,
+    disk_full_error,
     fsync_dir,
     integrity_error,
+    lock_while_writing,
+    sweep_tmp_files,
     tmp_path_for,
     validate_key,
     validate_prefix,
@@ -65,6 +70,18 @@ def makedirs_durable(path: Path) -> None:
         except FileExistsError:
             continue
         fsync_dir(directory.parent)
+
+
+@contextlib.contextmanager
+def _disk_errors(what: str) -> Iterator[None]:
+    """Turn a write that ran out of space into `DiskFullError` (one line, no traceback)."""
+    try:
+        yield
+    except OSError as exc:
+        translated = disk_full_error(exc, what)
+        if translated is None:
+            raise
+        raise translated from exc
 
 
 def publish_no_replace(tmp: Path, final: Path) -> bool:
@@ -126,27 +143,37 @@ class LocalStore(ObjectStore):
                 f"key {key!r} in {self.url} is a directory of other objects, not an object"
             )
 
+    def _disk_full(self, key: str) -> contextlib.AbstractContextManager[None]:
+        return _disk_errors(f"object {key!r} in {self.url}")
+
     def _write_new(self, key: str, fill: BinaryIO | bytes, expected: str | None) -> bool:
-        """Write to a temporary sibling, verify, fsync, then publish without replacing."""
+        """Write to a temporary sibling, verify, fsync, then publish without replacing.
+
+        The temporary file is locked from its creation until it is published or removed,
+        so `sweep_incomplete` never takes a file from a live writer; a full disk removes
+        it and raises `DiskFullError`.
+        """
         final = self._path(key)
         if final.is_file():
             return False
-        self._make_parent(final, key)
-        tmp = tmp_path_for(final)
-        try:
-            with open(tmp, "xb") as out:
-                if isinstance(fill, bytes):
-                    out.write(fill)
-                    actual = hashlib.sha256(fill).hexdigest() if expected else ""
-                else:
-                    actual, _ = copy_hashing(fill, out)
-                if expected is not None and actual != expected:
-                    raise integrity_error(key, self.url, expected, actual)
-                out.flush()
-                os.fsync(out.fileno())
-            return publish_no_replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with self._disk_full(key):
+            self._make_parent(final, key)
+            tmp = tmp_path_for(final)
+            try:
+                with open(tmp, "xb") as out:
+                    lock_while_writing(out.fileno())
+                    if isinstance(fill, bytes):
+                        out.write(fill)
+                        actual = hashlib.sha256(fill).hexdigest() if expected else ""
+                    else:
+                        actual, _ = copy_hashing(fill, out)
+                    if expected is not None and actual != expected:
+                        raise integrity_error(key, self.url, expected, actual)
+                    out.flush()
+                    os.fsync(out.fileno())
+                    return publish_no_replace(tmp, final)
+            finally:
+                tmp.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------- API
     def ensure_root(self) -> None:
@@ -167,16 +194,18 @@ class LocalStore(ObjectStore):
         if if_absent:
             return self._write_new(key, bytes(data), None)
         final = self._path(key)
-        self._make_parent(final, key)
-        tmp = tmp_path_for(final)
-        try:
-            with open(tmp, "xb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with self._disk_full(key):
+            self._make_parent(final, key)
+            tmp = tmp_path_for(final)
+            try:
+                with open(tmp, "xb") as out:
+                    lock_while_writing(out.fileno())
+                    out.write(data)
+                    out.flush()
+                    os.fsync(out.fileno())
+                    os.replace(tmp, final)
+            finally:
+                tmp.unlink(missing_ok=True)
         fsync_dir(final.parent)
         return True
 
@@ -184,23 +213,25 @@ class LocalStore(ObjectStore):
         expected = check_sha256(sha256)
         src_path = self._path(key)
         dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_path_for(dest)
-        try:
+        with _disk_errors(f"{dest} (a copy of {key!r} from {self.url})"):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = tmp_path_for(dest)
             try:
-                src = open(src_path, "rb")  # noqa: SIM115 - closed by the with below
-            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-                raise self._missing(key) from None
-            with src, open(tmp, "xb") as out:
-                actual, _ = copy_hashing(src, out)
-                if expected is not None and actual != expected:
-                    raise integrity_error(key, self.url, expected, actual)
-                if self.durable_downloads:
-                    out.flush()
-                    os.fsync(out.fileno())
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
+                try:
+                    src = open(src_path, "rb")  # noqa: SIM115 - closed by the with below
+                except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                    raise self._missing(key) from None
+                with src, open(tmp, "xb") as out:
+                    lock_while_writing(out.fileno())
+                    actual, _ = copy_hashing(src, out)
+                    if expected is not None and actual != expected:
+                        raise integrity_error(key, self.url, expected, actual)
+                    if self.durable_downloads:
+                        out.flush()
+                        os.fsync(out.fileno())
+                    os.replace(tmp, dest)
+            finally:
+                tmp.unlink(missing_ok=True)
 
     def get_bytes(self, key: str, *, sha256: str | None = None) -> bytes:
         try:
@@ -244,6 +275,10 @@ class LocalStore(ObjectStore):
             pass
         except IsADirectoryError:
             pass  # a "directory" key is no object
+
+    def sweep_incomplete(self, older_than: float, *, keep: Collection[str] = ()) -> int:
+        """Remove ``.tmp-*`` files of writers that died (locked files are never taken)."""
+        return sweep_tmp_files(self.root, older_than)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         validate_prefix(prefix)

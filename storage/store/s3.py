@@ -38,7 +38,7 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import partial
@@ -65,7 +65,9 @@ from storage.store.base import (
     ObjectInfo,
     ObjectStore,
     check_sha256,
+    disk_full_error,
     integrity_error,
+    lock_while_writing,
     tmp_path_for,
     validate_key,
     validate_prefix,
@@ -508,7 +510,8 @@ class S3Store(ObjectStore):
             raise self._translate(exc, "complete upload", key) from exc
 
     def _abort(self, key: str, upload_id: str) -> None:
-        """Best effort: a leftover upload costs space until a lifecycle rule clears it."""
+        """Best effort: a leftover upload costs space until `sweep_incomplete` (run by
+        ``randes gc``) or a bucket lifecycle rule clears it."""
         try:
             self._client.abort_multipart_upload(
                 Bucket=self.bucket, Key=self._full(key), UploadId=upload_id
@@ -667,18 +670,24 @@ class S3Store(ObjectStore):
         expected = check_sha256(sha256)
         validate_key(key)
         dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_path_for(dest)
         digest = hashlib.sha256()
+        tmp = tmp_path_for(dest)
         try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "xb") as out:
+                lock_while_writing(out.fileno())
                 self._download(key, _hashing_writer(out, digest if expected else None))
                 if expected is not None and digest.hexdigest() != expected:
                     raise integrity_error(key, self.url, expected, digest.hexdigest())
                 if self.durable_downloads:
                     out.flush()
                     os.fsync(out.fileno())
-            os.replace(tmp, dest)
+                os.replace(tmp, dest)
+        except OSError as exc:
+            translated = disk_full_error(exc, f"{dest} (a copy of {self._where(key)})")
+            if translated is None:
+                raise
+            raise translated from exc
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -731,6 +740,69 @@ class S3Store(ObjectStore):
             self._call(
                 "delete", key, lambda: self._client.delete_object(Bucket=self.bucket, Key=full)
             )
+
+    def sweep_incomplete(self, older_than: float, *, keep: Collection[str] = ()) -> int:
+        """Abort multipart uploads under this store's prefix started more than
+        ``older_than`` seconds ago whose key is not in ``keep``.
+
+        A writer killed mid-upload (SIGKILL, OOM, power loss) never aborts its upload,
+        and the uploaded parts cost space until someone does; a bucket lifecycle rule
+        (AbortIncompleteMultipartUpload) is the usual remedy, this is the one that needs
+        no bucket configuration. A live writer's upload is protected by its lease
+        (``keep``) and, without one, by being younger than ``older_than``.
+        """
+        root = f"{self.prefix}/" if self.prefix else ""
+        cutoff = time.time() - older_than
+        args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": root}
+        stale: list[tuple[str, str, str]] = []
+        while True:
+            try:
+                page = self._retry(
+                    "list uploads", None, lambda: self._client.list_multipart_uploads(**args)
+                )
+            except ClientError as exc:
+                if _is_not_implemented(exc):
+                    logger.info("%s cannot list multipart uploads; none swept", self.endpoint)
+                    return 0
+                raise self._translate(exc, "list uploads", None) from exc
+            except BotoCoreError as exc:
+                raise self._translate(exc, "list uploads", None) from exc
+            for upload in page.get("Uploads", []):
+                full: str = upload["Key"]
+                key = full[len(root) :] if full.startswith(root) else None
+                initiated = upload.get("Initiated")
+                if key is None or key in keep or initiated is None:
+                    continue
+                if _utc(initiated).timestamp() <= cutoff:
+                    stale.append((key, full, upload["UploadId"]))
+            if not page.get("IsTruncated"):
+                break
+            args["KeyMarker"] = page.get("NextKeyMarker", "")
+            args["UploadIdMarker"] = page.get("NextUploadIdMarker", "")
+            if not args["KeyMarker"] and not args["UploadIdMarker"]:
+                break
+        removed = 0
+        for key, full, upload_id in stale:
+            try:
+                self._retry(
+                    "abort upload",
+                    key,
+                    partial(
+                        self._client.abort_multipart_upload,
+                        Bucket=self.bucket,
+                        Key=full,
+                        UploadId=upload_id,
+                    ),
+                )
+            except ClientError as exc:
+                if _code(exc) == "NoSuchUpload":
+                    continue  # completed or aborted meanwhile
+                raise self._translate(exc, "abort upload", key) from exc
+            except BotoCoreError as exc:
+                raise self._translate(exc, "abort upload", key) from exc
+            logger.info("aborted incomplete upload of %s", self._where(key))
+            removed += 1
+        return removed
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         validate_prefix(prefix)
