@@ -105,8 +105,9 @@ def init() -> None:
     """Create or upgrade the registry schema and the store root."""
     with _workspace() as ws:
         ws.init()
-        out.print(f"registry: {_redact(ws.settings.resolved_database_url)}")
-        out.print(f"store:    {ws.store.url}")
+        # soft_wrap: a URL printed whole, never cut at the console's width
+        out.print(f"registry: {_redact(ws.settings.resolved_database_url)}", soft_wrap=True)
+        out.print(f"store:    {ws.store.url}", soft_wrap=True)
 
 
 @base_app.command("add")
@@ -465,14 +466,57 @@ def _quiet_prefect_console() -> Iterator[None]:
                 os.environ[name] = value
 
 
+_SECRET_QUERY_KEYS = ("password", "passwd", "pwd", "secret", "token", "sslpassword")
+
+
 def _redact(url: str) -> str:
-    """A database URL with its password hidden, for printing."""
+    """A database URL with its password hidden, for printing.
+
+    libpq also takes the password as a query parameter (``?password=...``), which
+    SQLAlchemy's ``hide_password`` leaves visible: those values are hidden too.
+    """
     from sqlalchemy.engine import make_url
 
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
+        hidden = {k: "***" for k in parsed.query if k.lower().endswith(_SECRET_QUERY_KEYS)}
+        if hidden:
+            parsed = parsed.update_query_dict(hidden)
+        return parsed.render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - never print an unparsable URL, it may hold secrets
         return "<database url>"
+
+
+def _configured_secrets() -> list[str]:
+    """Secret values of this process's configuration, as they may appear in a message:
+    the database password (from the URL's user info or its query string) and the AWS
+    credential variables, each raw and URL-quoted (a rendered URL quotes them)."""
+    from urllib.parse import quote, quote_plus
+
+    values = [os.environ.get(n, "") for n in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")]
+    url = os.environ.get("RANDES_DATABASE_URL")
+    if url:
+        from sqlalchemy.engine import make_url
+
+        try:
+            parsed = make_url(url)
+        except Exception:  # noqa: BLE001 - unparsable: nothing to pick out
+            parsed = None
+        if parsed is not None:
+            values.append(str(parsed.password or ""))
+            for key, value in parsed.query.items():
+                if key.lower().endswith(_SECRET_QUERY_KEYS):
+                    values += [str(v) for v in (value if isinstance(value, tuple) else (value,))]
+    values += [quote(v, safe="") for v in values] + [quote_plus(v, safe="") for v in values]
+    return sorted({v for v in values if len(v) >= 4}, key=len, reverse=True)
+
+
+def _scrub(line: str) -> str:
+    """Last line of defence at the output boundary: no configured secret is printed,
+    whatever layer built the message."""
+    for secret in _configured_secrets():
+        line = line.replace(secret, "***")
+    return line
 
 
 def main(argv: list[str] | None = None) -> Literal[0] | int:
@@ -498,10 +542,34 @@ def main(argv: list[str] | None = None) -> Literal[0] | int:
         err.print("interrupted")
         return 130
     except RandesError as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.write(f"error: {_error_line(str(exc)) or type(exc).__name__}\n")
         return 1
     return 0
+
+
+_MAX_ERROR_CHARS = 1000
+
+
+def _error_line(message: str) -> str:
+    """The first line of ``message``, safe to print: no control characters.
+
+    Messages quote user input (a path, a task name, a key from a damaged manifest): an
+    escape sequence in it must not drive the terminal, and a line separator must not
+    turn one error into several lines.
+    """
+    lines = message.strip().splitlines()
+    if not lines:
+        return ""
+    line = "".join(_escape(ch) for ch in _scrub(lines[0]))
+    if len(line) > _MAX_ERROR_CHARS:
+        line = line[: _MAX_ERROR_CHARS - 3] + "..."
+    return line
+
+
+def _escape(ch: str) -> str:
+    if ch.isprintable() or ch == " ":
+        return ch
+    return ch.encode("unicode_escape").decode("ascii")
 
 
 # typer >= 0.16 ships its own copy of click: its usage errors are not click's classes.
@@ -511,10 +579,10 @@ _USAGE_ERRORS: tuple[type[Exception], ...] = (click.ClickException, typer.TyperE
 def _usage_error(exc: Exception) -> int:
     """A bad command line as one line on stderr, like every other error (exit status 2)."""
     message = getattr(exc, "format_message", lambda: str(exc))()
-    lines = str(message).strip().splitlines() or [type(exc).__name__]
+    line = _error_line(str(message)) or type(exc).__name__
     ctx = getattr(exc, "ctx", None)
     hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-    sys.stderr.write(f"error: {lines[0]}{hint}\n")
+    sys.stderr.write(f"error: {line}{hint}\n")
     code = getattr(exc, "exit_code", 2)
     return code if isinstance(code, int) and code else 2
 

@@ -149,7 +149,8 @@ def disk_full_error(exc: OSError, what: str) -> DiskFullError | None:
     if reason is None:
         return None
     where = f" ({exc.filename})" if exc.filename else ""
-    return DiskFullError(f"{reason} writing {what}{where}; free some space and run it again")
+    hint = "raise the limit" if exc.errno == errno.EFBIG else "free some space"
+    return DiskFullError(f"{reason} writing {what}{where}; {hint} and run it again")
 
 
 def lock_while_writing(fd: int) -> None:

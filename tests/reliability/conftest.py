@@ -260,10 +260,11 @@ class Child:
         return self.proc.exitcode  # type: ignore[no-any-return]
 
     def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
-            os.kill(self.pid, signal.SIGCONT)
-        self.proc.join(30)
+        """SIGKILL the child if it is still running (never a reaped pid: it may be reused)."""
+        if self.proc.exitcode is None and self.proc.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            self.proc.join(30)
 
     def stopped(self) -> bool:
         try:
@@ -384,6 +385,9 @@ class Trials:
         self.records.append(entry)
 
 
+_SUMMARY_OPENED: list[str] = []  # the summary file is truncated once per test run
+
+
 @pytest.fixture
 def trials(request: pytest.FixtureRequest) -> Iterator[Trials]:
     log = Trials(request.node.nodeid)
@@ -391,9 +395,34 @@ def trials(request: pytest.FixtureRequest) -> Iterator[Trials]:
     path = os.environ.get(SUMMARY_ENV)
     failed = getattr(request.node, "rep_call", None)
     if path and log.records and not (failed is not None and failed.failed):
-        with open(path, "a", encoding="utf-8") as handle:
+        mode = "a" if path in _SUMMARY_OPENED else "w"
+        _SUMMARY_OPENED.append(path)
+        with open(path, mode, encoding="utf-8") as handle:
             for entry in log.records:
                 handle.write(json.dumps(entry) + "\n")
+
+
+def summarize(path: str | Path) -> list[tuple[str, int, int, int]]:
+    """(category, tests, trials, lost) per category of a summary file, in file order."""
+    totals: dict[str, list[Any]] = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        entry = json.loads(line)
+        row = totals.setdefault(entry["category"], [set(), 0, 0])
+        row[0].add(entry["test"])
+        row[1] += int(entry["tried"])
+        row[2] += int(entry["lost"])
+    return [(name, len(tests), tried, lost) for name, (tests, tried, lost) in totals.items()]
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    path = os.environ.get(SUMMARY_ENV)
+    if not path or not _SUMMARY_OPENED or not Path(path).exists():
+        return
+    terminalreporter.section("reliability trials")
+    terminalreporter.write_line(f"{'category':<58} {'tests':>5} {'tried':>6} {'lost':>5}")
+    for name, tests, tried, lost in summarize(path):
+        terminalreporter.write_line(f"{name:<58} {tests:>5} {tried:>6} {lost:>5}")
+    terminalreporter.write_line(f"(records in {path})")
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -446,7 +475,8 @@ def recover_and_check(
     3. the retry completes, or reports skipped when the run had committed;
     4. once the leases expire, `gc` deletes exactly the orphans that the retry did not
        reuse, and no temp file of the store or the cache and no work directory is left;
-    5. every version is still complete when read through an empty cache.
+    5. every version is still complete in the store: pulled through an empty cache,
+       every object verified.
     """
     scratch.mkdir(parents=True, exist_ok=True)
     with Workspace(settings) as ws:
@@ -483,9 +513,7 @@ def recover_and_check(
         assert work == [], work
         swept += report.swept
 
-    fresh = settings.model_copy(update={"cache_dir": scratch / f"fresh-{uuid.uuid4().hex[:6]}"})
-    with Workspace(fresh) as ws:
-        check_visible(ws, models, scratch, recomputed)
+    check_store_complete(settings, scratch)
     shutil.rmtree(scratch, ignore_errors=True)
     return Recovery(
         committed=committed,
@@ -495,6 +523,19 @@ def recover_and_check(
         retried_version=outcome.version,
         skipped=outcome.skipped,
     )
+
+
+def check_store_complete(settings: Settings, scratch: Path) -> list[int]:
+    """Every version (and its base) is complete in the store itself, read through an
+    empty cache: `pull` fetches every object from the store and verifies its sha256."""
+    fresh = settings.model_copy(update={"cache_dir": scratch / f"fresh-{uuid.uuid4().hex[:6]}"})
+    with Workspace(fresh) as ws:
+        versions = [r.version for r in ws.registry.list_versions(BUNDLE)]
+        for version in versions:
+            dest = scratch / f"pull-{version}-{uuid.uuid4().hex[:6]}"
+            assert ws.pull(BUNDLE, str(version), dest).version == version
+            shutil.rmtree(dest)
+    return versions
 
 
 def child_env(settings: Settings) -> dict[str, str]:

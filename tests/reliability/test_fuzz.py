@@ -27,6 +27,7 @@ examples every time; ``max_examples`` is sized to keep the file well under a min
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import struct
@@ -71,7 +72,7 @@ FUZZ = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-FEW = settings(FUZZ, max_examples=150)
+FEW = settings(FUZZ, max_examples=200)
 
 MB = 1024 * 1024
 
@@ -205,6 +206,33 @@ def valid_files(draw: st.DrawFn) -> bytes:
 
 
 @st.composite
+def consistent_hostile_shapes(draw: st.DrawFn) -> bytes:
+    """Headers whose offsets tile the data exactly, with shapes a reader must still
+    refuse or survive: empty tensors with enormous other dims, ranks past 64, dims at
+    the int64 edges. The byte counts agree, so only the shape checks stand in the way."""
+    header: dict[str, Any] = {}
+    data = b""
+    for i in range(draw(st.integers(1, 3))):
+        dtype_name = draw(st.sampled_from(sorted(DTYPES)))
+        dims = st.integers(0, 3) | HUGE | st.integers(0, 2**64)
+        shape = draw(st.lists(dims, max_size=4) | st.lists(st.just(1), min_size=60, max_size=70))
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        size = numel * dtype_size(DTYPES[dtype_name])
+        if size > 64:  # keep the file small: make the tensor empty, keep the huge dims
+            shape = [0, *shape]
+            size = 0
+        header[f"t{i}"] = {
+            "dtype": dtype_name,
+            "shape": shape,
+            "data_offsets": [len(data), len(data) + size],
+        }
+        data += b"\x01" * size
+    return _pack(header, data)
+
+
+@st.composite
 def mutated_files(draw: st.DrawFn) -> bytes:
     blob = bytearray(draw(valid_files()))
     for _ in range(draw(st.integers(1, 3))):
@@ -249,6 +277,13 @@ def test_hostile_headers(scratch: Path, blob: bytes) -> None:
 
 
 @FUZZ
+@given(blob=consistent_hostile_shapes())
+def test_consistent_headers_with_hostile_shapes(scratch: Path, blob: bytes) -> None:
+    path = _file(scratch, blob)
+    _only_randes_errors(lambda: _read_everything(path))
+
+
+@FUZZ
 @given(blob=valid_files())
 def test_valid_files_of_every_dtype_read_back(scratch: Path, blob: bytes) -> None:
     path = _file(scratch, blob)
@@ -264,28 +299,26 @@ def test_mutated_files(scratch: Path, blob: bytes) -> None:
 
 @st.composite
 def hostile_indexes(draw: st.DrawFn) -> Any:
-    shard_name = (
-        st.sampled_from(
-            [
-                "model-00001-of-00002.safetensors",
-                "model-00002-of-00002.safetensors",
-                "../model.safetensors",
-                "/etc/passwd.safetensors",
-                "sub/x.safetensors",
-                ".safetensors",
-                "..",
-                "",
-                "a\x00b.safetensors",
-                "x" * 300 + ".safetensors",
-                "pytorch_model.bin",
-            ]
-        )
-        | st.text(max_size=20)
-        | JSON_LEAVES
+    hostile = st.sampled_from(
+        [
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+            "../model.safetensors",
+            "/etc/passwd.safetensors",
+            "sub/x.safetensors",
+            ".safetensors",
+            "..",
+            "",
+            "a\x00b.safetensors",
+            "x" * 300 + ".safetensors",
+            "pytorch_model.bin",
+        ]
     )
+    # mostly names that pass the syntax checks, so the file system gets asked about them
+    shard_name = st.one_of(hostile, hostile, hostile, st.text(max_size=20), JSON_LEAVES)
     if draw(st.integers(0, 4)) == 0:
         return draw(JSON)
-    weight_map = draw(st.dictionaries(st.text(max_size=6), shard_name, max_size=4) | JSON)
+    weight_map = draw(st.dictionaries(st.text(max_size=6), shard_name, min_size=1, max_size=4))
     index: dict[str, Any] = {"weight_map": weight_map}
     if draw(st.booleans()):
         index["metadata"] = draw(JSON)
@@ -301,6 +334,22 @@ def test_hostile_hugging_face_index(scratch: Path, index: Any, shard: bytes) -> 
     (root / "model-00001-of-00002.safetensors").write_bytes(shard)
     (root / INDEX_FILE).write_text(json.dumps(index))
     _only_randes_errors(lambda: _read_everything(root))
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["x" * 300 + ".safetensors", "model-00002-of-00002.safetensors", "a\x00b.safetensors"],
+    ids=["name-too-long", "missing-shard", "nul-byte"],
+)
+def test_index_naming_an_unopenable_shard(scratch: Path, name: str) -> None:
+    """The file system's own refusals (ENAMETOOLONG...) are CheckpointErrors too."""
+    root = scratch / "hf-odd"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir()
+    (root / INDEX_FILE).write_text(json.dumps({"weight_map": {"a": name}}))
+    with pytest.raises(RandesError) as info:
+        CheckpointReader.open(root)
+    assert "\n" not in str(info.value)
 
 
 # ------------------------------------------------------------------- manifests
@@ -400,14 +449,17 @@ def mutated_manifests(draw: st.DrawFn, valid: Any) -> bytes:
         if parent is None:
             continue
         action = draw(st.sampled_from(["replace", "replace", "delete", "add"]))
+        # a copy: sampled_from hands out the same list/dict objects every time, and a
+        # later mutation must not change the strategy's constants
+        value = copy.deepcopy(draw(REPLACEMENTS))
         if action == "replace":
-            parent[key] = draw(REPLACEMENTS)
+            parent[key] = value
         elif action == "delete":
             del parent[key]
         elif isinstance(parent, dict):
-            parent[draw(st.text(max_size=8))] = draw(REPLACEMENTS)
+            parent[draw(st.text(max_size=8))] = value
         else:
-            parent.append(draw(REPLACEMENTS))
+            parent.append(value)
     text = json.dumps(doc).encode("utf-8")
     if draw(st.integers(0, 4)) == 0 and text:  # and sometimes a damaged byte on top
         blob = bytearray(text)
