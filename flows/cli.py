@@ -2,8 +2,9 @@
 
 Queries (`tasks`, `versions`) touch only the registry and import neither torch nor
 Prefect, so they answer fast. Every user-facing failure is a `RandesError` and ends
-as one line on stderr with exit status 1; anything else is a bug and keeps its
-traceback.
+as one line on stderr with exit status 1 (a malformed command line: one line, status
+2); anything else is a bug and keeps its traceback. The line is printed safely: its
+control characters escaped, any configured secret replaced by ``***``.
 """
 
 from __future__ import annotations
@@ -532,7 +533,7 @@ def main(argv: list[str] | None = None) -> Literal[0] | int:
         return exc.exit_code
     except _USAGE_ERRORS as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":  # bare `randes` / `randes base`: help
-            exc.show()
+            exc.show()  # type: ignore[attr-defined]
             return 2
         return _usage_error(exc)
     except (click.exceptions.Abort, typer.Abort):

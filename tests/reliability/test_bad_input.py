@@ -564,3 +564,15 @@ def test_installed_script_usage_errors_are_one_line(world: World) -> None:
     bare = subprocess.run([str(RANDES)], capture_output=True, text=True, env=env, timeout=120)
     assert bare.returncode == 2 and "Traceback" not in bare.stderr, bare
     assert "Usage" in bare.stdout + bare.stderr  # `randes` alone shows the help
+
+
+# ------------------------------------------------------------- the ingest flow
+@pytest.mark.usefixtures("unchanged")
+def test_ingest_of_a_bad_checkpoint_is_one_line(world: World) -> None:
+    """`randes ingest` runs a Prefect flow: its console log (a traceback per failed task
+    run, the temporary server's start and stop) stays off stderr, so the refusal is one
+    line there too, and nothing is folded."""
+    incoming = world.models("incoming")
+    _modified(world, "incoming/nan", _set("h.0.mlp.c_fc.weight", (0, 0), float("nan")))
+    result = cli("ingest", BUNDLE, str(incoming), "--no-validate")
+    assert_refused(result, "NaN or Inf", code=1)
