@@ -21,6 +21,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -50,12 +51,13 @@ from randes.retrieve import materialize as materialize_model
 from randes.rng import new_task_seed
 from randes.scaling import default_scale
 from randes.writer import WrittenShard
-from storage.cache import ObjectCache, file_sha256
+from storage.cache import ObjectCache, file_sha256, integrity_context
 from storage.keys import blob_key, manifest_key
 from storage.registry import (
     AlreadyIngestedError,
     BaseRecord,
     BundleRecord,
+    InvalidValueError,
     NewTask,
     Registry,
     RegistryError,
@@ -237,7 +239,8 @@ class Workspace:
 
     def base_manifest(self, name: str) -> BaseManifest:
         record = self.registry.get_base(name)
-        data = self.store.get_bytes(record.manifest_key, sha256=record.manifest_sha256)
+        with integrity_context(f"base {name}"):
+            data = self.store.get_bytes(record.manifest_key, sha256=record.manifest_sha256)
         return load_base_manifest(data)
 
     # ---------------------------------------------------------------- bundles
@@ -253,7 +256,8 @@ class Workspace:
         return TransformConfig.model_validate(self.registry.get_bundle(bundle).transform)
 
     def manifest(self, version: VersionRecord) -> BundleManifest:
-        data = self.store.get_bytes(version.manifest_key, sha256=version.manifest_sha256)
+        with integrity_context(f"bundle {version.bundle} version {version.version}"):
+            data = self.store.get_bytes(version.manifest_key, sha256=version.manifest_sha256)
         return load_bundle_manifest(data)
 
     def resolve(self, bundle: str, ref: str | None = None) -> tuple[VersionRecord, BundleManifest]:
@@ -277,6 +281,7 @@ class Workspace:
         skipped; a lost race for the next version number rebuilds on the new head.
         """
         validate_name(task, "task name")
+        _check_scale(scale)
         bundle_rec = self.registry.get_bundle(bundle)
         config = TransformConfig.model_validate(bundle_rec.transform)
         resolved = resolve_source(source, settings=self.settings)
@@ -432,6 +437,7 @@ class Workspace:
         The model is built in a sibling temporary directory and renamed into place, so
         ``dest`` either does not exist or holds the whole model.
         """
+        _check_scale(scale)
         record, manifest = self.resolve(bundle, ref)
         try:
             entry = manifest.task(task)
@@ -483,15 +489,19 @@ class Workspace:
         base = self.base_manifest(manifest.base.name)
         dest.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+        version_context = f"bundle {bundle} version {record.version}"
+        base_context = f"base {base.name}"
         try:
-            refs = [*manifest.shards(), *base.shards, *base.files.values()]
-            for obj in {r.key: r for r in refs}.values():
-                self.store.get_file(obj.key, staging / obj.key, sha256=obj.sha256)
-            for key, sha in (
-                (record.manifest_key, record.manifest_sha256),
-                (manifest.base.manifest_key, manifest.base.manifest_sha256),
-            ):
-                self.store.get_file(key, staging / key, sha256=sha)
+            wanted: dict[str, tuple[str, str]] = {}  # key -> (sha256, what it belongs to)
+            for obj in manifest.shards():
+                wanted.setdefault(obj.key, (obj.sha256, version_context))
+            for obj in [*base.shards, *base.files.values()]:
+                wanted.setdefault(obj.key, (obj.sha256, base_context))
+            wanted[record.manifest_key] = (record.manifest_sha256, version_context)
+            wanted[manifest.base.manifest_key] = (manifest.base.manifest_sha256, base_context)
+            for key, (sha, context) in wanted.items():
+                with integrity_context(context):
+                    self.store.get_file(key, staging / key, sha256=sha)
             (staging / "bundle.json").write_text(_pointer_json(bundle, record), encoding="utf-8")
             if dest.exists():
                 dest.rmdir()
@@ -791,6 +801,17 @@ class Workspace:
             removed=list(removed),
             ledger=list(ledger),
         )
+
+
+def _check_scale(scale: float | None) -> None:
+    """A per-task lambda override must be a finite positive number (checked before
+    anything is computed or uploaded)."""
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise InvalidValueError(f"scale must be a number, got {type(scale).__name__}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise InvalidValueError(f"scale must be a finite number greater than 0, got {scale}")
 
 
 def _manifest_sha(manifest: BaseManifest | BundleManifest) -> str:
