@@ -25,10 +25,16 @@ from flows.validation import (
     report_markdown,
     validate_task,
 )
+from randes.errors import RandesError
 from storage.errors import StoreUnavailableError
 from storage.registry import DatabaseUnavailableError
 from storage.settings import load_settings
 from storage.workspace import FoldOutcome, Workspace
+
+
+class IngestRefusedError(RandesError):
+    """Some checkpoints of an ingest were refused; the others were folded."""
+
 
 TRANSIENT = (StoreUnavailableError, DatabaseUnavailableError, ConnectionError, TimeoutError)
 RETRY_DELAYS = [2, 5, 10]
@@ -145,8 +151,19 @@ def ingest_flow(
     candidates = discover_checkpoints(source)
     folded: list[FoldOutcome] = []
     skipped: list[FoldOutcome] = []
+    refused: list[str] = []
     for candidate in candidates:  # sequential: each fold builds on the previous head
-        outcome = fold_checkpoint(bundle, candidate)
+        state = fold_checkpoint(bundle, candidate, return_state=True)
+        try:
+            outcome = state.result()
+        except TRANSIENT:
+            raise  # the store or database is down: stop, the next run resumes
+        except RandesError as exc:
+            # One bad checkpoint must not starve the ones sorted after it on every
+            # scheduled run: refuse it, fold the rest, fail the run at the end.
+            refused.append(f"{candidate.task}: {str(exc).splitlines()[0] if str(exc) else exc!r}")
+            logger.error("refused %s", refused[-1])
+            continue
         (skipped if outcome.skipped else folded).append(outcome)
         logger.info(
             "%s: %s",
@@ -164,6 +181,7 @@ def ingest_flow(
         "skipped": [o.task for o in skipped],
         "version": folded[-1].version if folded else None,
         "status": None if report is None else ("validated" if report.passed else "rejected"),
+        "refused": refused,
     }
     create_markdown_artifact(
         key=f"{bundle}-ingest".lower().replace("_", "-").replace(".", "-"),
@@ -171,8 +189,13 @@ def ingest_flow(
             f"# Ingest into {bundle}\n\nfound {len(candidates)}, folded {len(folded)} "
             f"({', '.join(folded_names) or '-'}), already present {len(skipped)}; "
             f"head version {summary['version']}, status {summary['status']}"
+            + "".join(f"\n- refused {line}" for line in refused)
         ),
     )
+    if refused:
+        raise IngestRefusedError(
+            f"{bundle}: folded {len(folded)}, refused {len(refused)}: " + "; ".join(refused)
+        )
     return summary
 
 

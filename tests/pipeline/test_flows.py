@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from flows.pipeline import ingest_flow, publish_flow, validate_flow
+from flows.pipeline import IngestRefusedError, ingest_flow, publish_flow, validate_flow
 from storage.registry import RejectedVersionError
 from storage.workspace import Workspace
 from tests.factories import D_MODEL, make_finetune
@@ -63,6 +63,26 @@ def probe_accuracy(state: Mapping[str, torch.Tensor], task: str) -> dict[str, fl
 
 
 # ---------------------------------------------------------------------- tests
+def test_a_refused_checkpoint_does_not_starve_the_others(
+    new_bundle: Callable[..., None], base_dir: Path, tmp_path: Path
+) -> None:
+    """A bad checkpoint sorted first is refused; the ones after it are still folded."""
+    new_bundle("b")
+    source = tmp_path / "incoming"
+    bad = make_finetune(base_dir, source / "aaa-broken", 1)
+    state = load_file(str(bad / "model.safetensors"))
+    state["h.0.attn.c_attn.weight"][0, 0] = float("nan")
+    save_file(state, str(bad / "model.safetensors"))
+    make_finetune(base_dir, source / "beta", 2)
+
+    with pytest.raises(IngestRefusedError, match="aaa-broken"):
+        ingest_flow("b", str(source))
+    with Workspace.open() as ws:
+        assert [t.name for t in ws.registry.tasks("b")] == ["beta"]
+        head = ws.registry.head("b")
+        assert head is not None and head.version == 1 and head.status == "validated"
+
+
 def test_second_ingest_of_the_same_source_folds_nothing(
     new_bundle: Callable[..., None], base_dir: Path, tmp_path: Path
 ) -> None:
