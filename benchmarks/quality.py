@@ -568,8 +568,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"fold this many tasks: the {len(TASKS)}-task suite, then the extras"
         f" (at most {len(ALL_TASKS)}); anything but {len(TASKS)} only prints",
     )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads (default 2, the cores of the reference machine; on a machine"
+        " shared with other work 1 avoids OpenMP stalls). Weights depend on it in the last bits.",
+    )
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]
 
@@ -670,6 +677,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     extended = n != len(TASKS)
     command = ".venv/bin/python -m benchmarks.quality" + (" --quick" if args.quick else "")
     command += f" --tasks {n}" if extended else ""
+    command += f" --threads {args.threads}" if args.threads != 2 else ""
     m = recipe.model
 
     title = f"## Quality beyond {len(TASKS)} tasks" if extended else "## Quality"

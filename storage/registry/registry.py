@@ -36,7 +36,7 @@ from sqlalchemy import (
     union,
     update,
 )
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -219,7 +219,7 @@ class Registry:
     @property
     def url(self) -> str:
         """The database URL with its password hidden (safe to log)."""
-        return self._url.render_as_string(hide_password=True)
+        return _redacted(self._url).render_as_string(hide_password=True)
 
     @property
     def backend(self) -> str:
@@ -282,9 +282,8 @@ class Registry:
         if isinstance(exc, IntegrityError):
             return None
         detail = _first_line(exc)
-        password = self._url.password
-        if password:
-            detail = detail.replace(str(password), "***")
+        for secret in _secrets(self._url):
+            detail = detail.replace(secret, "***")
         sqlstate = getattr(exc.orig, "sqlstate", None)
         lowered = detail.lower()
         if sqlstate in _PG_UNDEFINED or any(m in lowered for m in _SQLITE_UNDEFINED):
@@ -999,3 +998,23 @@ class Registry:
             if translated is None:
                 raise
             raise translated from None
+
+
+_SECRET_QUERY_KEYS = frozenset({"password", "passfile", "sslpassword"})
+
+
+def _secrets(url: URL) -> list[str]:
+    """Every secret a URL carries: the user-info password and password-like query keys."""
+    found = [str(url.password)] if url.password else []
+    for key, value in url.query.items():
+        if key.lower() in _SECRET_QUERY_KEYS:
+            values = value if isinstance(value, tuple) else (value,)
+            found.extend(v for v in values if v)
+    return found
+
+
+def _redacted(url: URL) -> URL:
+    """``url`` with password-like query values replaced by ``***`` (user info is left to
+    SQLAlchemy's ``hide_password``)."""
+    hidden = {k: "***" for k in url.query if k.lower() in _SECRET_QUERY_KEYS}
+    return url.update_query_dict(hidden) if hidden else url

@@ -391,14 +391,6 @@ def test_flows_their_artifacts_and_their_failures_leak_nothing(
     creds.assert_absent(debug_logs.text, "the DEBUG logs")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "storage.registry.Registry.url hides only a password in the URL's user info: one "
-        "given as ?password= reaches DatabaseUnavailableError messages, hence a failed flow "
-        "run's state in Prefect (the command line scrubs it; docs/reliability_input.md)"
-    ),
-)
 @pytest.mark.usefixtures("prefect_api")
 def test_flow_failure_with_the_password_in_the_query_string(
     pipeline_env: Secrets, monkeypatch: pytest.MonkeyPatch
