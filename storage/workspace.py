@@ -52,6 +52,7 @@ from randes.rng import new_task_seed
 from randes.scaling import default_scale
 from randes.writer import WrittenShard
 from storage.cache import ObjectCache, file_sha256, integrity_context
+from storage.errors import StoreError
 from storage.keys import blob_key, manifest_key
 from storage.registry import (
     AlreadyIngestedError,
@@ -544,7 +545,13 @@ class Workspace:
             deleted += self._delete_unclaimed(candidates[start : start + GC_BATCH])
         # Leftovers of writers that died mid-write (never objects): store temp files or
         # incomplete multipart uploads, and temp files of interrupted cache downloads.
-        swept = self.store.sweep_incomplete(grace_s, keep=leased)
+        # Not fatal: the deletions are done, and a store that refuses to list uploads
+        # (a bucket policy without s3:ListBucketMultipartUploads) is swept next time.
+        try:
+            swept = self.store.sweep_incomplete(grace_s, keep=leased)
+        except StoreError as exc:
+            log.warning("could not sweep incomplete uploads in %s: %s", self.store.url, exc)
+            swept = 0
         swept += sweep_tmp_files(self.cache.root, grace_s)
         return GcReport(deleted=deleted, kept_young=young, referenced=len(keep), swept=swept)
 

@@ -1,5 +1,9 @@
 """Pretraining of the base and fine-tuning of the task models, deterministic by seed.
 
+Deterministic means: the same recipe, seeds and torch thread count give bit-identical
+weights (the thread count changes float summation order, so 1 and 2 threads differ in
+the last bits; the benchmark records the count it ran with).
+
 Recipe, chosen to look like real fine-tunes rather than to flatter any merge method:
 
 - the base is pretrained on upright digits only (supervised digit classification), like a
@@ -65,7 +69,8 @@ class Recipe:
 
 
 def _set_threads() -> None:
-    # The project's machines have 2 cores; more threads than cores only adds contention.
+    # At most 2 (the project's machines have 2 cores), never more than the caller chose:
+    # the CLI may pin 1 thread, which is much faster on a shared, busy machine.
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

@@ -1,10 +1,12 @@
-"""Two gaps docs/reliability_input.md found in `Workspace` itself (the command line
-covered them, Python callers and flows did not):
+"""Two gaps the bad-input and integrity tests found in `Workspace` itself (the command
+line covered them, Python callers and flows did not; see docs/reliability.md):
 
 - `Workspace.pull`, `manifest()` and `base_manifest()` name the bundle version (or the
   base) a damaged object belongs to, like the command line does;
 - `Workspace.fold(scale=...)` and `materialize(scale=...)` refuse a scale that is not a
   finite positive number before anything is computed or uploaded.
+
+And one of the leftover sweep added to `gc`: a store refusing it does not fail the gc.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from randes.errors import IntegrityError
+from storage.errors import StoreError
 from storage.registry import InvalidValueError
 from storage.workspace import Workspace
 from tests.reliability.conftest import (
@@ -81,3 +84,23 @@ def test_fold_and_materialize_refuse_a_bad_scale_before_writing(
         assert tmp_files(tmp_path / "home") == []
         assert not (tmp_path / "model").exists()
     trials.record("bad scale refused before writing (Workspace API)", str(scale), tried=2)
+
+
+def test_gc_completes_when_the_store_refuses_to_sweep_leftovers(
+    models: Models, tmp_path: Path, trials: Trials
+) -> None:
+    """A bucket policy without s3:ListBucketMultipartUploads must not fail a `gc`
+    whose deletions are done: the leftovers are swept by a later run."""
+    settings = make_settings(tmp_path / "home")
+    with Workspace(settings) as ws:
+        setup_bundle(ws, models, "t0")
+        ws.store.put_bytes("objects/zz/orphan", b"left by a failed run")
+
+        def refuse(older_than: float, *, keep: object = ()) -> int:
+            raise StoreError("list uploads s3://b/randes: access denied (AccessDenied)")
+
+        ws.store.sweep_incomplete = refuse  # type: ignore[method-assign]
+        report = ws.gc(grace_s=0)
+        assert report.deleted == ["objects/zz/orphan"] and report.swept == 0
+        assert stored_keys(ws) == ws.registry.referenced_keys()
+    trials.record("gc with a store refusing the leftover sweep", "access denied")
