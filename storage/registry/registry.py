@@ -613,8 +613,10 @@ class Registry:
         try:
             with self._tx(write=True) as s:
                 b = self._bundle(s, bundle)
-                # 1. The ledger first: the same checkpoint twice is a no-op, not a retry.
-                if ledger_shas:
+
+                def check_ledger() -> None:
+                    if not ledger_shas:
+                        return
                     hit = s.execute(
                         select(
                             IngestionLedger.source_sha256,
@@ -629,13 +631,20 @@ class Registry:
                     ).first()
                     if hit is not None:
                         raise AlreadyIngestedError(bundle, hit[0], hit[1], hit[2])
+
+                # 1. The ledger first: the same checkpoint twice is a no-op, not a retry.
+                check_ledger()
                 # 2. The head: only head + 1 may be committed.
                 head = self._head(s, b)
-                if head is None:
-                    if version not in (0, 1):
-                        raise VersionConflictError(bundle, version, None)
-                elif version != head.version + 1:
-                    raise VersionConflictError(bundle, version, head.version)
+                next_ok = (0, 1) if head is None else (head.version + 1,)
+                if version not in next_ok:
+                    # Under READ COMMITTED (PostgreSQL) a racer may have committed this
+                    # very checkpoint between the ledger check and the head read: say so
+                    # (stop), rather than "version taken" (rebuild and find it anyway).
+                    check_ledger()
+                    raise VersionConflictError(
+                        bundle, version, head.version if head is not None else None
+                    )
                 if parent_version is not None:
                     self._version(s, b, parent_version)
                 # 3. Tasks: clear errors for the common cases (the constraints back them).
@@ -727,6 +736,10 @@ class Registry:
             if constraint == UQ_LEDGER_SOURCE:
                 raise self._already_ingested(bundle, ledger_shas) from None
             if constraint == UQ_VERSION:
+                for source_sha in ledger_shas:  # the racer that took it may be this checkpoint
+                    hit = self.ledger_lookup(bundle, source_sha)
+                    if hit is not None:
+                        raise AlreadyIngestedError(bundle, source_sha, hit[0], hit[1]) from None
                 raise VersionConflictError(bundle, version, None) from None
             if constraint == UQ_TASK_LIVE_NAME:
                 dup_names = _dupes(t.name for t in added)

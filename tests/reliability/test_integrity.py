@@ -253,13 +253,12 @@ def test_damaged_store_object_is_reported_by_pull_materialize_and_validate(
     assert cli("materialize", BUNDLE, "alpha", str(tmp_path / "model"))[0] == 0
 
 
+@pytest.mark.parametrize("world", ["local"], indirect=True)  # one backend covers the wrapping
 def test_validate_command_reports_a_damaged_shard_in_one_line(
     world: World, use_env: Callable[[Path], None], tmp_path: Path
 ) -> None:
     """The flow behind ``randes validate`` keeps the command line contract: no Prefect
     log (nor its traceback of the failed task) around the one error line."""
-    if world.kind != "local":
-        pytest.skip("one backend is enough for the command-line wrapping")
     use_env(tmp_path / "cache")
     with world.damaged("superposition-shard") as key:
         line = _error_line(*cli("validate", BUNDLE))
