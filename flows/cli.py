@@ -250,7 +250,10 @@ def gc(
     with _workspace() as ws:
         report = ws.gc(grace_s=grace, dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
-    out.print(f"{verb} {len(report.deleted)} objects; kept {report.kept_young} recent ones")
+    out.print(
+        f"{verb} {len(report.deleted)} objects; kept {report.kept_young} recent ones; "
+        f"swept {report.swept} incomplete uploads or temp files"
+    )
 
 
 def _registry():  # type: ignore[no-untyped-def]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch
 from torch import Tensor
 
 from flows.digits.data import get_task
@@ -26,6 +25,5 @@ def evaluate(state_dict: Mapping[str, Tensor], task: str, split: str = "test") -
     classes = state_dict["head.weight"].shape[0]
     if classes != spec.num_classes:
         raise ValueError(f"head has {classes} classes, task {task!r} has {spec.num_classes}")
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     model = model_from_state_dict(state_dict)
     return {"accuracy": accuracy(model, task, split)}

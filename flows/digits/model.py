@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -220,8 +221,14 @@ def save_pretrained(model: DigitsViT, out_dir: Path) -> Path:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
-    (out_dir / CONFIG_FILE).write_text(json.dumps(model.cfg.to_json(), indent=2) + "\n")
+    # Each file is written aside and renamed into place, so a reader (or a second process
+    # building the same dir) never sees a half-written file.
+    tmp = out_dir / f".{WEIGHTS_FILE}.{os.getpid()}.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out_dir / WEIGHTS_FILE)
+    tmp = out_dir / f".{CONFIG_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(model.cfg.to_json(), indent=2) + "\n")
+    os.replace(tmp, out_dir / CONFIG_FILE)
     return out_dir
 
 

@@ -51,9 +51,16 @@ def test_state_dict_follows_gpt2_naming() -> None:
     assert all(v.dtype == torch.float32 for v in headless.values())
 
 
-def test_pretraining_is_deterministic() -> None:
+def test_pretraining_is_deterministic_whatever_the_thread_count() -> None:
     recipe = Recipe(pretrain_steps=3)
-    a, b = pretrain(recipe).state_dict(), pretrain(recipe).state_dict()
+    a = pretrain(recipe).state_dict()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        b = pretrain(recipe).state_dict()
+        assert torch.get_num_threads() == 2  # the caller's setting is restored
+    finally:
+        torch.set_num_threads(before)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
