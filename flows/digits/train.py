@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -37,6 +38,8 @@ from torch import Tensor
 
 from flows.digits.data import ALL_TASKS, TASKS, digits_split, get_task, task_split
 from flows.digits.model import (
+    CONFIG_FILE,
+    MODEL_TYPE,
     WEIGHTS_FILE,
     DigitsConfig,
     DigitsViT,
@@ -212,6 +215,26 @@ def relative_delta_norm(base: Mapping[str, Tensor], tuned: Mapping[str, Tensor])
     return (num / den) ** 0.5
 
 
+STAMP_FILE = "recipe.json"
+
+
+def _read_stamp(path: Path) -> tuple[str, set[str]] | None:
+    """(recipe as canonical JSON, tasks trained with it) of a models dir, None if unusable."""
+    try:
+        data = json.loads(path.read_text())
+        return json.dumps(data["recipe"], sort_keys=True), set(data["tasks"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _is_our_model_dir(path: Path) -> bool:
+    try:
+        cfg = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and cfg.get("model_type") == MODEL_TYPE
+
+
 def build_models(
     out_dir: Path,
     tasks: Iterable[str] | None = None,
@@ -222,41 +245,52 @@ def build_models(
     """Pretrain a base and fine-tune every task, saved as HF style dirs under `out_dir`.
 
     Layout: `out_dir/base/` and `out_dir/tasks/<task>/`, each with model.safetensors and
-    config.json. With `reuse`, dirs written earlier by the same recipe are kept (the recipe
-    is stored in `out_dir/recipe.json`), which makes repeated benchmark runs cheap while a
-    changed recipe always retrains. Training is deterministic, so reuse never changes results.
+    config.json. `out_dir/recipe.json` records the recipe and the tasks trained with it;
+    with `reuse`, exactly those dirs are kept (repeated benchmark runs are cheap, and
+    training is deterministic, so reuse never changes results). Otherwise the base is
+    trained again, and task dirs of an older base that this call does not rebuild are
+    deleted: a fine-tune is only meaningful against its own base, and the pipeline
+    ingests every dir under `tasks/`.
     """
     recipe = recipe or Recipe()
     names = list(TASKS) if tasks is None else list(tasks)
     for name in names:
         get_task(name)
     out_dir.mkdir(parents=True, exist_ok=True)
-    recipe_file = out_dir / "recipe.json"
+    stamp_file = out_dir / STAMP_FILE
     recipe_json = json.dumps(recipe.to_json(), sort_keys=True)
-    same = reuse and recipe_file.exists() and recipe_file.read_text() == recipe_json
-    if not same and recipe_file.exists():
-        recipe_file.unlink()  # the dirs below are stale until the new recipe is written again
-
     base_dir = out_dir / "base"
+    stamp = _read_stamp(stamp_file) if reuse else None
+    same = stamp is not None and stamp[0] == recipe_json and (base_dir / WEIGHTS_FILE).exists()
+    built = stamp[1] if same and stamp is not None else set()
+
     t0 = time.perf_counter()
-    if same and (base_dir / WEIGHTS_FILE).exists():
+    if same:
         base = load_pretrained(base_dir)
     else:
+        stamp_file.unlink(missing_ok=True)  # nothing below is certified until rewritten
+        tasks_root = out_dir / "tasks"
+        if tasks_root.is_dir():
+            for stale in tasks_root.iterdir():
+                if stale.name not in names and _is_our_model_dir(stale):
+                    shutil.rmtree(stale)
         base = pretrain(recipe)
         save_pretrained(base, base_dir)
-        same = False  # a new base invalidates every fine-tune
     if log:
         print(f"base ready in {time.perf_counter() - t0:.1f}s")
     task_dirs: dict[str, Path] = {}
     for name in names:
         t1 = time.perf_counter()
         tdir = out_dir / "tasks" / name
-        if not (same and (tdir / WEIGHTS_FILE).exists()):
+        if not (name in built and (tdir / WEIGHTS_FILE).exists()):
             save_pretrained(finetune(base, name, recipe), tdir)
         task_dirs[name] = tdir
         if log:
             print(f"task {name} ready in {time.perf_counter() - t1:.1f}s")
-    tmp = out_dir / f".recipe.json.{os.getpid()}.tmp"
-    tmp.write_text(recipe_json)
-    os.replace(tmp, recipe_file)  # last: the dirs above are complete when it appears
+    stamp_json = json.dumps(
+        {"recipe": recipe.to_json(), "tasks": sorted(built | set(names))}, indent=2
+    )
+    tmp = out_dir / f".{STAMP_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(stamp_json + "\n")
+    os.replace(tmp, stamp_file)  # last: every dir it names is complete when it appears
     return base_dir, task_dirs

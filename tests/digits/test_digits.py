@@ -89,11 +89,17 @@ def test_build_writes_loadable_hf_dirs(built: tuple[Path, dict[str, Path]]) -> N
         assert 0 < (num / den) ** 0.5 < 0.2
 
 
-def test_reuse_keeps_identical_models(built: tuple[Path, dict[str, Path]]) -> None:
-    base_dir, task_dirs = built
-    before = (task_dirs["digit"] / WEIGHTS_FILE).stat().st_mtime_ns
-    build_models(base_dir.parent, ["digit"], TINY)
-    assert (task_dirs["digit"] / WEIGHTS_FILE).stat().st_mtime_ns == before
+def test_reuse_is_per_task_and_a_new_base_drops_stale_fine_tunes(tmp_path: Path) -> None:
+    tiny = Recipe(pretrain_steps=4, probe_steps=2, finetune_steps=2)
+    _, dirs = build_models(tmp_path, ["digit"], tiny)
+    digit = dirs["digit"] / WEIGHTS_FILE
+    before = digit.stat().st_mtime_ns
+    _, dirs = build_models(tmp_path, ["digit", "parity"], tiny)
+    assert digit.stat().st_mtime_ns == before  # reused
+    assert (dirs["parity"] / WEIGHTS_FILE).exists()  # trained: not in the stamp before
+    build_models(tmp_path, ["digit"], Recipe(pretrain_steps=5, probe_steps=2, finetune_steps=2))
+    assert digit.stat().st_mtime_ns != before  # new base, new fine-tune
+    assert not (tmp_path / "tasks" / "parity").exists()  # fine-tune of the old base: gone
 
 
 def test_evaluator_accuracy(built: tuple[Path, dict[str, Path]]) -> None:
