@@ -91,8 +91,10 @@ def _workspace() -> Workspace:
 def _pin_version(registry: Registry, bundle: str, ref: str | None) -> tuple[str, str]:
     """``ref`` (head, version or alias) pinned to its version number now, and the context
     that names it in an integrity error: "bundle B version N"."""
+    from storage.cache import version_context
+
     record = registry.resolve(bundle, ref)
-    return str(record.version), f"bundle {bundle} version {record.version}"
+    return str(record.version), version_context(bundle, record.version)
 
 
 def _split_ref(spec: str) -> tuple[str, str | None]:

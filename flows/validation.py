@@ -27,8 +27,7 @@ from randes.checkpoint import CheckpointReader, source_digest
 from randes.errors import RandesError
 from randes.manifest import TaskEntry
 from randes.retrieve import retrieve
-from storage.cache import integrity_context
-from storage.registry import TaskNotFoundError
+from storage.cache import integrity_context, version_context
 from storage.sources import resolve_source
 from storage.workspace import Workspace
 
@@ -109,7 +108,7 @@ def validate_task(
     the superposition, the task's private tensors and its side files (config.json).
     A damaged one raises `IntegrityError` naming its key and this bundle version.
     """
-    context = f"bundle {bundle} version {version}"
+    context = version_context(bundle, version)
     with integrity_context(context):
         return _validate_task(ws, bundle, version, task, evaluator=evaluator, scale=scale)
 
@@ -123,39 +122,32 @@ def _validate_task(
     evaluator: Evaluator | None,
     scale: float | None,
 ) -> TaskValidation:
-    record, manifest = ws.resolve(bundle, str(version))
+    _, manifest = ws.resolve(bundle, str(version))
+    source = None
     try:
-        entry = manifest.task(task)
-    except KeyError:
-        raise TaskNotFoundError(bundle, task) from None
-    chosen = scale if scale is not None else ws.task_scale(manifest, entry)
-    context = f"bundle {bundle} version {record.version}"
-    for ref in entry.files.values():  # what materialize would copy next to the weights
-        ws.cache.fetch(ref, context=context, suffix="")
-    source = _open_source(ws, entry)
-    try:
-        with (
-            ws._base_reader_for(manifest) as base,
-            ws._superposition_reader(manifest) as superposition,
-            ws._open_refs(entry.private, context) as private,
-        ):
+        # open_task also fetches and checks the side files materialize would copy
+        with ws.open_task(manifest, task) as opened:
+            entry = opened.entry
+            source = _open_source(ws, entry)
+            chosen = scale if scale is not None else ws.task_scale(manifest, entry)
             stream = retrieve(
-                base=base,
-                superposition=superposition,
-                private=private,
+                base=opened.base,
+                superposition=opened.superposition,
+                private=opened.private,
                 seed=entry.seed,
                 key_map=entry.key_map,
                 config=manifest.transform,
                 scale=chosen,
             )
             keep = evaluator is not None
-            state, cosine, rel_error = _measure(stream, base, source, entry, keep_state=keep)
+            state, cosine, rel_error = _measure(stream, opened.base, source, entry, keep_state=keep)
         metric = value = reference = normalized = None
         if evaluator is not None:
             metric, value = _first_metric(evaluator(state, task), task)
             if source is not None:
                 _, reference = _first_metric(
-                    evaluator({k: source.get(k) for k in source.keys()}, task), task  # noqa: SIM118
+                    evaluator({k: source.get(k) for k in source.keys()}, task),  # noqa: SIM118
+                    task,
                 )
                 normalized = value / reference if reference else None
         return TaskValidation(task, cosine, rel_error, metric, value, reference, normalized)

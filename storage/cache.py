@@ -52,6 +52,11 @@ def integrity_context(context: str) -> Iterator[None]:
         raise add_context(exc, context) from None
 
 
+def version_context(bundle: str, version: int) -> str:
+    """How errors name the version an object belongs to (see `integrity_context`)."""
+    return f"bundle {bundle} version {version}"
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:

@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ParamSpec, TypeVar
@@ -51,7 +51,7 @@ from randes.retrieve import materialize as materialize_model
 from randes.rng import new_task_seed
 from randes.scaling import default_scale
 from randes.writer import WrittenShard
-from storage.cache import ObjectCache, file_sha256, integrity_context
+from storage.cache import ObjectCache, file_sha256, integrity_context, version_context
 from storage.errors import StoreError
 from storage.keys import blob_key, manifest_key
 from storage.registry import (
@@ -257,7 +257,7 @@ class Workspace:
         return TransformConfig.model_validate(self.registry.get_bundle(bundle).transform)
 
     def manifest(self, version: VersionRecord) -> BundleManifest:
-        with integrity_context(f"bundle {version.bundle} version {version.version}"):
+        with integrity_context(version_context(version.bundle, version.version)):
             data = self.store.get_bytes(version.manifest_key, sha256=version.manifest_sha256)
         return load_bundle_manifest(data)
 
@@ -310,12 +310,10 @@ class Workspace:
                                 out_dir=work,
                                 progress=progress,
                             )
-                        entry_files = dict(checkpoint.side_files)
+                        side_shas = {p: file_sha256(p) for p in checkpoint.side_files.values()}
                         owner = uuid.uuid4().hex
                         try:
-                            self._lease(
-                                [*result.superposition, *result.private], entry_files, owner
-                            )
+                            self._lease([*result.superposition, *result.private], side_shas, owner)
                             entry = TaskEntry(
                                 name=task,
                                 seed=seed,
@@ -326,7 +324,10 @@ class Workspace:
                                 key_map=result.key_map,
                                 delta_norms=result.delta_norms,
                                 private=self._upload_shards(result.private),
-                                files={n: self._upload_file(p, []) for n, p in entry_files.items()},
+                                files={
+                                    n: self._upload_file(p, [], sha=side_shas[p])
+                                    for n, p in checkpoint.side_files.items()
+                                },
                             )
                             manifest = self._next_manifest(
                                 bundle,
@@ -439,44 +440,42 @@ class Workspace:
         ``dest`` either does not exist or holds the whole model.
         """
         _check_scale(scale)
-        record, manifest = self.resolve(bundle, ref)
+        _, manifest = self.resolve(bundle, ref)
+        with self.open_task(manifest, task) as opened, _staged_directory(dest) as staging:
+            materialize_model(
+                base=opened.base,
+                superposition=opened.superposition,
+                private=opened.private,
+                seed=opened.entry.seed,
+                key_map=opened.entry.key_map,
+                config=manifest.transform,
+                scale=scale if scale is not None else self.task_scale(manifest, opened.entry),
+                out_dir=staging,
+                side_files=opened.side_files,
+                progress=progress,
+            )
+        return dest
+
+    @contextlib.contextmanager
+    def open_task(self, manifest: BundleManifest, task: str) -> Iterator[OpenTask]:
+        """Verified local readers for everything one task of a version is rebuilt from.
+
+        What materialize writes and what validation measures come from here, so both
+        read (and sha256-check) exactly the same objects: the base, the superposition,
+        the task's private tensors and its side files (config.json).
+        """
         try:
             entry = manifest.task(task)
         except KeyError:
-            raise TaskNotFoundError(bundle, task) from None
-        _check_destination(dest)
-        context = f"bundle {bundle} version {record.version}"
-        side = {
-            name: self.cache.fetch(r, context=context, suffix="") for name, r in entry.files.items()
-        }
-        chosen = scale if scale is not None else self.task_scale(manifest, entry)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-        try:
-            with (
-                self._base_reader_for(manifest) as base,
-                self._superposition_reader(manifest) as superposition,
-                self._open_refs(entry.private, context) as private,
-            ):
-                materialize_model(
-                    base=base,
-                    superposition=superposition,
-                    private=private,
-                    seed=entry.seed,
-                    key_map=entry.key_map,
-                    config=manifest.transform,
-                    scale=chosen,
-                    out_dir=staging,
-                    side_files=side,
-                    progress=progress,
-                )
-            if dest.exists():
-                dest.rmdir()
-            staging.rename(dest)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return dest
+            raise TaskNotFoundError(manifest.bundle, task) from None
+        context = version_context(manifest.bundle, manifest.version)
+        side = {n: self.cache.fetch(r, context=context, suffix="") for n, r in entry.files.items()}
+        with (
+            self._base_reader_for(manifest) as base,
+            self._superposition_reader(manifest) as superposition,
+            self._open_refs(entry.private, context) as private,
+        ):
+            yield OpenTask(entry, base, superposition, private, side)
 
     @_reports_full_disk
     def pull(self, bundle: str, ref: str | None, dest: Path) -> VersionRecord:
@@ -488,28 +487,20 @@ class Workspace:
         record, manifest = self.resolve(bundle, ref)
         _check_destination(dest)
         base = self.base_manifest(manifest.base.name)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-        version_context = f"bundle {bundle} version {record.version}"
+        this_version = version_context(bundle, record.version)
         base_context = f"base {base.name}"
-        try:
+        with _staged_directory(dest) as staging:
             wanted: dict[str, tuple[str, str]] = {}  # key -> (sha256, what it belongs to)
             for obj in manifest.shards():
-                wanted.setdefault(obj.key, (obj.sha256, version_context))
+                wanted.setdefault(obj.key, (obj.sha256, this_version))
             for obj in [*base.shards, *base.files.values()]:
                 wanted.setdefault(obj.key, (obj.sha256, base_context))
-            wanted[record.manifest_key] = (record.manifest_sha256, version_context)
+            wanted[record.manifest_key] = (record.manifest_sha256, this_version)
             wanted[manifest.base.manifest_key] = (manifest.base.manifest_sha256, base_context)
             for key, (sha, context) in wanted.items():
                 with integrity_context(context):
                     self.store.get_file(key, staging / key, sha256=sha)
             (staging / "bundle.json").write_text(_pointer_json(bundle, record), encoding="utf-8")
-            if dest.exists():
-                dest.rmdir()
-            staging.rename(dest)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         return record
 
     # --------------------------------------------------------------------- gc
@@ -711,11 +702,14 @@ class Workspace:
     ) -> contextlib.AbstractContextManager[CheckpointReader | None]:
         if manifest is None:
             return contextlib.nullcontext(None)
-        context = f"bundle {manifest.bundle} version {manifest.version}"
-        return self._open_refs(manifest.superposition, context)
+        return self._open_refs(
+            manifest.superposition, version_context(manifest.bundle, manifest.version)
+        )
 
-    def _lease(self, shards: Sequence[WrittenShard], files: dict[str, Path], owner: str) -> None:
-        shas = [s.sha256 for s in shards] + [file_sha256(p) for p in files.values()]
+    def _lease(
+        self, shards: Sequence[WrittenShard], file_shas: Mapping[Path, str], owner: str
+    ) -> None:
+        shas = [s.sha256 for s in shards] + list(file_shas.values())
         self._lease_keys([blob_key(sha) for sha in shas], owner)
 
     def _lease_keys(self, keys: Sequence[str], owner: str) -> None:
@@ -845,3 +839,31 @@ def _pointer_json(bundle: str, record: VersionRecord) -> str:
         },
         indent=2,
     )
+
+
+@dataclass(frozen=True)
+class OpenTask:
+    """Readers of one task of one version (see `Workspace.open_task`)."""
+
+    entry: TaskEntry
+    base: CheckpointReader
+    superposition: CheckpointReader | None
+    private: CheckpointReader | None
+    side_files: dict[str, Path]
+
+
+@contextlib.contextmanager
+def _staged_directory(dest: Path) -> Iterator[Path]:
+    """A sibling temporary directory renamed onto ``dest`` on success, removed on failure,
+    so ``dest`` either does not exist (or stays empty) or holds the whole result."""
+    _check_destination(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        yield staging
+        if dest.exists():
+            dest.rmdir()
+        staging.rename(dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
