@@ -151,9 +151,8 @@ class Models:
     digests: dict[str, str]
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
-    root = tmp_path_factory.mktemp("fault-models")
+def build_models(root: Path) -> Models:
+    """A base and four fine-tunes big enough for a fold to take a measurable moment."""
     state = gpt2_state(0, n_layer=N_LAYER, d=D_MODEL)
     base = write_model(root / "base", state, {"model_type": "gpt2", "n_layer": N_LAYER})
     tasks = {f"t{i}": make_finetune(base, root / f"t{i}", i) for i in range(4)}
@@ -162,6 +161,11 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
         with CheckpointReader.open(path) as reader:
             digests[name] = source_digest(reader)
     return Models(base, tasks, digests)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
+    return build_models(tmp_path_factory.mktemp("fault-models"))
 
 
 @pytest.fixture(autouse=True)

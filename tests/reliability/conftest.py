@@ -43,22 +43,19 @@ from typing import Any
 
 import pytest
 
-from randes.checkpoint import CheckpointReader, source_digest
 from storage.settings import Settings
 from storage.workspace import Workspace
-from tests.factories import gpt2_state, make_finetune, write_model
 from tests.pipeline.test_faults import (
     BASE,
     BUNDLE,
     CONFIG,
-    D_MODEL,
-    N_LAYER,
     Models,
     _check_visible,
     _expire_leases,
     _settings,
     _setup,
     _stored_keys,
+    build_models,
 )
 
 __all__ = [
@@ -352,15 +349,7 @@ def assert_one_error_line(child: Child, *needles: str) -> str:
 @pytest.fixture(scope="session")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
     """The base and four fine-tunes of tests/pipeline/test_faults.py (same sizes)."""
-    root = tmp_path_factory.mktemp("reliability-models")
-    state = gpt2_state(0, n_layer=N_LAYER, d=D_MODEL)
-    base = write_model(root / "base", state, {"model_type": "gpt2", "n_layer": N_LAYER})
-    tasks = {f"t{i}": make_finetune(base, root / f"t{i}", i) for i in range(4)}
-    digests = {}
-    for name, path in tasks.items():
-        with CheckpointReader.open(path) as reader:
-            digests[name] = source_digest(reader)
-    return Models(base, tasks, digests)
+    return build_models(tmp_path_factory.mktemp("reliability-models"))
 
 
 @pytest.fixture
