@@ -21,8 +21,11 @@ from storage.workspace import Workspace
 DEMO_BASE = "digits-base"
 DEMO_BUNDLE = "digits"
 DEMO_EVALUATOR = "flows.digits.evaluator:evaluate"
-DEMO_GATE = 0.8
-"""A task retrieved below 80% of its fine-tuned accuracy rejects the version."""
+DEMO_GATE = 0.6
+"""A task retrieved below 60% of its fine-tuned accuracy rejects the version. Seeds are
+drawn fresh on every run, and at 8 tasks the weakest digits task (``shift``) measured
+66-89% normalized across runs (docs/benchmarks.md), so a stricter gate would make the
+demo's publish step a coin toss; a team sets its own gate per bundle."""
 
 
 def run_demo(tasks: list[str] | None = None) -> dict[str, float | None]:
