@@ -1,0 +1,168 @@
+"""Symmetric absmax quantization of superposition slots, for serving artifacts.
+
+Why it is safe here: a retrieved task already carries the cross-talk of every other
+task as zero-mean noise, of the same order as its own delta; rounding the superposition
+to a few bits adds a much smaller, independent noise on top. The fp32 master stays the
+one that is folded into (exact removal, no re-quantization drift); a quantized copy is
+derived from it once per version and is what `pull` / `materialize` serve by default.
+
+Layout of one quantized tensor ``w`` of shape ``s`` (both standard safetensors tensors):
+
+- ``w`` flattened row-major, cut into groups of ``group_size`` consecutive elements
+  (per-row: ``group_size = numel // s[0]``, so every row is a group); the last group is
+  zero-padded;
+- ``<w>.q``: uint8 codes ``q + 2**(bits-1) - 1`` with ``q = round(x / scale)`` in
+  ``[-(2**(bits-1) - 1), 2**(bits-1) - 1]``, packed little-endian bit by bit:
+  1 code per byte for int8, 2 for int4, 8 codes in 3 bytes for int3;
+- ``<w>.scale``: one float32 scale (absmax / qmax) per group.
+
+Everything needed to decode (bits, group size, original shape and dtype) is in the
+manifest's `QuantScheme` and the base's header, never guessed from the data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+QuantBits = Literal[8, 4, 3]
+
+CODES_SUFFIX = ".q"
+SCALES_SUFFIX = ".scale"
+
+
+class QuantScheme(BaseModel):
+    """How a serving superposition is quantized: bits per value and the scale grouping.
+
+    ``group_size=None`` means one scale per row (``numel // shape[0]`` values; a 1-D
+    tensor is one row). A group of 64 costs 0.5 bit per value in float32 scales.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    bits: QuantBits = 4
+    group_size: int | None = Field(default=64, ge=8, le=1 << 20)
+
+    @property
+    def name(self) -> str:
+        grouping = "row" if self.group_size is None else f"g{self.group_size}"
+        return f"int{self.bits}-{grouping}"
+
+    def group_of(self, shape: tuple[int, ...]) -> int:
+        """Elements per scale for a tensor of ``shape``."""
+        numel = math.prod(shape)
+        if self.group_size is not None:
+            return max(1, min(self.group_size, numel))
+        if len(shape) >= 2 and shape[0]:
+            return max(1, numel // shape[0])
+        return max(1, numel)  # a scalar or 1-D tensor is one row
+
+    def layout(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        """(number of code bytes, number of scales) for a tensor of ``shape``."""
+        numel = math.prod(shape)
+        group = self.group_of(shape)
+        groups = max(1, -(-numel // group))
+        return _packed_bytes(groups * group, self.bits), groups
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        """Stored bytes (codes + float32 scales) of one tensor, headers excluded."""
+        codes, scales = self.layout(shape)
+        return codes + 4 * scales
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    codes: torch.Tensor  # uint8, 1-D
+    scales: torch.Tensor  # float32, 1-D
+
+
+def _qmax(bits: int) -> int:
+    return (1 << (bits - 1)) - 1
+
+
+def _packed_bytes(n_values: int, bits: int) -> int:
+    return -(-n_values * bits // 8)
+
+
+def quantize(x: torch.Tensor, scheme: QuantScheme) -> QuantizedTensor:
+    """Quantize ``x`` (any float dtype, any shape) with ``scheme``; deterministic."""
+    shape = tuple(x.shape)
+    group = scheme.group_of(shape)
+    flat = x.detach().reshape(-1).to(torch.float32)
+    pad = (-flat.numel()) % group
+    if pad or flat.numel() == 0:
+        flat = torch.cat([flat, flat.new_zeros(pad if flat.numel() else group)])
+    rows = flat.view(-1, group)
+    qmax = _qmax(scheme.bits)
+    scales = rows.abs().amax(dim=1) / qmax
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    codes = torch.round(rows / safe[:, None]).clamp_(-qmax, qmax).to(torch.int16) + qmax
+    return QuantizedTensor(_pack(codes.reshape(-1).to(torch.uint8), scheme.bits), scales)
+
+
+def dequantize(
+    q: QuantizedTensor, shape: tuple[int, ...], scheme: QuantScheme
+) -> torch.Tensor:
+    """The float32 tensor of ``shape`` that ``q`` encodes."""
+    numel = math.prod(shape)
+    group = scheme.group_of(shape)
+    n_groups = q.scales.numel()
+    values = _unpack(q.codes, scheme.bits, n_groups * group)
+    qmax = _qmax(scheme.bits)
+    rows = (values.to(torch.float32) - qmax).view(n_groups, group)
+    rows.mul_(q.scales.to(torch.float32)[:, None])
+    return rows.reshape(-1)[:numel].reshape(shape)
+
+
+def fake_quantize(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """quantize then dequantize: what a reader of the serving artifact gets back."""
+    return dequantize(quantize(x, scheme), tuple(x.shape), scheme)
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 8:
+        return codes.contiguous()
+    if bits == 4:
+        if codes.numel() % 2:
+            codes = torch.cat([codes, codes.new_zeros(1)])
+        pairs = codes.view(-1, 2)
+        return (pairs[:, 0] | (pairs[:, 1] << 4)).contiguous()
+    if bits == 3:
+        n_values = codes.numel()
+        pad = (-n_values) % 8
+        if pad:
+            codes = torch.cat([codes, codes.new_zeros(pad)])
+        eights = codes.view(-1, 8).to(torch.int32)
+        word = torch.zeros(eights.shape[0], dtype=torch.int32)
+        for i in range(8):
+            word |= eights[:, i] << (3 * i)
+        out = torch.stack([(word >> (8 * b)) & 0xFF for b in range(3)], dim=1)
+        return out.to(torch.uint8).reshape(-1)[: _packed_bytes(n_values, 3)].contiguous()
+    raise ValueError(f"unsupported bit width {bits}")
+
+
+def _unpack(packed: torch.Tensor, bits: int, n_values: int) -> torch.Tensor:
+    if packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise ValueError("quantized codes must be a 1-D uint8 tensor")
+    if packed.numel() != _packed_bytes(n_values, bits):
+        raise ValueError(
+            f"quantized codes hold {packed.numel()} bytes, expected "
+            f"{_packed_bytes(n_values, bits)} for {n_values} int{bits} values"
+        )
+    if bits == 8:
+        return packed
+    if bits == 4:
+        out = torch.stack([packed & 0x0F, packed >> 4], dim=1).reshape(-1)
+        return out[:n_values]
+    if bits == 3:
+        pad = (-packed.numel()) % 3
+        data = torch.cat([packed, packed.new_zeros(pad)]) if pad else packed
+        triples = data.view(-1, 3).to(torch.int32)
+        word = triples[:, 0] | (triples[:, 1] << 8) | (triples[:, 2] << 16)
+        out = torch.stack([(word >> (3 * i)) & 0x7 for i in range(8)], dim=1)
+        return out.reshape(-1)[:n_values].to(torch.uint8)
+    raise ValueError(f"unsupported bit width {bits}")
