@@ -129,7 +129,7 @@ def _validate_task(
         with ws.open_task(manifest, task) as opened:
             entry = opened.entry
             source = _open_source(ws, entry)
-            chosen = scale if scale is not None else ws.task_scale(manifest, entry)
+            chosen = scale if scale is not None else ws.task_scale(manifest, entry, opened.base)
             stream = retrieve(
                 base=opened.base,
                 superposition=opened.superposition,

@@ -109,7 +109,7 @@ def _delta(name: str, tuned: torch.Tensor, theta: torch.Tensor) -> tuple[torch.T
     return delta, norm
 
 
-def _owned_delta(
+def owned_delta(
     checkpoint: CheckpointReader, ck_name: str, theta: torch.Tensor
 ) -> tuple[torch.Tensor, float]:
     """_delta of a checkpoint tensor, computed in the memory of the tensor read.
@@ -237,7 +237,7 @@ def fold(
         for slot in sup_writer.order:
             source = transform.source_of(slot)
             ck_name = key_map.to_checkpoint(source)
-            value, delta_norms[source] = _owned_delta(checkpoint, ck_name, base.get(source))
+            value, delta_norms[source] = owned_delta(checkpoint, ck_name, base.get(source))
             value = transform.scramble_one(source, value, inplace=True)
             if direction == -1:
                 value = value.neg_()

@@ -104,9 +104,7 @@ def quantize(x: torch.Tensor, scheme: QuantScheme) -> QuantizedTensor:
     return QuantizedTensor(_pack(codes.reshape(-1).to(torch.uint8), scheme.bits), scales)
 
 
-def dequantize(
-    q: QuantizedTensor, shape: tuple[int, ...], scheme: QuantScheme
-) -> torch.Tensor:
+def dequantize(q: QuantizedTensor, shape: tuple[int, ...], scheme: QuantScheme) -> torch.Tensor:
     """The float32 tensor of ``shape`` that ``q`` encodes."""
     numel = math.prod(shape)
     group = scheme.group_of(shape)

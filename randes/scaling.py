@@ -1,33 +1,110 @@
 """The retrieval scale lambda: theta_t = theta_base + lambda * T_t^-1(S).
 
 Override order: the task's own scale > the bundle's config.scale > the data-free
-default below. The default lives in ONE place (DEFAULT_SCALE / data_free_scale) so
-that the quality benchmark's measured choice changes it everywhere at once.
+default below, computed only from norms every manifest already stores (each task's
+per-tensor delta norms, the base's per-tensor norms). No data, no evaluator.
+
+Why this form. What task t gets back is its own delta plus the scrambled deltas of the
+others, which act as zero-mean noise of energy N_t = sum_{s != t} ||delta_s||^2.
+Shrinking by lambda trades the task's own signal, (1 - lambda)^2 of it lost, against
+that noise, lambda^2 of it kept. A network shrugs off random noise that is small next
+to its weights (fine-tunes of ~1% barely disturb each other whatever their number, and
+lambda 1 is best); noise comparable to the weights breaks it (deltas of ~15%: lambda
+about 0.7 is best). So the shrinkage is driven by the noise energy RELATIVE TO THE
+BASE, r_t = N_t / ||theta_base||^2 over the superposed tensors:
+
+    lambda_t = 1 / (1 + NOISE_GAIN * r_t)
+
+NOISE_GAIN is the one constant, set from the large-delta regime (r ~ 0.16 for 8 tasks
+of 15% deltas -> lambda ~ 0.7) and checked against the best fixed lambda of both
+benchmarks in docs/benchmarks.md. The same r_t is what randes.capacity uses to decide
+when a bundle is full.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 from randes.config import TransformConfig
 
 DEFAULT_SCALE = 1.0
-"""lambda when neither the task nor the bundle sets one. 1.0 returns a lone task exactly
-(the cross-talk of other tasks is zero-mean noise, not a bias to shrink). Pending the
-quality benchmark's measurement."""
+"""lambda for a task alone in its bundle (nothing to shrink against): exact retrieval."""
+
+NOISE_GAIN = 2.7
+"""How strongly base-relative cross-talk energy pulls lambda below 1 (see module doc)."""
+
+Norms = Mapping[str, float]
 
 
-def data_free_scale(n_tasks: int) -> float:
-    """The default lambda for a bundle of ``n_tasks`` tasks (no data needed)."""
-    if n_tasks < 0:
-        raise ValueError("n_tasks must be >= 0")
-    return DEFAULT_SCALE
+def relative_interference(
+    own: str, delta_norms: Mapping[str, Norms], base_norms: Norms, names: Sequence[str]
+) -> float:
+    """r_t: cross-talk energy task ``own`` sees, relative to the base's energy.
+
+    ``delta_norms`` maps every task of the bundle to its per-tensor delta norms;
+    ``names`` are the superposed tensors (private tensors carry no cross-talk).
+    """
+    base_energy = sum(base_norms.get(n, 0.0) ** 2 for n in names)
+    if base_energy <= 0.0:
+        return 0.0
+    noise = sum(
+        norms.get(n, 0.0) ** 2 for task, norms in delta_norms.items() if task != own for n in names
+    )
+    return noise / base_energy
 
 
-def default_scale(n_tasks: int, config: TransformConfig, task_scale: float | None = None) -> float:
-    """Resolve lambda: task scale, else bundle scale, else the data-free default."""
+def tensor_interference(
+    own: str, delta_norms: Mapping[str, Norms], base_norms: Norms, names: Sequence[str]
+) -> dict[str, float]:
+    """r_t per tensor: the cross-talk energy of each superposed tensor over the base's."""
+    out: dict[str, float] = {}
+    for name in names:
+        base_energy = base_norms.get(name, 0.0) ** 2
+        noise = sum(norms.get(name, 0.0) ** 2 for task, norms in delta_norms.items() if task != own)
+        out[name] = noise / base_energy if base_energy > 0.0 else 0.0
+    return out
+
+
+def shrinkage(interference: float, gain: float = NOISE_GAIN) -> float:
+    """lambda for a relative interference r: 1 / (1 + gain * r)."""
+    if interference < 0:
+        raise ValueError("interference must be >= 0")
+    return 1.0 / (1.0 + gain * interference)
+
+
+def data_free_scale(
+    own: str,
+    delta_norms: Mapping[str, Norms],
+    base_norms: Norms,
+    names: Sequence[str],
+    *,
+    gain: float = NOISE_GAIN,
+) -> float:
+    """The data-free lambda of task ``own`` in a bundle holding ``delta_norms``' tasks."""
+    return shrinkage(relative_interference(own, delta_norms, base_norms, names), gain)
+
+
+def data_free_tensor_scales(
+    own: str,
+    delta_norms: Mapping[str, Norms],
+    base_norms: Norms,
+    names: Sequence[str],
+    *,
+    gain: float = NOISE_GAIN,
+) -> dict[str, float]:
+    """Per-tensor data-free lambdas (same law, each tensor's own interference)."""
+    return {
+        name: shrinkage(r, gain)
+        for name, r in tensor_interference(own, delta_norms, base_norms, names).items()
+    }
+
+
+def resolve_scale(config: TransformConfig, task_scale: float | None, data_free: float) -> float:
+    """lambda to use: the task's scale, else the bundle's, else the data-free one."""
     if task_scale is not None:
         if not task_scale > 0:
             raise ValueError(f"scale must be > 0, got {task_scale}")
         return float(task_scale)
     if config.scale is not None:
         return float(config.scale)
-    return data_free_scale(n_tasks)
+    return float(data_free)

@@ -35,7 +35,7 @@ from typing import ParamSpec, TypeVar
 from randes.checkpoint import CheckpointReader, source_digest
 from randes.config import TransformConfig
 from randes.errors import IntegrityError, RandesError
-from randes.fold import fold, unfold
+from randes.fold import fold, layout_of, unfold
 from randes.manifest import (
     BaseManifest,
     BaseRef,
@@ -49,7 +49,7 @@ from randes.manifest import (
 from randes.names import validate_name
 from randes.retrieve import materialize as materialize_model
 from randes.rng import new_task_seed
-from randes.scaling import default_scale
+from randes.scaling import data_free_scale, resolve_scale
 from randes.writer import WrittenShard
 from storage.cache import ObjectCache, file_sha256, integrity_context, version_context
 from storage.errors import StoreError
@@ -420,8 +420,23 @@ class Workspace:
         )
 
     # --------------------------------------------------------------- retrieve
-    def task_scale(self, manifest: BundleManifest, entry: TaskEntry) -> float:
-        return default_scale(len(manifest.tasks), manifest.transform, entry.scale)
+    def task_scale(
+        self, manifest: BundleManifest, entry: TaskEntry, base: CheckpointReader
+    ) -> float:
+        """lambda for ``entry``: its own scale, the bundle's, else the data-free one.
+
+        The data-free lambda (randes.scaling) needs only the norms the manifests already
+        hold; ``base`` is the version's base reader, whose headers give the superposed
+        tensors.
+        """
+        names = layout_of(base, manifest.transform).superposed
+        free = data_free_scale(
+            entry.name,
+            {t.name: t.delta_norms for t in manifest.tasks},
+            self.base_manifest(manifest.base.name).norms,
+            names,
+        )
+        return resolve_scale(manifest.transform, entry.scale, free)
 
     @_reports_full_disk
     def materialize(
@@ -449,7 +464,9 @@ class Workspace:
                 seed=opened.entry.seed,
                 key_map=opened.entry.key_map,
                 config=manifest.transform,
-                scale=scale if scale is not None else self.task_scale(manifest, opened.entry),
+                scale=scale
+                if scale is not None
+                else self.task_scale(manifest, opened.entry, opened.base),
                 out_dir=staging,
                 side_files=opened.side_files,
                 progress=progress,

@@ -1,22 +1,65 @@
-"""lambda resolution: task > bundle > data-free default."""
+"""The data-free lambda: exact for a lone task, ~1 for small deltas, shrinks for large."""
 
 from __future__ import annotations
 
 import pytest
 
 from randes.config import TransformConfig
-from randes.scaling import DEFAULT_SCALE, data_free_scale, default_scale
+from randes.scaling import (
+    DEFAULT_SCALE,
+    NOISE_GAIN,
+    data_free_scale,
+    data_free_tensor_scales,
+    relative_interference,
+    resolve_scale,
+    shrinkage,
+)
+
+NAMES = ["a.weight", "b.weight"]
+BASE = {"a.weight": 10.0, "b.weight": 10.0, "ln.weight": 3.0}
+
+
+def _bundle(n: int, rel: float) -> dict[str, dict[str, float]]:
+    """n tasks whose delta on every tensor is ``rel`` times the base's norm."""
+    return {f"t{i}": {k: rel * BASE[k] for k in NAMES} for i in range(n)}
+
+
+def test_lone_task_is_exact() -> None:
+    assert data_free_scale("t0", _bundle(1, 0.15), BASE, NAMES) == DEFAULT_SCALE == 1.0
+
+
+def test_small_deltas_keep_lambda_near_one() -> None:
+    lam = data_free_scale("t0", _bundle(8, 0.01), BASE, NAMES)
+    assert 0.995 < lam < 1.0
+
+
+def test_large_deltas_shrink_to_about_point_seven() -> None:
+    lam = data_free_scale("t0", _bundle(8, 0.15), BASE, NAMES)
+    assert lam == pytest.approx(1 / (1 + NOISE_GAIN * 7 * 0.15**2))
+    assert 0.65 < lam < 0.75
+
+
+def test_interference_counts_only_other_tasks_and_superposed_tensors() -> None:
+    norms = _bundle(3, 0.1)
+    norms["t0"]["a.weight"] = 100.0  # the task's own delta is not noise to itself
+    norms["t1"]["ln.weight"] = 50.0  # a private tensor carries no cross-talk
+    assert relative_interference("t0", norms, BASE, NAMES) == pytest.approx(2 * 0.1**2)
+
+
+def test_tensor_scales_follow_each_tensor() -> None:
+    norms = _bundle(4, 0.01)
+    for task in norms.values():
+        task["b.weight"] = 0.3 * BASE["b.weight"]
+    scales = data_free_tensor_scales("t0", norms, BASE, NAMES)
+    assert scales["a.weight"] > 0.99
+    assert scales["b.weight"] == pytest.approx(shrinkage(3 * 0.3**2))
 
 
 def test_override_order() -> None:
-    assert default_scale(3, TransformConfig()) == data_free_scale(3) == DEFAULT_SCALE
-    assert default_scale(3, TransformConfig(scale=0.7)) == 0.7
-    assert default_scale(3, TransformConfig(scale=0.7), task_scale=0.4) == 0.4
-    assert default_scale(3, TransformConfig(), task_scale=1.3) == 1.3
-
-
-def test_invalid() -> None:
+    assert resolve_scale(TransformConfig(), None, 0.8) == 0.8
+    assert resolve_scale(TransformConfig(scale=0.7), None, 0.8) == 0.7
+    assert resolve_scale(TransformConfig(scale=0.7), 0.4, 0.8) == 0.4
     with pytest.raises(ValueError):
-        default_scale(1, TransformConfig(), task_scale=0.0)
+        resolve_scale(TransformConfig(), 0.0, 0.8)
     with pytest.raises(ValueError):
-        data_free_scale(-1)
+        shrinkage(-1.0)
