@@ -110,7 +110,8 @@ def test_second_ingest_of_the_same_source_folds_nothing(
 def test_version_under_the_gate_is_rejected_and_the_alias_stays(
     new_bundle: Callable[..., None], base_dir: Path, tmp_path: Path
 ) -> None:
-    new_bundle("gated", gate_threshold=0.8)
+    # lambda fixed at 1: the data-free lambda would shrink the loud cross-talk away
+    new_bundle("gated", gate_threshold=0.8, scale=1.0)
     source = tmp_path / "incoming"
     add_probe(make_finetune(base_dir, source / "alpha", 1), seed=1)
 
