@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import click
 import typer
@@ -35,7 +35,7 @@ class AlreadyFoldedError(RandesError):
     """`randes fold` of a checkpoint the bundle holds under another task name."""
 
 
-app = typer.Typer(
+app: typer.Typer = typer.Typer(
     name="randes",
     help="Store many fine-tunes of one base model in the space of two (RanDeS).",
     no_args_is_help=True,
@@ -58,6 +58,34 @@ class DType(StrEnum):
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"
+
+
+class Serving(StrEnum):
+    int8 = "int8"
+    int4 = "int4"
+    int3 = "int3"
+    none = "none"
+
+
+def _group_size(value: str | None) -> int | str | None:
+    """``--group-size``: values per float32 scale, or ``row`` for one scale per row."""
+    if value is None or value == "row":
+        return value
+    from pydantic import ValidationError
+
+    from randes.quantize import QuantScheme
+
+    try:
+        size = int(value)
+        QuantScheme(group_size=size)  # its bounds are the one definition of a valid size
+    except (ValueError, ValidationError):
+        raise typer.BadParameter(
+            f"{value!r} is not 'row' or a whole number from 8 to {1 << 20}"
+        ) from None
+    return size
+
+
+MASTER_HELP = "Use the fp32 master superposition instead of the quantized serving copy."
 
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
@@ -145,9 +173,23 @@ def bundle_create(
         float | None,
         typer.Option(help="Validation gate: minimum normalized score per task.", callback=_finite),
     ] = None,
+    serving: Annotated[
+        Serving | None,
+        typer.Option(help="Format pull/materialize serve (default int4); none: the master."),
+    ] = None,
+    group_size: Annotated[
+        str | None,
+        typer.Option(
+            "--group-size",
+            metavar="N|row",
+            help="Values per quantization scale (default 64), or row: one per row.",
+            callback=_group_size,
+        ),
+    ] = None,
 ) -> None:
     """Create an empty bundle over a registered base with a fixed transform."""
-    from randes.config import TransformConfig
+    from randes.config import DEFAULT_SERVING, TransformConfig
+    from randes.quantize import QuantScheme
 
     fields: dict[str, object] = {
         "sign_flip": sign_flip,
@@ -157,6 +199,16 @@ def bundle_create(
     }
     if rank1 is not None:
         fields["rank1"] = rank1.value
+    if serving is Serving.none:
+        if group_size is not None:
+            raise typer.BadParameter("--group-size needs a quantized --serving format")
+        fields["serving"] = None
+    elif serving is not None or group_size is not None:
+        bits = int(serving.value.removeprefix("int")) if serving else DEFAULT_SERVING.bits
+        group = DEFAULT_SERVING.group_size if group_size is None else group_size
+        fields["serving"] = QuantScheme.model_validate(
+            {"bits": bits, "group_size": None if group == "row" else group}
+        )
     config = TransformConfig.model_validate(fields)
     with _workspace() as ws:
         record = ws.create_bundle(name, base, config, gate_threshold=gate)
@@ -213,15 +265,22 @@ def materialize(
     task: Annotated[str, typer.Argument()],
     dest: Annotated[Path, typer.Argument(help="New (or empty) directory for the model.")],
     scale: ScaleOption = None,
+    master: Annotated[bool, typer.Option("--master", help=MASTER_HELP)] = False,
 ) -> None:
-    """Write one task's standalone model (model.safetensors + config.json)."""
+    """Write one task's standalone model (model.safetensors + config.json).
+
+    It is retrieved from the version's serving superposition (quantized, see `randes
+    bundle create --serving`), or from the fp32 master with --master.
+    """
     from storage.cache import integrity_context
 
     bundle, ref = _split_ref(spec)
     with _workspace() as ws, progress_bar(f"materializing {task}") as progress:
         pinned, context = _pin_version(ws.registry, bundle, ref)
         with integrity_context(context):
-            path = ws.materialize(bundle, pinned, task, dest, scale=scale, progress=progress)
+            path = ws.materialize(
+                bundle, pinned, task, dest, scale=scale, progress=progress, master=master
+            )
     out.print(f"wrote {path}")
 
 
@@ -229,15 +288,23 @@ def materialize(
 def pull(
     spec: Annotated[str, typer.Argument(metavar="BUNDLE[@VERSION|@ALIAS]")],
     dest: Annotated[Path, typer.Argument()],
+    master: Annotated[
+        bool,
+        typer.Option("--master", help="Also download the fp32 master superposition."),
+    ] = False,
 ) -> None:
-    """Download one version with every object it needs; every sha256 is verified."""
+    """Download one version with every object it needs; every sha256 is verified.
+
+    A version that serves a quantized superposition is pulled without its fp32 master
+    (what materialize needs, several times smaller); --master pulls a complete copy.
+    """
     from storage.cache import integrity_context
 
     bundle, ref = _split_ref(spec)
     with _workspace() as ws:
         pinned, context = _pin_version(ws.registry, bundle, ref)
         with integrity_context(context):
-            record = ws.pull(bundle, pinned, dest)
+            record = ws.pull(bundle, pinned, dest, master=master)
     out.print(f"pulled {bundle} version {record.version} to {dest}")
 
 
@@ -308,6 +375,7 @@ def versions(
     try:
         records = registry.list_versions(bundle)
         aliases = registry.aliases(bundle)
+        transform = registry.get_bundle(bundle).transform
     finally:
         registry.close()
     by_version: dict[int, list[str]] = {}
@@ -328,7 +396,7 @@ def versions(
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
     print_table(
-        f"{bundle} versions",
+        f"{bundle} versions (serving {_serving_label(transform)})",
         ["version", "parent", "status", "aliases", "created"],
         [
             [
@@ -341,6 +409,20 @@ def versions(
             for r in rows
         ],
     )
+
+
+def _serving_label(transform: dict[str, Any]) -> str:
+    """The bundle's serving format, from its registry row without importing torch (the
+    registry queries answer fast); a row older than the field gets the default."""
+    if "serving" not in transform:
+        from randes.config import DEFAULT_SERVING
+
+        return DEFAULT_SERVING.name
+    scheme = transform["serving"]
+    if not isinstance(scheme, dict):
+        return "master"
+    group = scheme.get("group_size")
+    return f"int{scheme.get('bits')}-{'row' if group is None else f'g{group}'}"
 
 
 @app.command()
@@ -533,7 +615,9 @@ def main(argv: list[str] | None = None) -> Literal[0] | int:
         # would reach stderr through logging's last-resort handler, around the error line.
         root.addHandler(logging.NullHandler())
     try:
-        app(args=argv, standalone_mode=False)
+        from flows.cli_groups import route_group_option
+
+        app(args=route_group_option(argv), standalone_mode=False)
     except (click.exceptions.Exit, typer.Exit) as exc:
         return exc.exit_code
     except _USAGE_ERRORS as exc:
@@ -595,3 +679,8 @@ def _usage_error(exc: Exception) -> int:
 
 def entry() -> None:
     sys.exit(main())
+
+
+# Bundle groups: registers `randes group ...` on `app` (flows/cli_groups.py imports the
+# names above, so this comes last) and routes the `--group NAME` forms of commands.
+import flows.cli_groups  # noqa: E402, F401

@@ -72,6 +72,16 @@ def fold_checkpoint(bundle: str, candidate: Candidate) -> FoldOutcome:
         return ws.fold(bundle, candidate.source, candidate.task)
 
 
+@task(name="place-checkpoint", **_task_options())
+def place_checkpoint(group: str, candidate: Candidate) -> FoldOutcome:
+    """Fold into the member of ``group`` with room for it (storage.groups.place); the
+    outcome names that member as its bundle."""
+    from storage.groups import place
+
+    with Workspace.open() as ws:
+        return place(ws, group, candidate.source, candidate.task).outcome
+
+
 @task(name="validate-task", **_task_options())
 def validate_one(
     bundle: str, version: int, task_name: str, evaluator: str | None, scale: float | None
@@ -141,19 +151,32 @@ def validate_flow(
 
 @flow(name="ingest", log_prints=True)
 def ingest_flow(
-    bundle: str,
+    bundle: str | None,
     source: str,
     evaluator: str | None = None,
     run_validation: bool = True,
+    group: str | None = None,
 ) -> dict[str, Any]:
-    """Fold every checkpoint under ``source`` that the ledger does not hold yet."""
+    """Fold every checkpoint under ``source`` that the ledger does not hold yet.
+
+    With ``group`` (and ``bundle`` None), each checkpoint is placed in the group's
+    member with room for it (storage.groups), and every member that changed is
+    validated.
+    """
+    if (bundle is None) == (group is None):
+        raise RandesError("ingest needs exactly one of a bundle and a group")
+    target = bundle if group is None else group
     logger = get_run_logger()
     candidates = discover_checkpoints(source)
     folded: list[FoldOutcome] = []
     skipped: list[FoldOutcome] = []
     refused: list[str] = []
     for candidate in candidates:  # sequential: each fold builds on the previous head
-        state = fold_checkpoint(bundle, candidate, return_state=True)
+        if group is not None:
+            state = place_checkpoint(group, candidate, return_state=True)
+        else:
+            assert bundle is not None
+            state = fold_checkpoint(bundle, candidate, return_state=True)
         try:
             outcome = state.result()
         except TRANSIENT:
@@ -170,23 +193,26 @@ def ingest_flow(
             candidate.task,
             "already folded" if outcome.skipped else f"version {outcome.version}",
         )
-    report = None
-    if run_validation and folded:
-        report = validate_flow(bundle, folded[-1].version, evaluator)
+    heads = {o.bundle: o.version for o in folded}  # the last new version of each bundle
+    reports = [validate_flow(b, v, evaluator) for b, v in heads.items()] if run_validation else []
     folded_names = [o.task for o in folded]
     summary: dict[str, Any] = {
         "bundle": bundle,
+        "group": group,
         "found": len(candidates),
         "folded": folded_names,
         "skipped": [o.task for o in skipped],
         "version": folded[-1].version if folded else None,
-        "status": None if report is None else ("validated" if report.passed else "rejected"),
+        "status": None
+        if not reports
+        else ("validated" if all(r.passed for r in reports) else "rejected"),
         "refused": refused,
+        "placed": {o.task: f"{o.bundle}@{o.version}" for o in [*folded, *skipped]},
     }
     create_markdown_artifact(
-        key=f"{bundle}-ingest".lower().replace("_", "-").replace(".", "-"),
+        key=f"{target}-ingest".lower().replace("_", "-").replace(".", "-"),
         markdown=(
-            f"# Ingest into {bundle}\n\nfound {len(candidates)}, folded {len(folded)} "
+            f"# Ingest into {target}\n\nfound {len(candidates)}, folded {len(folded)} "
             f"({', '.join(folded_names) or '-'}), already present {len(skipped)}; "
             f"head version {summary['version']}, status {summary['status']}"
             + "".join(f"\n- refused {line}" for line in refused)
@@ -194,7 +220,7 @@ def ingest_flow(
     )
     if refused:
         raise IngestRefusedError(
-            f"{bundle}: folded {len(folded)}, refused {len(refused)}: " + "; ".join(refused)
+            f"{target}: folded {len(folded)}, refused {len(refused)}: " + "; ".join(refused)
         )
     return summary
 

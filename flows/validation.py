@@ -10,6 +10,10 @@ Two measurements, both optional by what is at hand:
 
 The gate compares each task's normalized score (or, without an evaluator, its delta
 cosine) with the bundle's threshold; one task below it rejects the version.
+
+What is measured is what is served: a version with a quantized serving superposition is
+validated through it (the same readers `randes materialize` uses by default), so the
+gate answers for the models users get, quantization error included.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ class TaskValidation:
     value: float | None
     reference: float | None
     normalized: float | None
+    served: str = "master"
+    """The superposition measured: the serving format's name (int4-g64), or master."""
 
     @property
     def score(self) -> float | None:
@@ -100,8 +106,12 @@ def validate_task(
     *,
     evaluator: Evaluator | None = None,
     scale: float | None = None,
+    master: bool = False,
 ) -> TaskValidation:
     """Retrieve one task of one version and measure it against its source.
+
+    What is measured is what the version serves (its quantized superposition when it has
+    one), or its fp32 master with ``master``.
 
     Reads every object the task's materialized model is made of, each verified by
     sha256 (through the cache, see `storage.cache`): the version's manifest, the base,
@@ -110,7 +120,9 @@ def validate_task(
     """
     context = version_context(bundle, version)
     with integrity_context(context):
-        return _validate_task(ws, bundle, version, task, evaluator=evaluator, scale=scale)
+        return _validate_task(
+            ws, bundle, version, task, evaluator=evaluator, scale=scale, master=master
+        )
 
 
 def _validate_task(
@@ -121,12 +133,13 @@ def _validate_task(
     *,
     evaluator: Evaluator | None,
     scale: float | None,
+    master: bool = False,
 ) -> TaskValidation:
     _, manifest = ws.resolve(bundle, str(version))
     source = None
     try:
         # open_task also fetches and checks the side files materialize would copy
-        with ws.open_task(manifest, task) as opened:
+        with ws.open_task(manifest, task, master=master) as opened:
             entry = opened.entry
             source = _open_source(ws, entry)
             chosen = scale if scale is not None else ws.task_scale(manifest, entry, opened.base)
@@ -150,7 +163,10 @@ def _validate_task(
                     task,
                 )
                 normalized = value / reference if reference else None
-        return TaskValidation(task, cosine, rel_error, metric, value, reference, normalized)
+        served = "master" if master or manifest.serving is None else manifest.serving.scheme.name
+        return TaskValidation(
+            task, cosine, rel_error, metric, value, reference, normalized, served=served
+        )
     finally:
         if source is not None:
             source.close()
@@ -220,6 +236,8 @@ def report_markdown(report: ValidationReport) -> str:
         f"# {report.bundle} version {report.version}: {verdict}",
         "",
         f"Gate threshold: {report.threshold if report.threshold is not None else 'none'}",
+        "",
+        f"Measured on: {', '.join(sorted({t.served for t in report.tasks})) or 'no tasks'}",
         "",
         "| task | metric | retrieved | fine-tuned | normalized | delta cosine | delta rel. error |",
         "|---|---|---|---|---|---|---|",

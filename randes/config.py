@@ -4,6 +4,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from randes.quantize import QuantScheme
+
 Rank1Policy = Literal["flip", "plain", "private"]
 """What happens to rank-1 tensors (biases, norms):
 
@@ -13,6 +15,10 @@ Rank1Policy = Literal["flip", "plain", "private"]
 """
 
 SuperpositionDType = Literal["float32", "bfloat16", "float16"]
+
+DEFAULT_SERVING = QuantScheme(bits=4, group_size=64)
+"""The serving format of a new bundle, the one place it is chosen: int4 with one float32
+scale per 64 values is 4.5 bits per value, ~14% of the fp32 superposition."""
 
 
 class TransformConfig(BaseModel):
@@ -34,3 +40,9 @@ class TransformConfig(BaseModel):
         description="Bundle-wide lambda; None selects the data-free default (randes.scaling).",
     )
     max_shard_bytes: int = Field(default=512 * 1024 * 1024, ge=1024 * 1024)
+    serving: QuantScheme | None = Field(
+        default=DEFAULT_SERVING,
+        description="Quantized copy of each version's superposition that pull/materialize "
+        "serve (randes.quantize); None serves the master. Rows written before it existed "
+        "get the default.",
+    )

@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from randes.checkpoint import CheckpointReader
+from randes.checkpoint import CheckpointReader, TensorMeta
 from randes.config import TransformConfig
 from randes.errors import IncompatibleCheckpointError, NonFiniteTensorError
 from randes.keymap import detect_key_map
 from randes.manifest import KeyMap
+from randes.serving import SERVING_DIR, ServingWriter
 from randes.transforms import Layout, TaskTransform, plan_layout
 from randes.writer import ShardWriter, TensorSpec, WrittenShard
 
@@ -53,6 +54,8 @@ class FoldResult:
     private: list[WrittenShard]
     key_map: KeyMap
     delta_norms: dict[str, float]
+    serving: list[WrittenShard] = field(default_factory=list)
+    """The quantized copy of ``superposition`` (config.serving); [] when it is None."""
 
 
 def superposition_dtype(config: TransformConfig) -> torch.dtype:
@@ -66,6 +69,16 @@ def layout_of(base: CheckpointReader, config: TransformConfig) -> Layout:
 def superposed_names(base: CheckpointReader, config: TransformConfig) -> list[str]:
     """The slot names a superposition over ``base`` holds (sorted)."""
     return list(layout_of(base, config).superposed)
+
+
+def superposition_metas(base: CheckpointReader, config: TransformConfig) -> dict[str, TensorMeta]:
+    """Each slot's header in a superposition over ``base``: the base's shape, the bundle
+    dtype. What a serving copy is read back as (randes.serving.QuantizedReader)."""
+    dtype = superposition_dtype(config)
+    return {
+        slot: TensorMeta(dtype=dtype, shape=base.meta(slot).shape)
+        for slot in layout_of(base, config).superposed
+    }
 
 
 _NORM_BLOCK = 4096
@@ -178,8 +191,11 @@ def fold(
 ) -> FoldResult:
     """Add (direction=1) or subtract (-1) one task's scrambled delta to a superposition.
 
-    Writes ``out_dir/superposition`` (the whole new superposition) and, when adding,
-    ``out_dir/private`` (this task's private tensors).
+    Writes ``out_dir/superposition`` (the whole new superposition), when adding
+    ``out_dir/private`` (this task's private tensors), and when ``config.serving`` is set
+    ``out_dir/serving``: the new superposition quantized slot by slot as it is written,
+    always from the fp32-computed master value (never from a parent's serving copy, so
+    no quantization error accumulates across versions).
     """
     if direction not in (1, -1):
         raise ValueError("direction must be 1 or -1")
@@ -223,6 +239,16 @@ def fold(
         max_shard_bytes=config.max_shard_bytes,
         plan=[TensorSpec(slot, dtype, base.meta(slot).shape) for slot in layout.superposed],
     )
+    serving_writer = (
+        ServingWriter(
+            out_dir / SERVING_DIR,
+            scheme=config.serving,
+            slots=[(slot, tuple(base.meta(slot).shape)) for slot in sup_writer.order],
+            max_shard_bytes=config.max_shard_bytes,
+        )
+        if config.serving is not None
+        else None
+    )
     priv_writer = (
         ShardWriter(
             out_dir / PRIVATE_DIR,
@@ -243,8 +269,12 @@ def fold(
                 value = value.neg_()
             if parent is not None:
                 value = value.add_(parent.get(slot).to(torch.float32))
-            sup_writer.add(slot, value.to(dtype))
+            stored = value.to(dtype)
             del value
+            sup_writer.add(slot, stored)
+            if serving_writer is not None:
+                serving_writer.add(slot, stored)
+            del stored
             tick()
 
         # unfold writes no private tensors, but still checks them and records their norms
@@ -262,9 +292,12 @@ def fold(
                 tick()
 
         superposition = sup_writer.finish()
+        serving = serving_writer.finish() if serving_writer is not None else []
         private = priv_writer.finish() if priv_writer is not None else []
     except BaseException:
         sup_writer.abort()
+        if serving_writer is not None:
+            serving_writer.abort()
         if priv_writer is not None:
             priv_writer.abort()
         raise
@@ -273,6 +306,7 @@ def fold(
         private=private,
         key_map=key_map,
         delta_norms=delta_norms,
+        serving=serving,
     )
 
 

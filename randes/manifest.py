@@ -15,6 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from randes.config import TransformConfig
 from randes.errors import ManifestError
+from randes.quantize import QuantScheme
 
 FORMAT_VERSION = 1
 
@@ -123,6 +124,20 @@ class BaseManifest(BaseModel):
     norms: dict[str, float] = Field(default_factory=dict)
 
 
+class ServingArtifact(BaseModel):
+    """The quantized copy of a version's superposition, what pull / materialize serve.
+
+    Derived from that version's fp32 master when it was written (never folded into, so
+    no quantization error accumulates across versions); ``shards`` hold ``<slot>.q``
+    codes and ``<slot>.scale`` scales as `randes.quantize` lays them out.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    scheme: QuantScheme
+    shards: list[ShardRef] = Field(min_length=1)
+
+
 class BundleManifest(BaseModel):
     """One immutable bundle version."""
 
@@ -137,6 +152,11 @@ class BundleManifest(BaseModel):
     transform: TransformConfig
     superposition: list[ShardRef] = Field(default_factory=list)
     tasks: list[TaskEntry] = Field(default_factory=list)
+    serving: ServingArtifact | None = Field(
+        default=None,
+        description="Quantized superposition served by default; None (versions without "
+        "tasks, bundles serving the master, manifests older than it) serves the master.",
+    )
 
     def task(self, name: str) -> TaskEntry:
         for entry in self.tasks:
@@ -145,8 +165,11 @@ class BundleManifest(BaseModel):
         raise KeyError(name)
 
     def shards(self) -> Iterator[ShardRef]:
-        """Every stored file this version references (superposition, privates, side files)."""
+        """Every stored file this version references (superposition, serving copy,
+        privates, side files): what gc keeps and integrity checks cover."""
         yield from self.superposition
+        if self.serving is not None:
+            yield from self.serving.shards
         for entry in self.tasks:
             yield from entry.private
             yield from entry.files.values()

@@ -35,11 +35,12 @@ from typing import ParamSpec, TypeVar
 from randes.checkpoint import CheckpointReader, source_digest
 from randes.config import TransformConfig
 from randes.errors import IntegrityError, RandesError
-from randes.fold import fold, layout_of, unfold
+from randes.fold import fold, layout_of, superposition_metas, unfold
 from randes.manifest import (
     BaseManifest,
     BaseRef,
     BundleManifest,
+    ServingArtifact,
     ShardRef,
     TaskEntry,
     dump_manifest,
@@ -50,6 +51,7 @@ from randes.names import validate_name
 from randes.retrieve import materialize as materialize_model
 from randes.rng import new_task_seed
 from randes.scaling import data_free_scale, resolve_scale
+from randes.serving import QuantizedReader
 from randes.writer import WrittenShard
 from storage.cache import ObjectCache, file_sha256, integrity_context, version_context
 from storage.errors import StoreError
@@ -313,7 +315,11 @@ class Workspace:
                         side_shas = {p: file_sha256(p) for p in checkpoint.side_files.values()}
                         owner = uuid.uuid4().hex
                         try:
-                            self._lease([*result.superposition, *result.private], side_shas, owner)
+                            self._lease(
+                                [*result.superposition, *result.serving, *result.private],
+                                side_shas,
+                                owner,
+                            )
                             entry = TaskEntry(
                                 name=task,
                                 seed=seed,
@@ -337,6 +343,7 @@ class Workspace:
                                 parent,
                                 superposition=self._upload_shards(result.superposition),
                                 tasks=[*(parent.tasks if parent else []), entry],
+                                serving=self._upload_serving(config, result.serving),
                             )
                             self._commit(
                                 bundle,
@@ -396,7 +403,7 @@ class Workspace:
                                 out_dir=work,
                                 progress=progress,
                             )
-                        self._lease(result.superposition, {}, owner)
+                        self._lease([*result.superposition, *result.serving], {}, owner)
                         remaining = [t for t in parent.tasks if t.name != task]
                         manifest = self._next_manifest(
                             bundle,
@@ -408,6 +415,9 @@ class Workspace:
                             if remaining
                             else [],
                             tasks=remaining,
+                            serving=self._upload_serving(config, result.serving)
+                            if remaining
+                            else None,
                         )
                         self._commit(bundle, manifest, owner, removed=[task])
                 except VersionConflictError:
@@ -429,14 +439,7 @@ class Workspace:
         hold; ``base`` is the version's base reader, whose headers give the superposed
         tensors.
         """
-        names = layout_of(base, manifest.transform).superposed
-        free = data_free_scale(
-            entry.name,
-            {t.name: t.delta_norms for t in manifest.tasks},
-            self.base_manifest(manifest.base.name).norms,
-            names,
-        )
-        return resolve_scale(manifest.transform, entry.scale, free)
+        return version_task_scale(manifest, entry, base, self.base_manifest(manifest.base.name))
 
     @_reports_full_disk
     def materialize(
@@ -448,15 +451,21 @@ class Workspace:
         *,
         scale: float | None = None,
         progress: Progress | None = None,
+        master: bool = False,
     ) -> Path:
         """Write ``task`` as a standalone Hugging Face style model directory at ``dest``.
 
         The model is built in a sibling temporary directory and renamed into place, so
-        ``dest`` either does not exist or holds the whole model.
+        ``dest`` either does not exist or holds the whole model. It is retrieved from
+        what the version serves (its quantized superposition, see `open_task`), or from
+        the fp32 master with ``master``.
         """
         _check_scale(scale)
         _, manifest = self.resolve(bundle, ref)
-        with self.open_task(manifest, task) as opened, _staged_directory(dest) as staging:
+        with (
+            self.open_task(manifest, task, master=master) as opened,
+            _staged_directory(dest) as staging,
+        ):
             materialize_model(
                 base=opened.base,
                 superposition=opened.superposition,
@@ -474,12 +483,16 @@ class Workspace:
         return dest
 
     @contextlib.contextmanager
-    def open_task(self, manifest: BundleManifest, task: str) -> Iterator[OpenTask]:
+    def open_task(
+        self, manifest: BundleManifest, task: str, *, master: bool = False
+    ) -> Iterator[OpenTask]:
         """Verified local readers for everything one task of a version is rebuilt from.
 
         What materialize writes and what validation measures come from here, so both
         read (and sha256-check) exactly the same objects: the base, the superposition,
-        the task's private tensors and its side files (config.json).
+        the task's private tensors and its side files (config.json). The superposition
+        is the served one: the version's quantized copy, read as the master it was
+        derived from, when it has one and ``master`` is False; else the fp32 master.
         """
         try:
             entry = manifest.task(task)
@@ -489,17 +502,22 @@ class Workspace:
         side = {n: self.cache.fetch(r, context=context, suffix="") for n, r in entry.files.items()}
         with (
             self._base_reader_for(manifest) as base,
-            self._superposition_reader(manifest) as superposition,
+            self._served_reader(manifest, base, master=master) as superposition,
             self._open_refs(entry.private, context) as private,
         ):
             yield OpenTask(entry, base, superposition, private, side)
 
     @_reports_full_disk
-    def pull(self, bundle: str, ref: str | None, dest: Path) -> VersionRecord:
+    def pull(
+        self, bundle: str, ref: str | None, dest: Path, *, master: bool = False
+    ) -> VersionRecord:
         """Download one version with every object it needs, verified, as a local store.
 
         The result is laid out like the store itself (objects/, manifests/) plus a
-        ``bundle.json`` naming the version, so it can serve offline retrieval.
+        ``bundle.json`` naming the version, so it can serve offline retrieval
+        (`storage.pulled`). What is served is what is pulled: a version with a quantized
+        superposition comes without its fp32 master (7x smaller at int4), unless
+        ``master`` asks for a complete copy, master included.
         """
         record, manifest = self.resolve(bundle, ref)
         _check_destination(dest)
@@ -508,7 +526,7 @@ class Workspace:
         base_context = f"base {base.name}"
         with _staged_directory(dest) as staging:
             wanted: dict[str, tuple[str, str]] = {}  # key -> (sha256, what it belongs to)
-            for obj in manifest.shards():
+            for obj in pulled_shards(manifest, master=master):
                 wanted.setdefault(obj.key, (obj.sha256, this_version))
             for obj in [*base.shards, *base.files.values()]:
                 wanted.setdefault(obj.key, (obj.sha256, base_context))
@@ -517,7 +535,9 @@ class Workspace:
             for key, (sha, context) in wanted.items():
                 with integrity_context(context):
                     self.store.get_file(key, staging / key, sha256=sha)
-            (staging / "bundle.json").write_text(_pointer_json(bundle, record), encoding="utf-8")
+            (staging / "bundle.json").write_text(
+                _pointer_json(bundle, record, manifest, master=master), encoding="utf-8"
+            )
         return record
 
     # --------------------------------------------------------------------- gc
@@ -723,6 +743,24 @@ class Workspace:
             manifest.superposition, version_context(manifest.bundle, manifest.version)
         )
 
+    @contextlib.contextmanager
+    def _served_reader(
+        self, manifest: BundleManifest, base: CheckpointReader, *, master: bool
+    ) -> Iterator[CheckpointReader | None]:
+        """The superposition a version serves: its quantized copy when it has one (unless
+        ``master``), read as the master it was derived from; else the master itself."""
+        if master or manifest.serving is None:
+            with self._superposition_reader(manifest) as reader:
+                yield reader
+            return
+        serving = manifest.serving
+        context = version_context(manifest.bundle, manifest.version)
+        with self._open_refs(serving.shards, context) as inner:
+            assert inner is not None  # a ServingArtifact has at least one shard
+            metas = superposition_metas(base, manifest.transform)
+            with QuantizedReader(inner, serving.scheme, metas) as reader:
+                yield reader
+
     def _lease(
         self, shards: Sequence[WrittenShard], file_shas: Mapping[Path, str], owner: str
     ) -> None:
@@ -753,6 +791,14 @@ class Workspace:
             )
         return refs
 
+    def _upload_serving(
+        self, config: TransformConfig, shards: Sequence[WrittenShard]
+    ) -> ServingArtifact | None:
+        """Upload a fold's serving shards (already leased) and describe them."""
+        if config.serving is None or not shards:
+            return None
+        return ServingArtifact(scheme=config.serving, shards=self._upload_shards(shards))
+
     def _upload_file(self, path: Path, tensors: list[str], *, sha: str | None = None) -> ShardRef:
         sha = sha or file_sha256(path)
         key = blob_key(sha)
@@ -776,6 +822,7 @@ class Workspace:
         *,
         superposition: list[ShardRef],
         tasks: list[TaskEntry],
+        serving: ServingArtifact | None = None,
     ) -> BundleManifest:
         base_rec = self.registry.get_base(bundle_rec.base_name)
         return BundleManifest(
@@ -793,6 +840,7 @@ class Workspace:
             transform=config,
             superposition=superposition,
             tasks=tasks,
+            serving=serving,
         )
 
     def _commit(
@@ -846,13 +894,44 @@ def _check_destination(dest: Path) -> None:
         raise RandesError(f"destination {dest} exists and is not an empty directory")
 
 
-def _pointer_json(bundle: str, record: VersionRecord) -> str:
+def version_task_scale(
+    manifest: BundleManifest, entry: TaskEntry, base: CheckpointReader, base_manifest: BaseManifest
+) -> float:
+    """`Workspace.task_scale` from manifests at hand (a pulled directory has no registry)."""
+    names = layout_of(base, manifest.transform).superposed
+    free = data_free_scale(
+        entry.name,
+        {t.name: t.delta_norms for t in manifest.tasks},
+        base_manifest.norms,
+        names,
+    )
+    return resolve_scale(manifest.transform, entry.scale, free)
+
+
+def pulled_shards(manifest: BundleManifest, *, master: bool) -> list[ShardRef]:
+    """The objects of ``manifest`` that `Workspace.pull` copies: all of them, except the
+    fp32 master superposition of a version that serves a quantized copy (unless
+    ``master``)."""
+    refs = list(manifest.shards())
+    if master or manifest.serving is None:
+        return refs
+    skip = {ref.key for ref in manifest.superposition}
+    skip -= {ref.key for ref in refs if ref not in manifest.superposition}  # shared bytes
+    return [ref for ref in refs if ref.key not in skip]
+
+
+def _pointer_json(
+    bundle: str, record: VersionRecord, manifest: BundleManifest, *, master: bool
+) -> str:
+    has_master = master or manifest.serving is None
     return json.dumps(
         {
             "bundle": bundle,
             "version": record.version,
             "manifest_key": record.manifest_key,
             "manifest_sha256": record.manifest_sha256,
+            "served": manifest.serving.scheme.name if manifest.serving else "master",
+            "master": has_master,
         },
         indent=2,
     )

@@ -58,6 +58,12 @@ class BundleNotFoundError(NotFoundError):
         self.name = name
 
 
+class GroupNotFoundError(NotFoundError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"bundle group {name!r} does not exist")
+        self.name = name
+
+
 class VersionNotFoundError(NotFoundError):
     def __init__(self, bundle: str, version: int | None) -> None:
         if version is None:
@@ -103,6 +109,26 @@ class BundleExistsError(RegistryError):
     def __init__(self, name: str) -> None:
         super().__init__(f"bundle {name!r} already exists")
         self.name = name
+
+
+class GroupExistsError(RegistryError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"bundle group {name!r} already exists")
+        self.name = name
+
+
+class GroupMemberConflictError(RegistryError):
+    """Another placement added a member to the group since this one looked at it.
+
+    A placement reacts by looking at the members again: the new one may have room.
+    """
+
+    def __init__(self, group: str, position: int) -> None:
+        super().__init__(
+            f"member {position} of bundle group {group!r} was created by another writer"
+        )
+        self.group = group
+        self.position = position
 
 
 class VersionConflictError(RegistryError):

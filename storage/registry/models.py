@@ -58,6 +58,9 @@ UQ_TASK_LIVE_NAME = "uq_tasks_bundle_id_name_live"
 UQ_TASK_SEED = "uq_tasks_bundle_id_seed"
 UQ_LEDGER_SOURCE = "uq_ingestion_ledger_bundle_id_source_sha256"
 UQ_ALIAS = "uq_aliases_bundle_id_name"
+UQ_GROUP_NAME = "uq_bundle_groups_name"
+UQ_GROUP_POSITION = "uq_bundle_group_members_group_id_position"
+PK_GROUP_MEMBER = "pk_bundle_group_members"
 
 
 def utcnow() -> datetime:
@@ -119,6 +122,48 @@ class Bundle(Base):
     transform: Mapped[dict[str, Any]] = mapped_column(JSON)
     gate_threshold: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class BundleGroup(Base):
+    """Bundles of one base and transform that share tasks out under a capacity limit.
+
+    The group is its own row, not a property of its bundles: it exists before its first
+    member (``randes group create``) and carries the template every new member is
+    created from (base, transform, gate) plus the limit on any member's relative
+    interference r_t (randes.capacity).
+    """
+
+    __tablename__ = "bundle_groups"
+    __table_args__ = (CheckConstraint("max_interference > 0", name="max_interference_positive"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(NAME_LEN), unique=True)
+    base_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"))
+    transform: Mapped[dict[str, Any]] = mapped_column(JSON)
+    gate_threshold: Mapped[float | None] = mapped_column(Float)
+    max_interference: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class BundleGroupMember(Base):
+    """A bundle's place in its group: at most one group per bundle (the primary key),
+    one bundle per position (the unique constraint two racing placements collide on).
+
+    A separate table rather than a column on ``bundles``: adding (and, on downgrade,
+    dropping) a foreign-key column on SQLite means rebuilding ``bundles``, which every
+    other table references; a table of its own is created and dropped whole.
+    """
+
+    __tablename__ = "bundle_group_members"
+    __table_args__ = (
+        PrimaryKeyConstraint("bundle_id", name=PK_GROUP_MEMBER),
+        UniqueConstraint("group_id", "position", name=UQ_GROUP_POSITION),
+        CheckConstraint("position >= 1", name="position_positive"),
+    )
+
+    bundle_id: Mapped[int] = mapped_column(ForeignKey("bundles.id"))
+    group_id: Mapped[int] = mapped_column(ForeignKey("bundle_groups.id"))
+    position: Mapped[int] = mapped_column(Integer)
 
 
 class BundleVersion(Base):

@@ -36,6 +36,19 @@ class BundleRecord:
 
 
 @dataclass(frozen=True)
+class GroupRecord:
+    """A bundle group: the template of its members and their interference limit."""
+
+    id: int
+    name: str
+    base_name: str
+    transform: dict[str, Any]
+    gate_threshold: float | None
+    max_interference: float
+    created_at: datetime
+
+
+@dataclass(frozen=True)
 class VersionRecord:
     id: int
     bundle: str

@@ -50,6 +50,9 @@ from storage.registry.errors import (
     BundleExistsError,
     BundleNotFoundError,
     DatabaseUnavailableError,
+    GroupExistsError,
+    GroupMemberConflictError,
+    GroupNotFoundError,
     InvalidValueError,
     MigrationError,
     RegistryError,
@@ -63,9 +66,12 @@ from storage.registry.errors import (
     VersionNotFoundError,
 )
 from storage.registry.models import (
+    NAME_LEN,
     UQ_ALIAS,
     UQ_BASE_NAME,
     UQ_BUNDLE_NAME,
+    UQ_GROUP_NAME,
+    UQ_GROUP_POSITION,
     UQ_LEDGER_SOURCE,
     UQ_TASK_LIVE_NAME,
     UQ_TASK_SEED,
@@ -76,6 +82,8 @@ from storage.registry.models import (
     BaseModel,
     BaseObject,
     Bundle,
+    BundleGroup,
+    BundleGroupMember,
     BundleVersion,
     Evaluation,
     IngestionLedger,
@@ -89,6 +97,7 @@ from storage.registry.records import (
     BaseRecord,
     BundleRecord,
     EvaluationRecord,
+    GroupRecord,
     NewTask,
     TaskRecord,
     VersionRecord,
@@ -115,6 +124,9 @@ _SQLITE_UNAVAILABLE = (
 )
 
 _DIGITS = re.compile(r"[0-9]+")
+
+GROUP_NAME_MAX = NAME_LEN - 8
+"""Longest group name: its members are ``<group>-<n>`` and must fit a bundle name."""
 _SQLITE_UNIQUE = re.compile(r"UNIQUE constraint failed: (.+)$")
 
 
@@ -524,6 +536,169 @@ class Registry:
                 .order_by(Bundle.name)
             ).all()
             return [self._bundle_record(b, base) for b, base in rows]
+
+    # -- bundle groups ------------------------------------------------------------------
+
+    @staticmethod
+    def _group(s: Session, name: str) -> BundleGroup:
+        row = s.scalar(select(BundleGroup).where(BundleGroup.name == name))
+        if row is None:
+            raise GroupNotFoundError(name)
+        return row
+
+    @staticmethod
+    def _group_record(row: BundleGroup, base_name: str) -> GroupRecord:
+        return GroupRecord(
+            id=row.id,
+            name=row.name,
+            base_name=base_name,
+            transform=dict(row.transform),
+            gate_threshold=row.gate_threshold,
+            max_interference=row.max_interference,
+            created_at=row.created_at,
+        )
+
+    def create_group(
+        self,
+        name: str,
+        base_name: str,
+        transform: dict[str, Any],
+        *,
+        max_interference: float,
+        gate_threshold: float | None = None,
+    ) -> GroupRecord:
+        """Create an empty bundle group over a registered base.
+
+        Its members are named ``<name>-<n>``, so the name leaves room for the suffix.
+        """
+        validate_name(name, "group name")
+        if len(name) > GROUP_NAME_MAX:
+            raise InvalidValueError(
+                f"group name {name[:40]!r}... is too long: its members are named "
+                f"<group>-<n>, so a group name has at most {GROUP_NAME_MAX} characters"
+            )
+        limit = _check_finite("max_interference", max_interference)
+        if limit is None or limit <= 0:
+            raise InvalidValueError(
+                f"max_interference must be a number greater than 0, got {max_interference}"
+            )
+        gate_threshold = _check_finite("gate_threshold", gate_threshold)
+        try:
+            with self._tx(write=True) as s:
+                base = s.scalar(select(BaseModel).where(BaseModel.name == base_name))
+                if base is None:
+                    raise BaseNotFoundError(base_name)
+                if s.scalar(select(BundleGroup.id).where(BundleGroup.name == name)) is not None:
+                    raise GroupExistsError(name)
+                row = BundleGroup(
+                    name=name,
+                    base_id=base.id,
+                    transform=dict(transform),
+                    gate_threshold=gate_threshold,
+                    max_interference=limit,
+                )
+                s.add(row)
+                s.flush()
+                return self._group_record(row, base.name)
+        except IntegrityError as exc:
+            if _violated(exc) == UQ_GROUP_NAME:
+                raise GroupExistsError(name) from None
+            raise
+
+    def get_group(self, name: str) -> GroupRecord:
+        with self._tx() as s:
+            row = s.execute(
+                select(BundleGroup, BaseModel.name)
+                .join(BaseModel, BundleGroup.base_id == BaseModel.id)
+                .where(BundleGroup.name == name)
+            ).one_or_none()
+            if row is None:
+                raise GroupNotFoundError(name)
+            return self._group_record(row[0], row[1])
+
+    def list_groups(self) -> list[GroupRecord]:
+        with self._tx() as s:
+            rows = s.execute(
+                select(BundleGroup, BaseModel.name)
+                .join(BaseModel, BundleGroup.base_id == BaseModel.id)
+                .order_by(BundleGroup.name)
+            ).all()
+            return [self._group_record(g, base) for g, base in rows]
+
+    def group_members(self, group: str) -> list[BundleRecord]:
+        """The group's bundles in the order they were created (their positions)."""
+        with self._tx() as s:
+            g = self._group(s, group)
+            rows = s.execute(
+                select(Bundle, BaseModel.name)
+                .join(BundleGroupMember, BundleGroupMember.bundle_id == Bundle.id)
+                .join(BaseModel, Bundle.base_id == BaseModel.id)
+                .where(BundleGroupMember.group_id == g.id)
+                .order_by(BundleGroupMember.position)
+            ).all()
+            return [self._bundle_record(b, base) for b, base in rows]
+
+    def group_of(self, bundle: str) -> str | None:
+        """The group ``bundle`` belongs to, or None."""
+        with self._tx() as s:
+            b = self._bundle(s, bundle)
+            return s.scalar(
+                select(BundleGroup.name)
+                .join(BundleGroupMember, BundleGroupMember.group_id == BundleGroup.id)
+                .where(BundleGroupMember.bundle_id == b.id)
+            )
+
+    def create_group_member(self, group: str, position: int) -> BundleRecord:
+        """Add member number ``position`` (1-based) to the group: a new empty bundle with
+        the group's base, transform and gate, named ``<group>-<n>``.
+
+        ``position`` must be the number of members the caller saw plus one, checked in
+        the transaction: if another placement added a member meanwhile, this raises
+        GroupMemberConflictError (as does losing the insert race on PostgreSQL), and the
+        caller places again over the members as they are now, the new one included. The
+        name is ``<group>-<position>``, or the next free suffix when a bundle outside
+        the group already has that name.
+        """
+        if isinstance(position, bool) or not isinstance(position, int) or position < 1:
+            raise InvalidValueError(f"member position must be an integer >= 1, got {position!r}")
+        try:
+            with self._tx(write=True) as s:
+                g = self._group(s, group)
+                last = s.scalar(
+                    select(BundleGroupMember.position)
+                    .where(BundleGroupMember.group_id == g.id)
+                    .order_by(BundleGroupMember.position.desc())
+                    .limit(1)
+                )
+                if (last or 0) + 1 != position:
+                    raise GroupMemberConflictError(group, position)
+                taken = set(
+                    s.scalars(
+                        select(Bundle.name).where(
+                            Bundle.name.startswith(f"{group}-", autoescape=True)
+                        )
+                    )
+                )
+                suffix = position
+                while f"{group}-{suffix}" in taken:
+                    suffix += 1
+                row = Bundle(
+                    name=f"{group}-{suffix}",
+                    base_id=g.base_id,
+                    transform=dict(g.transform),
+                    gate_threshold=g.gate_threshold,
+                )
+                s.add(row)
+                s.flush()
+                s.add(BundleGroupMember(bundle_id=row.id, group_id=g.id, position=position))
+                s.flush()
+                base_name = s.scalar(select(BaseModel.name).where(BaseModel.id == g.base_id))
+                assert base_name is not None
+                return self._bundle_record(row, base_name)
+        except IntegrityError as exc:
+            if _violated(exc) in (UQ_GROUP_POSITION, UQ_BUNDLE_NAME):
+                raise GroupMemberConflictError(group, position) from None
+            raise
 
     # -- versions -----------------------------------------------------------------------
 

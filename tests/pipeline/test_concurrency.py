@@ -298,7 +298,9 @@ def test_concurrent_folds_of_different_tasks_all_land_once(
 
             # 3. Every task materializes as base + T_t^-1(S) (lambda = 1), privates exact.
             for name, transform in transforms.items():
-                dest = ws.materialize(BUNDLE, None, name, tmp_path / "out" / name, scale=1.0)
+                dest = ws.materialize(
+                    BUNDLE, None, name, tmp_path / "out" / name, scale=1.0, master=True
+                )
                 got = load_file(str(dest / "model.safetensors"))
                 assert got.keys() == tuned[name].keys()
                 for key, tensor in tuned[name].items():

@@ -145,7 +145,8 @@ def test_registry_pins_the_resolved_commit_and_remove_fetches_by_it(
         assert ws.remove("b", "gamma").version == 5  # by commit, no ref at all
 
         # Both removals subtracted exactly what was folded: alpha alone comes back exact.
-        out = ws.materialize("b", None, "alpha", tmp_path / "out") / "model.safetensors"
+        out = ws.materialize("b", None, "alpha", tmp_path / "out", master=True)
+        out = out / "model.safetensors"
         got, want = load_file(str(out)), load_file(str(alpha / "model.safetensors"))
         for name, tensor in want.items():
             if tensor.is_floating_point():

@@ -51,7 +51,7 @@ def test_one_task_comes_back_exactly(ws: Workspace, models, tmp_path: Path, rank
     _bundle(ws, models, rank1=rank1)
     outcome = ws.fold("b", str(models["alpha"]), "alpha", scale=1.0)
     assert (outcome.version, outcome.skipped) == (1, False)
-    dest = ws.materialize("b", None, "alpha", tmp_path / "out")
+    dest = ws.materialize("b", None, "alpha", tmp_path / "out", master=True)  # fp32: exact
     got = load_file(str(dest / "model.safetensors"))
     want = load_file(str(models["alpha"] / "model.safetensors"))
     assert got.keys() == want.keys()
@@ -95,7 +95,8 @@ def test_remove_folds_a_task_out(ws, models, tmp_path) -> None:
     removed = ws.remove("b", "beta")
     assert removed.version == 3
     assert [t.name for t in ws.resolve("b")[1].tasks] == ["alpha"]
-    got = load_file(str(ws.materialize("b", None, "alpha", tmp_path / "a") / "model.safetensors"))
+    out = ws.materialize("b", None, "alpha", tmp_path / "a", master=True)
+    got = load_file(str(out / "model.safetensors"))
     want = load_file(str(models["alpha"] / "model.safetensors"))
     for name, tensor in want.items():
         if tensor.is_floating_point():
@@ -105,12 +106,13 @@ def test_remove_folds_a_task_out(ws, models, tmp_path) -> None:
 def test_pull_writes_a_verified_self_contained_copy(ws, models, tmp_path) -> None:
     _bundle(ws, models)
     ws.fold("b", str(models["alpha"]), "alpha")
-    record = ws.pull("b", "1", tmp_path / "pulled")
+    record = ws.pull("b", "1", tmp_path / "pulled", master=True)
     pointer = json.loads((tmp_path / "pulled" / "bundle.json").read_text())
     assert pointer["version"] == record.version == 1
+    assert pointer["master"] is True
     assert (tmp_path / "pulled" / pointer["manifest_key"]).exists()
     manifest = ws.resolve("b", "1")[1]
-    for ref in manifest.shards():
+    for ref in manifest.shards():  # --master: a complete copy
         assert (tmp_path / "pulled" / ref.key).stat().st_size == ref.size
 
 

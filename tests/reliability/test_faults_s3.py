@@ -96,7 +96,10 @@ def _verify_pull(dest: Path, version: int) -> int:
             assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name, path
             count += 1
     data = json.loads(manifest.read_text())
-    referenced = {s["key"] for s in data["superposition"]}
+    # what the version serves: its quantized copy (a default pull has no master), else
+    # the master superposition
+    served = data["serving"]["shards"] if data.get("serving") else data["superposition"]
+    referenced = {s["key"] for s in served}
     referenced |= {s["key"] for t in data["tasks"] for s in t["private"]}
     assert all((dest / key).is_file() for key in referenced)
     return count

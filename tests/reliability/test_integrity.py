@@ -1,9 +1,10 @@
 """Integrity: every read verifies sha256, and damage is reported where it lies.
 
 On a local store and on a real S3 server (SeaweedFS), one byte is flipped in a stored
-object of bundle ``b`` version 2 (its superposition shard, task alpha's private shard,
-alpha's side file config.json, the version manifest, a base shard, the base manifest);
-then, each with an empty cache:
+object of bundle ``b`` version 2 (its fp32 master superposition shard, its quantized
+serving shard, task alpha's private shard, alpha's side file config.json, the version
+manifest, a base shard, the base manifest); then, each with an empty cache and
+``--master`` for the master shard (only the master path reads it):
 
 - ``randes pull`` fails,
 - ``randes materialize`` fails,
@@ -119,6 +120,7 @@ def _keys(settings: Settings) -> dict[str, str]:
         alpha = manifest.task("alpha")
         return {
             "superposition-shard": manifest.superposition[0].key,
+            "serving-shard": manifest.serving.shards[0].key,  # type: ignore[union-attr]
             "private-shard": alpha.private[0].key,
             "side-file": alpha.files["config.json"].key,
             "version-manifest": record.manifest_key,
@@ -216,6 +218,7 @@ def _nothing_at(dest: Path) -> None:
 
 TARGETS = [
     "superposition-shard",
+    "serving-shard",
     "private-shard",
     "side-file",
     "version-manifest",
@@ -229,28 +232,30 @@ TARGETS = [
 def test_damaged_store_object_is_reported_by_pull_materialize_and_validate(
     world: World, use_env: Callable[[Path], None], tmp_path: Path, target: str
 ) -> None:
+    master = target == "superposition-shard"  # read by the --master path only
+    flag = ["--master"] if master else []
     with world.damaged(target) as key:
         use_env(tmp_path / "cache-pull")
         dest = tmp_path / "pulled"
-        line = _error_line(*cli("pull", BUNDLE, str(dest)))
+        line = _error_line(*cli("pull", BUNDLE, str(dest), *flag))
         _names_the_damage(line, key, target)
         _nothing_at(dest)
 
         use_env(tmp_path / "cache-materialize")
         dest = tmp_path / "model"
-        line = _error_line(*cli("materialize", BUNDLE, "alpha", str(dest)))
+        line = _error_line(*cli("materialize", BUNDLE, "alpha", str(dest), *flag))
         _names_the_damage(line, key, target)
         _nothing_at(dest)
 
         settings = world.settings(tmp_path / "cache-validate")
         with Workspace(settings) as ws, pytest.raises(IntegrityError) as info:
-            validate_task(ws, BUNDLE, VERSION, "alpha")
+            validate_task(ws, BUNDLE, VERSION, "alpha", master=master)
         _names_the_damage(str(info.value), key, target)
 
     # undamaged again: everything works, so the failures above were the damage
     use_env(tmp_path / "cache-after")
-    assert cli("pull", BUNDLE, str(tmp_path / "pulled"))[0] == 0
-    assert cli("materialize", BUNDLE, "alpha", str(tmp_path / "model"))[0] == 0
+    assert cli("pull", BUNDLE, str(tmp_path / "pulled"), *flag)[0] == 0
+    assert cli("materialize", BUNDLE, "alpha", str(tmp_path / "model"), *flag)[0] == 0
 
 
 @pytest.mark.parametrize("world", ["local"], indirect=True)  # one backend covers the wrapping
@@ -260,9 +265,9 @@ def test_validate_command_reports_a_damaged_shard_in_one_line(
     """The flow behind ``randes validate`` keeps the command line contract: no Prefect
     log (nor its traceback of the failed task) around the one error line."""
     use_env(tmp_path / "cache")
-    with world.damaged("superposition-shard") as key:
+    with world.damaged("serving-shard") as key:  # what validation measures by default
         line = _error_line(*cli("validate", BUNDLE))
-    _names_the_damage(line, key, "superposition-shard")
+    _names_the_damage(line, key, "serving-shard")
 
 
 # ------------------------------------------------- what the cache may hide
@@ -277,10 +282,10 @@ def test_pull_reads_the_store_even_with_a_warm_cache(
     use_env(cache)
     assert cli("materialize", BUNDLE, "alpha", str(tmp_path / "warm"))[0] == 0
     good = _materialized(tmp_path / "warm")
-    with world.damaged("superposition-shard") as key:
+    with world.damaged("serving-shard") as key:
         # pull: the store is what it copies, so the damage is reported
         line = _error_line(*cli("pull", BUNDLE, str(tmp_path / "pulled")))
-        _names_the_damage(line, key, "superposition-shard")
+        _names_the_damage(line, key, "serving-shard")
         _nothing_at(tmp_path / "pulled")
         # materialize: served from the verified cached copies, the correct model
         code, out, err = cli("materialize", BUNDLE, "alpha", str(tmp_path / "again"))
@@ -298,7 +303,7 @@ def test_damaged_cached_copy_is_fetched_again(
     use_env(cache)
     assert cli("materialize", BUNDLE, "alpha", str(tmp_path / "first"))[0] == 0
     good = _materialized(tmp_path / "first")
-    key = world.keys["superposition-shard"]
+    key = world.keys["serving-shard"]  # what a default materialize reads
     cached = next((cache / "objects").glob(f"{key.rsplit('/', 1)[1]}*"))
     cached.write_bytes(_flipped(cached.read_bytes()))
 
@@ -310,7 +315,7 @@ def test_damaged_cached_copy_is_fetched_again(
     # the cache holds a good copy again
     with Workspace(world.settings(cache)) as ws:
         _, manifest = ws.resolve(BUNDLE)
-        sha = manifest.superposition[0].sha256
+        sha = manifest.serving.shards[0].sha256  # type: ignore[union-attr]
     assert file_sha256(cached) == sha
 
     # and validation, through the same cache, heals the same way

@@ -39,7 +39,7 @@ def _flip_one_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("what", ["superposition", "version-manifest", "base-shard"])
+@pytest.mark.parametrize("what", ["superposition", "serving", "version-manifest", "base-shard"])
 def test_pull_names_what_a_damaged_object_belongs_to(
     what: str, models: Models, tmp_path: Path, trials: Trials
 ) -> None:
@@ -49,7 +49,8 @@ def test_pull_names_what_a_damaged_object_belongs_to(
         record, manifest = ws.resolve(BUNDLE)
         base = ws.base_manifest(manifest.base.name)
     key = {
-        "superposition": manifest.superposition[0].key,
+        "superposition": manifest.superposition[0].key,  # pulled with master=True
+        "serving": manifest.serving.shards[0].key,  # type: ignore[union-attr]
         "version-manifest": record.manifest_key,
         "base-shard": base.shards[0].key,
     }[what]
@@ -58,7 +59,7 @@ def test_pull_names_what_a_damaged_object_belongs_to(
     fresh = settings.model_copy(update={"cache_dir": tmp_path / "empty-cache"})
     dest = tmp_path / "pulled"
     with Workspace(fresh) as ws, pytest.raises(IntegrityError) as info:
-        ws.pull(BUNDLE, None, dest)
+        ws.pull(BUNDLE, None, dest, master=what == "superposition")
     message = str(info.value)
     assert key in message and message.endswith(expected), message
     assert "\n" not in message

@@ -1,0 +1,188 @@
+"""Serving superpositions: the quantized copy of a version's fp32 master, written and read.
+
+Writing (`ServingWriter`): fold hands every slot to it right after the master writer, the
+value already in memory, so the serving copy costs no second pass over any data. Codes
+and scales go to two writers (``codes*.safetensors``, ``scales*.safetensors``): a
+ShardWriter stores a shard's tensors largest element first, so one shard mixing float32
+scales and uint8 codes could not take any code before every scale of the shard, which
+would hold a whole shard of codes in memory. With one dtype per writer the only
+reordering left is by name within a shard (``a.q`` sorts after ``a.b.q`` although ``a``
+sorts before ``a.b``), absorbed by a small buffer that in practice holds nothing.
+
+Reading (`QuantizedReader`): a `CheckpointReader` whose keys, headers and tensors are
+those of the master it was derived from (slot names, base shapes, the superposition
+dtype), each tensor dequantized on demand. Retrieval and materialize take it unchanged.
+Every code and scale tensor is checked against the sizes `QuantScheme.layout` predicts
+before anything is read, so a serving copy that does not fit the base fails in one line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from randes.checkpoint import CheckpointReader, TensorMeta
+from randes.errors import IncompatibleCheckpointError
+from randes.quantize import (
+    CODES_SUFFIX,
+    SCALES_SUFFIX,
+    QuantizedTensor,
+    QuantScheme,
+    dequantize,
+    quantize,
+)
+from randes.writer import ShardWriter, TensorSpec, WrittenShard
+
+SERVING_DIR = "serving"
+
+
+def codes_name(slot: str) -> str:
+    return slot + CODES_SUFFIX
+
+
+def scales_name(slot: str) -> str:
+    return slot + SCALES_SUFFIX
+
+
+def serving_specs(
+    slots: Sequence[tuple[str, tuple[int, ...]]], scheme: QuantScheme
+) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """(codes specs, scales specs) of the serving copy of ``slots`` (name, shape), in order."""
+    codes: list[TensorSpec] = []
+    scales: list[TensorSpec] = []
+    for slot, shape in slots:
+        n_codes, n_scales = scheme.layout(tuple(shape))
+        codes.append(TensorSpec(codes_name(slot), torch.uint8, (n_codes,)))
+        scales.append(TensorSpec(scales_name(slot), torch.float32, (n_scales,)))
+    return codes, scales
+
+
+def serving_nbytes(shapes: Sequence[tuple[int, ...]], scheme: QuantScheme) -> int:
+    """Payload bytes (codes + scales, headers excluded) of a serving copy."""
+    return sum(scheme.nbytes(tuple(shape)) for shape in shapes)
+
+
+class _InOrder:
+    """Feeds a ShardWriter in its required order, holding early arrivals until their turn."""
+
+    def __init__(self, writer: ShardWriter) -> None:
+        self.writer = writer
+        self._order = writer.order
+        self._next = 0
+        self._pending: dict[str, torch.Tensor] = {}
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        self._pending[name] = tensor
+        while self._next < len(self._order) and self._order[self._next] in self._pending:
+            ready = self._order[self._next]
+            self.writer.add(ready, self._pending.pop(ready))
+            self._next += 1
+
+
+class ServingWriter:
+    """Streams the quantized copy of a superposition under ``out_dir``, slot by slot.
+
+    ``slots`` lists every (slot, shape) that will be added, in the order ``add`` will be
+    called (the master writer's order); ``add`` takes the master's stored value.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        *,
+        scheme: QuantScheme,
+        slots: Sequence[tuple[str, tuple[int, ...]]],
+        max_shard_bytes: int,
+    ) -> None:
+        self.scheme = scheme
+        codes, scales = serving_specs(slots, scheme)
+        self._codes = ShardWriter(
+            out_dir, max_shard_bytes=max_shard_bytes, plan=codes, prefix="codes"
+        )
+        self._scales = ShardWriter(
+            out_dir, max_shard_bytes=max_shard_bytes, plan=scales, prefix="scales"
+        )
+        self._codes_feed = _InOrder(self._codes)
+        self._scales_feed = _InOrder(self._scales)
+
+    def add(self, slot: str, value: torch.Tensor) -> None:
+        """Quantize one master slot (any float dtype) and write its codes and scales."""
+        q = quantize(value, self.scheme)
+        self._codes_feed.put(codes_name(slot), q.codes)
+        self._scales_feed.put(scales_name(slot), q.scales)
+
+    def finish(self) -> list[WrittenShard]:
+        try:
+            return [*self._codes.finish(), *self._scales.finish()]
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        self._codes.abort()
+        self._scales.abort()
+
+
+class QuantizedReader(CheckpointReader):
+    """A serving copy read as the master superposition it was derived from.
+
+    ``slots`` maps each slot name to the master's meta (base shape, superposition
+    dtype); ``get`` returns the dequantized float32 values cast to that dtype. The
+    wrapped reader is owned: closing this closes it.
+
+    A subclass (and not a protocol) so that retrieval, materialize and their checks
+    take it where they take a master reader, without a line of them changing. It sets
+    the header tables the base class's mapping methods read and serves ``get`` itself.
+    """
+
+    def __init__(
+        self, inner: CheckpointReader, scheme: QuantScheme, slots: Mapping[str, TensorMeta]
+    ) -> None:
+        # No super().__init__: there is no file of this reader's own to parse.
+        self.files = list(inner.files)
+        self.side_files = {}
+        self.scheme = scheme
+        self._inner = inner
+        self._handles = {}
+        self._offset = {}
+        _check_layout(inner, scheme, slots)
+        self._metas = {slot: slots[slot] for slot in sorted(slots)}
+        self._file_of = {slot: inner.file_of(codes_name(slot)) for slot in self._metas}
+
+    def get(self, name: str) -> torch.Tensor:
+        meta = self._metas[name]
+        q = QuantizedTensor(self._inner.get(codes_name(name)), self._inner.get(scales_name(name)))
+        return dequantize(q, meta.shape, self.scheme).to(meta.dtype)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def __repr__(self) -> str:
+        return f"QuantizedReader({self.scheme.name}, {self._inner!r})"
+
+
+def _check_layout(
+    inner: CheckpointReader, scheme: QuantScheme, slots: Mapping[str, TensorMeta]
+) -> None:
+    expected = {codes_name(s) for s in slots} | {scales_name(s) for s in slots}
+    actual = set(inner.keys())
+    if actual != expected:
+        diff = sorted(expected ^ actual)
+        raise IncompatibleCheckpointError(
+            f"serving superposition ({scheme.name}) does not match the base layout "
+            f"({len(diff)} names differ, e.g. {diff[0]!r})"
+        )
+    for slot in sorted(slots):
+        n_codes, n_scales = scheme.layout(tuple(slots[slot].shape))
+        for name, dtype, count in (
+            (codes_name(slot), torch.uint8, n_codes),
+            (scales_name(slot), torch.float32, n_scales),
+        ):
+            meta = inner.meta(name)
+            if meta.dtype != dtype or meta.shape != (count,):
+                raise IncompatibleCheckpointError(
+                    f"serving tensor {name!r}: {meta.dtype}{list(meta.shape)} where "
+                    f"{scheme.name} of {list(slots[slot].shape)} needs {dtype}[{count}]"
+                )

@@ -1,0 +1,161 @@
+"""A directory written by `randes pull`, read offline: no registry, no store server.
+
+`Workspace.pull` lays a version out like the store (``objects/``, ``manifests/``) plus a
+``bundle.json`` pointer; this module rebuilds a task from it, so a pulled bundle is a
+deployable artifact on a machine that reaches neither the database nor the bucket.
+Every object is checked against the sha256 its manifest records before it is read,
+exactly as reads from the store are. A default pull holds the serving superposition and
+not the fp32 master: the task comes back from what was pulled, and asking for the master
+of such a directory says so in one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from randes.checkpoint import CheckpointReader
+from randes.errors import IntegrityError, RandesError
+from randes.fold import superposition_metas
+from randes.manifest import (
+    BaseManifest,
+    BundleManifest,
+    ShardRef,
+    load_base_manifest,
+    load_bundle_manifest,
+)
+from randes.retrieve import materialize as materialize_model
+from randes.serving import QuantizedReader
+from storage.cache import file_sha256, integrity_context, version_context
+from storage.registry import TaskNotFoundError
+from storage.store.base import validate_key
+from storage.store.local import LocalStore
+from storage.workspace import _staged_directory, version_task_scale
+
+POINTER = "bundle.json"
+
+
+class PulledVersionError(RandesError):
+    """A directory that is not a pulled version, or lacks what was asked of it."""
+
+
+class PulledVersion:
+    """One version pulled to ``root``: its manifests, and verified readers of its objects.
+
+    ``pointer`` names the version's pointer file when ``root`` holds several (a group
+    pull writes ``bundles/<bundle>.json``); by default ``root/bundle.json``.
+    """
+
+    def __init__(self, root: Path, pointer: Path | None = None) -> None:
+        self.root = Path(root)
+        pointer_path = Path(pointer) if pointer is not None else self.root / POINTER
+        try:
+            data = json.loads(pointer_path.read_text(encoding="utf-8"))
+            key, sha = str(data["manifest_key"]), str(data["manifest_sha256"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise PulledVersionError(
+                f"{self.root}: not a pulled bundle version (no readable {pointer_path.name}: {exc})"
+            ) from None
+        store = LocalStore(self.root)
+        with integrity_context(f"pulled {self.root}"):
+            self.manifest: BundleManifest = load_bundle_manifest(store.get_bytes(key, sha256=sha))
+            ref = self.manifest.base
+            self.base: BaseManifest = load_base_manifest(
+                store.get_bytes(ref.manifest_key, sha256=ref.manifest_sha256)
+            )
+        self.context = version_context(self.manifest.bundle, self.manifest.version)
+
+    @property
+    def has_master(self) -> bool:
+        """Whether the fp32 master superposition was pulled (``pull --master``)."""
+        return all(self._path(ref).is_file() for ref in self.manifest.superposition)
+
+    def _path(self, ref: ShardRef) -> Path:
+        return self.root.joinpath(*validate_key(ref.key).split("/"))
+
+    def verified(self, ref: ShardRef) -> Path:
+        """The pulled file of ``ref``, once its size and sha256 are checked."""
+        path = self._path(ref)
+        if not path.is_file():
+            raise PulledVersionError(f"{self.root}: object {ref.key} is missing ({self.context})")
+        if path.stat().st_size != ref.size or file_sha256(path) != ref.sha256:
+            raise IntegrityError(
+                f"pulled object {ref.key} does not match its sha256 ({self.context})"
+            )
+        return path
+
+    @contextlib.contextmanager
+    def _reader(self, refs: Sequence[ShardRef], links: Path) -> Iterator[CheckpointReader | None]:
+        """Safetensors readers open files by suffix; objects are named by sha256 alone, so
+        each is read through a ``<sha256>.safetensors`` link in a scratch directory."""
+        if not refs:
+            yield None
+            return
+        paths = []
+        for ref in refs:
+            link = links / f"{ref.sha256}.safetensors"
+            if not link.exists():
+                link.symlink_to(self.verified(ref).resolve())
+            paths.append(link)
+        with CheckpointReader.from_files(paths) as reader:
+            yield reader
+
+    def materialize(
+        self,
+        task: str,
+        dest: Path,
+        *,
+        master: bool = False,
+        scale: float | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Path:
+        """Write ``task`` as a standalone model directory at ``dest`` (new or empty), from
+        the served superposition (or the master with ``master``), like `randes materialize`.
+        """
+        manifest = self.manifest
+        try:
+            entry = manifest.task(task)
+        except KeyError:
+            raise TaskNotFoundError(manifest.bundle, task) from None
+        serving = None if master else manifest.serving
+        if serving is None and not self.has_master:
+            raise PulledVersionError(
+                f"{self.root}: the master superposition was not pulled (pull with --master)"
+            )
+        side = {name: self.verified(ref) for name, ref in entry.files.items()}
+        links = Path(tempfile.mkdtemp(prefix=".randes-links-"))
+        try:
+            with (
+                self._reader(self.base.shards, links) as base,
+                self._reader(
+                    serving.shards if serving is not None else manifest.superposition, links
+                ) as sup,
+                self._reader(entry.private, links) as private,
+                _staged_directory(Path(dest)) as staging,
+            ):
+                assert base is not None
+                superposition = sup
+                if serving is not None and sup is not None:
+                    metas = superposition_metas(base, manifest.transform)
+                    superposition = QuantizedReader(sup, serving.scheme, metas)
+                materialize_model(
+                    base=base,
+                    superposition=superposition,
+                    private=private,
+                    seed=entry.seed,
+                    key_map=entry.key_map,
+                    config=manifest.transform,
+                    scale=scale
+                    if scale is not None
+                    else version_task_scale(manifest, entry, base, self.base),
+                    out_dir=staging,
+                    side_files=side,
+                    progress=progress,
+                )
+        finally:
+            shutil.rmtree(links, ignore_errors=True)
+        return Path(dest)
