@@ -27,6 +27,7 @@ from flows.console import err, out, print_table, progress_bar
 from randes.errors import RandesError
 
 if TYPE_CHECKING:
+    from randes.config import TransformConfig
     from storage.registry import Registry
     from storage.workspace import Workspace
 
@@ -152,6 +153,41 @@ def base_add(
         out.print(f"base {record.name}: {record.uri} (sha256 {record.sha256[:12]})")
 
 
+def transform_config(
+    *,
+    sign_flip: bool,
+    layer_shuffle: bool,
+    rank1: Rank1 | None,
+    dtype: DType,
+    scale: float | None,
+    serving: Serving | None,
+    group_size: int | str | None,
+) -> TransformConfig:
+    """The TransformConfig of `bundle create` / `group create` options (one place)."""
+    from randes.config import DEFAULT_SERVING, TransformConfig
+    from randes.quantize import QuantScheme
+
+    fields: dict[str, object] = {
+        "sign_flip": sign_flip,
+        "layer_shuffle": layer_shuffle,
+        "dtype": dtype.value,
+        "scale": scale,
+    }
+    if rank1 is not None:
+        fields["rank1"] = rank1.value
+    if serving is Serving.none:
+        if group_size is not None:
+            raise typer.BadParameter("--group-size needs a quantized --serving format")
+        fields["serving"] = None
+    elif serving is not None or group_size is not None:
+        bits = int(serving.value.removeprefix("int")) if serving else DEFAULT_SERVING.bits
+        size = DEFAULT_SERVING.group_size if group_size is None else group_size
+        fields["serving"] = QuantScheme.model_validate(
+            {"bits": bits, "group_size": None if size == "row" else size}
+        )
+    return TransformConfig.model_validate(fields)
+
+
 @bundle_app.command("create")
 def bundle_create(
     name: Annotated[str, typer.Argument(help="Name of the new bundle.")],
@@ -188,28 +224,15 @@ def bundle_create(
     ] = None,
 ) -> None:
     """Create an empty bundle over a registered base with a fixed transform."""
-    from randes.config import DEFAULT_SERVING, TransformConfig
-    from randes.quantize import QuantScheme
-
-    fields: dict[str, object] = {
-        "sign_flip": sign_flip,
-        "layer_shuffle": layer_shuffle,
-        "dtype": dtype.value,
-        "scale": scale,
-    }
-    if rank1 is not None:
-        fields["rank1"] = rank1.value
-    if serving is Serving.none:
-        if group_size is not None:
-            raise typer.BadParameter("--group-size needs a quantized --serving format")
-        fields["serving"] = None
-    elif serving is not None or group_size is not None:
-        bits = int(serving.value.removeprefix("int")) if serving else DEFAULT_SERVING.bits
-        group = DEFAULT_SERVING.group_size if group_size is None else group_size
-        fields["serving"] = QuantScheme.model_validate(
-            {"bits": bits, "group_size": None if group == "row" else group}
-        )
-    config = TransformConfig.model_validate(fields)
+    config = transform_config(
+        sign_flip=sign_flip,
+        layer_shuffle=layer_shuffle,
+        rank1=rank1,
+        dtype=dtype,
+        scale=scale,
+        serving=serving,
+        group_size=group_size,
+    )
     with _workspace() as ws:
         record = ws.create_bundle(name, base, config, gate_threshold=gate)
         out.print(f"bundle {record.name} on base {record.base_name}: {config.model_dump_json()}")

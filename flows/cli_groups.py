@@ -44,12 +44,13 @@ from flows.cli import (
     _split_ref,
     _workspace,
     app,
+    transform_config,
 )
 from flows.console import out, print_table, progress_bar
 from randes.names import validate_name
 
 if TYPE_CHECKING:
-    from randes.config import TransformConfig
+    pass
 
 group_app = typer.Typer(
     help="Bundle groups: tasks spread over bundles of one base, each under an "
@@ -86,41 +87,6 @@ def _max_interference(value: float | None) -> float | None:
     if value is not None and not (math.isfinite(value) and value > 0):
         raise typer.BadParameter(f"{value} is not a finite number > 0")
     return value
-
-
-def _transform(
-    *,
-    sign_flip: bool,
-    layer_shuffle: bool,
-    rank1: Rank1 | None,
-    dtype: DType,
-    scale: float | None,
-    serving: Serving | None,
-    group_size: int | str | None,
-) -> TransformConfig:
-    """The TransformConfig `randes bundle create` builds from the same options."""
-    from randes.config import DEFAULT_SERVING, TransformConfig
-    from randes.quantize import QuantScheme
-
-    fields: dict[str, object] = {
-        "sign_flip": sign_flip,
-        "layer_shuffle": layer_shuffle,
-        "dtype": dtype.value,
-        "scale": scale,
-    }
-    if rank1 is not None:
-        fields["rank1"] = rank1.value
-    if serving is Serving.none:
-        if group_size is not None:
-            raise typer.BadParameter("--group-size needs a quantized --serving format")
-        fields["serving"] = None
-    elif serving is not None or group_size is not None:
-        bits = int(serving.value.removeprefix("int")) if serving else DEFAULT_SERVING.bits
-        size = DEFAULT_SERVING.group_size if group_size is None else group_size
-        fields["serving"] = QuantScheme.model_validate(
-            {"bits": bits, "group_size": None if size == "row" else size}
-        )
-    return TransformConfig.model_validate(fields)
 
 
 def _group_name(name: str) -> str:
@@ -176,7 +142,7 @@ def group_create(
     from randes.capacity import DEFAULT_MAX_INTERFERENCE
     from storage.groups import create_group
 
-    config = _transform(
+    config = transform_config(
         sign_flip=sign_flip,
         layer_shuffle=layer_shuffle,
         rank1=rank1,

@@ -25,7 +25,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from randes.checkpoint import CheckpointReader
 from randes.config import TransformConfig
+from randes.fold import layout_of
+from randes.manifest import BundleManifest, TaskEntry
 
 DEFAULT_SCALE = 1.0
 """lambda for a task alone in its bundle (nothing to shrink against): exact retrieval."""
@@ -108,3 +111,21 @@ def resolve_scale(config: TransformConfig, task_scale: float | None, data_free: 
     if config.scale is not None:
         return float(config.scale)
     return float(data_free)
+
+
+def manifest_task_scale(
+    manifest: BundleManifest, entry: TaskEntry, base: CheckpointReader, base_norms: Norms
+) -> float:
+    """lambda of one task of a version: its own scale, the bundle's, else data-free.
+
+    Everything comes from the manifests (delta norms, base norms) and the base's headers
+    (which tensors are superposed), so a pulled directory with no registry gets the same
+    lambda as the workspace."""
+    names = layout_of(base, manifest.transform).superposed
+    free = data_free_scale(
+        entry.name,
+        {t.name: t.delta_norms for t in manifest.tasks},
+        base_norms,
+        names,
+    )
+    return resolve_scale(manifest.transform, entry.scale, free)

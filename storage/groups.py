@@ -55,6 +55,8 @@ from randes.keymap import detect_key_map
 from randes.names import validate_name
 from randes.scaling import Norms, data_free_scale
 from storage.cache import integrity_context, version_context
+from storage.localfs import check_destination, reports_full_disk, staged_directory
+from storage.pulled import pointer_json, pulled_shards
 from storage.registry import (
     AliasNotFoundError,
     BundleRecord,
@@ -68,16 +70,7 @@ from storage.registry import (
     VersionRecord,
 )
 from storage.sources import resolve_source
-from storage.workspace import (
-    FoldOutcome,
-    Progress,
-    Workspace,
-    _check_destination,
-    _pointer_json,
-    _reports_full_disk,
-    _staged_directory,
-    pulled_shards,
-)
+from storage.workspace import FoldOutcome, Progress, Workspace
 
 log = logging.getLogger(__name__)
 
@@ -401,7 +394,7 @@ def materialize(
     return record
 
 
-@_reports_full_disk
+@reports_full_disk
 def pull(
     ws: Workspace, group: str, ref: str | None, dest: Path, *, master: bool = False
 ) -> GroupPull:
@@ -425,8 +418,8 @@ def pull(
             chosen.append(record)
     if not chosen:
         raise GroupRefNotFoundError(group, ref)
-    _check_destination(dest)
-    with _staged_directory(dest) as staging:
+    check_destination(dest)
+    with staged_directory(dest) as staging:
         wanted: dict[str, tuple[str, str]] = {}  # key -> (sha256, what it belongs to)
         pointers: dict[str, str] = {}
         listing = []
@@ -447,7 +440,7 @@ def pull(
             for obj in [*base.shards, *base.files.values()]:
                 wanted.setdefault(obj.key, (obj.sha256, base_context))
             wanted[manifest.base.manifest_key] = (manifest.base.manifest_sha256, base_context)
-            pointers[record.bundle] = _pointer_json(record.bundle, record, manifest, master=master)
+            pointers[record.bundle] = pointer_json(record.bundle, record, manifest, master=master)
             listing.append(
                 {
                     "bundle": record.bundle,

@@ -29,12 +29,13 @@ from randes.manifest import (
     load_bundle_manifest,
 )
 from randes.retrieve import materialize as materialize_model
+from randes.scaling import manifest_task_scale
 from randes.serving import QuantizedReader
 from storage.cache import file_sha256, integrity_context, version_context
-from storage.registry import TaskNotFoundError
+from storage.localfs import staged_directory
+from storage.registry import TaskNotFoundError, VersionRecord
 from storage.store.base import validate_key
 from storage.store.local import LocalStore
-from storage.workspace import _staged_directory, version_task_scale
 
 POINTER = "bundle.json"
 
@@ -135,7 +136,7 @@ class PulledVersion:
                     serving.shards if serving is not None else manifest.superposition, links
                 ) as sup,
                 self._reader(entry.private, links) as private,
-                _staged_directory(Path(dest)) as staging,
+                staged_directory(Path(dest)) as staging,
             ):
                 assert base is not None
                 superposition = sup
@@ -151,7 +152,7 @@ class PulledVersion:
                     config=manifest.transform,
                     scale=scale
                     if scale is not None
-                    else version_task_scale(manifest, entry, base, self.base),
+                    else manifest_task_scale(manifest, entry, base, self.base.norms),
                     out_dir=staging,
                     side_files=side,
                     progress=progress,
@@ -159,3 +160,32 @@ class PulledVersion:
         finally:
             shutil.rmtree(links, ignore_errors=True)
         return Path(dest)
+
+
+def pulled_shards(manifest: BundleManifest, *, master: bool) -> list[ShardRef]:
+    """The objects of ``manifest`` that `Workspace.pull` copies: all of them, except the
+    fp32 master superposition of a version that serves a quantized copy (unless
+    ``master``)."""
+    refs = list(manifest.shards())
+    if master or manifest.serving is None:
+        return refs
+    skip = {ref.key for ref in manifest.superposition}
+    skip -= {ref.key for ref in refs if ref not in manifest.superposition}  # shared bytes
+    return [ref for ref in refs if ref.key not in skip]
+
+
+def pointer_json(
+    bundle: str, record: VersionRecord, manifest: BundleManifest, *, master: bool
+) -> str:
+    has_master = master or manifest.serving is None
+    return json.dumps(
+        {
+            "bundle": bundle,
+            "version": record.version,
+            "manifest_key": record.manifest_key,
+            "manifest_sha256": record.manifest_sha256,
+            "served": manifest.serving.scheme.name if manifest.serving else "master",
+            "master": has_master,
+        },
+        indent=2,
+    )

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import functools
 import hashlib
-import json
 import logging
 import math
 import os
@@ -30,12 +28,11 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ParamSpec, TypeVar
 
 from randes.checkpoint import CheckpointReader, source_digest
 from randes.config import TransformConfig
 from randes.errors import IntegrityError, RandesError
-from randes.fold import fold, layout_of, superposition_metas, unfold
+from randes.fold import fold, superposition_metas, unfold
 from randes.manifest import (
     BaseManifest,
     BaseRef,
@@ -50,12 +47,14 @@ from randes.manifest import (
 from randes.names import validate_name
 from randes.retrieve import materialize as materialize_model
 from randes.rng import new_task_seed
-from randes.scaling import data_free_scale, resolve_scale
+from randes.scaling import manifest_task_scale
 from randes.serving import QuantizedReader
 from randes.writer import WrittenShard
 from storage.cache import ObjectCache, file_sha256, integrity_context, version_context
 from storage.errors import StoreError
 from storage.keys import blob_key, manifest_key
+from storage.localfs import check_destination, reports_full_disk, staged_directory
+from storage.pulled import pointer_json, pulled_shards
 from storage.registry import (
     AlreadyIngestedError,
     BaseRecord,
@@ -72,7 +71,7 @@ from storage.registry import (
 from storage.settings import Settings, load_settings
 from storage.sources import open_configured_store, resolve_source
 from storage.store import ObjectStore
-from storage.store.base import disk_full_error, sweep_tmp_files
+from storage.store.base import sweep_tmp_files
 
 try:
     import fcntl
@@ -100,31 +99,6 @@ GC_BATCH = 200
 
 LEGACY_WORK_DIR_AGE_S = 24 * 3600.0
 """Work dirs without a lock file (made before they had one) are swept once this old."""
-
-
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-
-def _reports_full_disk(method: Callable[_P, _R]) -> Callable[_P, _R]:
-    """A local write that runs out of space (cache, work directory, destination) ends
-    the command with one `DiskFullError` line instead of a traceback. Whatever the
-    operation had half-written is removed by its own cleanup on the way out."""
-
-    @functools.wraps(method)
-    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        try:
-            return method(*args, **kwargs)
-        except OSError as exc:
-            workspace = args[0] if args else None
-            cache = getattr(getattr(workspace, "settings", None), "resolved_cache_dir", None)
-            where = f"work files under {cache}, or the destination" if cache else "local files"
-            translated = disk_full_error(exc, f"a local file ({where})")
-            if translated is None:
-                raise
-            raise translated from exc
-
-    return wrapper
 
 
 class FoldContentionError(RandesError):
@@ -196,7 +170,7 @@ class Workspace:
         self.registry.upgrade()
 
     # ------------------------------------------------------------------ bases
-    @_reports_full_disk
+    @reports_full_disk
     def add_base(self, name: str, source: str) -> BaseRecord:
         """Register and store a base model: its weight files verbatim, content-addressed.
 
@@ -268,7 +242,7 @@ class Workspace:
         return record, self.manifest(record)
 
     # ------------------------------------------------------------------- fold
-    @_reports_full_disk
+    @reports_full_disk
     def fold(
         self,
         bundle: str,
@@ -371,7 +345,7 @@ class Workspace:
             f"bundle {bundle!r}: lost the race for a new version {MAX_FOLD_ATTEMPTS} times"
         )
 
-    @_reports_full_disk
+    @reports_full_disk
     def remove(self, bundle: str, task: str, *, progress: Progress | None = None) -> FoldOutcome:
         """Fold ``task`` out again: re-fetch its source by uri, check its sha256, subtract."""
         bundle_rec = self.registry.get_bundle(bundle)
@@ -439,9 +413,11 @@ class Workspace:
         hold; ``base`` is the version's base reader, whose headers give the superposed
         tensors.
         """
-        return version_task_scale(manifest, entry, base, self.base_manifest(manifest.base.name))
+        return manifest_task_scale(
+            manifest, entry, base, self.base_manifest(manifest.base.name).norms
+        )
 
-    @_reports_full_disk
+    @reports_full_disk
     def materialize(
         self,
         bundle: str,
@@ -464,7 +440,7 @@ class Workspace:
         _, manifest = self.resolve(bundle, ref)
         with (
             self.open_task(manifest, task, master=master) as opened,
-            _staged_directory(dest) as staging,
+            staged_directory(dest) as staging,
         ):
             materialize_model(
                 base=opened.base,
@@ -507,7 +483,7 @@ class Workspace:
         ):
             yield OpenTask(entry, base, superposition, private, side)
 
-    @_reports_full_disk
+    @reports_full_disk
     def pull(
         self, bundle: str, ref: str | None, dest: Path, *, master: bool = False
     ) -> VersionRecord:
@@ -520,11 +496,11 @@ class Workspace:
         ``master`` asks for a complete copy, master included.
         """
         record, manifest = self.resolve(bundle, ref)
-        _check_destination(dest)
+        check_destination(dest)
         base = self.base_manifest(manifest.base.name)
         this_version = version_context(bundle, record.version)
         base_context = f"base {base.name}"
-        with _staged_directory(dest) as staging:
+        with staged_directory(dest) as staging:
             wanted: dict[str, tuple[str, str]] = {}  # key -> (sha256, what it belongs to)
             for obj in pulled_shards(manifest, master=master):
                 wanted.setdefault(obj.key, (obj.sha256, this_version))
@@ -536,7 +512,7 @@ class Workspace:
                 with integrity_context(context):
                     self.store.get_file(key, staging / key, sha256=sha)
             (staging / "bundle.json").write_text(
-                _pointer_json(bundle, record, manifest, master=master), encoding="utf-8"
+                pointer_json(bundle, record, manifest, master=master), encoding="utf-8"
             )
         return record
 
@@ -889,54 +865,6 @@ def _file_tensors(path: Path) -> list[str]:
         return sorted(reader.keys())
 
 
-def _check_destination(dest: Path) -> None:
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise RandesError(f"destination {dest} exists and is not an empty directory")
-
-
-def version_task_scale(
-    manifest: BundleManifest, entry: TaskEntry, base: CheckpointReader, base_manifest: BaseManifest
-) -> float:
-    """`Workspace.task_scale` from manifests at hand (a pulled directory has no registry)."""
-    names = layout_of(base, manifest.transform).superposed
-    free = data_free_scale(
-        entry.name,
-        {t.name: t.delta_norms for t in manifest.tasks},
-        base_manifest.norms,
-        names,
-    )
-    return resolve_scale(manifest.transform, entry.scale, free)
-
-
-def pulled_shards(manifest: BundleManifest, *, master: bool) -> list[ShardRef]:
-    """The objects of ``manifest`` that `Workspace.pull` copies: all of them, except the
-    fp32 master superposition of a version that serves a quantized copy (unless
-    ``master``)."""
-    refs = list(manifest.shards())
-    if master or manifest.serving is None:
-        return refs
-    skip = {ref.key for ref in manifest.superposition}
-    skip -= {ref.key for ref in refs if ref not in manifest.superposition}  # shared bytes
-    return [ref for ref in refs if ref.key not in skip]
-
-
-def _pointer_json(
-    bundle: str, record: VersionRecord, manifest: BundleManifest, *, master: bool
-) -> str:
-    has_master = master or manifest.serving is None
-    return json.dumps(
-        {
-            "bundle": bundle,
-            "version": record.version,
-            "manifest_key": record.manifest_key,
-            "manifest_sha256": record.manifest_sha256,
-            "served": manifest.serving.scheme.name if manifest.serving else "master",
-            "master": has_master,
-        },
-        indent=2,
-    )
-
-
 @dataclass(frozen=True)
 class OpenTask:
     """Readers of one task of one version (see `Workspace.open_task`)."""
@@ -946,20 +874,3 @@ class OpenTask:
     superposition: CheckpointReader | None
     private: CheckpointReader | None
     side_files: dict[str, Path]
-
-
-@contextlib.contextmanager
-def _staged_directory(dest: Path) -> Iterator[Path]:
-    """A sibling temporary directory renamed onto ``dest`` on success, removed on failure,
-    so ``dest`` either does not exist (or stays empty) or holds the whole result."""
-    _check_destination(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        yield staging
-        if dest.exists():
-            dest.rmdir()
-        staging.rename(dest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

@@ -38,9 +38,10 @@ from randes.config import TransformConfig
 from randes.fold import superposed_names
 from storage import groups
 from storage.cache import file_sha256
+from storage.pulled import pulled_shards
 from storage.registry import GroupNotFoundError, Registry
 from storage.settings import Settings
-from storage.workspace import Workspace, pulled_shards
+from storage.workspace import Workspace
 from tests.factories import make_base, make_finetune
 
 BASE = "tiny"
