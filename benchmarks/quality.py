@@ -2,6 +2,8 @@
 
     .venv/bin/python -m benchmarks.quality            # full run, writes docs/
     .venv/bin/python -m benchmarks.quality --quick    # smaller grids, prints only
+    .venv/bin/python -m benchmarks.quality --storage  # quality against storage (see
+                                                      # benchmarks/quality_storage.py)
 
 Normalized accuracy = accuracy(retrieved model) / accuracy(fine-tuned model), on each
 task's held-out TEST split. Every scale lambda that is "tuned" (task arithmetic's, the
@@ -41,9 +43,9 @@ from flows.digits.model import WEIGHTS_FILE, load_state_dict  # noqa: E402
 from flows.digits.train import Recipe, build_models, relative_delta_norm  # noqa: E402
 from randes.checkpoint import CheckpointReader  # noqa: E402
 from randes.config import TransformConfig  # noqa: E402
-from randes.fold import FoldResult, fold  # noqa: E402
+from randes.fold import FoldResult, fold, l2_norm, layout_of  # noqa: E402
 from randes.retrieve import retrieve  # noqa: E402
-from randes.scaling import default_scale  # noqa: E402
+from randes.scaling import data_free_scale  # noqa: E402
 
 DATE = "2026-11-26"
 MACHINE = "2-core CPU, 24 GiB RAM, torch 2.13 CPU"
@@ -226,8 +228,11 @@ def build_bundle(
     return bundle
 
 
-def randes_score(suite: Suite, bundle: Bundle, k: int, lam: float) -> Score:
-    """Retrieve each of the first k tasks from the k-task superposition at scale lam."""
+def randes_score(suite: Suite, bundle: Bundle, k: int, lam: float | Mapping[str, float]) -> Score:
+    """Retrieve each of the first k tasks from the k-task superposition at scale lam.
+
+    ``lam`` is one lambda for every task, or a lambda per task (the data-free rule).
+    """
 
     def make() -> Models:
         models: Models = {}
@@ -243,7 +248,7 @@ def randes_score(suite: Suite, bundle: Bundle, k: int, lam: float) -> Score:
                             seed=bundle.seeds[i],
                             key_map=bundle.folds[i].key_map,
                             config=bundle.config,
-                            scale=lam,
+                            scale=lam[task] if isinstance(lam, Mapping) else lam,
                         )
                     )
                 finally:
@@ -252,6 +257,22 @@ def randes_score(suite: Suite, bundle: Bundle, k: int, lam: float) -> Score:
         return models
 
     return Score(suite, make)
+
+
+def data_free_lambdas(suite: Suite, bundle: Bundle, k: int) -> dict[str, float]:
+    """The project default lambda of each of the first k tasks: randes.scaling's data-free
+    rule, from the fold's per-tensor delta norms and the base's per-tensor norms."""
+    with CheckpointReader.open(suite.base_dir) as base:
+        names = layout_of(base, bundle.config).superposed
+        base_norms = {n: l2_norm(base.get(n).to(torch.float32)) for n in names}
+    norms = {t: bundle.folds[i].delta_norms for i, t in enumerate(suite.tasks[:k])}
+    return {t: data_free_scale(t, norms, base_norms, names) for t in norms}
+
+
+def lam_text(lams: Mapping[str, float]) -> str:
+    """A per-task lambda rule as its range over the tasks."""
+    lo, hi = min(lams.values()), max(lams.values())
+    return f"{lo:.2f}" if hi - lo < 0.005 else f"{lo:.2f}-{hi:.2f}"
 
 
 class Sweep:
@@ -564,6 +585,13 @@ def _findings(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    if "--storage" in args_in:  # the storage axis lives in its own module
+        from benchmarks.quality_storage import main as storage_main
+
+        args_in.remove("--storage")
+        return storage_main(args_in)
+    argv = args_in
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -611,13 +639,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     floor = {k: base_with_heads(suite, k) for k in ks}
     rd: dict[str, Sweep] = {}
     bundles: dict[str, Bundle] = {}
-    dflt_lams = {k: default_scale(k, DEFAULT_CONFIG) for k in ks}
+    dflt_lams: dict[int, str] = {}
+    dscore: dict[int, Score] = {}
     with tempfile.TemporaryDirectory(prefix="randes-quality-") as tmp:
         for i, (name, cfg) in enumerate(variants.items()):
             bundle = build_bundle(suite, cfg, Path(tmp) / f"variant{i}")
             bundles[name] = bundle
             rd[name] = Sweep(partial(randes_score, suite, bundle))
             print(f"folded {n} tasks for {name!r} in {bundle.fold_s:.2f}s", flush=True)
+        for k in ks:
+            lams = data_free_lambdas(suite, bundles[dflt], k)
+            dflt_lams[k] = lam_text(lams)
+            dscore[k] = randes_score(suite, bundles[dflt], k, lams)
 
         # Selection (validation) over every k for task arithmetic and the default variant,
         # at n tasks only for the other variants: the curve is about the default.
@@ -663,7 +696,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ta_best[k][1],
                 floor[k],
                 rd_best[dflt][k][1],
-                rd[dflt](k, dflt_lams[k]),
+                dscore[k],
                 rd[dflt](k, law(law_c, k)),
                 rd[dflt](k, const_lam),
             ):
@@ -684,7 +717,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     ft_bytes = sum((d / WEIGHTS_FILE).stat().st_size for d in suite.task_dirs.values())
     heads_bytes = sum(_nbytes({h: suite.tuned[t][h] for h in HEAD}) for t in tasks)
     ta_merged_bytes = _nbytes(suite.base)
-    dscore = {k: rd[dflt](k, dflt_lams[k]) for k in ks}
     lscore = {k: rd[dflt](k, law(law_c, k)) for k in ks}
     extended = n != len(TASKS)
     command = ".venv/bin/python -m benchmarks.quality" + (" --quick" if args.quick else "")
@@ -725,7 +757,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         " input transform and by label, as in real multi-task suites. Normalized accuracy ="
         " test accuracy of the retrieved model / test accuracy of the fine-tuned model."
         " Every tuned lambda is chosen on the validation split and reported on test; the"
-        " project default (`TransformConfig()` and `randes.scaling.default_scale`) is not"
+        " project default (`TransformConfig()` and `randes.scaling.data_free_scale`: lambda per"
+        " task from stored delta and base norms) is not"
         f" tuned. RanDeS runs through `randes.fold` / `randes.retrieve` (seeds {list(SEEDS[:n])}"
         " in fold order); task arithmetic is theta_base + lambda * sum_t delta_t.",
         "",
@@ -752,7 +785,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines += [f"### {n} tasks: normalized test accuracy (%)", ""]
     rows = [row("base + own head (floor)", "0", floor[n])]
     rows.append(row("task arithmetic, best lambda (val)", f"{ta_best[n][0]:g}", ta_best[n][1]))
-    rows.append(row(f"**RanDeS project default** ({dflt})", f"{dflt_lams[n]:g}", dscore[n]))
+    rows.append(row(f"**RanDeS project default** ({dflt})", dflt_lams[n], dscore[n]))
     for v in rd:
         rows.append(
             row(f"RanDeS {v}, best lambda (val)", f"{rd_best[v][n][0]:g}", rd_best[v][n][1])
@@ -808,7 +841,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             str(k),
             f"{_pct(floor[k].mean('test'))}",
             f"{_pct(ta_best[k][1].mean('test'))} ({ta_best[k][0]:g})",
-            f"{_pct(dscore[k].mean('test'))} ({dflt_lams[k]:g})",
+            f"{_pct(dscore[k].mean('test'))} ({dflt_lams[k]})",
             f"{_pct(rd_best[dflt][k][1].mean('test'))} ({rd_best[dflt][k][0]:g})",
             f"{_pct(rd[dflt](k, const_lam).mean('test'))} ({const_lam:g})",
             f"{_pct(lscore[k].mean('test'))} ({law(law_c, k):.3f})",

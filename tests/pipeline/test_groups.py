@@ -36,6 +36,7 @@ from flows.cli import main
 from randes import capacity
 from randes.config import TransformConfig
 from randes.fold import superposed_names
+from randes.scaling import shrinkage
 from storage import groups
 from storage.cache import file_sha256
 from storage.pulled import pulled_shards
@@ -115,7 +116,7 @@ def test_large_deltas_get_their_own_member_small_ones_share(world: World) -> Non
         small = loads["g-2"].tasks
         assert all(0 < t.interference < LIMIT / 10 for t in small)
         for t in small:
-            assert t.data_free_scale == pytest.approx(1 / (1 + 2.7 * t.interference))
+            assert t.data_free_scale == pytest.approx(shrinkage(t.interference))
 
         # the prediction that kept big2 out of g-1: together they would break the limit
         config = TransformConfig()
