@@ -30,7 +30,10 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/quality.py
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python -m benchmarks.quality
+	$(BIN)/python -m benchmarks.quality --tasks 13
+	$(BIN)/python -m benchmarks.quality_storage --suite all
 	$(BIN)/python benchmarks/cost.py
 
 clean:
