@@ -153,6 +153,33 @@ def base_add(
         out.print(f"base {record.name}: {record.uri} (sha256 {record.sha256[:12]})")
 
 
+# Transform options shared by `bundle create` and `group create`.
+SignFlipOption = Annotated[bool, typer.Option(help="Random column sign flips.")]
+LayerShuffleOption = Annotated[bool, typer.Option(help="Random layer shuffling.")]
+Rank1Option = Annotated[
+    Rank1 | None,
+    typer.Option(help="Rank-1 tensors: flipped, superposed unmapped, or stored per task."),
+]
+DTypeOption = Annotated[DType, typer.Option(help="Storage dtype of the superposition.")]
+GateOption = Annotated[
+    float | None,
+    typer.Option(help="Validation gate: minimum normalized score per task.", callback=_finite),
+]
+ServingOption = Annotated[
+    Serving | None,
+    typer.Option(help="Format pull/materialize serve (default int4); none: the master."),
+]
+GroupSizeOption = Annotated[
+    str | None,
+    typer.Option(
+        "--group-size",
+        metavar="N|row",
+        help="Values per quantization scale (default 64), or row: one per row.",
+        callback=_group_size,
+    ),
+]
+
+
 def transform_config(
     *,
     sign_flip: bool,
@@ -192,36 +219,17 @@ def transform_config(
 def bundle_create(
     name: Annotated[str, typer.Argument(help="Name of the new bundle.")],
     base: Annotated[str, typer.Option("--base", help="Registered base model.")],
-    sign_flip: Annotated[bool, typer.Option(help="Random column sign flips.")] = True,
-    layer_shuffle: Annotated[bool, typer.Option(help="Random layer shuffling.")] = True,
-    rank1: Annotated[
-        Rank1 | None,
-        typer.Option(help="Rank-1 tensors: flipped, superposed unmapped, or stored per task."),
-    ] = None,
-    dtype: Annotated[
-        DType, typer.Option(help="Storage dtype of the superposition.")
-    ] = DType.float32,
+    sign_flip: SignFlipOption = True,
+    layer_shuffle: LayerShuffleOption = True,
+    rank1: Rank1Option = None,
+    dtype: DTypeOption = DType.float32,
     scale: Annotated[
         float | None,
         typer.Option(help="Bundle-wide lambda (default: data-free).", callback=_positive_scale),
     ] = None,
-    gate: Annotated[
-        float | None,
-        typer.Option(help="Validation gate: minimum normalized score per task.", callback=_finite),
-    ] = None,
-    serving: Annotated[
-        Serving | None,
-        typer.Option(help="Format pull/materialize serve (default int4); none: the master."),
-    ] = None,
-    group_size: Annotated[
-        str | None,
-        typer.Option(
-            "--group-size",
-            metavar="N|row",
-            help="Values per quantization scale (default 64), or row: one per row.",
-            callback=_group_size,
-        ),
-    ] = None,
+    gate: GateOption = None,
+    serving: ServingOption = None,
+    group_size: GroupSizeOption = None,
 ) -> None:
     """Create an empty bundle over a registered base with a fixed transform."""
     config = transform_config(

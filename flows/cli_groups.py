@@ -32,12 +32,15 @@ from flows.cli import (
     MASTER_HELP,
     AlreadyFoldedError,
     DType,
+    DTypeOption,
+    GateOption,
+    GroupSizeOption,
     JsonFlag,
-    Rank1,
+    LayerShuffleOption,
+    Rank1Option,
     ScaleOption,
-    Serving,
-    _finite,
-    _group_size,
+    ServingOption,
+    SignFlipOption,
     _positive_scale,
     _quiet_prefect_console,
     _registry,
@@ -107,36 +110,17 @@ def group_create(
             callback=_max_interference,
         ),
     ] = None,
-    sign_flip: Annotated[bool, typer.Option(help="Random column sign flips.")] = True,
-    layer_shuffle: Annotated[bool, typer.Option(help="Random layer shuffling.")] = True,
-    rank1: Annotated[
-        Rank1 | None,
-        typer.Option(help="Rank-1 tensors: flipped, superposed unmapped, or stored per task."),
-    ] = None,
-    dtype: Annotated[
-        DType, typer.Option(help="Storage dtype of the superposition.")
-    ] = DType.float32,
+    sign_flip: SignFlipOption = True,
+    layer_shuffle: LayerShuffleOption = True,
+    rank1: Rank1Option = None,
+    dtype: DTypeOption = DType.float32,
     scale: Annotated[
         float | None,
         typer.Option(help="Group-wide lambda (default: data-free).", callback=_positive_scale),
     ] = None,
-    gate: Annotated[
-        float | None,
-        typer.Option(help="Validation gate: minimum normalized score per task.", callback=_finite),
-    ] = None,
-    serving: Annotated[
-        Serving | None,
-        typer.Option(help="Format pull/materialize serve (default int4); none: the master."),
-    ] = None,
-    group_size: Annotated[
-        str | None,
-        typer.Option(
-            "--group-size",
-            metavar="N|row",
-            help="Values per quantization scale (default 64), or row: one per row.",
-            callback=_group_size,
-        ),
-    ] = None,
+    gate: GateOption = None,
+    serving: ServingOption = None,
+    group_size: GroupSizeOption = None,
 ) -> None:
     """Create an empty bundle group: its members get this base, transform and gate."""
     from randes.capacity import DEFAULT_MAX_INTERFERENCE
