@@ -55,6 +55,12 @@ class Rank1(StrEnum):
     private = "private"
 
 
+class SignMap(StrEnum):
+    columns = "columns"
+    two_sided = "two-sided"
+    elementwise = "elementwise"
+
+
 class DType(StrEnum):
     float32 = "float32"
     bfloat16 = "bfloat16"
@@ -154,7 +160,15 @@ def base_add(
 
 
 # Transform options shared by `bundle create` and `group create`.
-SignFlipOption = Annotated[bool, typer.Option(help="Random column sign flips.")]
+SignFlipOption = Annotated[bool, typer.Option(help="Random sign flips (the map: --map).")]
+MapOption = Annotated[
+    SignMap | None,
+    typer.Option(
+        "--map",
+        help="Sign map: a sign per column, per row and column, or per entry "
+        "(default: randes.config.DEFAULT_MAP).",
+    ),
+]
 LayerShuffleOption = Annotated[bool, typer.Option(help="Random layer shuffling.")]
 Rank1Option = Annotated[
     Rank1 | None,
@@ -189,6 +203,7 @@ def transform_config(
     scale: float | None,
     serving: Serving | None,
     group_size: int | str | None,
+    sign_map: SignMap | None = None,
 ) -> TransformConfig:
     """The TransformConfig of `bundle create` / `group create` options (one place)."""
     from randes.config import DEFAULT_SERVING, TransformConfig
@@ -202,6 +217,8 @@ def transform_config(
     }
     if rank1 is not None:
         fields["rank1"] = rank1.value
+    if sign_map is not None:
+        fields["map"] = sign_map.value
     if serving is Serving.none:
         if group_size is not None:
             raise typer.BadParameter("--group-size needs a quantized --serving format")
@@ -230,9 +247,11 @@ def bundle_create(
     gate: GateOption = None,
     serving: ServingOption = None,
     group_size: GroupSizeOption = None,
+    sign_map: MapOption = None,
 ) -> None:
     """Create an empty bundle over a registered base with a fixed transform."""
     config = transform_config(
+        sign_map=sign_map,
         sign_flip=sign_flip,
         layer_shuffle=layer_shuffle,
         rank1=rank1,

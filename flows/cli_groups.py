@@ -37,6 +37,7 @@ from flows.cli import (
     GroupSizeOption,
     JsonFlag,
     LayerShuffleOption,
+    MapOption,
     Rank1Option,
     ScaleOption,
     ServingOption,
@@ -106,7 +107,7 @@ def group_create(
         float | None,
         typer.Option(
             help="Largest relative interference r_t any member's task may reach "
-            "(default: randes.capacity.DEFAULT_MAX_INTERFERENCE).",
+            "(default: randes.capacity.MAX_INTERFERENCE of the --map).",
             callback=_max_interference,
         ),
     ] = None,
@@ -121,12 +122,14 @@ def group_create(
     gate: GateOption = None,
     serving: ServingOption = None,
     group_size: GroupSizeOption = None,
+    sign_map: MapOption = None,
 ) -> None:
     """Create an empty bundle group: its members get this base, transform and gate."""
-    from randes.capacity import DEFAULT_MAX_INTERFERENCE
+    from randes.capacity import default_limit
     from storage.groups import create_group
 
     config = transform_config(
+        sign_map=sign_map,
         sign_flip=sign_flip,
         layer_shuffle=layer_shuffle,
         rank1=rank1,
@@ -135,7 +138,7 @@ def group_create(
         serving=serving,
         group_size=group_size,
     )
-    limit = DEFAULT_MAX_INTERFERENCE if max_interference is None else max_interference
+    limit = default_limit(config.map) if max_interference is None else max_interference
     with _workspace() as ws:
         record = create_group(
             ws, _group_name(name), base, config, max_interference=limit, gate_threshold=gate

@@ -17,15 +17,29 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from randes.checkpoint import CheckpointReader
-from randes.config import TransformConfig
+from randes.config import DEFAULT_MAP, MapName, TransformConfig
 from randes.fold import layout_of, owned_delta
 from randes.keymap import detect_key_map
 from randes.scaling import Norms, relative_interference
 
-DEFAULT_MAX_INTERFERENCE = 0.03
-"""Default limit on any member's relative interference r_t: the largest limit whose
-group keeps >= 98% mean normalized validation accuracy on digits-13, checked on
-digits-8 (docs/benchmarks.md, "Quality against storage")."""
+MAX_INTERFERENCE: dict[MapName, float] = {
+    "columns": 0.03,
+    "two-sided": 0.03,
+    "elementwise": 0.03,
+}
+"""Default limit on any member's relative interference r_t, per sign map: the largest
+limit whose group keeps >= 98% mean normalized validation accuracy on digits-13, checked
+on digits-8 (docs/benchmarks.md, "Quality against storage" for columns, "Quality by map"
+for the others). Incoherent cross-talk (two-sided, elementwise) is cheaper, so the
+same accuracy allows a higher r_t."""
+
+DEFAULT_MAX_INTERFERENCE = MAX_INTERFERENCE[DEFAULT_MAP]
+"""The limit of a bundle group of the default map."""
+
+
+def default_limit(kind: MapName) -> float:
+    """The capacity limit of a group whose bundles use sign map ``kind``."""
+    return MAX_INTERFERENCE[kind]
 
 
 def interference(

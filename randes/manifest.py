@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
-from randes.config import TransformConfig
+from randes.config import TransformConfig, with_stored_map
 from randes.errors import ManifestError
 from randes.quantize import QuantScheme
 
@@ -157,6 +164,14 @@ class BundleManifest(BaseModel):
         description="Quantized superposition served by default; None (versions without "
         "tasks, bundles serving the master, manifests older than it) serves the master.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_map(cls, data: Any) -> Any:
+        """Manifests written before TransformConfig.map existed hold column flips."""
+        if isinstance(data, dict) and isinstance(data.get("transform"), dict):
+            data = {**data, "transform": with_stored_map(data["transform"])}
+        return data
 
     def task(self, name: str) -> TaskEntry:
         for entry in self.tasks:

@@ -1,19 +1,34 @@
 """The seeded orthogonal maps T_t of RanDeS and the slot layout they act on.
 
-Two maps, both fixed by the task seed alone (see randes.rng):
+Every map is fixed by the task seed alone (see randes.rng). The sign part is chosen per
+bundle (TransformConfig.map); a tensor W is viewed as (shape[0], -1):
 
-- column sign flips: a tensor W viewed as (shape[0], -1) becomes W * r, with
-  r = sign_vector(seed, SOURCE name, columns); rank-1 tensors are flipped element-wise
-  (policy "flip"). Self-inverse.
-- layer shuffling: tensors whose names differ only by their first integer path
-  component (``h.3.mlp.c_fc.weight``) form a group ``h.{}.mlp.c_fc.weight`` when all
-  members share shape and dtype; task t's delta of member i is stored in slot
-  member pi_t(i), with pi_t = permutation(seed, group key, len(group)) over the
-  members sorted by layer index.
+- ``columns``: W -> W D_c, D_c = diag(sign_vector(seed, SOURCE name, columns)) (the
+  paper's column sign flips);
+- ``two-sided``: W -> D_r W D_c, the same D_c and D_r = diag(row_sign_vector(...)): a
+  sign per row and per column, still acting on a layer's inputs and outputs only;
+- ``elementwise``: an independent sign per entry, drawn chunk by chunk
+  (rng.element_signs, ELEMENT_CHUNK entries at a time, bit-packed in the stream and
+  never stored);
 
-T_t = place o flip: flip keyed by the source tensor's name, then moved to its slot.
+rank-0/1 tensors are flipped element-wise by each (policy rank1="flip"): with
+sign_vector under ``columns`` and ``two-sided`` (as before the map setting existed), with
+the elementwise stream under ``elementwise``.
+Then layer shuffling: tensors whose names differ only by their first integer path
+component (``h.3.mlp.c_fc.weight``) form a group ``h.{}.mlp.c_fc.weight`` when all
+members share shape and dtype; task t's delta of member i is stored in slot member
+pi_t(i), with pi_t = permutation(seed, group key, len(group)) over the members sorted by
+layer index.
+
+T_t = place o signs: signs keyed by the source tensor's name, then moved to its slot.
 Both are permutations of coordinates times signs, so T_t is orthogonal and exactly
-invertible in floating point (no rounding at all).
+invertible in floating point (no rounding at all); every sign map is its own inverse.
+
+Why more than column flips: fine-tune deltas are close to low rank, with dominant
+directions often shared between tasks. Column flips keep a delta's row structure, so
+task t hears the others' cross-talk in the very output directions its own delta uses;
+scrambling both sides (or every entry) makes the cross-talk incoherent noise
+(docs/benchmarks.md, "Quality by map").
 
 The layout (which base tensors are superposed, how they group) depends only on the
 base's tensor metadata and the bundle's TransformConfig, so fold and retrieve always
@@ -22,6 +37,7 @@ agree on it.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from collections.abc import Mapping
@@ -30,8 +46,15 @@ from dataclasses import dataclass, field
 import torch
 
 from randes.checkpoint import TensorMeta
-from randes.config import TransformConfig
-from randes.rng import inverse_permutation, permutation, sign_vector
+from randes.config import MapName, TransformConfig
+from randes.rng import (
+    ELEMENT_CHUNK,
+    element_signs,
+    inverse_permutation,
+    permutation,
+    row_sign_vector,
+    sign_vector,
+)
 
 _INDEX = re.compile(r"^\d+$")
 
@@ -115,6 +138,11 @@ def plan_layout(metas: Mapping[str, TensorMeta], config: TransformConfig) -> Lay
     )
 
 
+def _check(x: torch.Tensor) -> None:
+    if not x.is_contiguous():
+        raise ValueError("sign maps need a contiguous tensor")
+
+
 def flip_(seed: int, name: str, x: torch.Tensor) -> torch.Tensor:
     """In-place column sign flip keyed by (seed, name): x viewed (shape[0], -1) times r.
 
@@ -123,8 +151,7 @@ def flip_(seed: int, name: str, x: torch.Tensor) -> torch.Tensor:
     """
     if x.numel() == 0:
         return x
-    if not x.is_contiguous():
-        raise ValueError("flip_ needs a contiguous tensor")
+    _check(x)
     if x.dim() <= 1:
         r = sign_vector(seed, name, x.numel()).to(device=x.device, dtype=x.dtype)
         x.view(-1).mul_(r)
@@ -135,13 +162,82 @@ def flip_(seed: int, name: str, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def flip(seed: int, name: str, x: torch.Tensor) -> torch.Tensor:
-    """Out-of-place flip_: a new tensor, x untouched."""
-    return flip_(seed, name, x.clone(memory_format=torch.contiguous_format))
+def two_sided_flip_(seed: int, name: str, x: torch.Tensor) -> torch.Tensor:
+    """In-place D_r x D_c keyed by (seed, name), x viewed (shape[0], -1).
+
+    D_c is flip_'s column signs, D_r independent row signs. Rank-0/1 tensors are flipped
+    element-wise exactly as flip_ does. Self-inverse. Returns x.
+    """
+    if x.numel() == 0 or x.dim() <= 1:
+        return flip_(seed, name, x)
+    _check(x)
+    rows, cols = x.shape[0], x.numel() // x.shape[0]
+    flip_(seed, name, x)
+    r = row_sign_vector(seed, name, rows).to(device=x.device, dtype=x.dtype)
+    x.view(rows, cols).mul_(r.unsqueeze(1))
+    return x
+
+
+def element_flip_(seed: int, name: str, x: torch.Tensor) -> torch.Tensor:
+    """In-place independent sign per entry keyed by (seed, name), any rank.
+
+    Entry i of the flattened tensor gets sign i of the elementwise stream; the signs are
+    drawn one chunk (ELEMENT_CHUNK entries, 4 MiB as float32) at a time and dropped, so
+    the extra memory is one chunk whatever the tensor's size. Self-inverse. Returns x.
+    """
+    if x.numel() == 0:
+        return x
+    _check(x)
+    flat = x.view(-1)
+    for chunk, start in enumerate(range(0, flat.numel(), ELEMENT_CHUNK)):
+        part = flat[start : start + ELEMENT_CHUNK]
+        part.mul_(element_signs(seed, name, chunk, part.numel()).to(x.device, x.dtype))
+    return x
+
+
+_SIGN_MAPS = {"columns": flip_, "two-sided": two_sided_flip_, "elementwise": element_flip_}
+
+
+def apply_map_(kind: MapName, seed: int, name: str, x: torch.Tensor) -> torch.Tensor:
+    """The sign map ``kind`` of task ``seed`` on tensor ``name``, in place (self-inverse)."""
+    try:
+        fn = _SIGN_MAPS[kind]
+    except KeyError:
+        raise ValueError(f"unknown sign map {kind!r}") from None
+    return fn(seed, name, x)
+
+
+def flip(seed: int, name: str, x: torch.Tensor, kind: MapName = "columns") -> torch.Tensor:
+    """Out-of-place apply_map_: a new tensor, x untouched."""
+    return apply_map_(kind, seed, name, x.clone(memory_format=torch.contiguous_format))
+
+
+def side_signs(
+    kind: MapName, seed: int, name: str, shape: tuple[int, ...]
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(row signs or None, column signs) of a map that acts on rows and columns only.
+
+    For a weight viewed as (shape[0], -1): ``columns`` gives (None, d_c), ``two-sided``
+    (d_r, d_c), float32 +1/-1; the map is x -> d_r[:, None] * x * d_c. What a forward pass
+    needs to apply the map to activations instead of weights. ``elementwise`` has no
+    such factorization (ValueError).
+    """
+    if kind == "elementwise":
+        raise ValueError("the elementwise map does not factor into row and column signs")
+    if len(shape) <= 1:
+        raise ValueError("rank-0/1 tensors have no rows and columns")
+    rows = shape[0]
+    cols = math.prod(shape) // rows if rows else 0
+    col = sign_vector(seed, name, cols)
+    if kind == "columns":
+        return None, col
+    if kind == "two-sided":
+        return row_sign_vector(seed, name, rows), col
+    raise ValueError(f"unknown sign map {kind!r}")
 
 
 class TaskTransform:
-    """T_t for one task: which slot each source tensor goes to, and its sign flips."""
+    """T_t for one task: which slot each source tensor goes to, and its signs."""
 
     def __init__(self, layout: Layout, seed: int) -> None:
         self.layout = layout
@@ -166,21 +262,22 @@ class TaskTransform:
     def scramble_one(
         self, source: str, delta: torch.Tensor, *, inplace: bool = False
     ) -> torch.Tensor:
-        """The flip part of T_t for one source tensor (its placement is slot_of).
+        """The sign part of T_t for one source tensor (its placement is slot_of).
 
         ``inplace=True`` reuses ``delta``'s memory (streaming callers own it).
         """
         if source not in self.layout.flipped:
             return delta
+        kind = self.layout.config.map
         if inplace and delta.is_contiguous():
-            return flip_(self.seed, source, delta)
-        return flip(self.seed, source, delta)
+            return apply_map_(kind, self.seed, source, delta)
+        return flip(self.seed, source, delta, kind)
 
     def unscramble_one(
         self, source: str, slot_value: torch.Tensor, *, inplace: bool = False
     ) -> torch.Tensor:
         """Inverse of scramble_one: ``slot_value`` read from ``slot_of(source)``."""
-        return self.scramble_one(source, slot_value, inplace=inplace)  # flips: self-inverse
+        return self.scramble_one(source, slot_value, inplace=inplace)  # signs: self-inverse
 
     def scramble(self, deltas: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """T_t over whole superposed sets: {source: delta} -> {slot: value}."""

@@ -48,12 +48,12 @@ from pathlib import Path
 
 from randes import capacity
 from randes.checkpoint import CheckpointReader, source_digest
-from randes.config import TransformConfig
+from randes.config import TransformConfig, stored_config
 from randes.errors import IntegrityError, RandesError
 from randes.fold import check_compatible, superposed_names
 from randes.keymap import detect_key_map
 from randes.names import validate_name
-from randes.scaling import Norms, data_free_scale
+from randes.scaling import Norms, data_free_scale, noise_gain
 from storage.cache import integrity_context, version_context
 from storage.localfs import check_destination, reports_full_disk, staged_directory
 from storage.pulled import pointer_json, pulled_shards
@@ -171,11 +171,15 @@ def create_group(
     base: str,
     config: TransformConfig,
     *,
-    max_interference: float = capacity.DEFAULT_MAX_INTERFERENCE,
+    max_interference: float | None = None,
     gate_threshold: float | None = None,
 ) -> GroupRecord:
-    """Create an empty group; its first placement creates its first member."""
+    """Create an empty group; its first placement creates its first member.
+
+    ``max_interference`` None: the limit calibrated for the config's sign map."""
     validate_name(name, "group name")
+    if max_interference is None:
+        max_interference = capacity.default_limit(config.map)
     return ws.registry.create_group(
         name,
         base,
@@ -229,7 +233,7 @@ def place(
     """
     validate_name(task, "task name")
     g = ws.registry.get_group(group)
-    config = TransformConfig.model_validate(g.transform)
+    config = stored_config(g.transform)
     resolved = resolve_source(source, settings=ws.settings)
     with CheckpointReader.open(resolved.path) as checkpoint:
         digest = source_digest(checkpoint)
@@ -314,7 +318,7 @@ def show(ws: Workspace, group: str) -> tuple[GroupRecord, list[MemberLoad]]:
     ]
     if not any(head is not None for _, head in heads):
         return g, [MemberLoad(m.name, None) for m, _ in heads]
-    config = TransformConfig.model_validate(g.transform)
+    config = stored_config(g.transform)
     with open_base(ws, g.base_name) as base:
         names = superposed_names(base, config)
     base_norms = ws.base_manifest(g.base_name).norms
@@ -331,7 +335,9 @@ def show(ws: Workspace, group: str) -> tuple[GroupRecord, list[MemberLoad]]:
                 name=t.name,
                 added_in_version=t.added_in_version,
                 interference=r[t.name],
-                data_free_scale=data_free_scale(t.name, norms, base_norms, names),
+                data_free_scale=data_free_scale(
+                    t.name, norms, base_norms, names, gain=noise_gain(config.map)
+                ),
                 scale=t.scale,
             )
             for t in manifest.tasks

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from randes.checkpoint import CheckpointReader, source_digest
-from randes.config import TransformConfig
+from randes.config import TransformConfig, stored_config
 from randes.errors import IntegrityError, RandesError
 from randes.fold import fold, superposition_metas, unfold
 from randes.manifest import (
@@ -230,7 +230,7 @@ class Workspace:
         )
 
     def bundle_config(self, bundle: str) -> TransformConfig:
-        return TransformConfig.model_validate(self.registry.get_bundle(bundle).transform)
+        return stored_config(self.registry.get_bundle(bundle).transform)
 
     def manifest(self, version: VersionRecord) -> BundleManifest:
         with integrity_context(version_context(version.bundle, version.version)):
@@ -260,7 +260,7 @@ class Workspace:
         validate_name(task, "task name")
         _check_scale(scale)
         bundle_rec = self.registry.get_bundle(bundle)
-        config = TransformConfig.model_validate(bundle_rec.transform)
+        config = stored_config(bundle_rec.transform)
         resolved = resolve_source(source, settings=self.settings)
         with CheckpointReader.open(resolved.path) as checkpoint:
             digest = source_digest(checkpoint)
@@ -349,7 +349,7 @@ class Workspace:
     def remove(self, bundle: str, task: str, *, progress: Progress | None = None) -> FoldOutcome:
         """Fold ``task`` out again: re-fetch its source by uri, check its sha256, subtract."""
         bundle_rec = self.registry.get_bundle(bundle)
-        config = TransformConfig.model_validate(bundle_rec.transform)
+        config = stored_config(bundle_rec.transform)
         for attempt in range(1, MAX_FOLD_ATTEMPTS + 1):
             head = self.registry.head(bundle)
             parent = self.manifest(head) if head is not None else None

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from randes.checkpoint import CheckpointReader
-from randes.config import TransformConfig
+from randes.config import MAPS, MapName, TransformConfig
 from randes.errors import IncompatibleCheckpointError, NonFiniteTensorError, RandesError
 from randes.fold import FoldResult, fold, layout_of, superposed_names, unfold
 from randes.manifest import KeyMap
@@ -168,11 +168,12 @@ def _fold_n(
     return results, tuned_all
 
 
+@pytest.mark.parametrize("kind", MAPS)
 @pytest.mark.parametrize("policy", POLICIES)
 def test_two_tasks_cross_talk_is_exactly_the_scrambled_other_delta(
-    tmp_path: Path, base_model: dict[str, torch.Tensor], policy: str
+    tmp_path: Path, base_model: dict[str, torch.Tensor], policy: str, kind: MapName
 ) -> None:
-    config = TransformConfig(rank1=policy)  # type: ignore[arg-type]
+    config = TransformConfig(rank1=policy, map=kind)  # type: ignore[arg-type]
     base = open_dict(tmp_path / "b.safetensors", base_model)
     seeds = [101, 202]
     results, tuned = _fold_n(tmp_path, base, base_model, config, seeds)

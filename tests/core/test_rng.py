@@ -13,7 +13,18 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from randes.rng import SEED_BITS, new_task_seed, permutation, random_bytes, sign_vector
+from randes.rng import (
+    ELEMENT_CHUNK,
+    SEED_BITS,
+    element_sign_bytes,
+    element_sign_vector,
+    element_signs,
+    new_task_seed,
+    permutation,
+    random_bytes,
+    row_sign_vector,
+    sign_vector,
+)
 
 SEEDS = st.integers(min_value=0, max_value=2**63 - 1)
 NAMES = st.text(max_size=40)
@@ -22,6 +33,8 @@ NAMES = st.text(max_size=40)
 PINNED_SIGN_SHA = "78347fb4ec7646a9d8a9bcd890fa258d73c723d6aa81449bbd9fe7dc60c6f3bf"
 PINNED_SIGN_HEAD = [-1, 1, -1, 1, 1, 1, -1, -1, -1, 1, 1, -1, -1, -1, 1, -1]
 PINNED_PERM = [0, 9, 6, 1, 4, 11, 7, 5, 2, 10, 3, 8]
+PINNED_ROW_SHA = "6c587421a849ec5476bb3baa3513b601aa26025b6d23fef6bdb25fd26df4fba7"
+PINNED_ELEMENT_SHA = "4f72cbc0ece746d02aeabf376235a9f9f626db098517908e3605c3299424e026"
 
 
 def test_pinned_values() -> None:
@@ -30,6 +43,10 @@ def test_pinned_values() -> None:
     assert hashlib.sha256(v.numpy().tobytes()).hexdigest() == PINNED_SIGN_SHA
     assert v[:16].tolist() == PINNED_SIGN_HEAD
     assert permutation(123456789, "h.{}.mlp.c_fc.weight", 12) == PINNED_PERM
+    rows = row_sign_vector(123456789, "h.0.attn.c_attn.weight", 1000)
+    assert hashlib.sha256(rows.numpy().tobytes()).hexdigest() == PINNED_ROW_SHA
+    elems = element_sign_vector(123456789, "h.0.attn.c_attn.weight", 1000)
+    assert hashlib.sha256(elems.numpy().tobytes()).hexdigest() == PINNED_ELEMENT_SHA
 
 
 def _reference_signs(seed: int, name: str, n: int) -> list[float]:
@@ -37,6 +54,24 @@ def _reference_signs(seed: int, name: str, n: int) -> list[float]:
     key = b"randes/v1/sign/" + seed.to_bytes(8, "big") + name.encode()
     digest = hashlib.shake_256(key).digest((n + 7) // 8)
     return [-1.0 if (digest[i // 8] >> (i % 8)) & 1 else 1.0 for i in range(n)]
+
+
+def _reference_row_signs(seed: int, name: str, n: int) -> list[float]:
+    key = b"randes/v1/rowsign/" + seed.to_bytes(8, "big") + name.encode()
+    digest = hashlib.shake_256(key).digest((n + 7) // 8)
+    return [-1.0 if (digest[i // 8] >> (i % 8)) & 1 else 1.0 for i in range(n)]
+
+
+def _reference_element_signs(seed: int, name: str, n: int, chunk: int) -> list[float]:
+    """Sign i of a tensor: bit (i % chunk) of the stream keyed by its chunk i // chunk."""
+    out: list[float] = []
+    for start in range(0, n, chunk):
+        k = start // chunk
+        key = b"randes/v1/esign/" + k.to_bytes(8, "big") + b"/" + seed.to_bytes(8, "big")
+        m = min(chunk, n - start)
+        digest = hashlib.shake_256(key + name.encode()).digest((m + 7) // 8)
+        out += [-1.0 if (digest[i // 8] >> (i % 8)) & 1 else 1.0 for i in range(m)]
+    return out
 
 
 def _reference_perm(seed: int, group: str, n: int) -> list[int]:
@@ -58,6 +93,33 @@ def _reference_perm(seed: int, group: str, n: int) -> list[int]:
 @given(SEEDS, NAMES, st.integers(min_value=0, max_value=300))
 def test_sign_vector_matches_reference(seed: int, name: str, n: int) -> None:
     assert sign_vector(seed, name, n).tolist() == _reference_signs(seed, name, n)
+
+
+@given(SEEDS, NAMES, st.integers(min_value=0, max_value=300))
+def test_row_signs_match_reference(seed: int, name: str, n: int) -> None:
+    assert row_sign_vector(seed, name, n).tolist() == _reference_row_signs(seed, name, n)
+
+
+@given(SEEDS, NAMES, st.integers(min_value=0, max_value=300))
+def test_element_signs_match_reference(seed: int, name: str, n: int) -> None:
+    assert element_sign_vector(seed, name, n).tolist() == _reference_element_signs(
+        seed, name, n, ELEMENT_CHUNK
+    )
+
+
+def test_element_signs_chunk_by_chunk() -> None:
+    """Chunks are independent streams: any one can be drawn alone, and the whole vector is
+    their concatenation (checked across a chunk boundary against the reference)."""
+    n = ELEMENT_CHUNK + 300
+    whole = element_sign_vector(3, "wte.weight", n)
+    second = element_signs(3, "wte.weight", 1, 300)
+    assert torch.equal(whole[ELEMENT_CHUNK:], second)
+    ref = _reference_element_signs(3, "wte.weight", n, ELEMENT_CHUNK)
+    assert whole[ELEMENT_CHUNK - 20 :].tolist() == ref[ELEMENT_CHUNK - 20 :]
+    assert len(element_sign_bytes(3, "wte.weight", 0, ELEMENT_CHUNK)) == ELEMENT_CHUNK // 8
+    assert not torch.equal(whole[:300], second)  # chunks are not repeats of each other
+    with pytest.raises(ValueError):
+        element_signs(3, "wte.weight", 0, ELEMENT_CHUNK + 1)
 
 
 @given(SEEDS, NAMES, st.integers(min_value=0, max_value=40))
@@ -82,6 +144,9 @@ def test_different_names_give_different_signs(seed: int) -> None:
 
 def test_domains_are_separated() -> None:
     assert random_bytes(b"sign", 7, "x", 32) != random_bytes(b"perm", 7, "x", 32)
+    cols, rows = sign_vector(7, "x", 256), row_sign_vector(7, "x", 256)
+    assert not torch.equal(cols, rows)
+    assert not torch.equal(cols, element_sign_vector(7, "x", 256))
 
 
 def test_prefix_property() -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from randes.config import TransformConfig
+from randes.config import MAPS, TransformConfig
 from randes.scaling import (
     DEFAULT_SCALE,
     NOISE_GAIN,
+    NOISE_GAINS,
     data_free_scale,
     data_free_tensor_scales,
+    noise_gain,
     relative_interference,
     resolve_scale,
     shrinkage,
@@ -63,3 +65,16 @@ def test_override_order() -> None:
         resolve_scale(TransformConfig(), 0.0, 0.8)
     with pytest.raises(ValueError):
         shrinkage(-1.0)
+
+
+def test_one_gain_per_map() -> None:
+    """Column flips keep the gain fitted for them (old bundles keep their lambdas); the maps
+    that scramble both sides have their own, smaller (incoherent cross-talk hurts less)."""
+    assert set(NOISE_GAINS) == set(MAPS)
+    assert noise_gain("columns") == NOISE_GAIN == 1.5
+    for kind in ("two-sided", "elementwise"):
+        assert 0 <= noise_gain(kind) <= NOISE_GAIN
+    norms = _bundle(8, 0.15)
+    lams = {k: data_free_scale("t0", norms, BASE, NAMES, gain=noise_gain(k)) for k in MAPS}
+    assert lams["columns"] == pytest.approx(1 / (1 + 1.5 * 7 * 0.15**2))
+    assert lams["elementwise"] >= lams["columns"]
