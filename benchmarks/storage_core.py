@@ -27,9 +27,9 @@ from randes.manifest import KeyMap
 from randes.quantize import QuantScheme, fake_quantize
 from randes.retrieve import DEFAULT_SCALE_KEY, retrieve
 from randes.scaling import (
-    NOISE_GAIN,
     data_free_scale,
     data_free_tensor_scales,
+    noise_gain,
     relative_interference,
 )
 
@@ -366,14 +366,19 @@ class RandesGroup(Store):
             task, m.delta_norms, self.models.base_norms, self.models.superposed
         )
 
-    def data_free(self, task: str, gain: float = NOISE_GAIN) -> float:
+    def data_free(self, task: str, gain: float | None = None) -> float:
+        """The data-free lambda; ``gain`` None: the gain of the member's sign map."""
         m = self.member_of[task]
+        if gain is None:
+            gain = noise_gain(m.config.map)
         return data_free_scale(
             task, m.delta_norms, self.models.base_norms, self.models.superposed, gain=gain
         )
 
-    def data_free_tensors(self, task: str, gain: float = NOISE_GAIN) -> dict[str, float]:
+    def data_free_tensors(self, task: str, gain: float | None = None) -> dict[str, float]:
         m = self.member_of[task]
+        if gain is None:
+            gain = noise_gain(m.config.map)
         return data_free_tensor_scales(
             task, m.delta_norms, self.models.base_norms, self.models.superposed, gain=gain
         )

@@ -72,7 +72,12 @@ class TransformConfig(BaseModel):
         "'columns' (with_stored_map).",
     )
     layer_shuffle: bool = True
-    rank1: Rank1Policy = "private"
+    rank1: Rank1Policy = Field(
+        default="flip",
+        description="flip: a new bundle's whole pulled size stays within 1.25x the fp32 "
+        "base even on small models whose rank-1 tensors are a large share "
+        "(docs/benchmarks.md, 'Quality by map').",
+    )
     dtype: SuperpositionDType = "float32"
     scale: float | None = Field(
         default=None,

@@ -34,9 +34,9 @@ from safetensors.torch import load_file
 
 from flows.cli import main
 from randes import capacity
-from randes.config import TransformConfig
+from randes.config import TransformConfig, stored_config
 from randes.fold import superposed_names
-from randes.scaling import shrinkage
+from randes.scaling import noise_gain, shrinkage
 from storage import groups
 from storage.cache import file_sha256
 from storage.pulled import pulled_shards
@@ -116,7 +116,8 @@ def test_large_deltas_get_their_own_member_small_ones_share(world: World) -> Non
         small = loads["g-2"].tasks
         assert all(0 < t.interference < LIMIT / 10 for t in small)
         for t in small:
-            assert t.data_free_scale == pytest.approx(shrinkage(t.interference))
+            gain = noise_gain(stored_config(record.transform).map)  # the group's map's law
+            assert t.data_free_scale == pytest.approx(shrinkage(t.interference, gain))
 
         # the prediction that kept big2 out of g-1: together they would break the limit
         config = TransformConfig()
