@@ -298,7 +298,7 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
                         checkpoint=ckpt,
                         parent=par,
                         seed=job["seed"],
-                        config=TransformConfig(),
+                        config=TransformConfig.model_validate(job.get("config", {})),
                         out_dir=Path(job["out"]),
                     )
                 finally:
@@ -345,7 +345,7 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
                     private=priv,
                     seed=job["seed"],
                     key_map=KeyMap(**job["key_map"]),
-                    config=TransformConfig(),
+                    config=TransformConfig.model_validate(job.get("config", {})),
                     scale=0.4,
                     out_dir=Path(job["out"]),
                 )

@@ -470,7 +470,7 @@ def test_parent_mismatch_refused(tmp_path: Path, base_model: dict[str, torch.Ten
             checkpoint=ckpt,
             parent=parent,
             seed=2,
-            config=TransformConfig(rank1="flip"),
+            config=TransformConfig(rank1="private"),  # the parent superposed rank-1 tensors
             out_dir=tmp_path / "o2",
         )
     with pytest.raises(IncompatibleCheckpointError):
