@@ -69,7 +69,7 @@ def test_override_order() -> None:
 
 def test_one_gain_per_map() -> None:
     """Column flips keep the gain fitted for them (old bundles keep their lambdas); the maps
-    that scramble both sides have their own, smaller (incoherent cross-talk hurts less)."""
+    that scramble both sides have their own (refitted: no larger than the columns')."""
     assert set(NOISE_GAINS) == set(MAPS)
     assert noise_gain("columns") == NOISE_GAIN == 1.5
     for kind in ("two-sided", "elementwise"):
