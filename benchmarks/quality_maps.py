@@ -186,7 +186,7 @@ def run_suite(name: str, n_sets: int, work: Path) -> dict[str, object]:
 
 # --------------------------------------------------------------------------- capacity
 
-LIMITS = (0.03, 0.05, 0.1, 0.15, 0.2, 0.3)
+LIMITS = (0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.2)
 CALIBRATION_TARGET = 0.98
 
 
