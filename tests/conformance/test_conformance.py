@@ -232,15 +232,16 @@ def test_dense_case(case: m.Case, pipe: h.Pipeline, tmp_path: Path) -> None:
 
 
 def test_lora_adapter_alone_and_among_dense(pipe: h.Pipeline, tmp_path: Path) -> None:
-    """A rsLoRA adapter (peft) folded alone retrieves as base + merged adapter; it folds
-    into a bundle of dense fine-tunes, and the manifest says it came from an adapter."""
+    """A rsLoRA adapter (peft; per-module rank and alpha, LoRA on the embeddings too)
+    folded alone retrieves as base + merged adapter; it folds into a bundle of dense
+    fine-tunes, and the manifest says it came from an adapter."""
     case = m.Case(
         "llama-lm-peft-rslora",
         "llama",
         "LlamaForCausalLM",
         "LlamaForCausalLM",
         "same head class",
-        "peft-lora",
+        "peft-lora (rsLoRA)",
     )
 
     def sources(base_dir: Path) -> list[h.Source]:
@@ -249,9 +250,11 @@ def test_lora_adapter_alone_and_among_dense(pipe: h.Pipeline, tmp_path: Path) ->
             base_dir,
             tmp_path,
             r=4,
-            lora_alpha=16,
+            lora_alpha=4,
             use_rslora=True,
-            target_modules=["q_proj", "v_proj", "down_proj"],
+            target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+            rank_pattern={"down_proj": 2},
+            alpha_pattern={"v_proj": 8},
         )
         return [adapter, *h.dense_sources(case, base_dir, tmp_path, 2)]
 
@@ -271,7 +274,7 @@ def test_lora_fan_in_fan_out_gpt2(pipe: h.Pipeline, tmp_path: Path) -> None:
         "GPT2LMHeadModel",
         "GPT2LMHeadModel",
         "same head class",
-        "peft-lora",
+        "peft-lora (fan_in_fan_out)",
     )
 
     def sources(base_dir: Path) -> list[h.Source]:
@@ -298,7 +301,7 @@ def test_lora_modules_to_save_over_bare_base(pipe: h.Pipeline, tmp_path: Path) -
         "LlamaForSequenceClassification",
         "LlamaModel",
         "bare backbone",
-        "peft-lora",
+        "peft-lora (modules_to_save)",
         config=N3,
     )
 
@@ -423,6 +426,15 @@ def test_sentence_transformers_round_trip(pipe: h.Pipeline, tmp_path: Path, lega
     entry = pipe.entry(one, "t0")
     assert entry.weights_dir == ("0_Transformer" if legacy else "")
     assert {"modules.json", "1_Pooling/config.json"} <= set(entry.files)
+    # a pulled bundle materializes offline into the same layout
+    from storage.pulled import PulledVersion
+
+    pipe.ws.pull(one, None, tmp_path / "pulled", master=True)
+    offline = PulledVersion(tmp_path / "pulled").materialize(
+        "t0", tmp_path / "offline", master=True
+    )
+    emb = torch.tensor(SentenceTransformer(str(offline), device="cpu").encode(SENTENCES))
+    assert float(torch.nn.functional.cosine_similarity(emb, wants[0]).min()) >= 1 - 1e-5
 
     three = pipe.bundle(f"{name}-three", name)
     for k, directory in enumerate(tuned):
