@@ -33,6 +33,8 @@ base is saved in the layout named. Through the pipeline (`base add`, `fold`,
   the int4 serving copy with the data-free lambda; the least, over the three, argmax
   agreement with its fine-tune on fixed inputs (least embedding cosine for
   sentence-transformers);
+  task seeds are drawn afresh in every run, so this column moves by several points
+  between runs (86-100% seen); the suite requires 75%;
 - **recorded**: what the manifest recorded for the task (randes.keymap's decision table:
   prefix mapping, stripped training wrappers, base tensors absent from the fine-tune,
   ties per config.json, the task's dtype, adapter source, weights subfolder).

@@ -90,7 +90,7 @@ def describe(entry: TaskEntry) -> str:
         more = f" +{len(km.absent) - 2}" if len(km.absent) > 2 else ""
         parts.append(f"absent {shown}{more}")
     if km.tied:
-        parts.append("tied " + ", ".join(f"`{k}`" for k in km.tied))
+        parts.append("tied " + ", ".join(f"`{k}`→`{v}`" for k, v in km.tied.items()))
     if km.dtypes:
         parts.append("dtype " + ",".join(sorted(set(km.dtypes.values()))))
     if entry.source_kind != "checkpoint":

@@ -23,10 +23,11 @@ import torch
 from tests.conformance import harness as h
 from tests.conformance import models as m
 
-AGREEMENT = 0.8
-"""Least argmax agreement at 3 tasks (defaults) any case may show. Measured 90-100%
+AGREEMENT = 0.75
+"""Least argmax agreement at 3 tasks (defaults) any case may show. Measured 86-100%
 (docs/conformance.md); each run draws fresh task seeds, so the cross-talk, and with it
-the agreement, varies a little from run to run."""
+the agreement on these near-tie-prone tiny random models, moves by several points from
+run to run."""
 
 N3 = {"num_labels": 3}
 CASES = [
