@@ -15,6 +15,7 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 
 from flows.console import out, print_table
+from flows.prefect_session import check_api_reachable
 from randes.config import TransformConfig
 from storage.registry import BundleExistsError
 from storage.settings import Settings, load_settings
@@ -35,6 +36,7 @@ def run_demo(tasks: list[str] | None = None) -> dict[str, float | None]:
     from flows.digits.train import build_models
     from flows.pipeline import ingest_flow, publish_flow, validate_flow
 
+    check_api_reachable()
     settings = load_settings()
     models_dir = settings.home / "demo" / "models"
     out.rule("RanDeS demo")

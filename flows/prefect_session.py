@@ -62,6 +62,8 @@ def prefect_session() -> Iterator[None]:
     muted = _mute_prefect_console_handlers()
     try:
         yield
+    except PrefectUnavailableError:
+        raise
     except Exception as exc:
         unavailable = unavailable_error(exc)
         if unavailable is None:
@@ -75,6 +77,28 @@ def prefect_session() -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def check_api_reachable(timeout_s: float = 5.0) -> None:
+    """Fail fast when ``PREFECT_API_URL`` names a server that does not answer.
+
+    For commands that do minutes of work before their first flow (`randes demo` trains
+    its models first): the user learns at once, not after the training. Without a
+    configured URL there is nothing to probe: the temporary server starts on demand.
+    """
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        return
+    import httpx
+
+    try:
+        httpx.get(url.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
+    except (httpx.HTTPError, ValueError) as exc:
+        raise PrefectUnavailableError(
+            f"cannot reach the Prefect API at {_api_url_for_humans()} ({type(exc).__name__}): "
+            f"start it with `prefect server start`, or unset PREFECT_API_URL to let randes "
+            f"start a temporary server"
+        ) from None
 
 
 def unavailable_error(exc: BaseException) -> PrefectUnavailableError | None:
