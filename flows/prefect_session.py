@@ -72,11 +72,11 @@ def prefect_session() -> Iterator[None]:
     finally:
         for handler, level in muted.items():
             handler.setLevel(level)
-        for name, value in saved.items():
-            if value is None:
+        for name, previous in saved.items():
+            if previous is None:
                 os.environ.pop(name, None)
             else:
-                os.environ[name] = value
+                os.environ[name] = previous
 
 
 def check_api_reachable(timeout_s: float = 5.0) -> None:
