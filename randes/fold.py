@@ -8,14 +8,18 @@ slot is computed from exactly one base tensor, one checkpoint tensor and one par
 slot, written and dropped: peak memory is about two of the largest tensors, and the
 cost is one pass over base + checkpoint + parent (plus one extra read of the small
 non-float buffers, compared with the base's to plan the private shards), whatever
-the model size or the number of tasks already in the parent. All metadata checks
-(missing tensors, shape / dtype mismatches) run before any data is read; every
-checkpoint tensor is checked for NaN/Inf before a result is returned, and an error
-deletes what was written.
+the model size or the number of tasks already in the parent. The checkpoint is
+reconciled with the base (randes.keymap: wrappers, prefix, absent tensors, dtypes)
+from the headers before any data is read; a PEFT adapter is read as the merged model
+it stands for (randes.adapters). Every checkpoint tensor is checked for NaN/Inf
+before a result is returned, and an error deletes what was written. A base tensor
+the fine-tune lacks adds nothing to its slot; deltas are computed in float32
+whatever the two dtypes.
 
-Private tensors (stored verbatim for this task only) are kept under the CHECKPOINT's
-names: extra tensors the base lacks (task heads), non-float buffers that differ from
-the base, and, with rank1 policy "private", the fine-tuned rank-1 tensors.
+Private tensors (stored verbatim for this task only) are kept under the checkpoint's
+names, training wrappers stripped: extra tensors the base lacks (task heads) or has
+in another shape, non-float buffers that differ from the base, and, with rank1 policy
+"private", the fine-tuned rank-1 tensors.
 """
 
 from __future__ import annotations

@@ -212,10 +212,13 @@ def detect_key_map(
 ) -> tuple[KeyMap, int]:
     """The prefix rewrite matching the most base parameters, and how many it matches."""
     best, best_score = KeyMap(), -1
+    total = sum(max(m.numel, 1) for m in base.values())
     for candidate in _candidates(list(base), list(checkpoint)):
         score = _score(candidate, base, checkpoint)
         if score > best_score:
             best, best_score = candidate, score
+            if score == total:  # nothing can do better; earlier candidates are simpler
+                break
     return best, best_score
 
 
