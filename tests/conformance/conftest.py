@@ -39,6 +39,10 @@ base is saved in the layout named. Through the pipeline (`base add`, `fold`,
   prefix mapping, stripped training wrappers, base tensors absent from the fine-tune,
   ties per config.json, the task's dtype, adapter source, weights subfolder).
 
+The published all-MiniLM-L6-v2 as base (a real 22.7M-parameter model with the
+`position_ids` buffer transformers 5 no longer saves, four fine-tunes):
+[conformance_minilm.md](conformance_minilm.md).
+
 Measured {date} on {machine}, Python {python}, torch {torch}, transformers
 {transformers}, peft {peft}, sentence-transformers {st}; {n} cases in {seconds:.0f} s.
 
