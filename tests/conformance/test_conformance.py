@@ -211,6 +211,12 @@ def test_dense_case(case: m.Case, pipe: h.Pipeline, tmp_path: Path) -> None:
     result = h.run_case(case, pipe, tmp_path)
     _check(result)
     entry = pipe.entry(f"{h.slug(case.id)}-one", "t0")
+    if case.variant in ("ddp", "compiled"):
+        # validation measures the retrieved task against its source, wrappers stripped
+        from flows.validation import validate_task
+
+        report = validate_task(pipe.ws, f"{h.slug(case.id)}-one", 1, "t0", master=True)
+        assert report.delta_cosine is not None and report.delta_cosine > 1 - 1e-6
     if case.variant == "ddp":
         assert entry.key_map.wrappers == ("module.",)
     if case.variant == "compiled":
@@ -263,6 +269,12 @@ def test_lora_adapter_alone_and_among_dense(pipe: h.Pipeline, tmp_path: Path) ->
     _check(result)
     entry = pipe.entry(f"{h.slug(case.id)}-one", "t0")
     assert entry.source_kind == "peft-lora"
+    from flows.validation import validate_task
+
+    report = validate_task(pipe.ws, f"{h.slug(case.id)}-one", 1, "t0", master=True)
+    assert (
+        report.delta_cosine is not None and report.delta_cosine > 1 - 1e-6
+    )  # against the merged model
     assert "adapter_config.json" not in entry.files and "config.json" in entry.files
     assert not (tmp_path / "one-t0" / "adapter_config.json").exists()
 
