@@ -234,6 +234,47 @@ def test_unfold_returns_parent(tmp_path: Path, base_model: dict[str, torch.Tenso
     assert err_without < err_all
 
 
+def test_unfold_of_a_reconciled_checkpoint_is_exact(
+    tmp_path: Path, base_model: dict[str, torch.Tensor]
+) -> None:
+    """DDP-wrapped, bf16, missing a tensor: fold then unfold gives the parent back."""
+    config = TransformConfig()
+    base = open_dict(tmp_path / "b.safetensors", base_model)
+    first = finetune(base_model, seed=1)
+    one = fold(
+        base=base,
+        checkpoint=open_dict(tmp_path / "f1.safetensors", first),
+        parent=None,
+        seed=11,
+        config=config,
+        out_dir=tmp_path / "v1",
+    )
+    messy = {
+        f"module.transformer.{k}": v.bfloat16() if v.is_floating_point() else v
+        for k, v in finetune(base_model, seed=2).items()
+        if k != "h.1.mlp.c_fc.weight"
+    }
+    ckpt = open_dict(tmp_path / "f2.safetensors", messy)
+    parent = _reader(one.superposition)
+    two = fold(
+        base=base, checkpoint=ckpt, parent=parent, seed=22, config=config, out_dir=tmp_path / "v2"
+    )
+    assert two.key_map.wrappers == ("module.",) and two.key_map.checkpoint_prefix == "transformer."
+    assert two.key_map.absent == ("h.1.mlp.c_fc.weight",)
+    back = unfold(
+        base=base,
+        checkpoint=ckpt,
+        parent=_reader(two.superposition),  # type: ignore[arg-type]
+        seed=22,
+        config=config,
+        out_dir=tmp_path / "v3",
+    )
+    restored, original = _reader(back.superposition), _reader(one.superposition)
+    assert restored is not None and original is not None
+    for name in original:
+        assert torch.allclose(restored.get(name), original.get(name), atol=1e-6), name
+
+
 class CountingReader(CheckpointReader):
     """A reader that counts tensor reads (a structural cost measure)."""
 
