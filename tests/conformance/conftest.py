@@ -34,7 +34,7 @@ base is saved in the layout named. Through the pipeline (`base add`, `fold`,
   agreement with its fine-tune on fixed inputs (least embedding cosine for
   sentence-transformers);
   task seeds are drawn afresh in every run, so this column moves by several points
-  between runs (86-100% seen); the suite requires 75%;
+  between runs (84-100% seen over five runs); the suite requires 75%;
 - **recorded**: what the manifest recorded for the task (randes.keymap's decision table:
   prefix mapping, stripped training wrappers, base tensors absent from the fine-tune,
   ties per config.json, the task's dtype, adapter source, weights subfolder).

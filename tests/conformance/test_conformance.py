@@ -24,7 +24,7 @@ from tests.conformance import harness as h
 from tests.conformance import models as m
 
 AGREEMENT = 0.75
-"""Least argmax agreement at 3 tasks (defaults) any case may show. Measured 86-100%
+"""Least argmax agreement at 3 tasks (defaults) any case may show. Measured 84-100% over five runs
 (docs/conformance.md); each run draws fresh task seeds, so the cross-talk, and with it
 the agreement on these near-tie-prone tiny random models, moves by several points from
 run to run."""
