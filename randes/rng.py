@@ -88,7 +88,7 @@ part of the domain), so any chunk can be drawn on its own: a flip streams throug
 tensor holding one chunk of signs (4 MiB) at a time, and the signs are never stored."""
 
 _BITS = torch.arange(8, dtype=torch.int64)
-_SIGN_TABLE = 1.0 - 2.0 * ((torch.arange(256, dtype=torch.int64).unsqueeze(1) >> _BITS) & 1).to(
+SIGN_TABLE = 1.0 - 2.0 * ((torch.arange(256, dtype=torch.int64).unsqueeze(1) >> _BITS) & 1).to(
     torch.float32
 )
 """Row b: the 8 signs byte b stands for, LSB first (bit set: -1). Unpacking by table
@@ -99,7 +99,7 @@ shift / mask / convert passes per bit, ~0.8 ns per element on one core."""
 def _signs_of(raw: bytes, n: int) -> torch.Tensor:
     """The first ``n`` signs (float32 +1/-1) that packed bytes ``raw`` stand for."""
     octets = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(torch.int32)
-    return _SIGN_TABLE.index_select(0, octets).reshape(-1)[:n]
+    return SIGN_TABLE.index_select(0, octets).reshape(-1)[:n]
 
 
 def element_sign_bytes(seed: int, name: str, chunk: int, n: int) -> bytes:

@@ -49,7 +49,8 @@ from randes.checkpoint import TensorMeta
 from randes.config import MapName, TransformConfig
 from randes.rng import (
     ELEMENT_CHUNK,
-    element_signs,
+    SIGN_TABLE,
+    element_sign_bytes,
     inverse_permutation,
     permutation,
     row_sign_vector,
@@ -189,9 +190,19 @@ def element_flip_(seed: int, name: str, x: torch.Tensor) -> torch.Tensor:
         return x
     _check(x)
     flat = x.view(-1)
+    size = min(ELEMENT_CHUNK, flat.numel())
+    # Two buffers reused for every chunk (no allocation per chunk): the packed bytes as
+    # int32 indices, and the unpacked signs (element_signs, written in place).
+    index = torch.empty((size + 7) // 8, dtype=torch.int32)
+    signs = torch.empty(index.numel(), 8, dtype=torch.float32)
     for chunk, start in enumerate(range(0, flat.numel(), ELEMENT_CHUNK)):
         part = flat[start : start + ELEMENT_CHUNK]
-        part.mul_(element_signs(seed, name, chunk, part.numel()).to(x.device, x.dtype))
+        n = part.numel()
+        packed = bytearray(element_sign_bytes(seed, name, chunk, n))
+        used = index[: len(packed)]
+        used.copy_(torch.frombuffer(packed, dtype=torch.uint8))
+        torch.index_select(SIGN_TABLE, 0, used, out=signs[: len(packed)])
+        part.mul_(signs.view(-1)[:n].to(x.device, x.dtype))
     return x
 
 
