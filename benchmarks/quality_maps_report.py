@@ -250,6 +250,8 @@ def report() -> None:
             note = (
                 " (kept: bundles of this map exist, their lambdas must not change)"
                 if variant == "columns"
+                else " (gains are per map, and this rank-1 policy is not the default)"
+                if "rank1=" in variant
                 else " (NOT what the code uses)"
             )
             lines.append(
