@@ -179,6 +179,10 @@ def two_sided_flip_(seed: int, name: str, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+_UNPACK = 4096
+"""Packed bytes unpacked per piece: 4096 bytes = 32768 signs, torch's parallel grain."""
+
+
 def element_flip_(seed: int, name: str, x: torch.Tensor) -> torch.Tensor:
     """In-place independent sign per entry keyed by (seed, name), any rank.
 
@@ -198,10 +202,17 @@ def element_flip_(seed: int, name: str, x: torch.Tensor) -> torch.Tensor:
     for chunk, start in enumerate(range(0, flat.numel(), ELEMENT_CHUNK)):
         part = flat[start : start + ELEMENT_CHUNK]
         n = part.numel()
-        packed = bytearray(element_sign_bytes(seed, name, chunk, n))
-        used = index[: len(packed)]
-        used.copy_(torch.frombuffer(packed, dtype=torch.uint8))
-        torch.index_select(SIGN_TABLE, 0, used, out=signs[: len(packed)])
+        octets = torch.frombuffer(
+            bytearray(element_sign_bytes(seed, name, chunk, n)), dtype=torch.uint8
+        )
+        # Unpacked in pieces below torch's parallel grain (32768 elements), so they run on
+        # the calling thread: on a busy machine each parallel op can wait for a descheduled
+        # OpenMP thread, and this leaves one parallel op per chunk (the mul_), as few as
+        # the column map runs per tensor.
+        for lo in range(0, octets.numel(), _UNPACK):
+            hi = min(lo + _UNPACK, octets.numel())
+            index[lo:hi].copy_(octets[lo:hi])
+            torch.index_select(SIGN_TABLE, 0, index[lo:hi], out=signs[lo:hi])
         part.mul_(signs.view(-1)[:n].to(x.device, x.dtype))
     return x
 
