@@ -37,7 +37,9 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.quality
 	$(BIN)/python -m benchmarks.quality --tasks 13
 	$(BIN)/python -m benchmarks.quality_storage --suite all
+	$(BIN)/python -m benchmarks.quality_maps --suite all --capacity --report
 	$(BIN)/python benchmarks/cost.py
+	$(BIN)/python benchmarks/cost_maps.py --write-docs
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
