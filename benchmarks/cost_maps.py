@@ -190,8 +190,8 @@ def report(res: dict[str, Any], date: str, command: str) -> str:
         f"- Load average {res['load'][0]:.1f} at the start, {res['load'][1]:.1f} at the end:"
         " other sessions share these 2 cores. With torch's default 2 threads every parallel"
         ' op can wait for a descheduled OpenMP thread (see "Cost"), and the elementwise'
-        " map runs a few parallel ops per 2^20 entries where column flips run one per tensor,"
-        " so that mode is the one the load inflates."
+        " map runs one parallel op per 2^20 entries where column flips run one per tensor,"
+        " so that mode is the one the load inflates most."
     )
     return "\n".join(lines) + "\n"
 
