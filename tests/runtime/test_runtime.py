@@ -1,0 +1,152 @@
+"""BundleRuntime: tasks served from memory equal what materialize writes, bit for bit.
+
+Bundles are tiny BERT and GPT-2 models made and saved by transformers (see hf_models),
+folded through a real workspace (local store, SQLite registry) and pulled.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from randes.errors import InvalidNameError
+from storage.pulled import PulledVersion, PulledVersionError
+from storage.registry import TaskNotFoundError
+from storage.runtime import BundleRuntime, BundleRuntimeError
+from storage.runtime_sources import RuntimeSourceError
+from tests.runtime.conftest import Served
+from tests.runtime.hf_models import inputs
+
+
+def _files(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(want)
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype, name
+        assert torch.equal(got[name], tensor), name
+
+
+def test_state_dict_is_what_materialize_writes_bit_for_bit(served: Served, ws, tmp_path) -> None:
+    with (
+        BundleRuntime.open(served.pulled) as pulled_rt,
+        BundleRuntime.open("b", settings=served.settings) as ref_rt,
+        BundleRuntime.open(served.pulled_master, master=True) as master_rt,
+    ):
+        assert pulled_rt.quantized and ref_rt.quantized and not master_rt.quantized
+        assert pulled_rt.task_names == ref_rt.task_names == served.tasks
+        for task in served.tasks:
+            served_dir = ws.materialize("b", None, task, tmp_path / f"{task}-served")
+            master_dir = ws.materialize("b", None, task, tmp_path / f"{task}-master", master=True)
+            want = _files(served_dir)
+            _assert_same(pulled_rt.state_dict(task), want)
+            _assert_same(ref_rt.state_dict(task), want)
+            _assert_same(master_rt.state_dict(task), _files(master_dir))
+            # the offline materialize of the pulled directory agrees too
+            offline = PulledVersion(served.pulled).materialize(task, tmp_path / f"{task}-offline")
+            _assert_same(pulled_rt.state_dict(task), _files(offline))
+
+
+def test_tasks_report_seed_lambda_and_config(served: Served, ws) -> None:
+    _, manifest = ws.resolve("b")
+    with BundleRuntime.open(served.pulled) as rt:
+        for info, entry in zip(rt.tasks, manifest.tasks, strict=True):
+            assert (info.name, info.seed) == (entry.name, entry.seed)
+            with ws.open_task(manifest, entry.name) as opened:
+                assert info.scale == ws.task_scale(manifest, entry, opened.base)
+            assert info.config is not None and info.config["architectures"][0].endswith(
+                "ForSequenceClassification"
+            )
+        # resident: base + quantized superposition, no private tensor of any task
+        base_bytes = sum(r.size for r in PulledVersion(served.pulled).base.shards)
+        serving_bytes = sum(r.size for r in manifest.serving.shards)
+        assert rt.resident_bytes <= base_bytes + serving_bytes
+        assert rt.resident_bytes > 0.9 * base_bytes
+        assert rt._private == {}  # nothing read for any task yet
+
+
+def test_model_equals_from_pretrained_of_the_materialized_directory(
+    served: Served, ws, tmp_path
+) -> None:
+    import transformers
+
+    batch = inputs(7)
+    with BundleRuntime.open(served.pulled) as rt:
+        for task in served.tasks:
+            model = rt.model(task)
+            assert not model.training
+            directory = ws.materialize("b", None, task, tmp_path / task)
+            cls = getattr(transformers, rt.info(task).config["architectures"][0])
+            loaded = cls.from_pretrained(directory).eval()
+            with torch.no_grad():
+                assert torch.equal(model(**batch).logits, loaded(**batch).logits), task
+
+
+def test_switch_in_place_equals_a_fresh_model_and_accumulates_no_drift(served: Served) -> None:
+    # tasks t1 and t3 have the same head shape (3 labels), t2 has 2
+    batch = inputs(11)
+    with BundleRuntime.open(served.pulled) as rt:
+        model = rt.model("t1")
+        params = {n: p.data_ptr() for n, p in model.named_parameters()}
+        for task in ["t3", "t1", "t3", "t1", "t3"]:
+            assert rt.switch(model, task) is model
+            assert rt.task_of(model) == task
+        # same storage: switched in place, nothing reallocated
+        assert {n: p.data_ptr() for n, p in model.named_parameters()} == params
+        fresh = rt.model("t3")
+        _assert_same(model.state_dict(), fresh.state_dict())
+        _assert_same(dict(model.state_dict()), rt.state_dict("t3") | _buffers(model, rt, "t3"))
+        with torch.no_grad():
+            assert torch.equal(model(**batch).logits, fresh(**batch).logits)
+
+
+def _buffers(model: torch.nn.Module, rt: BundleRuntime, task: str) -> dict[str, torch.Tensor]:
+    """State entries of the module that the task does not set (tied aliases)."""
+    names = set(rt.state_dict(task))
+    return {k: v for k, v in model.state_dict().items() if k not in names}
+
+
+def test_switch_refuses_a_module_of_another_shape_before_touching_it(served: Served) -> None:
+    with BundleRuntime.open(served.pulled) as rt:
+        model = rt.model("t1")  # 3 labels; t2 has 2
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(BundleRuntimeError, match="the module holds torch.float32\\[3"):
+            rt.switch(model, "t2")
+        _assert_same(dict(model.state_dict()), before)
+        assert rt.task_of(model) == "t1"
+        with pytest.raises(BundleRuntimeError, match="the module lacks"):
+            rt.switch(torch.nn.Linear(2, 2), "t1")
+        with pytest.raises(TaskNotFoundError):
+            rt.state_dict("nope")
+
+
+def test_bad_sources_are_one_clear_error(served: Served, tmp_path: Path) -> None:
+    with pytest.raises(PulledVersionError, match="not a pulled bundle version"):
+        BundleRuntime.open(tmp_path)
+    with pytest.raises(RuntimeSourceError, match="not a directory written by"):
+        BundleRuntime.open(str(tmp_path / "missing" / "dir"))
+    with pytest.raises(InvalidNameError):
+        BundleRuntime.open("bad name!", settings=served.settings)
+    with pytest.raises(PulledVersionError, match="master superposition was not pulled"):
+        BundleRuntime.open(served.pulled, master=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(BundleRuntimeError, match="CUDA is not available"):
+            BundleRuntime.open(served.pulled, device="cuda")
+
+
+def test_rank1_flip_bundle_serves_superposed_norms_and_biases(served_flip: Served, tmp_path):
+    with served_flip.workspace() as ws, BundleRuntime.open(served_flip.pulled) as rt:
+        for task in served_flip.tasks:
+            want = _files(ws.materialize("b", None, task, tmp_path / task))
+            _assert_same(rt.state_dict(task), want)
+        model = rt.model("t1")
+        rt.switch(model, "t3")
+        _assert_same(
+            rt.state_dict("t3"),
+            {k: v for k, v in model.state_dict().items() if k in rt.state_dict("t3")},
+        )
