@@ -564,7 +564,7 @@ def main() -> None:
         log("memory")
         res["memory"] = memory(pulled, tmp, max(1, args.repeats // 2))
         log("mixed batches")
-        res["mixed"] = mixed_throughput(pulled[n], tasks, args.repeats)
+        res["mixed"] = mixed_throughput(pulled[n], tasks, max(2, args.repeats - 2))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     head = (

@@ -27,9 +27,10 @@ Not thread-safe: one runtime serves one thread (or guard it with a lock).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -74,7 +75,9 @@ class ResidentReader(CheckpointReader):
     adds into what it gets, and the resident tensors must never change.
     """
 
-    def __init__(self, tensors: dict[str, torch.Tensor], source: CheckpointReader) -> None:
+    def __init__(
+        self, tensors: dict[str, torch.Tensor], source: CheckpointReader, *, copies: bool = True
+    ) -> None:
         # No super().__init__: there is no file to parse, only the source's headers.
         self.files = list(source.files)
         self.side_files = {}
@@ -83,14 +86,53 @@ class ResidentReader(CheckpointReader):
         self._file_of = {n: source.file_of(n) for n in self._metas}
         self._handles = {}
         self._offset = {}
+        self._lent: tuple[str, torch.Tensor] | None = None
+        self._copies = copies
 
     @classmethod
-    def load(cls, reader: CheckpointReader, device: torch.device) -> ResidentReader:
-        """Read every tensor of ``reader`` onto ``device``, one at a time."""
-        return cls({name: reader.get(name).to(device) for name in reader}, reader)
+    def load(
+        cls, reader: CheckpointReader, device: torch.device, *, copies: bool = True
+    ) -> ResidentReader:
+        """Read every tensor of ``reader`` onto ``device``, one at a time.
+
+        ``copies=False`` hands out the resident tensors themselves: only for readers
+        whose consumer never writes what it gets (the codes and scales a
+        `QuantizedReader` dequantizes into a new tensor)."""
+        tensors = {name: reader.get(name).to(device) for name in reader}
+        return cls(tensors, reader, copies=copies)
 
     def get(self, name: str) -> torch.Tensor:
-        return self._tensors[name].clone()
+        lent = self._lent
+        if lent is not None and lent[0] == name:
+            target = lent[1]
+            self._lent = None  # lent once: any later read of the name gets a copy
+            return target.copy_(self._tensors[name])
+        return self._tensors[name].clone() if self._copies else self._tensors[name]
+
+    @contextlib.contextmanager
+    def lend(self, name: str, target: torch.Tensor | None) -> Iterator[None]:
+        """While inside, the next ``get(name)`` fills ``target`` with the resident tensor
+        and returns it instead of a fresh copy (when shape, dtype and device agree).
+
+        A switch computes each tensor straight in the module's own storage this way:
+        retrieval adds the task's delta into what ``get`` returned, so no copy of the
+        base tensor is allocated and none is copied back. Only the one read of the
+        tensor being computed is lent, so nothing else can alias the module.
+        """
+        mine = self._tensors.get(name)
+        fits = (
+            target is not None
+            and mine is not None
+            and target.shape == mine.shape
+            and target.dtype == mine.dtype
+            and target.device == mine.device
+            and target.is_contiguous()
+        )
+        self._lent = (name, target) if fits and target is not None else None
+        try:
+            yield
+        finally:
+            self._lent = None
 
     def view(self, name: str) -> torch.Tensor:
         """The resident tensor itself, read-only by contract (no copy)."""
@@ -125,7 +167,7 @@ class BundleRuntime:
         with source.base() as base_reader:
             self.base = ResidentReader.load(base_reader, device)
         with CheckpointReader.from_files(source.files(refs)) as sup_reader:
-            resident = ResidentReader.load(sup_reader, device)
+            resident = ResidentReader.load(sup_reader, device, copies=not quantized)
         self._stored = resident
         """The superposition as stored: quantized codes + scales, or the master."""
         self.superposition: CheckpointReader = resident
@@ -258,7 +300,11 @@ class BundleRuntime:
         self._holding.pop(module, None)  # a failure below leaves it half switched
         with torch.no_grad():
             for spec in specs:
-                targets[spec.name].copy_(plan.tensor(spec.name))
+                target = targets[spec.name]
+                with self.base.lend(plan.plan[spec.name][0] or "", target.data):
+                    value = plan.tensor(spec.name)
+                if value.data_ptr() != target.data_ptr():
+                    target.copy_(value)
         self._holding[module] = task
         return module
 
