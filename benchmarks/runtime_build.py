@@ -109,9 +109,31 @@ def build(spec: ModelSpec, root: Path, versions: list[int], log: Any) -> dict[in
             ws.fold(BUNDLE, str(task_dir), f"t{k}")
             shutil.rmtree(task_dir)
             log(f"folded t{k}")
+            if k - 1 not in versions:
+                _drop_superposition(ws, k - 1)
+            for n in versions:
+                if n == k and not (pulled[n] / "bundle.json").exists():
+                    ws.pull(BUNDLE, str(n), pulled[n])
+                    log(f"pulled version {n}")
         for n, dest in pulled.items():
             if not (dest / "bundle.json").exists():
                 shutil.rmtree(dest, ignore_errors=True)
                 ws.pull(BUNDLE, str(n), dest)
                 log(f"pulled version {n}")
     return pulled
+
+
+def _drop_superposition(ws: Any, version: int) -> None:
+    """Delete the superposition objects (master + serving copy) of an old version from this
+    benchmark's private store and cache: only the head's are read by the next fold, and
+    32 versions of a 124M model would otherwise take ~18 GB (that version becomes
+    unreadable, which no measurement here needs)."""
+    if version < 1:
+        return
+    _, manifest = ws.resolve(BUNDLE, str(version))
+    refs = list(manifest.superposition) + (
+        list(manifest.serving.shards) if manifest.serving else []
+    )
+    for ref in refs:
+        ws.store.delete(ref.key)
+        (ws.cache.root / f"{ref.sha256}.safetensors").unlink(missing_ok=True)

@@ -4,8 +4,8 @@
 built) and replaces its leaf modules by the layers of `randes.mixed`:
 
 - ``nn.Linear``, GPT-2's ``Conv1D`` and ``nn.Embedding`` whose weight is superposed under
-  a map acting on rows and columns only: the resident base weight (shared with the
-  runtime, not copied) + per task a signed slot of the dequantized superposition;
+  a map acting on rows and columns only: the base weight (the runtime's own when it is
+  resident, else read once) + per task a signed slot of the dequantized superposition;
 - ``nn.LayerNorm`` with per-task weights: stacked per task, gathered per row;
 - any other leaf whose tensors differ per task: run per group of rows with that task's
   own tensors (the per-task state dict fallback, for that module only; an elementwise
@@ -15,8 +15,8 @@ built) and replaces its leaf modules by the layers of `randes.mixed`:
 Every per-task tensor comes from the task's retrieval plan (`BundleRuntime.plan`), the
 signs from the task's own transform (`randes.mixed.sign_structure`), and lambda from
 the same scale the plan uses, so each row sees its task's model up to float rounding.
-Memory: base (shared) + the superposition slots dequantized once (one model's size)
-+ the small per-task tensors.
+Memory: base (shared with a runtime whose base is resident) + the superposition slots
+dequantized once (one model's size) + the small per-task tensors.
 """
 
 from __future__ import annotations
@@ -51,9 +51,14 @@ def _is_conv1d(module: nn.Module) -> bool:
 class MixedBatchModel(nn.Module):
     """``model(row_tasks, **inputs)``: row i of the inputs is served by task row_tasks[i]."""
 
-    def __init__(self, model: nn.Module, ctx: BatchTasks, tasks: Sequence[str]) -> None:
+    def __init__(
+        self, model: nn.Module, ctx: BatchTasks, tasks: Sequence[str], device: torch.device
+    ) -> None:
         super().__init__()
         self.model = model
+        self.device = device
+        """Where the runtime keeps its tensors: the mixed layers hold them as plain
+        attributes (shared with the runtime), so ``.to()`` does not move them."""
         self.ctx = ctx
         self.tasks = list(tasks)
         self._index = {t: i for i, t in enumerate(self.tasks)}
@@ -67,17 +72,11 @@ class MixedBatchModel(nn.Module):
             index = [self._index[t] for t in row_tasks]
         except KeyError as exc:
             raise KeyError(f"task {exc.args[0]!r} is not served by this mixed model") from None
-        self.ctx.set(torch.tensor(index, dtype=torch.long, device=_device(self.model)))
+        self.ctx.set(torch.tensor(index, dtype=torch.long, device=self.device))
         try:
             return self.model(*args, **kwargs)
         finally:
             self.ctx.clear()
-
-
-def _device(model: nn.Module) -> torch.device:
-    for tensor in model.state_dict().values():
-        return tensor.device
-    return torch.device("cpu")
 
 
 class _Builder:
@@ -107,7 +106,7 @@ class _Builder:
             n: n if n in planned else owner.get(int(t.untyped_storage().data_ptr()), "")
             for n, t in state.items()
         }
-        self.result = MixedBatchModel(module, self.ctx, self.tasks)
+        self.result = MixedBatchModel(module, self.ctx, self.tasks, rt.device)
 
     # -- per-task values -------------------------------------------------------
     def values(self, name: str) -> list[torch.Tensor]:

@@ -2,17 +2,21 @@
 
 A deployment that materializes a task to disk and loads it with ``from_pretrained``
 pays a model write + read per task switch, or N resident models for N tasks.
-`BundleRuntime` holds the base and the *serving* superposition (kept quantized as it
-was pulled; each slot is dequantized only while one tensor is computed) and computes
-any task from them in memory:
+`BundleRuntime` holds the *serving* superposition (kept quantized as it was pulled; each
+slot is dequantized only while one tensor is computed) and the base, and computes any
+task from them in memory:
 
     rt = BundleRuntime.open("pulled-dir")          # or "bundle@production", device="cuda"
     model = rt.model("sentiment")                  # transformers model, no disk
     rt.switch(model, "topic")                      # same module, now the other task
 
-Resident memory is base + quantized superposition, whatever the number of tasks (plus
-the working model the caller holds); each task's private tensors (its head, its norms
-under the default rank-1 policy) are read from their verified files when needed.
+Memory is the quantized superposition + the base + the working model the caller holds,
+whatever the number of tasks. On the CPU the base is read from its verified files each
+time a tensor is computed (`FileBaseReader`): its bytes stay in the page cache, shared
+by every process on the machine and outside each one's RSS, at the cost of one copy,
+the same as copying a resident tensor. On a GPU it is resident on the device. Each
+task's private tensors (its head, its norms under the default rank-1 policy) are read
+from their verified files when needed.
 
 Every tensor comes from `randes.retrieve.TaskRetrieval`, the very plan `materialize`
 runs, over readers whose tensors are resident instead of on disk, with the same lambda
@@ -28,6 +32,7 @@ Not thread-safe: one runtime serves one thread (or guard it with a lock).
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -39,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Self
 import torch
 
 from randes.checkpoint import CheckpointReader, TensorMeta
-from randes.errors import RandesError
+from randes.errors import CheckpointError, CorruptCheckpointError, RandesError
 from randes.fold import superposition_metas
 from randes.manifest import BundleManifest, TaskEntry
 from randes.retrieve import TaskRetrieval
@@ -68,7 +73,42 @@ class TaskInfo:
     config: dict[str, Any] | None
 
 
-class ResidentReader(CheckpointReader):
+class _Lending:
+    """Lets a switch compute a tensor straight in the module's own storage.
+
+    Inside ``lend(name, target)`` the next ``get(name)`` fills ``target`` with the base
+    tensor and returns it instead of a fresh one: retrieval adds the task's delta into
+    what ``get`` returned, so no copy of the base tensor is allocated and none is copied
+    back. Only that one read of the tensor being computed is lent, so nothing else can
+    alias the module.
+    """
+
+    _lent: tuple[str, torch.Tensor] | None = None
+
+    def _fits(self, name: str, target: torch.Tensor) -> bool:
+        raise NotImplementedError
+
+    def _fill(self, name: str, target: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _take_lent(self, name: str) -> torch.Tensor | None:
+        lent = self._lent
+        if lent is None or lent[0] != name:
+            return None
+        self._lent = None  # lent once: any later read of the name gets a copy
+        return self._fill(name, lent[1])
+
+    @contextlib.contextmanager
+    def lend(self, name: str, target: torch.Tensor | None) -> Iterator[None]:
+        fits = target is not None and target.is_contiguous() and self._fits(name, target)
+        self._lent = (name, target) if fits and target is not None else None
+        try:
+            yield
+        finally:
+            self._lent = None
+
+
+class ResidentReader(_Lending, CheckpointReader):
     """A `CheckpointReader` over tensors held in memory (on any device).
 
     ``get`` hands out a copy, as a file reader hands out a fresh tensor: retrieval
@@ -86,7 +126,6 @@ class ResidentReader(CheckpointReader):
         self._file_of = {n: source.file_of(n) for n in self._metas}
         self._handles = {}
         self._offset = {}
-        self._lent: tuple[str, torch.Tensor] | None = None
         self._copies = copies
 
     @classmethod
@@ -101,38 +140,23 @@ class ResidentReader(CheckpointReader):
         tensors = {name: reader.get(name).to(device) for name in reader}
         return cls(tensors, reader, copies=copies)
 
-    def get(self, name: str) -> torch.Tensor:
-        lent = self._lent
-        if lent is not None and lent[0] == name:
-            target = lent[1]
-            self._lent = None  # lent once: any later read of the name gets a copy
-            return target.copy_(self._tensors[name])
-        return self._tensors[name].clone() if self._copies else self._tensors[name]
-
-    @contextlib.contextmanager
-    def lend(self, name: str, target: torch.Tensor | None) -> Iterator[None]:
-        """While inside, the next ``get(name)`` fills ``target`` with the resident tensor
-        and returns it instead of a fresh copy (when shape, dtype and device agree).
-
-        A switch computes each tensor straight in the module's own storage this way:
-        retrieval adds the task's delta into what ``get`` returned, so no copy of the
-        base tensor is allocated and none is copied back. Only the one read of the
-        tensor being computed is lent, so nothing else can alias the module.
-        """
+    def _fits(self, name: str, target: torch.Tensor) -> bool:
         mine = self._tensors.get(name)
-        fits = (
-            target is not None
-            and mine is not None
+        return (
+            mine is not None
             and target.shape == mine.shape
             and target.dtype == mine.dtype
             and target.device == mine.device
-            and target.is_contiguous()
         )
-        self._lent = (name, target) if fits and target is not None else None
-        try:
-            yield
-        finally:
-            self._lent = None
+
+    def _fill(self, name: str, target: torch.Tensor) -> torch.Tensor:
+        return target.copy_(self._tensors[name])
+
+    def get(self, name: str) -> torch.Tensor:
+        lent = self._take_lent(name)
+        if lent is not None:
+            return lent
+        return self._tensors[name].clone() if self._copies else self._tensors[name]
 
     def view(self, name: str) -> torch.Tensor:
         """The resident tensor itself, read-only by contract (no copy)."""
@@ -149,6 +173,66 @@ class ResidentReader(CheckpointReader):
         return f"ResidentReader({len(self)} tensors, {self.nbytes} bytes)"
 
 
+class FileBaseReader(_Lending, CheckpointReader):
+    """The base read from its verified local files each time a tensor is computed.
+
+    Its bytes then live in the page cache, not in the process: shared by every server
+    on the machine, reclaimable, and outside the RSS of each. Reading from the page
+    cache costs one copy, the same as copying a resident tensor, and a lent read lands
+    straight in the module's storage (``readinto``), so a switch is as fast either way.
+    The files were checked against their sha256 when the runtime opened them.
+    """
+
+    def __init__(self, files: list[Path], device: torch.device) -> None:
+        super().__init__(files)
+        self.device = device
+
+    def _fits(self, name: str, target: torch.Tensor) -> bool:
+        meta = self._metas.get(name)
+        return (
+            meta is not None
+            and target.device.type == "cpu"
+            and tuple(target.shape) == meta.shape
+            and target.dtype == meta.dtype
+        )
+
+    def _fill(self, name: str, target: torch.Tensor) -> torch.Tensor:
+        """``get`` into ``target``'s memory: one positional read of the validated range."""
+        path, nbytes = self._file_of[name], self._metas[name].nbytes
+        if nbytes == 0:
+            return target
+        try:
+            handle = self._handles.get(path)
+            if handle is None:
+                handle = self._handles[path] = io.FileIO(path, "rb")
+            view = target.reshape(-1).view(torch.uint8).numpy().data.cast("B")
+            handle.seek(self._offset[name])
+            got = 0
+            while got < nbytes:
+                n = handle.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot read {name!r}: {exc.strerror or exc}") from None
+        if got != nbytes:
+            raise CorruptCheckpointError(f"{path}: truncated while reading {name!r}")
+        return target
+
+    def get(self, name: str) -> torch.Tensor:
+        lent = self._take_lent(name)
+        if lent is not None:
+            return lent
+        return super().get(name).to(self.device)
+
+    def view(self, name: str) -> torch.Tensor:
+        """A fresh copy: nothing of the base is resident."""
+        return self.get(name)
+
+    nbytes = 0
+    """Bytes of the base held by the process."""
+
+
 def _device(device: str | torch.device) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -159,13 +243,24 @@ def _device(device: str | torch.device) -> torch.device:
 class BundleRuntime:
     """One bundle version served from memory (see the module docstring)."""
 
-    def __init__(self, source: RuntimeSource, *, device: torch.device, master: bool) -> None:
+    def __init__(
+        self,
+        source: RuntimeSource,
+        *,
+        device: torch.device,
+        master: bool,
+        base_resident: bool | None = None,
+    ) -> None:
         self.device = device
         self.manifest: BundleManifest = source.manifest
         self._source = source
         refs, quantized = source.served_refs(master=master)
-        with source.base() as base_reader:
-            self.base = ResidentReader.load(base_reader, device)
+        self.base: ResidentReader | FileBaseReader
+        if base_resident if base_resident is not None else device.type != "cpu":
+            with CheckpointReader.from_files(source.base_files()) as base_reader:
+                self.base = ResidentReader.load(base_reader, device)
+        else:
+            self.base = FileBaseReader(source.base_files(), device)
         with CheckpointReader.from_files(source.files(refs)) as sup_reader:
             resident = ResidentReader.load(sup_reader, device, copies=not quantized)
         self._stored = resident
@@ -199,18 +294,23 @@ class BundleRuntime:
         *,
         device: str | torch.device = "cpu",
         master: bool = False,
+        base_resident: bool | None = None,
         settings: Settings | None = None,
     ) -> BundleRuntime:
         """Serve a directory written by `randes pull`, or ``BUNDLE[@VERSION|@ALIAS]``
         read through the workspace's verified cache (``settings``, else the environment).
 
         ``master`` serves the fp32 master superposition instead of the quantized copy
-        (a pulled directory must then come from ``pull --master``).
+        (a pulled directory must then come from ``pull --master``). ``base_resident``
+        holds the base in the process (on ``device``) instead of reading it from its
+        verified files, kept in the page cache, each time a tensor is computed; default:
+        resident on a GPU, from the page cache on the CPU (same speed, and the base
+        counts once per machine instead of once per process).
         """
         dev = _device(device)
         source = open_source(path_or_ref, settings=settings)
         try:
-            return cls(source, device=dev, master=master)
+            return cls(source, device=dev, master=master, base_resident=base_resident)
         except BaseException:
             source.close()
             raise
@@ -247,7 +347,8 @@ class BundleRuntime:
 
     @property
     def resident_bytes(self) -> int:
-        """Bytes of the resident base + superposition as stored (quantized or master)."""
+        """Bytes the runtime holds: the superposition as stored (quantized or master),
+        plus the base when it is resident."""
         return self.base.nbytes + self._stored.nbytes
 
     def task_of(self, module: torch.nn.Module) -> str | None:

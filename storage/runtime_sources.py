@@ -1,9 +1,9 @@
 """Where a serving runtime gets its verified files: a pulled directory or the workspace.
 
 Both give the same four things, each file checked against the sha256 its manifest
-records before it is read: the version's manifests, the base's shards (through
-`Workspace.open_task` for a registry reference, which also checks that the registry's
-base is the one the bundle was built on), the served superposition's shards, and one
+records before it is read: the version's manifests, the base's shards (for a registry
+reference checked, as `Workspace.open_task` does, to be the base the bundle was built
+on), the served superposition's shards, and one
 task's private shards and side files, fetched only when that task is first asked for.
 Safetensors readers open files by suffix and objects are named by sha256 alone, so the
 objects of a pulled directory are read through ``<sha256>.safetensors`` links in a
@@ -12,14 +12,13 @@ scratch directory, as `storage.pulled` does.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from randes.checkpoint import CheckpointReader
-from randes.errors import RandesError
+from randes.errors import IntegrityError, RandesError
 from randes.manifest import BundleManifest, ShardRef, TaskEntry
 from randes.names import validate_name
 from storage.cache import version_context
@@ -47,7 +46,8 @@ class RuntimeSource:
     manifest: BundleManifest
     base_norms: dict[str, float]
 
-    def base(self) -> contextlib.AbstractContextManager[CheckpointReader]:
+    def base_files(self) -> list[Path]:
+        """Verified local ``.safetensors`` paths of the base this version was built on."""
         raise NotImplementedError
 
     def files(self, refs: Sequence[ShardRef]) -> list[Path]:
@@ -96,10 +96,8 @@ class PulledSource(RuntimeSource):
             paths.append(link)
         return paths
 
-    @contextlib.contextmanager
-    def base(self) -> Iterator[CheckpointReader]:
-        with CheckpointReader.from_files(self.files(self.pulled.base.shards)) as reader:
-            yield reader
+    def base_files(self) -> list[Path]:
+        return self.files(self.pulled.base.shards)
 
     def side_file(self, ref: ShardRef) -> Path:
         return self.pulled.verified(ref)
@@ -132,13 +130,16 @@ class StoreSource(RuntimeSource):
             self.workspace.close()
             raise
 
-    @contextlib.contextmanager
-    def base(self) -> Iterator[CheckpointReader]:
-        if not self.manifest.tasks:
-            self.served_refs(master=False)  # raises: nothing to serve
-        # open_task checks the registry's base against the bundle's and verifies it
-        with self.workspace.open_task(self.manifest, self.manifest.tasks[0].name) as opened:
-            yield opened.base
+    def base_files(self) -> list[Path]:
+        # the same identity check as Workspace.open_task: the registry's base must be
+        # the one the bundle was built on
+        base = self.workspace.base_manifest(self.manifest.base.name)
+        if base.sha256 != self.manifest.base.sha256:
+            raise IntegrityError(
+                f"base {base.name!r} in the registry is not the base bundle "
+                f"{self.manifest.bundle!r} was built on"
+            )
+        return [self.workspace.cache.fetch(r, context=f"base {base.name}") for r in base.shards]
 
     def files(self, refs: Sequence[ShardRef]) -> list[Path]:
         return [self.workspace.cache.fetch(ref, context=self._context) for ref in refs]

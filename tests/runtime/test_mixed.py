@@ -43,7 +43,7 @@ def _reference(rt: BundleRuntime, row_tasks: list[str], batch: dict) -> torch.Te
 def test_mixed_batch_equals_per_task_models(served: Served) -> None:
     batch = inputs(5, batch=6)
     row_tasks = ["t1", "t3", "t3", "t1", "t3", "t1"]
-    with BundleRuntime.open(served.pulled) as rt:
+    with BundleRuntime.open(served.pulled, base_resident=True) as rt:
         mixed = rt.mixed(SAME_HEAD)
         assert mixed.fallback == [] and mixed.slot_bytes > 0
         kinds = {type(m) for m in mixed.modules()}
@@ -57,7 +57,7 @@ def test_mixed_batch_equals_per_task_models(served: Served) -> None:
         with torch.no_grad():
             only = mixed(["t3"] * 6, **batch).logits
             assert _rel(only, rt.model("t3")(**batch).logits) < 1e-5
-        # the mixed model holds the base by reference, not a copy
+        # the mixed model holds the runtime's resident base by reference, not a copy
         linear = next(m for m in mixed.modules() if isinstance(m, (MixedLinear, MixedConv1D)))
         assert any(linear.base is rt.base.view(n) for n in rt.base)
 

@@ -37,6 +37,7 @@ def test_state_dict_is_what_materialize_writes_bit_for_bit(served: Served, ws, t
         BundleRuntime.open(served.pulled) as pulled_rt,
         BundleRuntime.open("b", settings=served.settings) as ref_rt,
         BundleRuntime.open(served.pulled_master, master=True) as master_rt,
+        BundleRuntime.open(served.pulled, base_resident=True) as resident_rt,
     ):
         assert pulled_rt.quantized and ref_rt.quantized and not master_rt.quantized
         assert pulled_rt.task_names == ref_rt.task_names == served.tasks
@@ -46,6 +47,7 @@ def test_state_dict_is_what_materialize_writes_bit_for_bit(served: Served, ws, t
             want = _files(served_dir)
             _assert_same(pulled_rt.state_dict(task), want)
             _assert_same(ref_rt.state_dict(task), want)
+            _assert_same(resident_rt.state_dict(task), want)
             _assert_same(master_rt.state_dict(task), _files(master_dir))
             # the offline materialize of the pulled directory agrees too
             offline = PulledVersion(served.pulled).materialize(task, tmp_path / f"{task}-offline")
@@ -62,12 +64,14 @@ def test_tasks_report_seed_lambda_and_config(served: Served, ws) -> None:
             assert info.config is not None and info.config["architectures"][0].endswith(
                 "ForSequenceClassification"
             )
-        # resident: base + quantized superposition, no private tensor of any task
+        # held: the quantized superposition (the base stays in the page cache on the
+        # CPU), no private tensor of any task
         base_bytes = sum(r.size for r in PulledVersion(served.pulled).base.shards)
         serving_bytes = sum(r.size for r in manifest.serving.shards)
-        assert rt.resident_bytes <= base_bytes + serving_bytes
-        assert rt.resident_bytes > 0.9 * base_bytes
+        assert 0 < rt.resident_bytes <= serving_bytes < base_bytes / 2  # payload, no headers
         assert rt._private == {}  # nothing read for any task yet
+    with BundleRuntime.open(served.pulled, base_resident=True) as rt:
+        assert rt.resident_bytes > 0.9 * base_bytes + rt._stored.nbytes
 
 
 def test_model_equals_from_pretrained_of_the_materialized_directory(
@@ -87,10 +91,13 @@ def test_model_equals_from_pretrained_of_the_materialized_directory(
                 assert torch.equal(model(**batch).logits, loaded(**batch).logits), task
 
 
-def test_switch_in_place_equals_a_fresh_model_and_accumulates_no_drift(served: Served) -> None:
+@pytest.mark.parametrize("resident", [False, True], ids=["page-cache-base", "resident-base"])
+def test_switch_in_place_equals_a_fresh_model_and_accumulates_no_drift(
+    served: Served, resident: bool
+) -> None:
     # tasks t1 and t3 have the same head shape (3 labels), t2 has 2
     batch = inputs(11)
-    with BundleRuntime.open(served.pulled) as rt:
+    with BundleRuntime.open(served.pulled, base_resident=resident) as rt:
         model = rt.model("t1")
         params = {n: p.data_ptr() for n, p in model.named_parameters()}
         for task in ["t3", "t1", "t3", "t1", "t3"]:
@@ -150,3 +157,30 @@ def test_rank1_flip_bundle_serves_superposed_norms_and_biases(served_flip: Serve
             rt.state_dict("t3"),
             {k: v for k, v in model.state_dict().items() if k in rt.state_dict("t3")},
         )
+
+
+def test_switching_never_writes_the_resident_base_or_superposition(served: Served) -> None:
+    """A switch computes each tensor in the module's storage (the base tensor is lent for
+    that one read): the resident tensors themselves must stay what was pulled."""
+    pulled = PulledVersion(served.pulled)
+    with BundleRuntime.open(served.pulled, base_resident=True) as rt:
+        base_files = [pulled.verified(r) for r in pulled.base.shards]
+        want = {}
+        for path in base_files:
+            want |= load_file(str(path))
+        stored = {n: rt._stored.view(n).clone() for n in rt._stored}
+        model = rt.model("t1")
+        for task in ["t3", "t1", "t3"]:
+            rt.switch(model, task)
+        rt.state_dict("t2")
+        _assert_same({n: rt.base.view(n) for n in rt.base}, want)
+        _assert_same({n: rt._stored.view(n) for n in rt._stored}, stored)
+
+
+def test_a_version_reference_serves_that_version(served: Served, ws, tmp_path) -> None:
+    with BundleRuntime.open("b@1", settings=served.settings) as rt:
+        assert rt.manifest.version == 1 and rt.task_names == ["t1"]
+        want = _files(ws.materialize("b", "1", "t1", tmp_path / "v1"))
+        _assert_same(rt.state_dict("t1"), want)
+    with pytest.raises(RuntimeSourceError, match="empty version or alias"):
+        BundleRuntime.open("b@", settings=served.settings)
