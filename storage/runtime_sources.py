@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from randes.checkpoint import CheckpointReader
 from randes.errors import IntegrityError, RandesError
@@ -24,7 +25,9 @@ from randes.names import validate_name
 from storage.cache import version_context
 from storage.pulled import PulledVersion, PulledVersionError
 from storage.settings import Settings, load_settings
-from storage.workspace import Workspace
+
+if TYPE_CHECKING:
+    from storage.workspace import Workspace
 
 
 class RuntimeSourceError(RandesError):
@@ -119,9 +122,13 @@ class StoreSource(RuntimeSource):
     cache of the workspace the environment (or ``settings``) describes."""
 
     def __init__(self, spec: str, *, settings: Settings | None = None) -> None:
+        # imported here: a server of pulled directories needs none of the registry's or
+        # the store's libraries (~20 MB of RSS)
+        from storage.workspace import Workspace
+
         bundle, ref = split_ref(spec)
         # not Workspace.open: a serving process keeps its own torch thread settings
-        self.workspace = Workspace(settings or load_settings())
+        self.workspace: Workspace = Workspace(settings or load_settings())
         try:
             _, self.manifest = self.workspace.resolve(bundle, ref)
             self.base_norms = dict(self.workspace.base_manifest(self.manifest.base.name).norms)
