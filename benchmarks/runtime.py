@@ -642,7 +642,8 @@ def main() -> None:
             f"Memory rerun {datetime.date.today().isoformat()} for N = {args.versions} "
             f"(`.venv/bin/python benchmarks/runtime.py --only-memory --versions "
             f"{args.versions}`; load average {load0:.1f}); the other tables come from the "
-            "main run."
+            "main run. Versions beyond 8 are folded on in the same bundle (the superpositions "
+            "of versions not served are dropped from the benchmark's own store to save disk)."
         )
         print("\n".join([memory_verdict(mem), *memory_table(mem), "", note]))
         if args.write_docs:
