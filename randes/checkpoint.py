@@ -35,6 +35,7 @@ from typing import Any, Self
 import torch
 
 from randes.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
+from randes.sidefiles import collect_side_files, st_weights_dir
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_INDEX_BYTES = 100 * 1024 * 1024
@@ -48,21 +49,6 @@ it stores no bytes, so the byte-count check passes, yet torch cannot even descri
 (its strides overflow int64). The product is computed with an early exit, so a shape
 of thousands of huge numbers costs no big-integer arithmetic either."""
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
-SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "preprocessor_config.json",
-)
-"""Small files that make a weights dir a usable Hugging Face model, kept verbatim."""
-
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _SHARD = re.compile(r"^(?P<prefix>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors$")
@@ -261,6 +247,8 @@ class CheckpointReader:
     ) -> None:
         self.files: list[Path] = [Path(f) for f in files]
         self.side_files: dict[str, Path] = dict(side_files or {})
+        self.weights_dir = ""
+        """Subfolder of the source directory holding the weights ('' for its root)."""
         self._metas: dict[str, TensorMeta] = {}
         self._file_of: dict[str, Path] = {}
         self._offset: dict[str, int] = {}
@@ -324,6 +312,12 @@ class CheckpointReader:
             return cls(weights, side)
         if weights:
             return cls(_complete_shard_set(root, weights), side)
+        sub = st_weights_dir(root)
+        if sub is not None:  # sentence-transformers' legacy layout: weights in 0_Transformer/
+            reader = cls._open_dir(root.joinpath(*sub.split("/")))
+            reader.side_files = side
+            reader.weights_dir = sub
+            return reader
         if any(p.suffix in PICKLE_SUFFIXES for p in root.iterdir()):
             raise UnsafeCheckpointError(
                 f"{root}: only pickle checkpoints (.bin/.pt) found; they can run code on load, "
@@ -427,7 +421,7 @@ def _is_hf_weight_name(name: str) -> bool:
 
 
 def _side_files(root: Path) -> dict[str, Path]:
-    return {name: root / name for name in SIDE_FILES if (root / name).is_file()}
+    return collect_side_files(root)
 
 
 def _read_index(index: Path) -> tuple[list[Path], dict[str, str]]:

@@ -51,7 +51,6 @@ from randes.checkpoint import CheckpointReader, source_digest
 from randes.config import TransformConfig
 from randes.errors import IntegrityError, RandesError
 from randes.fold import check_compatible, superposed_names
-from randes.keymap import detect_key_map
 from randes.names import validate_name
 from randes.scaling import Norms, data_free_scale
 from storage.cache import integrity_context, version_context
@@ -237,7 +236,7 @@ def place(
         if found is not None:
             return Placement(group, found)
         with open_base(ws, g.base_name) as base:
-            check_compatible(base, checkpoint, detect_key_map(base.keys(), checkpoint.keys()))
+            check_compatible(base, checkpoint)
             names = superposed_names(base, config)
             norms = capacity.measure_delta_norms(base, checkpoint, config)
     base_norms = ws.base_manifest(g.base_name).norms

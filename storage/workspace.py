@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from randes.adapters import is_adapter, task_side_files
 from randes.checkpoint import CheckpointReader, source_digest
 from randes.config import TransformConfig
 from randes.errors import IntegrityError, RandesError
@@ -181,6 +182,11 @@ class Workspace:
         validate_name(name, "base name")
         resolved = resolve_source(source, settings=self.settings)
         with CheckpointReader.open(resolved.path) as reader:
+            if is_adapter(reader):
+                raise RandesError(
+                    f"{source}: a PEFT adapter is not a base model; register the model it "
+                    "was trained on, then fold the adapter"
+                )
             digest = source_digest(reader)
             side = sorted(reader.side_files.items())
             shas = {path: file_sha256(path) for path in [*reader.files, *(p for _, p in side)]}
@@ -286,7 +292,8 @@ class Workspace:
                                 out_dir=work,
                                 progress=progress,
                             )
-                        side_shas = {p: file_sha256(p) for p in checkpoint.side_files.values()}
+                        kind, side = task_side_files(checkpoint)
+                        side_shas = {p: file_sha256(p) for p in side.values()}
                         owner = uuid.uuid4().hex
                         try:
                             self._lease(
@@ -305,9 +312,20 @@ class Workspace:
                                 delta_norms=result.delta_norms,
                                 private=self._upload_shards(result.private),
                                 files={
-                                    n: self._upload_file(p, [], sha=side_shas[p])
-                                    for n, p in checkpoint.side_files.items()
+                                    # an adapter materializes as the merged model: the
+                                    # base's config, the adapter's tokenizer files
+                                    **(
+                                        self.base_manifest(bundle_rec.base_name).files
+                                        if kind == "peft-lora"
+                                        else {}
+                                    ),
+                                    **{
+                                        n: self._upload_file(p, [], sha=side_shas[p])
+                                        for n, p in side.items()
+                                    },
                                 },
+                                source_kind=kind,
+                                weights_dir=checkpoint.weights_dir,
                             )
                             manifest = self._next_manifest(
                                 bundle,
@@ -455,6 +473,7 @@ class Workspace:
                 out_dir=staging,
                 side_files=opened.side_files,
                 progress=progress,
+                weights_dir=opened.entry.weights_dir,
             )
         return dest
 
