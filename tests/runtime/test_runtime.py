@@ -184,3 +184,37 @@ def test_a_version_reference_serves_that_version(served: Served, ws, tmp_path) -
         _assert_same(rt.state_dict("t1"), want)
     with pytest.raises(RuntimeSourceError, match="empty version or alias"):
         BundleRuntime.open("b@", settings=served.settings)
+
+
+def test_bf16_fine_tunes_over_an_fp32_base_are_served_in_their_own_dtype(tmp_path: Path) -> None:
+    """The usual LLM case: the task's dtype is restored by retrieval, so the runtime
+    serves (and builds, and switches) it in bf16, equal to materialize."""
+    import transformers
+
+    from randes.config import TransformConfig
+    from storage.settings import Settings
+    from storage.workspace import Workspace
+    from tests.runtime.hf_models import make_models
+
+    models = make_models(tmp_path / "models", "gpt2", tasks=3)
+    for task in ("t1", "t3"):
+        cls = transformers.GPT2ForSequenceClassification
+        cls.from_pretrained(models[task]).to(torch.bfloat16).save_pretrained(models[task])
+    settings = Settings(home=tmp_path / "home")
+    with Workspace(settings) as ws:
+        ws.init()
+        ws.add_base("base", str(models["base"]))
+        ws.create_bundle("b", "base", TransformConfig())
+        for task in ("t1", "t3"):
+            ws.fold("b", str(models[task]), task)
+        with BundleRuntime.open("b", settings=settings) as rt:
+            for task in ("t1", "t3"):
+                want = _files(ws.materialize("b", None, task, tmp_path / task))
+                assert {t.dtype for t in want.values() if t.is_floating_point()} == {torch.bfloat16}
+                _assert_same(rt.state_dict(task), want)
+            model = rt.model("t1")
+            assert next(model.parameters()).dtype == torch.bfloat16
+            rt.switch(model, "t3")
+            _assert_same(
+                {k: v for k, v in model.state_dict().items() if k in want}, rt.state_dict("t3")
+            )
