@@ -46,14 +46,23 @@ def _serve(root: Path, arch: str, config: TransformConfig) -> Served:
 @pytest.fixture(scope="module", params=["bert", "gpt2"])
 def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Served:
     root = tmp_path_factory.mktemp(f"served-{request.param}")
-    return _serve(root, request.param, TransformConfig())
+    # a map that acts on rows and columns only, so that mixed-task batches run unmaterialized
+    # (the default elementwise map has no such structure: see served_elementwise)
+    return _serve(root, request.param, TransformConfig(map="two-sided", rank1="private"))
 
 
 @pytest.fixture(scope="module")
 def served_flip(tmp_path_factory: pytest.TempPathFactory) -> Served:
     """GPT-2 with rank-1 tensors superposed (flipped) rather than private."""
     root = tmp_path_factory.mktemp("served-flip")
-    return _serve(root, "gpt2", TransformConfig(rank1="flip"))
+    return _serve(root, "gpt2", TransformConfig(map="two-sided", rank1="flip"))
+
+
+@pytest.fixture(scope="module")
+def served_elementwise(tmp_path_factory: pytest.TempPathFactory) -> Served:
+    """GPT-2 in a bundle of the default config (elementwise signs, rank-1 tensors flipped)."""
+    root = tmp_path_factory.mktemp("served-elementwise")
+    return _serve(root, "gpt2", TransformConfig())
 
 
 @pytest.fixture

@@ -72,6 +72,20 @@ def test_mixed_batch_with_superposed_biases_and_norms(served_flip: Served) -> No
         assert _rel(got, _reference(rt, row_tasks, batch)) < 1e-5
 
 
+def test_default_elementwise_map_falls_back_and_stays_exact(served_elementwise: Served) -> None:
+    """The default map has no row/column structure: superposed layers are served from
+    per-task tensors (the fallback), and the batch still equals the per-task models."""
+    batch = inputs(7, batch=4)
+    row_tasks = ["t1", "t3", "t3", "t1"]
+    with BundleRuntime.open(served_elementwise.pulled) as rt:
+        mixed = rt.mixed(SAME_HEAD)
+        assert mixed.fallback  # no signed layers without a sign structure
+        assert not any(isinstance(m, (MixedLinear, MixedConv1D)) for m in mixed.modules())
+        with torch.no_grad():
+            got = mixed(row_tasks, **batch).logits
+        assert _rel(got, _reference(rt, row_tasks, batch)) < 1e-5
+
+
 def test_tasks_with_different_heads_or_unknown_tasks_are_refused(served: Served) -> None:
     with BundleRuntime.open(served.pulled) as rt:
         with pytest.raises(BundleRuntimeError, match="do not have the same tensors"):
