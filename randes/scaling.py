@@ -155,6 +155,14 @@ def manifest_task_scale(
     (which tensors are superposed), so a pulled directory with no registry gets the same
     lambda as the workspace."""
     names = layout_of(base, manifest.transform).superposed
+    return task_scale_over(manifest, entry, names, base_norms)
+
+
+def task_scale_over(
+    manifest: BundleManifest, entry: TaskEntry, names: Sequence[str], base_norms: Norms
+) -> float:
+    """`manifest_task_scale` over known superposed tensor ``names`` (no base needed:
+    registry queries take them from the superposition shards' tensor lists)."""
     free = data_free_scale(
         entry.name,
         {t.name: t.delta_norms for t in manifest.tasks},

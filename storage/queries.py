@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from randes.manifest import BundleManifest
-from randes.scaling import data_free_scale, relative_interference, resolve_scale
+from randes.scaling import relative_interference, task_scale_over
 from storage.registry import Registry, VersionRecord
 
 
@@ -99,7 +99,6 @@ def bundle_summary(
     tasks = []
     for entry in manifest.tasks:
         r_t = relative_interference(entry.name, norms, base_norms, names)
-        free = data_free_scale(entry.name, norms, base_norms, names)
         tasks.append(
             {
                 "name": entry.name,
@@ -108,7 +107,7 @@ def bundle_summary(
                 "source_uri": entry.source_uri,
                 "source_sha256": entry.source_sha256,
                 "scale_override": entry.scale,
-                "lambda": resolve_scale(manifest.transform, entry.scale, free),
+                "lambda": task_scale_over(manifest, entry, names, base_norms),
                 "interference": r_t,
                 "private_bytes": sum(s.size for s in entry.private),
                 "evaluations": evaluations.get(entry.name, []),
