@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from randes.checkpoint import CheckpointReader, source_digest
+from randes.checkpoint import CheckpointReader, source_digests
 from randes.errors import RandesError
 from randes.manifest import TaskEntry
 from randes.retrieve import retrieve
@@ -176,11 +176,11 @@ def _open_source(ws: Workspace, entry: TaskEntry) -> CheckpointReader | None:
     """The task's source checkpoint when it can be fetched and still has its sha256."""
     try:
         resolved = resolve_source(entry.source_uri, settings=ws.settings)
-        reader = CheckpointReader.open(resolved.path)
+        reader = resolved.open()
     except RandesError:
         return None
     try:
-        matches = source_digest(reader) == entry.source_sha256
+        matches = entry.source_sha256 in source_digests(reader).all
     except RandesError:  # the source vanished or became unreadable meanwhile
         matches = False
     if not matches:

@@ -24,7 +24,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
+import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -34,7 +36,12 @@ from typing import Any, Self
 
 import torch
 
-from randes.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
+from randes.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    SourceChangedError,
+    UnsafeCheckpointError,
+)
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_INDEX_BYTES = 100 * 1024 * 1024
@@ -67,6 +74,8 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _SHARD = re.compile(r"^(?P<prefix>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors$")
 _CHUNK = 1024 * 1024
+
+log = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -261,6 +270,9 @@ class CheckpointReader:
     ) -> None:
         self.files: list[Path] = [Path(f) for f in files]
         self.side_files: dict[str, Path] = dict(side_files or {})
+        self.side_sha256: dict[str, str] = {}
+        """sha256 of each side file's bytes, once `source_digests` hashed them."""
+        self._pinned: dict[str, str] | None = None  # tensor -> sha256 of its bytes
         self._metas: dict[str, TensorMeta] = {}
         self._file_of: dict[str, Path] = {}
         self._offset: dict[str, int] = {}
@@ -284,46 +296,64 @@ class CheckpointReader:
             _check_index(self._file_of, expected)
 
     @classmethod
-    def open(cls, source: Path) -> Self:
+    def open(cls, source: Path, *, confine_to: Path | None = None) -> Self:
         """Open a .safetensors file, or a dir in Hugging Face layout.
 
+        Every file read (weights, index, side files) must lie inside ``confine_to``
+        (default: the directory ``source`` is or lies in) once links are resolved
+        (`confined`): a link out of the checkpoint is refused, never followed.
         Every failure is a `CheckpointError`, including what the filesystem says about
         an odd path (a name too long, a directory that cannot be listed).
         """
         source = Path(source)
         try:
-            return cls._open(source)
+            return cls._open(source, confine_to)
         except OSError as exc:
             raise CheckpointError(f"{source}: cannot read: {exc.strerror or exc}") from None
 
     @classmethod
-    def _open(cls, source: Path) -> Self:
+    def _open(cls, source: Path, confine_to: Path | None) -> Self:
         if not source.exists():
             raise CheckpointError(f"{source}: no such file or directory")
         if source.is_file():
             _refuse_pickle(source)
             if source.suffix != ".safetensors":
                 raise CheckpointError(f"{source}: not a .safetensors file")
-            side = _side_files(source.parent) if _is_hf_weight_name(source.name) else {}
-            return cls([source], side)
+            root = confine_to or source.parent
+            side = _side_files(source.parent, root) if _is_hf_weight_name(source.name) else {}
+            return cls([confined(source, root)], side)
         if not source.is_dir():
             raise CheckpointError(f"{source}: not a file or directory")
-        return cls._open_dir(source)
+        return cls._open_dir(source, confine_to or source)
 
     @classmethod
-    def _open_dir(cls, root: Path) -> Self:
-        side = _side_files(root)
+    def _open_dir(cls, root: Path, allowed: Path) -> Self:
+        side = _side_files(root, allowed)
         index = root / INDEX_FILE
+        single = root / SINGLE_FILE
+        if single.is_file():
+            # transformers' own precedence (modeling_utils: model.safetensors before
+            # its index): the file from_pretrained loads is the one folded, even when
+            # an index and shards lie next to it.
+            if index.exists():
+                log.warning(
+                    "%s holds both %s and %s: folding %s, which transformers' "
+                    "from_pretrained loads first",
+                    root,
+                    SINGLE_FILE,
+                    INDEX_FILE,
+                    SINGLE_FILE,
+                )
+            return cls([confined(single, allowed)], side)
         if index.is_file():
-            files, expected = _read_index(index)
-            return cls(files, side, expected=expected)
-        if (root / SINGLE_FILE).is_file():
-            return cls([root / SINGLE_FILE], side)
+            files, expected = _read_index(confined(index, allowed))
+            return cls([confined(f, allowed) for f in files], side, expected=expected)
         weights = sorted(p for p in root.iterdir() if p.suffix == ".safetensors" and p.is_file())
         if len(weights) == 1:
-            return cls(weights, side)
+            return cls([confined(weights[0], allowed)], side)
         if weights:
-            return cls(_complete_shard_set(root, weights), side)
+            shards = _complete_shard_set(root, weights)
+            return cls([confined(f, allowed) for f in shards], side)
         if any(p.suffix in PICKLE_SUFFIXES for p in root.iterdir()):
             raise UnsafeCheckpointError(
                 f"{root}: only pickle checkpoints (.bin/.pt) found; they can run code on load, "
@@ -392,7 +422,18 @@ class CheckpointReader:
             raise CheckpointError(f"{path}: cannot read {name!r}: {exc.strerror or exc}") from None
         if got != nbytes:
             raise CorruptCheckpointError(f"{path}: truncated while reading {name!r}")
+        if self._pinned is not None and hashlib.sha256(view).hexdigest() != self._pinned[name]:
+            raise SourceChangedError(
+                f"{path}: tensor {_short(name)} changed since the checkpoint was hashed "
+                "(rewritten while it was read?); nothing was folded, run it again once "
+                "the file is stable"
+            )
         return tensor
+
+    def pin(self, tensor_sha256: dict[str, str]) -> None:
+        """From now on every `get` checks its bytes against ``tensor_sha256``: what is
+        folded is what was hashed (`source_digests` pins the reader it hashes)."""
+        self._pinned = dict(tensor_sha256)
 
     def close(self) -> None:
         handles, self._handles = self._handles, {}
@@ -426,8 +467,30 @@ def _is_hf_weight_name(name: str) -> bool:
     return name == SINGLE_FILE or _SHARD.match(name) is not None
 
 
-def _side_files(root: Path) -> dict[str, Path]:
-    return {name: root / name for name in SIDE_FILES if (root / name).is_file()}
+def confined(path: Path, root: Path) -> Path:
+    """``path`` with its links resolved, refused unless it lies inside ``root``.
+
+    The one rule for every file read from a checkpoint (weights, index, shards the index
+    names, side files such as config.json): a link may point within the checkpoint's
+    directory (Hugging Face's cache links snapshots to its blobs), never out of it, so
+    a crafted checkpoint cannot make the pipeline copy /etc/shadow or ~/.aws/credentials
+    into a store that serves it back. ``path`` itself is returned: its name is the one
+    the checkpoint uses (an index names shards, a digest frames weight files by it).
+    """
+    real = Path(path).resolve()
+    inside = Path(root).resolve()
+    if real != inside and not real.is_relative_to(inside):
+        raise UnsafeCheckpointError(
+            f"{_short(str(path), 160)}: a link to {_short(str(real), 160)}, outside the "
+            f"checkpoint directory {_short(str(root), 160)}; refused (copy the file in instead)"
+        )
+    return Path(path)
+
+
+def _side_files(root: Path, allowed: Path) -> dict[str, Path]:
+    return {
+        name: confined(root / name, allowed) for name in SIDE_FILES if (root / name).is_file()
+    }
 
 
 def _read_index(index: Path) -> tuple[list[Path], dict[str, str]]:
@@ -491,25 +554,100 @@ def _complete_shard_set(root: Path, weights: list[Path]) -> list[Path]:
     return weights
 
 
-def source_digest(reader: CheckpointReader) -> str:
-    """sha256 over a checkpoint's content, independent of where it lies.
+@dataclass(frozen=True)
+class SourceDigests:
+    """The identities of one checkpoint, computed in one pass over its bytes.
 
-    Weight files sorted by basename, then side files sorted by name; each contributes
-    its name, its length and its bytes (streamed 1 MiB at a time), so identical
-    checkpoints hash identically and no two different ones share a framing.
+    ``content`` (what ledgers and tasks record from now on) hashes what a fold reads:
+    every tensor by name with its dtype, shape and data bytes, and every side file's
+    bytes, so the same tensors re-serialized (a header padded or reordered, shards cut
+    differently) are the same checkpoint. ``legacy`` is the file-bytes digest that rows
+    written before it hold, so a ledger or task row of that era still matches.
     """
-    digest = hashlib.sha256(b"randes/source/v1\n")
-    entries = [(b"weights", p.name, p) for p in sorted(reader.files, key=lambda p: p.name)]
-    entries += [(b"side", name, reader.side_files[name]) for name in sorted(reader.side_files)]
-    for kind, name, path in entries:
-        encoded = name.encode("utf-8", "surrogateescape")
+
+    content: str
+    legacy: str
+
+    @property
+    def all(self) -> tuple[str, str]:
+        return (self.content, self.legacy)
+
+
+def source_digest(reader: CheckpointReader) -> str:
+    """The content digest of `source_digests` (and the reader is pinned to it)."""
+    return source_digests(reader).content
+
+
+def source_digests(reader: CheckpointReader) -> SourceDigests:
+    """Hash a checkpoint once, and pin ``reader`` to what was hashed.
+
+    Every tensor's bytes get their own sha256, which `CheckpointReader.get` then checks
+    on each read: a file rewritten between hashing and folding is refused instead of
+    folding other bytes than the ones recorded (which would make a later `remove`
+    subtract the wrong delta). Side files' digests land in ``reader.side_sha256``.
+    """
+    legacy = hashlib.sha256(b"randes/source/v1\n")
+    tensor_sha: dict[str, str] = {}
+    for path in sorted(reader.files, key=lambda p: p.name):
+        names = sorted((reader._offset[n], n) for n, f in reader._file_of.items() if f == path)
         try:
-            size = path.stat().st_size
-            digest.update(kind + b"\0" + len(encoded).to_bytes(8, "big") + encoded)
-            digest.update(size.to_bytes(8, "big"))
             with path.open("rb") as fh:
-                while chunk := fh.read(_CHUNK):
-                    digest.update(chunk)
+                size = os.fstat(fh.fileno()).st_size
+                _frame(legacy, b"weights", path.name, size)
+                start = names[0][0] if names else size
+                _copy_into(fh, start, path, legacy)
+                for _, name in names:
+                    one = hashlib.sha256()
+                    _copy_into(fh, reader._metas[name].nbytes, path, legacy, one)
+                    tensor_sha[name] = one.hexdigest()
+                while chunk := fh.read(_CHUNK):  # bytes past the last tensor: legacy only
+                    legacy.update(chunk)
         except OSError as exc:
             raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    return digest.hexdigest()
+    side_sha: dict[str, str] = {}
+    for name in sorted(reader.side_files):
+        path = reader.side_files[name]
+        try:
+            with path.open("rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                _frame(legacy, b"side", name, size)
+                one = hashlib.sha256()
+                while chunk := fh.read(_CHUNK):
+                    legacy.update(chunk)
+                    one.update(chunk)
+                side_sha[name] = one.hexdigest()
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    content = hashlib.sha256(b"randes/source/v2\n")
+    for name in sorted(tensor_sha):
+        meta = reader._metas[name]
+        dims = ",".join(str(d) for d in meta.shape)
+        _field(content, f"tensor {name} {DTYPE_NAMES[meta.dtype]} [{dims}] {tensor_sha[name]}")
+    for name, sha in sorted(side_sha.items()):
+        _field(content, f"side {name} {sha}")
+    reader.pin(tensor_sha)
+    reader.side_sha256 = side_sha
+    return SourceDigests(content=content.hexdigest(), legacy=legacy.hexdigest())
+
+
+def _frame(digest: Any, kind: bytes, name: str, size: int) -> None:
+    encoded = name.encode("utf-8", "surrogateescape")
+    digest.update(kind + b"\0" + len(encoded).to_bytes(8, "big") + encoded)
+    digest.update(size.to_bytes(8, "big"))
+
+
+def _field(digest: Any, text: str) -> None:
+    encoded = text.encode("utf-8", "surrogateescape")
+    digest.update(len(encoded).to_bytes(8, "big") + encoded)
+
+
+def _copy_into(fh: Any, nbytes: int, path: Path, *digests: Any) -> None:
+    """Feed the next ``nbytes`` of ``fh`` to every digest (the file must still hold them)."""
+    remaining = nbytes
+    while remaining:
+        chunk = fh.read(min(_CHUNK, remaining))
+        if not chunk:
+            raise CorruptCheckpointError(f"{path}: truncated while it was hashed")
+        for digest in digests:
+            digest.update(chunk)
+        remaining -= len(chunk)

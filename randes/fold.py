@@ -156,6 +156,28 @@ def check_compatible(base: CheckpointReader, checkpoint: CheckpointReader, key_m
             )
 
 
+def check_foldable(base: CheckpointReader, checkpoint: CheckpointReader) -> KeyMap:
+    """The key mapping of ``checkpoint`` onto ``base``, once its headers are shown to fit.
+
+    Headers only, no data read: a caller runs it before hashing the checkpoint, so a
+    refusal the headers decide costs nothing, whatever the file size."""
+    key_map = detect_key_map(base.keys(), checkpoint.keys())
+    check_compatible(base, checkpoint, key_map)
+    return key_map
+
+
+def check_written(slot: str, stored: torch.Tensor) -> None:
+    """What a fold writes must be finite: finite inputs can still overflow the bundle
+    dtype (1e5 in float16, 2e38 + 2e38 in float32), and a non-finite slot would break
+    every task of the bundle, the innocent ones included. Refuse the checkpoint."""
+    if not bool(torch.isfinite(stored).all()):
+        raise NonFiniteTensorError(
+            f"folding this checkpoint would make superposition slot {slot!r} overflow "
+            f"{str(stored.dtype).removeprefix('torch.')} (Inf/NaN); checkpoint refused, "
+            "the bundle is unchanged"
+        )
+
+
 def check_superposition(
     base: CheckpointReader, superposition: CheckpointReader, layout: Layout
 ) -> None:
@@ -201,8 +223,7 @@ def fold(
         raise ValueError("direction must be 1 or -1")
     out_dir = Path(out_dir)
     layout = layout_of(base, config)
-    key_map = detect_key_map(base.keys(), checkpoint.keys())
-    check_compatible(base, checkpoint, key_map)
+    key_map = check_foldable(base, checkpoint)
     if parent is not None:
         check_superposition(base, parent, layout)
     transform = TaskTransform(layout, seed)
@@ -271,6 +292,7 @@ def fold(
                 value = value.add_(parent.get(slot).to(torch.float32))
             stored = value.to(dtype)
             del value
+            check_written(slot, stored)
             sup_writer.add(slot, stored)
             if serving_writer is not None:
                 serving_writer.add(slot, stored)

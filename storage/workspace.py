@@ -29,10 +29,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from randes.checkpoint import CheckpointReader, source_digest
+import torch
+
+from randes.checkpoint import CheckpointReader, source_digests
 from randes.config import TransformConfig
-from randes.errors import IntegrityError, RandesError
-from randes.fold import fold, superposition_metas, unfold
+from randes.errors import IntegrityError, NonFiniteTensorError, RandesError
+from randes.fold import check_foldable, fold, superposition_metas, unfold
 from randes.manifest import (
     BaseManifest,
     BaseRef,
@@ -180,8 +182,11 @@ class Workspace:
         """
         validate_name(name, "base name")
         resolved = resolve_source(source, settings=self.settings)
-        with CheckpointReader.open(resolved.path) as reader:
-            digest = source_digest(reader)
+        with resolved.open() as reader:
+            digest = source_digests(reader).content
+            # Every tensor is read (and checked finite) before anything is uploaded: a
+            # base holding NaN/Inf would make every later fold fail, and is refused here.
+            norms = _base_norms(reader)
             side = sorted(reader.side_files.items())
             shas = {path: file_sha256(path) for path in [*reader.files, *(p for _, p in side)]}
             owner = uuid.uuid4().hex
@@ -192,11 +197,6 @@ class Workspace:
                     for path in reader.files
                 ]
                 files = {n: self._upload_file(p, [], sha=shas[p]) for n, p in side}
-                norms = {
-                    key: float(reader.get(key).double().norm())
-                    for key in reader.keys()  # noqa: SIM118
-                    if reader.meta(key).dtype.is_floating_point
-                }
                 manifest = BaseManifest(
                     name=name,
                     uri=resolved.uri,
@@ -262,10 +262,15 @@ class Workspace:
         bundle_rec = self.registry.get_bundle(bundle)
         config = TransformConfig.model_validate(bundle_rec.transform)
         resolved = resolve_source(source, settings=self.settings)
-        with CheckpointReader.open(resolved.path) as checkpoint:
-            digest = source_digest(checkpoint)
+        with resolved.open() as checkpoint:
+            # Headers first: a checkpoint they refuse is never hashed (cost: nothing,
+            # whatever its size); the hash then pins what the fold reads.
+            with self._base_reader(bundle_rec) as base:
+                check_foldable(base, checkpoint)
+            digests = source_digests(checkpoint)
+            digest = digests.content
             for attempt in range(1, MAX_FOLD_ATTEMPTS + 1):
-                hit = self.registry.ledger_lookup(bundle, digest)
+                hit = self._ledger_hit(bundle, digests.all)
                 if hit is not None:
                     return FoldOutcome(bundle, hit[0], hit[1], skipped=True, attempts=attempt)
                 head = self.registry.head(bundle)
@@ -286,7 +291,9 @@ class Workspace:
                                 out_dir=work,
                                 progress=progress,
                             )
-                        side_shas = {p: file_sha256(p) for p in checkpoint.side_files.values()}
+                        side_shas = {
+                            p: checkpoint.side_sha256[n] for n, p in checkpoint.side_files.items()
+                        }
                         owner = uuid.uuid4().hex
                         try:
                             self._lease(
@@ -357,8 +364,8 @@ class Workspace:
             if head is None or parent is None or entry is None:
                 raise TaskNotFoundError(bundle, task)
             resolved = resolve_source(entry.source_uri, settings=self.settings)
-            with CheckpointReader.open(resolved.path) as checkpoint:
-                if source_digest(checkpoint) != entry.source_sha256:
+            with resolved.open() as checkpoint:
+                if entry.source_sha256 not in source_digests(checkpoint).all:
                     raise IntegrityError(
                         f"source of task {task!r} ({entry.source_uri}) changed since it was "
                         "folded; cannot remove it exactly"
@@ -402,6 +409,15 @@ class Workspace:
         raise FoldContentionError(
             f"bundle {bundle!r}: lost the race for a new version {MAX_FOLD_ATTEMPTS} times"
         )
+
+    def _ledger_hit(self, bundle: str, digests: Sequence[str]) -> tuple[str, int] | None:
+        """The ledger row of a checkpoint under any of its digests (content digest, or
+        the file-bytes digest rows written before content digests hold)."""
+        for digest in digests:
+            hit = self.registry.ledger_lookup(bundle, digest)
+            if hit is not None:
+                return hit
+        return None
 
     # --------------------------------------------------------------- retrieve
     def task_scale(
@@ -858,6 +874,21 @@ def _check_scale(scale: float | None) -> None:
 
 def _manifest_sha(manifest: BaseManifest | BundleManifest) -> str:
     return hashlib.sha256(dump_manifest(manifest)).hexdigest()
+
+
+def _base_norms(reader: CheckpointReader) -> dict[str, float]:
+    """Each float tensor's L2 norm (the data-free lambda's denominator); NaN/Inf refused."""
+    norms: dict[str, float] = {}
+    for key in reader.keys():  # noqa: SIM118
+        if not reader.meta(key).dtype.is_floating_point:
+            continue
+        tensor = reader.get(key)
+        if not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteTensorError(
+                f"base tensor {key!r} holds NaN or Inf; a base must be finite (refused)"
+            )
+        norms[key] = float(tensor.double().norm())
+    return norms
 
 
 def _file_tensors(path: Path) -> list[str]:

@@ -31,6 +31,7 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     UniqueConstraint,
     delete,
+    exists,
     insert,
     select,
     union,
@@ -792,6 +793,7 @@ class Registry:
                 def check_ledger() -> None:
                     if not ledger_shas:
                         return
+                    _drop_stale_ledger_rows(s, b.id, ledger_shas)
                     hit = s.execute(
                         select(
                             IngestionLedger.source_sha256,
@@ -889,6 +891,13 @@ class Registry:
                     )
                     if result.rowcount != 1:
                         raise TaskNotFoundError(bundle, name)
+                    # What remove takes out leaves the ledger too: folding that
+                    # checkpoint again is a new fold, not "already folded".
+                    s.execute(
+                        delete(IngestionLedger).where(
+                            IngestionLedger.bundle_id == b.id, IngestionLedger.task_name == name
+                        )
+                    )
                 if added:
                     s.execute(
                         insert(Task),
@@ -1023,6 +1032,7 @@ class Registry:
                 select(IngestionLedger.task_name, IngestionLedger.version).where(
                     IngestionLedger.bundle_id == b.id,
                     IngestionLedger.source_sha256 == source_sha256,
+                    ~_task_removed_since(),
                 )
             ).first()
             return None if hit is None else (hit[0], hit[1])
@@ -1206,3 +1216,26 @@ def _redacted(url: URL) -> URL:
     SQLAlchemy's ``hide_password``)."""
     hidden = {k: "***" for k in url.query if k.lower() in _SECRET_QUERY_KEYS}
     return url.update_query_dict(hidden) if hidden else url
+
+
+def _task_removed_since(ledger: Any = IngestionLedger) -> Any:
+    """The ledger row's task was removed: a registry whose `remove` predates removing
+    ledger rows still holds rows for checkpoints no version has any more."""
+    return exists().where(
+        Task.bundle_id == ledger.bundle_id,
+        Task.name == ledger.task_name,
+        Task.added_in_version == ledger.version,
+        Task.removed_in_version.is_not(None),
+    )
+
+
+def _drop_stale_ledger_rows(s: Session, bundle_id: int, shas: Sequence[str]) -> None:
+    """Delete ledger rows of ``shas`` whose task was removed (see above), so that the
+    checkpoint can be folded again instead of colliding with its old row."""
+    s.execute(
+        delete(IngestionLedger).where(
+            IngestionLedger.bundle_id == bundle_id,
+            IngestionLedger.source_sha256.in_(list(shas)),
+            _task_removed_since(),
+        )
+    )

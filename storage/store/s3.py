@@ -732,7 +732,9 @@ class S3Store(ObjectStore):
         head = self._head(key)
         if head is None:
             raise ObjectNotFoundError(f"no object {key!r} in {self.url}")
-        return ObjectInfo(key, int(head["ContentLength"]), _utc(head["LastModified"]))
+        return ObjectInfo(
+            key, int(head["ContentLength"]), _utc(head["LastModified"]), head.get("ETag")
+        )
 
     def delete(self, key: str) -> None:
         full = self._full(key)
@@ -814,7 +816,12 @@ class S3Store(ObjectStore):
                 full: str = item["Key"]
                 if not full.startswith(root) or full == root or full.endswith("/"):
                     continue  # outside the root, or a console's "folder" marker
-                yield ObjectInfo(full[len(root) :], int(item["Size"]), _utc(item["LastModified"]))
+                yield ObjectInfo(
+                    full[len(root) :],
+                    int(item["Size"]),
+                    _utc(item["LastModified"]),
+                    item.get("ETag"),
+                )
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return
