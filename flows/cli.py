@@ -648,7 +648,11 @@ def main(argv: list[str] | None = None) -> Literal[0] | int:
     try:
         from flows.cli_groups import route_group_option
 
-        app(args=route_group_option(argv), standalone_mode=False)
+        # Outside standalone mode click RETURNS the code of a `typer.Exit` (the gate's
+        # exit 3 of `randes validate`) instead of raising it: pass it on.
+        code = app(args=route_group_option(argv), standalone_mode=False)
+        if isinstance(code, int) and not isinstance(code, bool) and code:
+            return code
     except (click.exceptions.Exit, typer.Exit) as exc:
         return exc.exit_code
     except _USAGE_ERRORS as exc:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +69,13 @@ class ValidationReport:
     version: int
     threshold: float | None
     tasks: list[TaskValidation]
+    problems: list[str] = field(default_factory=list)
+    """Broken bundle-level invariants (storage.invariants): any one rejects the version."""
 
     @property
     def passed(self) -> bool:
+        if self.problems:
+            return False
         if self.threshold is None:
             return True
         return all(t.score is not None and t.score >= self.threshold for t in self.tasks)
@@ -229,9 +233,12 @@ def _first_metric(result: Mapping[str, float], task: str) -> tuple[str, float]:
 
 
 def report_markdown(report: ValidationReport) -> str:
-    verdict = (
-        "validated" if report.passed else f"rejected (below gate: {', '.join(report.failing)})"
-    )
+    if report.passed:
+        verdict = "validated"
+    elif report.problems:
+        verdict = f"rejected (broken invariants: {'; '.join(report.problems)})"
+    else:
+        verdict = f"rejected (below gate: {', '.join(report.failing)})"
     lines = [
         f"# {report.bundle} version {report.version}: {verdict}",
         "",

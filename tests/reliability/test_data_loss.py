@@ -468,3 +468,66 @@ def test_base_holding_nan_is_refused_at_base_add(local: Env, models: Models) -> 
     refused("base", "add", "nanbase", str(nan_base), needle="NaN or Inf")
     assert snapshot_registry_and_store(local.home) == before
     refused("bundle", "create", BUNDLE, "--base", "nanbase", needle="nanbase")
+
+
+# ------------------------------------------------- validate: bundle invariants
+def _commit_tampered(settings: Settings, slot_value: float) -> int:
+    """Commit, behind the pipeline's back, a version whose master holds ``slot_value``
+    in one slot (stored under its true sha256: only the invariant check can see it)."""
+    import uuid
+
+    from storage.workspace import Workspace
+
+    with Workspace(settings) as ws:
+        head = ws.registry.head(BUNDLE)
+        assert head is not None
+        manifest = ws.manifest(head)
+        ref = manifest.superposition[0]
+        path = ws.cache.fetch(ref)
+        tensors = load_file(str(path))
+        name = sorted(tensors)[0]
+        tensors[name] = tensors[name].clone()
+        tensors[name].view(-1)[0] = slot_value
+        bad = settings.home.parent / "tampered.safetensors"
+        save_file(tensors, str(bad))
+        owner = uuid.uuid4().hex
+        new_ref = ws._upload_file(bad, sorted(tensors))
+        tampered = manifest.model_copy(
+            update={
+                "version": head.version + 1,
+                "parent_version": head.version,
+                "superposition": [new_ref, *manifest.superposition[1:]],
+                "serving": None,
+            }
+        )
+        ws._commit(BUNDLE, tampered, owner)
+        ws._release(owner)
+        return head.version + 1
+
+
+def test_validate_rejects_a_version_with_a_non_finite_slot(local: Env, models: Models) -> None:
+    _setup(models, "a", "b")
+    version = _commit_tampered(local.settings, float("inf"))
+    result = cli("validate", BUNDLE, "--version", str(version))
+    assert result.code == 3, result  # the gate's verdict, not an error
+    text = " ".join(result.out.split())  # the console wraps long lines
+    assert "broken invariants" in text and "holds NaN or Inf" in text, result.out
+    rows = {r["version"]: r for r in json.loads(ok("versions", BUNDLE, "--json").out)}
+    assert rows[version]["status"] == "rejected"
+    assert "validated" in ok("validate", BUNDLE, "--version", str(version - 1)).out
+
+
+def test_validate_rejects_a_version_with_a_missing_object(env: Env, models: Models) -> None:
+    _setup(models, "a", "b")
+    from storage.workspace import Workspace
+
+    with Workspace(env.settings) as ws:
+        head = ws.registry.head(BUNDLE)
+        assert head is not None
+        victim = ws.manifest(head).tasks[-1].private[0].key
+        ws.store.delete(victim)
+    result = cli("validate", BUNDLE)
+    assert result.code == 3, result
+    text = " ".join(result.out.split())  # the console wraps long lines
+    assert f"object {victim} is missing from the store" in text, result.out
+    assert json.loads(ok("versions", BUNDLE, "--json").out)[-1]["status"] == "rejected"
