@@ -45,6 +45,10 @@ from randes.errors import (
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_INDEX_BYTES = 100 * 1024 * 1024
+MAX_TENSORS = 65_536
+"""Most tensors one safetensors file may declare. Real files hold a few thousand at
+most (an MoE's experts are sharded: ~600 per file for DeepSeek-V3); the bound keeps
+what parsing a hostile header costs near 50 MB and a second."""
 MAX_RANK = 64
 """Most dimensions a tensor may have (real checkpoints use at most a handful)."""
 MAX_ELEMENTS = 2**48
@@ -97,7 +101,7 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorMeta:
     """What a header says about a tensor: enough to plan a fold without reading data."""
 
@@ -117,8 +121,14 @@ class TensorMeta:
         return self.dtype.is_floating_point
 
 
+_DTYPE_SIZES: dict[torch.dtype, int] = {}
+
+
 def dtype_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    size = _DTYPE_SIZES.get(dtype)
+    if size is None:
+        size = _DTYPE_SIZES[dtype] = torch.empty((), dtype=dtype).element_size()
+    return size
 
 
 @dataclass(frozen=True)
@@ -159,12 +169,28 @@ def _read_layout(path: Path) -> _FileLayout:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
+    out = dict(pairs)  # built in C: a header of 65k tensors parses in well under a second
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r}")
+            seen.add(key)
     return out
+
+
+def _no_duplicates_possible(raw: bytes, header: object, declared: int) -> bool:
+    """True when the plain parse cannot have dropped a duplicate key: as many top-level
+    tensor entries as the raw text names ``"data_offsets"``, ``"dtype"`` and ``"shape"``
+    (a duplicate would leave fewer entries than names). Otherwise the header is parsed
+    again with `_no_duplicates`, which names the duplicate."""
+    if not isinstance(header, dict):
+        return True  # refused as "not a JSON object" anyway
+    entries = len(header) - ("__metadata__" in header)
+    return (
+        entries == declared == raw.count(b'"dtype"') == raw.count(b'"shape"')
+        and raw.count(b'"__metadata__"') == ("__metadata__" in header)
+    )
 
 
 def _parse_header(
@@ -173,8 +199,18 @@ def _parse_header(
     def bad(why: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"{path}: corrupt safetensors header: {why}")
 
+    # An upper bound on the entries, before any parsing: every tensor names its
+    # data_offsets. Parsing costs ~1 KB of Python objects per entry, so this bounds the
+    # memory (and time) a refusal costs, whatever the header claims.
+    declared = raw.count(b'"data_offsets"')
+    if declared > MAX_TENSORS:
+        raise bad(f"{declared} tensors declared, more than the {MAX_TENSORS} one file may hold")
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        text = raw.decode("utf-8")
+        header = json.loads(text)  # the C parser, no Python call per object
+        if not _no_duplicates_possible(raw, header, declared):
+            header = json.loads(text, object_pairs_hook=_no_duplicates)  # exact, slower
+        del text
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise bad(f"malformed JSON ({str(exc).splitlines()[0][:200]})") from None
     if not isinstance(header, dict):
@@ -188,23 +224,26 @@ def _parse_header(
 
     metas: dict[str, TensorMeta] = {}
     spans: list[tuple[int, int, str]] = []
-    for name, info in header.items():
-        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+    for name in list(header):
+        info = header.pop(name)  # each parsed entry freed as its TensorMeta is made
+        if not (
+            type(info) is dict
+            and len(info) == 3
+            and "dtype" in info
+            and "shape" in info
+            and "data_offsets" in info
+        ):
             raise bad(f"tensor {_short(name)}: expected dtype, shape, data_offsets")
         dtype = DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
         if dtype is None:
             raise bad(f"tensor {_short(name)}: unsupported dtype {_short(info['dtype'], 40)}")
         shape = info["shape"]
-        if not isinstance(shape, list) or not all(_is_nonneg_int(d) for d in shape):
+        if not (type(shape) is list and _nonneg_ints(shape)):
             raise bad(f"tensor {_short(name)}: shape must be a list of non-negative integers")
         if len(shape) > MAX_RANK or not _plausible_size(shape):
             raise bad(f"tensor {_short(name)}: implausible shape (rank {len(shape)})")
         offsets = info["data_offsets"]
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(_is_nonneg_int(o) for o in offsets)
-        ):
+        if not (type(offsets) is list and len(offsets) == 2 and _nonneg_ints(offsets)):
             raise bad(f"tensor {_short(name)}: data_offsets must be two non-negative integers")
         begin, end = offsets
         if not begin <= end <= data_len:
@@ -232,8 +271,9 @@ def _parse_header(
     return metas, {name: begin for begin, _, name in spans}
 
 
-def _is_nonneg_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _nonneg_ints(values: list[Any]) -> bool:
+    """Every value a non-negative int (``type is int``: bool is refused, as JSON's true)."""
+    return all(type(value) is int and value >= 0 for value in values)
 
 
 def _plausible_size(shape: list[int]) -> bool:
