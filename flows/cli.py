@@ -613,6 +613,14 @@ def _configured_secrets() -> list[str]:
     from urllib.parse import quote, quote_plus
 
     values = [os.environ.get(n, "") for n in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")]
+    endpoint = os.environ.get("RANDES_S3_ENDPOINT_URL")
+    if endpoint:  # user info of an endpoint URL is a credential, its name included
+        from urllib.parse import unquote, urlsplit
+
+        with contextlib.suppress(ValueError):
+            parts = urlsplit(endpoint)
+            values += [unquote(v) for v in (parts.username, parts.password) if v]
+            values += [v for v in (parts.username, parts.password) if v]
     url = os.environ.get("RANDES_DATABASE_URL")
     if url:
         from sqlalchemy.engine import make_url

@@ -38,7 +38,13 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    IntegrityError,
+    NoSuchModuleError,
+    OperationalError,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 from randes.names import validate_name
@@ -221,8 +227,15 @@ class Registry:
     """
 
     def __init__(self, url: str) -> None:
-        self._url = make_url(url)
-        self._engine: Engine = make_engine(url)
+        try:
+            self._url = make_url(url)
+            self._engine: Engine = make_engine(url)
+        except (ArgumentError, ValueError, ImportError, NoSuchModuleError) as exc:
+            # never quote the URL: a malformed one may still hold a password
+            raise RegistryError(
+                f"invalid registry database URL (RANDES_DATABASE_URL): {type(exc).__name__}; "
+                "expected e.g. sqlite:///path/registry.db or postgresql+psycopg://user@host/db"
+            ) from None
         self._writer = self._engine.execution_options(**write_options())
         self._read_session = sessionmaker(self._engine, expire_on_commit=False)
         self._write_session = sessionmaker(self._writer, expire_on_commit=False)
