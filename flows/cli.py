@@ -93,10 +93,13 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.
 
 
 def _positive_scale(value: float | None) -> float | None:
-    """A lambda must be a finite number > 0: NaN would pass a plain ``> 0`` range check
-    and only fail deep inside a fold, after its objects were uploaded."""
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise typer.BadParameter(f"{value} is not a finite number > 0")
+    """A lambda must be a finite number in (0, MAX_SCALE]: NaN would pass a plain ``> 0``
+    range check and only fail deep inside a fold, after its objects were uploaded, and
+    1e300 would overflow every retrieved weight."""
+    from storage.workspace import MAX_SCALE
+
+    if value is not None and not (math.isfinite(value) and 0 < value <= MAX_SCALE):
+        raise typer.BadParameter(f"{value} is not a finite number > 0 and <= {MAX_SCALE:g}")
     return value
 
 
@@ -287,6 +290,9 @@ def remove(
     """Fold a task out (its source is fetched again by uri and checked by sha256)."""
     with _workspace() as ws, progress_bar(f"removing {task}") as progress:
         outcome = ws.remove(bundle, task, progress=progress)
+    if outcome.skipped:  # like a retried fold: what was asked for is the state now
+        out.print(f"task {task!r} already removed in version {outcome.version}: nothing to do")
+        return
     out.print(f"{bundle}: version {outcome.version} removes task {task!r}")
 
 
@@ -360,7 +366,7 @@ def _registry():  # type: ignore[no-untyped-def]
     from storage.registry import Registry
     from storage.settings import load_settings
 
-    return Registry(load_settings().resolved_database_url)
+    return Registry.open_existing(load_settings().resolved_database_url)
 
 
 @app.command()

@@ -182,6 +182,10 @@ def ingest_flow(
     skipped: list[FoldOutcome] = []
     refused: list[str] = []
     for candidate in candidates:  # sequential: each fold builds on the previous head
+        if candidate.refusal is not None:
+            refused.append(f"{candidate.task!r}: {candidate.refusal}")
+            logger.error("refused %s", refused[-1])
+            continue
         if group is not None:
             state = place_checkpoint(group, candidate, return_state=True)
         else:

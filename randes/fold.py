@@ -85,7 +85,11 @@ _NORM_BLOCK = 4096
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
-    if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+    if not tensor.dtype.is_floating_point:
+        return
+    if tensor.element_size() == 1:  # float8: torch has no isfinite for it
+        tensor = tensor.to(torch.float32)
+    if not bool(torch.isfinite(tensor).all()):
         raise NonFiniteTensorError(f"checkpoint tensor {name!r} holds NaN or Inf")
 
 

@@ -16,6 +16,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 from randes.checkpoint import CheckpointReader
 from randes.errors import CheckpointError, UnsafeCheckpointError
@@ -54,7 +56,11 @@ def resolve_source(source: str, *, settings: Settings) -> ResolvedSource:
     if "://" in source and not source.startswith("file://"):
         raise CheckpointError(f"unsupported source {source!r}: use a path, s3:// or hf://")
     try:
-        path = Path(source.removeprefix("file://")).expanduser()
+        if source.startswith("file://"):
+            # a recorded uri (Path.as_uri) percent-encodes spaces and accents: decode it
+            path = Path(url2pathname(urlsplit(source).path))
+        else:
+            path = Path(source).expanduser()
         if not path.exists():
             raise CheckpointError(f"no such file or directory: {_short(str(path))}")
         path = path.resolve()

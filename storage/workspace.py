@@ -54,8 +54,14 @@ from randes.serving import QuantizedReader
 from randes.writer import WrittenShard
 from storage.cache import ObjectCache, file_sha256, integrity_context, version_context
 from storage.errors import StoreError
-from storage.keys import blob_key, manifest_key
-from storage.localfs import check_destination, reports_full_disk, staged_directory
+from storage.keys import blob_key, is_pipeline_key, manifest_key
+from storage.localfs import (
+    LocalFileError,
+    check_destination,
+    local_file_error,
+    reports_full_disk,
+    staged_directory,
+)
 from storage.pulled import pointer_json, pulled_shards
 from storage.registry import (
     AlreadyIngestedError,
@@ -86,6 +92,10 @@ Progress = Callable[[int, int], None]
 
 LEASE_TTL_S = 6 * 3600.0
 """How long keys written by a fold stay protected from `gc` if the fold dies uncommitted."""
+
+MAX_SCALE = 1000.0
+"""Largest lambda accepted: retrieval is theta_base + lambda * delta, and useful lambdas
+are near 1; past this a retrieved weight would only hold the noise (or overflow)."""
 
 MAX_FOLD_ATTEMPTS = 20
 """Rebuilds on a newer head before giving up when many writers race on one bundle."""
@@ -142,7 +152,13 @@ class Workspace:
         self.settings = settings
         self.store = store or open_configured_store(settings.resolved_store_url, settings)
         self.registry = registry or Registry(settings.resolved_database_url)
-        self.cache = ObjectCache(settings.resolved_cache_dir / "objects", self.store)
+        try:
+            self.cache = ObjectCache(settings.resolved_cache_dir / "objects", self.store)
+        except OSError as exc:  # the cache dir (or RANDES_HOME) is a file, not writable...
+            translated = local_file_error(exc)
+            if translated is None:
+                raise
+            raise LocalFileError(f"cache directory (RANDES_CACHE_DIR): {translated}") from None
         self.work_root = settings.resolved_cache_dir / "work"
 
     @classmethod
@@ -362,6 +378,9 @@ class Workspace:
             parent = self.manifest(head) if head is not None else None
             entry = next((t for t in (parent.tasks if parent else []) if t.name == task), None)
             if head is None or parent is None or entry is None:
+                removed = self._removed_in(bundle, task)
+                if removed is not None:  # a retry of a remove that committed: a no-op
+                    return FoldOutcome(bundle, task, removed, skipped=True, attempts=attempt)
                 raise TaskNotFoundError(bundle, task)
             resolved = resolve_source(entry.source_uri, settings=self.settings)
             with resolved.open() as checkpoint:
@@ -409,6 +428,14 @@ class Workspace:
         raise FoldContentionError(
             f"bundle {bundle!r}: lost the race for a new version {MAX_FOLD_ATTEMPTS} times"
         )
+
+    def _removed_in(self, bundle: str, task: str) -> int | None:
+        """The version that removed ``task`` when no live task has that name, else None."""
+        records = self.registry.tasks(bundle, include_removed=True)
+        if any(r.name == task and r.removed_in_version is None for r in records):
+            return None
+        removed = [r.removed_in_version for r in records if r.name == task]
+        return max((v for v in removed if v is not None), default=None)
 
     def _ledger_hit(self, bundle: str, digests: Sequence[str]) -> tuple[str, int] | None:
         """The ledger row of a checkpoint under any of its digests (content digest, or
@@ -551,13 +578,19 @@ class Workspace:
         now = dt.datetime.now(dt.UTC)
         candidates: list[str] = []
         young = 0
+        foreign = 0
         for info in self.store.list(""):
             if info.key in keep:
+                continue
+            if not is_pipeline_key(info.key):  # not ours: never deleted, never fatal
+                foreign += 1
                 continue
             if (now - info.last_modified).total_seconds() < grace_s:
                 young += 1
                 continue
             candidates.append(info.key)
+        if foreign:
+            log.warning("gc: left %d object(s) alone that this pipeline did not write", foreign)
         if dry_run:
             return GcReport(deleted=candidates, kept_young=young, referenced=len(keep))
         deleted: list[str] = []
@@ -868,8 +901,10 @@ def _check_scale(scale: float | None) -> None:
         return
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise InvalidValueError(f"scale must be a number, got {type(scale).__name__}")
-    if not math.isfinite(scale) or scale <= 0:
-        raise InvalidValueError(f"scale must be a finite number greater than 0, got {scale}")
+    if not math.isfinite(scale) or scale <= 0 or scale > MAX_SCALE:
+        raise InvalidValueError(
+            f"scale must be a finite number greater than 0 and at most {MAX_SCALE:g}, got {scale}"
+        )
 
 
 def _manifest_sha(manifest: BaseManifest | BundleManifest) -> str:

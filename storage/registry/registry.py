@@ -128,9 +128,14 @@ _SQLITE_UNAVAILABLE = (
     "file is not a database",
     "readonly database",
     "database or disk is full",
+    "database disk image is malformed",
+    "malformed database schema",
+    "not authorized",
 )
 
 _DIGITS = re.compile(r"[0-9]+")
+INT32_MAX = 2**31 - 1
+"""Largest version number the registry's integer columns hold."""
 
 GROUP_NAME_MAX = NAME_LEN - 8
 """Longest group name: its members are ``<group>-<n>`` and must fit a bundle name."""
@@ -239,6 +244,27 @@ class Registry:
         self._writer = self._engine.execution_options(**write_options())
         self._read_session = sessionmaker(self._engine, expire_on_commit=False)
         self._write_session = sessionmaker(self._writer, expire_on_commit=False)
+
+    @classmethod
+    def open_existing(cls, url: str) -> Registry:
+        """The registry at ``url`` for a read-only query: an embedded (SQLite) registry
+        that does not exist yet is an error, not a new empty database and its folders."""
+        try:
+            parsed = make_url(url)
+        except (ArgumentError, ValueError):
+            return cls(url)  # the constructor reports it
+        database = parsed.database
+        if (
+            parsed.get_backend_name() == "sqlite"
+            and database
+            and database != ":memory:"
+            and not database.startswith("file:")
+            and not Path(database).expanduser().is_file()
+        ):
+            raise SchemaNotInitializedError(
+                f"no registry database at {database} (run `randes init`)"
+            )
+        return cls(url)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -354,6 +380,8 @@ class Registry:
 
     @staticmethod
     def _version(s: Session, bundle: Bundle, version: int, *, lock: bool = False) -> BundleVersion:
+        if not 0 <= version <= INT32_MAX:  # past the column's range: no such version
+            raise VersionNotFoundError(bundle.name, version)
         query = select(BundleVersion).where(
             BundleVersion.bundle_id == bundle.id, BundleVersion.version == version
         )
