@@ -209,10 +209,13 @@ def test_refold_after_a_remove_of_the_old_kind(local: Env, models: Models) -> No
     assert_no_drift(local.settings, BUNDLE)
 
 
-def test_retried_remove_is_a_clear_refusal(local: Env, models: Models) -> None:
+def test_retried_remove_is_a_no_op_like_a_retried_fold(local: Env, models: Models) -> None:
     _setup(models, "a", "b")
     ok("remove", BUNDLE, "a")
-    refused("remove", BUNDLE, "a", needle="'a'")
+    before = snapshot_registry_and_store(local.home)
+    assert "already removed in version 3: nothing to do" in ok("remove", BUNDLE, "a").out
+    assert snapshot_registry_and_store(local.home) == before
+    refused("remove", BUNDLE, "never-there", needle="no task 'never-there'")
     assert set(_tasks()) == {"b"}
 
 
