@@ -187,10 +187,9 @@ def _no_duplicates_possible(raw: bytes, header: object, declared: int) -> bool:
     if not isinstance(header, dict):
         return True  # refused as "not a JSON object" anyway
     entries = len(header) - ("__metadata__" in header)
-    return (
-        entries == declared == raw.count(b'"dtype"') == raw.count(b'"shape"')
-        and raw.count(b'"__metadata__"') == ("__metadata__" in header)
-    )
+    return entries == declared == raw.count(b'"dtype"') == raw.count(b'"shape"') and raw.count(
+        b'"__metadata__"'
+    ) == ("__metadata__" in header)
 
 
 def _parse_header(
@@ -528,9 +527,7 @@ def confined(path: Path, root: Path) -> Path:
 
 
 def _side_files(root: Path, allowed: Path) -> dict[str, Path]:
-    return {
-        name: confined(root / name, allowed) for name in SIDE_FILES if (root / name).is_file()
-    }
+    return {name: confined(root / name, allowed) for name in SIDE_FILES if (root / name).is_file()}
 
 
 def _read_index(index: Path) -> tuple[list[Path], dict[str, str]]:
