@@ -9,13 +9,11 @@ control characters escaped, any configured secret replaced by ``***``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import sys
-from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -24,6 +22,7 @@ import click
 import typer
 
 from flows.console import err, out, print_table, progress_bar
+from flows.prefect_session import prefect_session
 from randes.errors import RandesError
 
 if TYPE_CHECKING:
@@ -47,6 +46,26 @@ base_app = typer.Typer(help="Base models.", no_args_is_help=True)
 bundle_app = typer.Typer(help="Bundles.", no_args_is_help=True)
 app.add_typer(base_app, name="base")
 app.add_typer(bundle_app, name="bundle")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        out.print(f"randes {version('randes-pipeline')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print the version and exit.", callback=_print_version, is_eager=True
+        ),
+    ] = False,
+) -> None:
+    """The root of the command tree; ``--version`` is handled by its callback."""
 
 
 class Rank1(StrEnum):
@@ -156,6 +175,23 @@ def base_add(
         out.print(f"base {record.name}: {record.uri} (sha256 {record.sha256[:12]})")
 
 
+@base_app.command("list")
+def base_list(as_json: JsonFlag = False) -> None:
+    """Registered base models."""
+    from storage.queries import list_bases
+
+    with _registry() as registry:
+        rows = list_bases(registry)
+    if as_json:
+        _print_json(rows)
+        return
+    print_table(
+        "bases",
+        ["name", "uri", "sha256", "created"],
+        [[r["name"], r["uri"], r["sha256"][:12], r["created_at"]] for r in rows],
+    )
+
+
 # Transform options shared by `bundle create` and `group create`.
 SignFlipOption = Annotated[bool, typer.Option(help="Random column sign flips.")]
 LayerShuffleOption = Annotated[bool, typer.Option(help="Random layer shuffling.")]
@@ -247,6 +283,94 @@ def bundle_create(
     with _workspace() as ws:
         record = ws.create_bundle(name, base, config, gate_threshold=gate)
         out.print(f"bundle {record.name} on base {record.base_name}: {config.model_dump_json()}")
+
+
+@bundle_app.command("list")
+def bundle_list(as_json: JsonFlag = False) -> None:
+    """Bundles with base, transform, head version, task count, aliases and size."""
+    from storage.queries import list_bundles
+
+    with _workspace() as ws:
+        rows = list_bundles(ws.registry, ws.manifest)
+    if as_json:
+        _print_json(rows)
+        return
+    print_table(
+        "bundles",
+        ["bundle", "base", "serving", "head", "tasks", "aliases", "size"],
+        [
+            [
+                r["name"],
+                r["base"],
+                _serving_label(r["transform"]),
+                "" if r["head_version"] is None else f"{r['head_version']} ({r['head_status']})",
+                r["tasks"],
+                ",".join(f"{a}@{v}" for a, v in r["aliases"].items()),
+                _human_bytes(r["bytes"]),
+            ]
+            for r in rows
+        ],
+    )
+
+
+@bundle_app.command("show")
+def bundle_show(
+    spec: Annotated[str, typer.Argument(metavar="BUNDLE[@VERSION|@ALIAS]")],
+    as_json: JsonFlag = False,
+) -> None:
+    """One version: its tasks with seeds, lambdas, r_t and evaluations; its sizes."""
+    from storage.queries import bundle_summary
+
+    bundle, ref = _split_ref(spec)
+    with _workspace() as ws:
+        record, manifest = ws.resolve(bundle, ref)
+        summary = bundle_summary(
+            ws.registry, record, manifest, ws.base_manifest(manifest.base.name).norms
+        )
+    if as_json:
+        _print_json(summary)
+        return
+    sizes = summary["sizes"]
+    out.print(
+        f"{bundle} version {summary['version']} ({summary['status']}"
+        f"{', ' + ', '.join(summary['aliases']) if summary['aliases'] else ''}) on base "
+        f"{summary['base']['name']}; serving {summary['serving']}; master "
+        f"{_human_bytes(sizes['master_bytes'])}, serving {_human_bytes(sizes['serving_bytes'])}, "
+        f"private {_human_bytes(sizes['private_bytes'])}",
+        soft_wrap=True,
+    )
+    print_table(
+        f"{len(summary['tasks'])} tasks",
+        ["task", "seed", "added in", "lambda", "r_t", "normalized"],
+        [
+            [
+                t["name"],
+                t["seed"],
+                t["added_in_version"],
+                f"{t['lambda']:.3f}",
+                f"{t['interference']:.2e}",
+                ", ".join(
+                    f"{e['metric']} {100 * e['normalized']:.1f}%"
+                    for e in t["evaluations"]
+                    if e["normalized"] is not None
+                ),
+            ]
+            for t in summary["tasks"]
+        ],
+    )
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"  # pragma: no cover - the loop always returns
+
+
+def _print_json(value: object) -> None:
+    sys.stdout.write(json.dumps(value, indent=2) + "\n")
 
 
 @app.command()
@@ -372,14 +496,19 @@ def _registry():  # type: ignore[no-untyped-def]
 @app.command()
 def tasks(
     bundle: Annotated[str | None, typer.Argument()] = None,
+    version: Annotated[
+        int | None, typer.Option(help="Tasks as of this version of BUNDLE (default: now).")
+    ] = None,
+    include_removed: Annotated[
+        bool, typer.Option("--all", help="Also list tasks that were removed.")
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Tasks held by a bundle (or by all bundles), with seeds and versions."""
-    registry = _registry()
-    try:
-        records = registry.tasks(bundle)
-    finally:
-        registry.close()
+    if version is not None and bundle is None:
+        raise typer.BadParameter("--version needs a BUNDLE")
+    with _registry() as registry:
+        records = registry.tasks(bundle, version=version, include_removed=include_removed)
     rows = [
         {
             "bundle": r.bundle,
@@ -393,7 +522,7 @@ def tasks(
         for r in records
     ]
     if as_json:
-        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        _print_json(rows)
         return
     print_table(
         "tasks",
@@ -430,7 +559,7 @@ def versions(
         for r in records
     ]
     if as_json:
-        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        _print_json(rows)
         return
     print_table(
         f"{bundle} versions (serving {_serving_label(transform)})",
@@ -477,7 +606,9 @@ def ingest(
     validate: Annotated[bool, typer.Option(help="Validate the new head afterwards.")] = True,
 ) -> None:
     """Fold every new checkpoint found under SOURCE (one per task), then validate."""
-    with _quiet_prefect_console():
+    with _registry() as registry:  # a missing bundle is told before Prefect starts (~15 s)
+        registry.get_bundle(bundle)
+    with prefect_session():
         from flows.pipeline import ingest_flow
 
         summary = ingest_flow(bundle, source, evaluator=evaluator, run_validation=validate)
@@ -508,7 +639,7 @@ def validate(
         pinned, context = _pin_version(registry, bundle, None if version is None else str(version))
     finally:
         registry.close()
-    with _quiet_prefect_console(), integrity_context(context):
+    with prefect_session(), integrity_context(context):
         from flows.pipeline import validate_flow
 
         report = validate_flow(bundle, int(pinned), evaluator, scale)
@@ -537,58 +668,10 @@ def publish(
 @app.command()
 def demo() -> None:
     """The whole pipeline on the embedded default with real data (scikit-learn digits)."""
-    from flows.demo import run_demo
+    with prefect_session():
+        from flows.demo import run_demo
 
-    run_demo()
-
-
-_QUIET_PREFECT_ENV = {
-    # Read when Prefect configures logging: in this process if it is not imported yet,
-    # and in the temporary API server it starts as a subprocess when none is configured.
-    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
-    "PREFECT_LOGGING_HANDLERS_DEBUG_LEVEL": "CRITICAL",
-}
-
-
-@contextlib.contextmanager
-def _quiet_prefect_console() -> Iterator[None]:
-    """Keep Prefect's console logging off stderr while a command runs a flow.
-
-    The command-line contract is that stderr holds nothing but the one line of an error;
-    without this, a failed `randes ingest` or `validate` would print Prefect's whole log
-    (a traceback per failed task, the temporary server's start and stop, its telemetry
-    errors) around that line. Flow and task logs still reach the Prefect API (the
-    `api` handler), so a configured server keeps them; the command prints its summary.
-    Nothing from Prefect's telemetry either: DESIGN asks for analytics off.
-    """
-    saved_env = {name: os.environ.get(name) for name in _QUIET_PREFECT_ENV}
-    analytics = "PREFECT_SERVER_ANALYTICS_ENABLED"
-    saved_env[analytics] = os.environ.get(analytics)
-    os.environ.update(_QUIET_PREFECT_ENV)
-    os.environ.setdefault(analytics, "false")
-    muted: dict[logging.Handler, int] = {}
-    try:
-        from prefect.logging.handlers import PrefectConsoleHandler
-
-        loggers = [logging.getLogger()] + [
-            logger
-            for logger in list(logging.Logger.manager.loggerDict.values())
-            if isinstance(logger, logging.Logger)
-        ]
-        for logger in loggers:
-            for handler in logger.handlers:
-                if isinstance(handler, PrefectConsoleHandler) and handler not in muted:
-                    muted[handler] = handler.level
-                    handler.setLevel(logging.CRITICAL + 1)
-        yield
-    finally:
-        for handler, level in muted.items():
-            handler.setLevel(level)
-        for name, value in saved_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        run_demo()
 
 
 _SECRET_QUERY_KEYS = ("password", "passwd", "pwd", "secret", "token", "sslpassword")

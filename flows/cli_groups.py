@@ -42,7 +42,6 @@ from flows.cli import (
     ServingOption,
     SignFlipOption,
     _positive_scale,
-    _quiet_prefect_console,
     _registry,
     _split_ref,
     _workspace,
@@ -50,6 +49,7 @@ from flows.cli import (
     transform_config,
 )
 from flows.console import out, print_table, progress_bar
+from flows.prefect_session import prefect_session
 from randes.names import validate_name
 
 if TYPE_CHECKING:
@@ -275,7 +275,7 @@ def group_ingest(
     found = folded = present = 0
     refused: list[str] = []
     statuses: list[str] = []
-    with _quiet_prefect_console():  # before Prefect is imported: it reads the settings then
+    with prefect_session():  # before Prefect is imported: it reads the settings then
         from flows.pipeline import IngestRefusedError, ingest_flow
 
         for source in sources:

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sqlalchemy.engine import make_url
+
 from flows.console import out, print_table
+from flows.prefect_session import check_api_reachable
 from randes.config import TransformConfig
 from storage.registry import BundleExistsError
-from storage.settings import load_settings
+from storage.settings import Settings, load_settings
 from storage.workspace import Workspace
 
 DEMO_BASE = "digits-base"
@@ -33,6 +36,7 @@ def run_demo(tasks: list[str] | None = None) -> dict[str, float | None]:
     from flows.digits.train import build_models
     from flows.pipeline import ingest_flow, publish_flow, validate_flow
 
+    check_api_reachable()
     settings = load_settings()
     models_dir = settings.home / "demo" / "models"
     out.rule("RanDeS demo")
@@ -88,7 +92,28 @@ def run_demo(tasks: list[str] | None = None) -> dict[str, float | None]:
     normalized = [t.normalized for t in report.tasks if t.normalized is not None]
     if normalized:
         out.print(f"mean normalized accuracy: {100 * sum(normalized) / len(normalized):.1f}%")
+    _print_next_steps(settings, first, target)
     return {t.task: t.normalized for t in report.tasks}
+
+
+def _print_next_steps(settings: Settings, task: str, target: Path) -> None:
+    """Where everything went, and what to try next: the demo is a user's first contact."""
+    out.rule("where everything is")
+    registry = make_url(settings.resolved_database_url).set(query={})  # no secrets printed
+    out.print(f"registry:         {registry.render_as_string(hide_password=True)}", soft_wrap=True)
+    out.print(f"artifact store:   {settings.resolved_store_url}", soft_wrap=True)
+    out.print(f"training models:  {settings.home / 'demo' / 'models'}", soft_wrap=True)
+    out.print(f"standalone model: {target}", soft_wrap=True)
+    out.rule("try next")
+    for command, why in (
+        ("randes bundle list", "bundles, heads, aliases, sizes"),
+        (f"randes bundle show {DEMO_BUNDLE}@production", "tasks, seeds, lambdas, evaluations"),
+        (f"randes tasks {DEMO_BUNDLE}", "tasks and the versions they entered"),
+        (f"randes versions {DEMO_BUNDLE}", "versions, status, aliases"),
+        (f"randes pull {DEMO_BUNDLE}@production ./digits-pulled", "a deployable copy"),
+        (f"randes materialize {DEMO_BUNDLE} {task} ./{task}-model", "one task as a model"),
+    ):
+        out.print(f"  {command:<48} # {why}", soft_wrap=True)
 
 
 def _pct(value: float | None) -> str:
