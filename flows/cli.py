@@ -706,10 +706,12 @@ def _configured_secrets() -> list[str]:
     if endpoint:  # user info of an endpoint URL is a credential, its name included
         from urllib.parse import unquote, urlsplit
 
-        with contextlib.suppress(ValueError):
+        try:
             parts = urlsplit(endpoint)
-            values += [unquote(v) for v in (parts.username, parts.password) if v]
-            values += [v for v in (parts.username, parts.password) if v]
+            info = [v for v in (parts.username, parts.password) if v]
+        except ValueError:  # unparsable: nothing to pick out
+            info = []
+        values += info + [unquote(v) for v in info]
     url = os.environ.get("RANDES_DATABASE_URL")
     if url:
         from sqlalchemy.engine import make_url
