@@ -163,7 +163,9 @@ def _read_layout(path: Path) -> _FileLayout:
         raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if len(raw) != n:
         raise CorruptCheckpointError(f"{path}: truncated safetensors header")
-    metas, offsets = _parse_header(path, raw, data_len=size - 8 - n)
+    held = [raw]
+    del raw  # the parser drops the bytes once decoded: a 16 MiB header is not held 3 times
+    metas, offsets = _parse_header(path, held, data_len=size - 8 - n)
     start = 8 + n
     return _FileLayout(start, metas, {k: start + v for k, v in offsets.items()})
 
@@ -179,35 +181,41 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _no_duplicates_possible(raw: bytes, header: object, declared: int) -> bool:
+def _no_duplicates_possible(counts: tuple[int, int, int, int], header: object) -> bool:
     """True when the plain parse cannot have dropped a duplicate key: as many top-level
     tensor entries as the raw text names ``"data_offsets"``, ``"dtype"`` and ``"shape"``
-    (a duplicate would leave fewer entries than names). Otherwise the header is parsed
-    again with `_no_duplicates`, which names the duplicate."""
+    (``counts``, with ``"__metadata__"``; a duplicate would leave fewer entries than
+    names). Otherwise the header is parsed again with `_no_duplicates`, which names the
+    duplicate."""
     if not isinstance(header, dict):
         return True  # refused as "not a JSON object" anyway
+    declared, dtypes, shapes, metadata = counts
     entries = len(header) - ("__metadata__" in header)
-    return entries == declared == raw.count(b'"dtype"') == raw.count(b'"shape"') and raw.count(
-        b'"__metadata__"'
-    ) == ("__metadata__" in header)
+    return entries == declared == dtypes == shapes and metadata == ("__metadata__" in header)
 
 
 def _parse_header(
-    path: Path, raw: bytes, *, data_len: int
+    path: Path, held: list[bytes], *, data_len: int
 ) -> tuple[dict[str, TensorMeta], dict[str, int]]:
+    """Parse the header bytes ``held[0]`` (taken out of the list, so that they are freed
+    once decoded)."""
+
     def bad(why: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"{path}: corrupt safetensors header: {why}")
 
     # An upper bound on the entries, before any parsing: every tensor names its
     # data_offsets. Parsing costs ~1 KB of Python objects per entry, so this bounds the
     # memory (and time) a refusal costs, whatever the header claims.
+    raw = held.pop()
     declared = raw.count(b'"data_offsets"')
     if declared > MAX_TENSORS:
         raise bad(f"{declared} tensors declared, more than the {MAX_TENSORS} one file may hold")
+    counts = (declared, raw.count(b'"dtype"'), raw.count(b'"shape"'), raw.count(b'"__metadata__"'))
     try:
         text = raw.decode("utf-8")
+        del raw
         header = json.loads(text)  # the C parser, no Python call per object
-        if not _no_duplicates_possible(raw, header, declared):
+        if not _no_duplicates_possible(counts, header):
             header = json.loads(text, object_pairs_hook=_no_duplicates)  # exact, slower
         del text
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
