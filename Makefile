@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: demo test lint typecheck bench venv clean
+.PHONY: demo test lint typecheck bench conformance venv clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,9 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check randes storage flows migrations tests benchmarks
 	$(BIN)/mypy
+
+conformance: $(STAMP)
+	RANDES_CONFORMANCE_DOC=docs/conformance.md $(BIN)/python -m pytest -q tests/conformance
 
 bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[bench]'

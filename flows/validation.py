@@ -29,6 +29,8 @@ import torch
 
 from randes.checkpoint import CheckpointReader, source_digests
 from randes.errors import RandesError
+from randes.fold import check_compatible
+from randes.keymap import TensorSource
 from randes.manifest import TaskEntry
 from randes.retrieve import retrieve
 from storage.cache import integrity_context, version_context
@@ -157,13 +159,15 @@ def _validate_task(
                 scale=chosen,
             )
             keep = evaluator is not None
-            state, cosine, rel_error = _measure(stream, opened.base, source, entry, keep_state=keep)
+            # the source as the task's names see it: wrappers stripped, adapters merged
+            view = check_compatible(opened.base, source).source if source is not None else None
+            state, cosine, rel_error = _measure(stream, opened.base, view, entry, keep_state=keep)
         metric = value = reference = normalized = None
         if evaluator is not None:
             metric, value = _first_metric(evaluator(state, task), task)
-            if source is not None:
+            if view is not None:
                 _, reference = _first_metric(
-                    evaluator({k: source.get(k) for k in source.keys()}, task),  # noqa: SIM118
+                    evaluator({k: view.get(k) for k in view.keys()}, task),  # noqa: SIM118
                     task,
                 )
                 normalized = value / reference if reference else None
@@ -196,7 +200,7 @@ def _open_source(ws: Workspace, entry: TaskEntry) -> CheckpointReader | None:
 def _measure(
     stream: Iterator[tuple[str, torch.Tensor]],
     base: CheckpointReader,
-    source: CheckpointReader | None,
+    source: TensorSource | None,
     entry: TaskEntry,
     *,
     keep_state: bool,

@@ -18,8 +18,7 @@ from collections.abc import Mapping, Sequence
 
 from randes.checkpoint import CheckpointReader
 from randes.config import TransformConfig
-from randes.fold import layout_of, owned_delta
-from randes.keymap import detect_key_map
+from randes.fold import check_compatible, layout_of, owned_delta
 from randes.scaling import Norms, relative_interference
 
 DEFAULT_MAX_INTERFERENCE = 0.03
@@ -81,9 +80,12 @@ def measure_delta_norms(
     to fold.
     """
     layout = layout_of(base, config)
-    key_map = detect_key_map(base.keys(), checkpoint.keys())
+    rec = check_compatible(base, checkpoint)
     out: dict[str, float] = {}
     for name in layout.superposed:
-        delta, out[name] = owned_delta(checkpoint, key_map.to_checkpoint(name), base.get(name))
+        if name in rec.absent:
+            continue
+        ck_name = rec.key_map.to_checkpoint(name)
+        delta, out[name] = owned_delta(rec.source, ck_name, base.get(name))
         del delta
     return out

@@ -42,6 +42,7 @@ from randes.errors import (
     SourceChangedError,
     UnsafeCheckpointError,
 )
+from randes.sidefiles import collect_side_files, st_weights_dir
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_INDEX_BYTES = 100 * 1024 * 1024
@@ -59,21 +60,6 @@ it stores no bytes, so the byte-count check passes, yet torch cannot even descri
 (its strides overflow int64). The product is computed with an early exit, so a shape
 of thousands of huge numbers costs no big-integer arithmetic either."""
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
-SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "preprocessor_config.json",
-)
-"""Small files that make a weights dir a usable Hugging Face model, kept verbatim."""
-
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _SHARD = re.compile(r"^(?P<prefix>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors$")
@@ -320,6 +306,8 @@ class CheckpointReader:
         self.side_sha256: dict[str, str] = {}
         """sha256 of each side file's bytes, once `source_digests` hashed them."""
         self._pinned: dict[str, str] | None = None  # tensor -> sha256 of its bytes
+        self.weights_dir = ""
+        """Subfolder of the source directory holding the weights ('' for its root)."""
         self._metas: dict[str, TensorMeta] = {}
         self._file_of: dict[str, Path] = {}
         self._offset: dict[str, int] = {}
@@ -401,6 +389,12 @@ class CheckpointReader:
         if weights:
             shards = _complete_shard_set(root, weights)
             return cls([confined(f, allowed) for f in shards], side)
+        sub = st_weights_dir(root)
+        if sub is not None:  # sentence-transformers' legacy layout: weights in 0_Transformer/
+            reader = cls._open_dir(root.joinpath(*sub.split("/")), allowed)
+            reader.side_files = side
+            reader.weights_dir = sub
+            return reader
         if any(p.suffix in PICKLE_SUFFIXES for p in root.iterdir()):
             raise UnsafeCheckpointError(
                 f"{root}: only pickle checkpoints (.bin/.pt) found; they can run code on load, "
@@ -535,7 +529,8 @@ def confined(path: Path, root: Path) -> Path:
 
 
 def _side_files(root: Path, allowed: Path) -> dict[str, Path]:
-    return {name: confined(root / name, allowed) for name in SIDE_FILES if (root / name).is_file()}
+    """The side files of ``root`` (`randes.sidefiles`), each `confined` to ``allowed``."""
+    return {name: confined(path, allowed) for name, path in collect_side_files(root).items()}
 
 
 def _read_index(index: Path) -> tuple[list[Path], dict[str, str]]:

@@ -8,14 +8,18 @@ slot is computed from exactly one base tensor, one checkpoint tensor and one par
 slot, written and dropped: peak memory is about two of the largest tensors, and the
 cost is one pass over base + checkpoint + parent (plus one extra read of the small
 non-float buffers, compared with the base's to plan the private shards), whatever
-the model size or the number of tasks already in the parent. All metadata checks
-(missing tensors, shape / dtype mismatches) run before any data is read; every
-checkpoint tensor is checked for NaN/Inf before a result is returned, and an error
-deletes what was written.
+the model size or the number of tasks already in the parent. The checkpoint is
+reconciled with the base (randes.keymap: wrappers, prefix, absent tensors, dtypes)
+from the headers before any data is read; a PEFT adapter is read as the merged model
+it stands for (randes.adapters). Every checkpoint tensor is checked for NaN/Inf
+before a result is returned, and an error deletes what was written. A base tensor
+the fine-tune lacks adds nothing to its slot; deltas are computed in float32
+whatever the two dtypes.
 
-Private tensors (stored verbatim for this task only) are kept under the CHECKPOINT's
-names: extra tensors the base lacks (task heads), non-float buffers that differ from
-the base, and, with rank1 policy "private", the fine-tuned rank-1 tensors.
+Private tensors (stored verbatim for this task only) are kept under the checkpoint's
+names, training wrappers stripped: extra tensors the base lacks (task heads) or has
+in another shape, non-float buffers that differ from the base, and, with rank1 policy
+"private", the fine-tuned rank-1 tensors.
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ from pathlib import Path
 
 import torch
 
+from randes.adapters import as_dense
 from randes.checkpoint import CheckpointReader, TensorMeta
 from randes.config import TransformConfig
 from randes.errors import IncompatibleCheckpointError, NonFiniteTensorError
-from randes.keymap import detect_key_map
+from randes.keymap import Reconciled, TensorSource, read_config, reconcile
 from randes.manifest import KeyMap
 from randes.serving import SERVING_DIR, ServingWriter
 from randes.transforms import Layout, TaskTransform, plan_layout
@@ -127,7 +132,7 @@ def _delta(name: str, tuned: torch.Tensor, theta: torch.Tensor) -> tuple[torch.T
 
 
 def owned_delta(
-    checkpoint: CheckpointReader, ck_name: str, theta: torch.Tensor
+    checkpoint: TensorSource, ck_name: str, theta: torch.Tensor
 ) -> tuple[torch.Tensor, float]:
     """_delta of a checkpoint tensor, computed in the memory of the tensor read.
 
@@ -143,31 +148,15 @@ def owned_delta(
     return delta, norm
 
 
-def check_compatible(base: CheckpointReader, checkpoint: CheckpointReader, key_map: KeyMap) -> None:
-    """Every base tensor present in the checkpoint with the same shape and dtype."""
-    for name in base:
-        ck = key_map.to_checkpoint(name)
-        if ck not in checkpoint:
-            raise IncompatibleCheckpointError(f"checkpoint lacks base tensor {ck!r}")
-        b, c = base.meta(name), checkpoint.meta(ck)
-        if b.shape != c.shape:
-            raise IncompatibleCheckpointError(
-                f"tensor {ck!r}: shape {list(c.shape)} differs from the base's {list(b.shape)}"
-            )
-        if b.dtype != c.dtype:
-            raise IncompatibleCheckpointError(
-                f"tensor {ck!r}: dtype {c.dtype} differs from the base's {b.dtype}"
-            )
-
-
-def check_foldable(base: CheckpointReader, checkpoint: CheckpointReader) -> KeyMap:
-    """The key mapping of ``checkpoint`` onto ``base``, once its headers are shown to fit.
-
-    Headers only, no data read: a caller runs it before hashing the checkpoint, so a
-    refusal the headers decide costs nothing, whatever the file size."""
-    key_map = detect_key_map(base.keys(), checkpoint.keys())
-    check_compatible(base, checkpoint, key_map)
-    return key_map
+def check_compatible(base: CheckpointReader, checkpoint: CheckpointReader) -> Reconciled:
+    """Reconcile ``checkpoint`` (a fine-tune or a PEFT adapter) with ``base`` from the
+    headers alone (randes.keymap's decision table); IncompatibleCheckpointError when
+    ``base`` cannot be its base."""
+    return reconcile(
+        base.metas(),
+        as_dense(checkpoint, base),
+        config=read_config(checkpoint.side_files.get("config.json")),
+    )
 
 
 def check_written(slot: str, stored: torch.Tensor) -> None:
@@ -227,16 +216,17 @@ def fold(
         raise ValueError("direction must be 1 or -1")
     out_dir = Path(out_dir)
     layout = layout_of(base, config)
-    key_map = check_foldable(base, checkpoint)
+    rec = check_compatible(base, checkpoint)
     if parent is not None:
         check_superposition(base, parent, layout)
+    tuned = rec.source  # the checkpoint under unwrapped names (the key map's)
+    key_map, absent = rec.key_map, rec.absent
     transform = TaskTransform(layout, seed)
     dtype = superposition_dtype(config)
 
-    covered = {key_map.to_checkpoint(n) for n in base}
-    extras = [n for n in checkpoint if n not in covered]
-    total = len(layout.superposed) + len(layout.private_base) + len(layout.non_float)
-    total += len(extras)
+    buffers = [n for n in rec.buffers if n in layout.non_float]
+    private_base = sorted(n for n in layout.private_base if n not in absent)
+    total = len(layout.superposed) + len(private_base) + len(buffers) + len(rec.extras)
     done = 0
 
     def tick() -> None:
@@ -249,14 +239,14 @@ def fold(
     # Non-float buffers are kept only when they differ from the base: that is decided
     # here, one buffer at a time, so the private shards can be planned before writing.
     private_of: dict[str, str | None] = {}
-    for source in sorted(layout.private_base):
+    for source in private_base:
         private_of[key_map.to_checkpoint(source)] = source
-    for source in sorted(layout.non_float):
+    for source in buffers:
         ck_name = key_map.to_checkpoint(source)
-        if direction == 1 and not torch.equal(checkpoint.get(ck_name), base.get(source)):
+        if direction == 1 and not torch.equal(tuned.get(ck_name), base.get(source)):
             private_of[ck_name] = source
         tick()
-    private_of.update(dict.fromkeys(extras))
+    private_of.update(dict.fromkeys(rec.extras))
 
     delta_norms: dict[str, float] = {}
     sup_writer = ShardWriter(
@@ -278,7 +268,7 @@ def fold(
         ShardWriter(
             out_dir / PRIVATE_DIR,
             max_shard_bytes=config.max_shard_bytes,
-            plan=[TensorSpec.of(n, checkpoint.meta(n)) for n in private_of],
+            plan=[TensorSpec.of(n, tuned.meta(n)) for n in private_of],
         )
         if direction == 1
         else None
@@ -287,9 +277,12 @@ def fold(
     try:
         for slot in sup_writer.order:
             source = transform.source_of(slot)
-            ck_name = key_map.to_checkpoint(source)
-            value, delta_norms[source] = owned_delta(checkpoint, ck_name, base.get(source))
-            value = transform.scramble_one(source, value, inplace=True)
+            if source in absent:  # no delta: this task leaves the slot as it was
+                value = torch.zeros(base.meta(slot).shape, dtype=torch.float32)
+            else:
+                ck_name = key_map.to_checkpoint(source)
+                value, delta_norms[source] = owned_delta(tuned, ck_name, base.get(source))
+                value = transform.scramble_one(source, value, inplace=True)
             if direction == -1:
                 value = value.neg_()
             if parent is not None:
@@ -306,14 +299,14 @@ def fold(
         # unfold writes no private tensors, but still checks them and records their norms
         for ck_name in priv_writer.order if priv_writer is not None else list(private_of):
             base_name = private_of[ck_name]
-            tuned = checkpoint.get(ck_name)
+            value = tuned.get(ck_name)
             if base_name is None:
-                check_finite(ck_name, tuned)
+                check_finite(ck_name, value)
             elif base_name in layout.private_base:
-                _, delta_norms[base_name] = _delta(ck_name, tuned, base.get(base_name))
+                _, delta_norms[base_name] = _delta(ck_name, value, base.get(base_name))
             if priv_writer is not None:
-                priv_writer.add(ck_name, tuned)
-            del tuned
+                priv_writer.add(ck_name, value)
+            del value
             if base_name not in layout.non_float:  # those were counted when compared
                 tick()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import Annotated, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
@@ -37,15 +37,26 @@ def _safe_key(key: str) -> str:
     return key
 
 
+_MAX_FILE_DEPTH = 8
+
+
 def _safe_file_name(name: str) -> str:
-    """A side-file name (``config.json``): written as ``DEST/<name>`` by materialize."""
-    if not _FILE_NAME.fullmatch(name):
-        raise ValueError("side file names must be plain file names")
+    """A side-file path (``config.json``, ``1_Pooling/config.json``): written as
+    ``DEST/<name>`` by materialize, so only '/'-separated plain names, a few levels deep."""
+    parts = name.split("/")
+    if len(parts) > _MAX_FILE_DEPTH or not all(_FILE_NAME.fullmatch(p) for p in parts):
+        raise ValueError("side file names must be '/'-separated plain file names")
     return name
+
+
+def _safe_dir(name: str) -> str:
+    """A weights subfolder (``0_Transformer``), or "" for the model's root."""
+    return _safe_file_name(name) if name else name
 
 
 SafeKey = Annotated[str, Field(min_length=1, max_length=1024), AfterValidator(_safe_key)]
 FileName = Annotated[str, AfterValidator(_safe_file_name)]
+DirName = Annotated[str, AfterValidator(_safe_dir)]
 
 
 class ShardRef(BaseModel):
@@ -60,16 +71,37 @@ class ShardRef(BaseModel):
 
 
 class KeyMap(BaseModel):
-    """How a checkpoint's tensor names relate to the base's.
+    """How a fine-tune's tensors relate to the base's: the reconciliation of one task.
 
     ``checkpoint_name = checkpoint_prefix + base_name[len(base_prefix):]``. Both empty
-    means identical names. Recorded so that materialize restores the fine-tune's names.
+    means identical names. Checkpoint names are the fine-tune's after training wrappers
+    (``module.``, ``_orig_mod.``) are stripped. Recorded so that materialize writes what
+    the fine-tune's own loader expects: its names, no tensor it did not have, its dtypes
+    (see randes.keymap for the decision table). Every field defaults to what manifests
+    written before it meant.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     base_prefix: str = ""
     checkpoint_prefix: str = ""
+    wrappers: tuple[str, ...] = Field(
+        default=(), description="Training-wrapper prefixes stripped from the checkpoint."
+    )
+    absent: tuple[str, ...] = Field(
+        default=(),
+        description="Base tensors (base names) the fine-tune lacks: no delta, not materialized.",
+    )
+    tied: dict[str, str] = Field(
+        default_factory=dict,
+        description="Absent tensors the fine-tune's config.json ties to another "
+        "(checkpoint names: tied -> source); its loader re-ties them.",
+    )
+    dtypes: dict[str, str] = Field(
+        default_factory=dict,
+        description="The fine-tune's dtype where it differs from the base's, per base "
+        "tensor name; '*' for every float tensor not named.",
+    )
 
     def to_checkpoint(self, base_name: str) -> str:
         return self.checkpoint_prefix + base_name[len(self.base_prefix) :]
@@ -79,6 +111,10 @@ class KeyMap(BaseModel):
         if not checkpoint_name.startswith(self.checkpoint_prefix):
             return None
         return self.base_prefix + checkpoint_name[len(self.checkpoint_prefix) :]
+
+    def dtype_name(self, base_name: str) -> str | None:
+        """The fine-tune's dtype name of a float base tensor, None when it is the base's."""
+        return self.dtypes.get(base_name, self.dtypes.get("*"))
 
 
 class BaseRef(BaseModel):
@@ -106,7 +142,19 @@ class TaskEntry(BaseModel):
     delta_norms: dict[str, float] = Field(default_factory=dict)
     private: list[ShardRef] = Field(default_factory=list)
     files: dict[FileName, ShardRef] = Field(
-        default_factory=dict, description="Side files of the source kept verbatim (config.json)."
+        default_factory=dict,
+        description="Side files of the source kept verbatim, by path relative to the model "
+        "directory (config.json, tokenizer, 1_Pooling/config.json...).",
+    )
+    source_kind: Literal["checkpoint", "peft-lora"] = Field(
+        default="checkpoint",
+        description="'peft-lora': the task came from a PEFT LoRA adapter, folded as its "
+        "dense delta; it materializes as the merged model.",
+    )
+    weights_dir: DirName = Field(
+        default="",
+        description="Subfolder that holds the weights in the source's layout "
+        "(sentence-transformers' legacy '0_Transformer'); '' for the root.",
     )
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from randes.checkpoint import CheckpointReader, TensorMeta
+from randes.checkpoint import DTYPES, CheckpointReader, TensorMeta
 from randes.config import TransformConfig
 from randes.errors import IncompatibleCheckpointError, RandesError
 from randes.fold import check_superposition, layout_of
@@ -65,9 +65,12 @@ class _Retrieval:
         self.layout = layout
         self.transform = TaskTransform(layout, seed)
         private_names = set(private.keys()) if private is not None else set()
+        absent = frozenset(key_map.absent)
         # checkpoint name -> (base name, or None for a private tensor; its meta)
         self.plan: dict[str, tuple[str | None, TensorMeta]] = {}
         for name in base:
+            if name in absent:  # the fine-tune did not have it: neither does its copy
+                continue
             ck_name = key_map.to_checkpoint(name)
             if private is not None and ck_name in private_names:
                 self.plan[ck_name] = (None, private.meta(ck_name))
@@ -76,7 +79,13 @@ class _Retrieval:
                     f"private tensor {ck_name!r} of this task is missing (rank1 policy 'private')"
                 )
             else:
-                self.plan[ck_name] = (name, base.meta(name))
+                meta = base.meta(name)
+                own = key_map.dtype_name(name) if meta.is_float else None
+                if own is not None:  # the fine-tune's dtype (bf16 over an fp32 base...)
+                    if own not in DTYPES:
+                        raise IncompatibleCheckpointError(f"unknown task dtype {own!r}")
+                    meta = TensorMeta(dtype=DTYPES[own], shape=meta.shape)
+                self.plan[ck_name] = (name, meta)
         for ck_name in sorted(private_names - set(self.plan)):
             self.plan[ck_name] = (None, private.meta(ck_name))  # type: ignore[union-attr]
 
@@ -85,20 +94,20 @@ class _Retrieval:
 
     def tensor(self, ck_name: str) -> torch.Tensor:
         """Compute one output tensor: reads one base tensor and one slot (or a private one)."""
-        name, _ = self.plan[ck_name]
+        name, meta = self.plan[ck_name]
         if name is None:
             assert self.private is not None
             return self.private.get(ck_name)  # verbatim
         theta = self.base.get(name)
         if name in self.layout.non_float or self.superposition is None:
-            return theta
+            return theta.to(meta.dtype)
         slot = self.transform.slot_of(name)
         delta = self.transform.unscramble_one(
             name, self.superposition.get(slot).to(torch.float32), inplace=True
         )
         value = theta.to(torch.float32).add_(delta, alpha=_scale_for(self.scale, name))
         del delta
-        return value.to(theta.dtype)
+        return value.to(meta.dtype)
 
 
 def retrieve(
@@ -111,12 +120,13 @@ def retrieve(
     config: TransformConfig,
     scale: float | Mapping[str, float],
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Stream (checkpoint name, tensor) of one task, in the base's dtypes.
+    """Stream (checkpoint name, tensor) of one task, in the fine-tune's dtypes.
 
     ``superposition=None`` stands for an all-zero superposition (a bundle without
     tasks). ``scale`` is lambda, or a dict of lambdas per base tensor name with an
     optional ``"*"`` default. Private tensors come back verbatim. Order: the base's
-    tensors (sorted base names), then private tensors the base lacks (sorted).
+    tensors (sorted base names) but those ``key_map.absent``, then private tensors the
+    base lacks (sorted).
     """
     plan = _Retrieval(
         base=base,
@@ -144,12 +154,15 @@ def materialize(
     side_files: Mapping[str, Path] | None = None,
     max_shard_bytes: int = 2 * 1024**3,
     progress: Callable[[int, int], None] | None = None,
+    weights_dir: str = "",
 ) -> list[WrittenShard]:
     """Write one task as a standalone Hugging Face style model directory.
 
-    ``model.safetensors`` (or shards + ``model.safetensors.index.json``) plus copies of
-    the side files (config.json...). Loadable with ``safetensors.torch.load_file``.
-    ``out_dir`` must be new or empty.
+    ``model.safetensors`` (or shards + ``model.safetensors.index.json``), in
+    ``weights_dir`` when the source kept them in a subfolder (sentence-transformers'
+    legacy ``0_Transformer/``), plus copies of the side files under their relative
+    paths (config.json, tokenizer, chat template, ``1_Pooling/config.json``...): what
+    the fine-tune's own loader reads. ``out_dir`` must be new or empty.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -165,7 +178,8 @@ def materialize(
         config=config,
         scale=scale,
     )
-    with ShardWriter(out_dir, max_shard_bytes=max_shard_bytes, plan=plan.specs()) as writer:
+    weights = out_dir.joinpath(*_relative_parts(weights_dir)) if weights_dir else out_dir
+    with ShardWriter(weights, max_shard_bytes=max_shard_bytes, plan=plan.specs()) as writer:
         total = len(writer.order)
         for done, ck_name in enumerate(writer.order, start=1):
             writer.add(ck_name, plan.tensor(ck_name))
@@ -173,10 +187,18 @@ def materialize(
                 progress(done, total)
         shards = writer.finish(hf_index=True)
     for fname, src in sorted((side_files or {}).items()):
-        if Path(fname).name != fname or fname in (".", ".."):
-            raise ValueError(f"side file name {fname!r} must be a plain file name")
-        _copy_atomic(Path(src), out_dir / fname)
+        dst = out_dir.joinpath(*_relative_parts(fname))
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        _copy_atomic(Path(src), dst)
     return shards
+
+
+def _relative_parts(name: str) -> list[str]:
+    """The components of a '/'-separated relative path, none of them empty, '.' or '..'."""
+    parts = name.split("/")
+    if not all(parts) or any(p in (".", "..") or "\\" in p for p in parts):
+        raise ValueError(f"side file name {name!r} must be a relative path of plain names")
+    return parts
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:

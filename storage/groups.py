@@ -50,7 +50,7 @@ from randes import capacity
 from randes.checkpoint import CheckpointReader, source_digests
 from randes.config import TransformConfig
 from randes.errors import IntegrityError, RandesError
-from randes.fold import check_foldable, superposed_names
+from randes.fold import check_compatible, superposed_names
 from randes.names import validate_name
 from randes.scaling import Norms, data_free_scale
 from storage.cache import integrity_context, version_context
@@ -231,7 +231,7 @@ def place(
     config = TransformConfig.model_validate(g.transform)
     resolved = resolve_source(source, settings=ws.settings)
     with resolved.open() as checkpoint, open_base(ws, g.base_name) as base:
-        check_foldable(base, checkpoint)  # headers first: a refusal is never hashed
+        check_compatible(base, checkpoint)  # headers first: a refusal is never hashed
         digests = source_digests(checkpoint)
         digest = digests.content
         for known in digests.all:

@@ -156,6 +156,7 @@ class PulledVersion:
                     out_dir=staging,
                     side_files=side,
                     progress=progress,
+                    weights_dir=entry.weights_dir,
                 )
         finally:
             shutil.rmtree(links, ignore_errors=True)

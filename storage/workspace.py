@@ -31,10 +31,11 @@ from pathlib import Path
 
 import torch
 
+from randes.adapters import is_adapter, task_side_files
 from randes.checkpoint import CheckpointReader, source_digests
 from randes.config import TransformConfig
 from randes.errors import IntegrityError, NonFiniteTensorError, RandesError
-from randes.fold import check_foldable, fold, superposition_metas, unfold
+from randes.fold import check_compatible, fold, superposition_metas, unfold
 from randes.manifest import (
     BaseManifest,
     BaseRef,
@@ -199,6 +200,11 @@ class Workspace:
         validate_name(name, "base name")
         resolved = resolve_source(source, settings=self.settings)
         with resolved.open() as reader:
+            if is_adapter(reader):
+                raise RandesError(
+                    f"{source}: a PEFT adapter is not a base model; register the model it "
+                    "was trained on, then fold the adapter"
+                )
             digest = source_digests(reader).content
             # Every tensor is read (and checked finite) before anything is uploaded: a
             # base holding NaN/Inf would make every later fold fail, and is refused here.
@@ -282,7 +288,7 @@ class Workspace:
             # Headers first: a checkpoint they refuse is never hashed (cost: nothing,
             # whatever its size); the hash then pins what the fold reads.
             with self._base_reader(bundle_rec) as base:
-                check_foldable(base, checkpoint)
+                check_compatible(base, checkpoint)
             digests = source_digests(checkpoint)
             digest = digests.content
             for attempt in range(1, MAX_FOLD_ATTEMPTS + 1):
@@ -307,9 +313,12 @@ class Workspace:
                                 out_dir=work,
                                 progress=progress,
                             )
-                        side_shas = {
-                            p: checkpoint.side_sha256[n] for n, p in checkpoint.side_files.items()
+                        kind, side = task_side_files(checkpoint)
+                        hashed = {  # side files hashed by source_digests, in its pass
+                            checkpoint.side_files[n]: sha
+                            for n, sha in checkpoint.side_sha256.items()
                         }
+                        side_shas = {p: hashed.get(p) or file_sha256(p) for p in side.values()}
                         owner = uuid.uuid4().hex
                         try:
                             self._lease(
@@ -328,9 +337,20 @@ class Workspace:
                                 delta_norms=result.delta_norms,
                                 private=self._upload_shards(result.private),
                                 files={
-                                    n: self._upload_file(p, [], sha=side_shas[p])
-                                    for n, p in checkpoint.side_files.items()
+                                    # an adapter materializes as the merged model: the
+                                    # base's config, the adapter's tokenizer files
+                                    **(
+                                        self.base_manifest(bundle_rec.base_name).files
+                                        if kind == "peft-lora"
+                                        else {}
+                                    ),
+                                    **{
+                                        n: self._upload_file(p, [], sha=side_shas[p])
+                                        for n, p in side.items()
+                                    },
                                 },
+                                source_kind=kind,
+                                weights_dir=checkpoint.weights_dir,
                             )
                             manifest = self._next_manifest(
                                 bundle,
@@ -498,6 +518,7 @@ class Workspace:
                 out_dir=staging,
                 side_files=opened.side_files,
                 progress=progress,
+                weights_dir=opened.entry.weights_dir,
             )
         return dest
 

@@ -234,6 +234,47 @@ def test_unfold_returns_parent(tmp_path: Path, base_model: dict[str, torch.Tenso
     assert err_without < err_all
 
 
+def test_unfold_of_a_reconciled_checkpoint_is_exact(
+    tmp_path: Path, base_model: dict[str, torch.Tensor]
+) -> None:
+    """DDP-wrapped, bf16, missing a tensor: fold then unfold gives the parent back."""
+    config = TransformConfig()
+    base = open_dict(tmp_path / "b.safetensors", base_model)
+    first = finetune(base_model, seed=1)
+    one = fold(
+        base=base,
+        checkpoint=open_dict(tmp_path / "f1.safetensors", first),
+        parent=None,
+        seed=11,
+        config=config,
+        out_dir=tmp_path / "v1",
+    )
+    messy = {
+        f"module.transformer.{k}": v.bfloat16() if v.is_floating_point() else v
+        for k, v in finetune(base_model, seed=2).items()
+        if k != "h.1.mlp.c_fc.weight"
+    }
+    ckpt = open_dict(tmp_path / "f2.safetensors", messy)
+    parent = _reader(one.superposition)
+    two = fold(
+        base=base, checkpoint=ckpt, parent=parent, seed=22, config=config, out_dir=tmp_path / "v2"
+    )
+    assert two.key_map.wrappers == ("module.",) and two.key_map.checkpoint_prefix == "transformer."
+    assert two.key_map.absent == ("h.1.mlp.c_fc.weight",)
+    back = unfold(
+        base=base,
+        checkpoint=ckpt,
+        parent=_reader(two.superposition),  # type: ignore[arg-type]
+        seed=22,
+        config=config,
+        out_dir=tmp_path / "v3",
+    )
+    restored, original = _reader(back.superposition), _reader(one.superposition)
+    assert restored is not None and original is not None
+    for name in original:
+        assert torch.allclose(restored.get(name), original.get(name), atol=1e-6), name
+
+
 class CountingReader(CheckpointReader):
     """A reader that counts tensor reads (a structural cost measure)."""
 
@@ -424,25 +465,84 @@ def _fold_pair(
     )
 
 
-def test_missing_tensor_refused(tmp_path: Path, base_model: dict[str, torch.Tensor]) -> None:
+def _retrieve_one(tmp_path: Path, base_model: dict[str, torch.Tensor], result: FoldResult):
+    base = CheckpointReader.open(tmp_path / "b.safetensors")
+    return dict(
+        retrieve(
+            base=base,
+            superposition=_reader(result.superposition),
+            private=_reader(result.private) if result.private else None,
+            seed=1,
+            key_map=result.key_map,
+            config=TransformConfig(),
+            scale=1.0,
+        )
+    )
+
+
+def test_missing_tensor_recorded_absent(
+    tmp_path: Path, base_model: dict[str, torch.Tensor]
+) -> None:
+    """A base tensor the fine-tune lacks gets no delta and is not materialized."""
     tuned = finetune(base_model, seed=1)
-    del tuned["h.2.mlp.c_fc.weight"]
-    with pytest.raises(IncompatibleCheckpointError, match="h.2.mlp.c_fc.weight"):
+    del tuned["h.2.mlp.c_fc.weight"], tuned["position_ids"]
+    result = _fold_pair(tmp_path, base_model, tuned)
+    assert set(result.key_map.absent) == {"h.2.mlp.c_fc.weight", "position_ids"}
+    got = _retrieve_one(tmp_path, base_model, result)
+    assert set(got) == set(tuned)
+    for name in tuned:
+        assert torch.allclose(got[name], tuned[name], atol=1e-6), name
+
+
+def test_wrong_base_refused_naming_both_sides(
+    tmp_path: Path, base_model: dict[str, torch.Tensor]
+) -> None:
+    tuned = {f"other.{i}.weight": torch.randn(8, 8) for i in range(3)}
+    with pytest.raises(IncompatibleCheckpointError, match="matches only 0%") as info:
         _fold_pair(tmp_path, base_model, tuned)
+    message = str(info.value)
+    assert "other.0.weight" in message and "h.0.attn.c_attn.bias" in message
+    assert "\n" not in message
 
 
-def test_shape_mismatch_refused(tmp_path: Path, base_model: dict[str, torch.Tensor]) -> None:
+def test_shape_mismatch_kept_private(tmp_path: Path, base_model: dict[str, torch.Tensor]) -> None:
+    """A resized tensor (another vocabulary) cannot be a delta: it is the task's own."""
     tuned = finetune(base_model, seed=1)
     tuned["wte.weight"] = torch.randn(33, 8)
-    with pytest.raises(IncompatibleCheckpointError, match="shape"):
-        _fold_pair(tmp_path, base_model, tuned)
+    result = _fold_pair(tmp_path, base_model, tuned)
+    assert "wte.weight" in result.key_map.absent
+    assert "wte.weight" in {t for shard in result.private for t in shard.tensors}
+    assert torch.equal(
+        _retrieve_one(tmp_path, base_model, result)["wte.weight"], tuned["wte.weight"]
+    )
 
 
-def test_dtype_mismatch_refused(tmp_path: Path, base_model: dict[str, torch.Tensor]) -> None:
-    tuned = finetune(base_model, seed=1)
-    tuned["wpe.weight"] = tuned["wpe.weight"].half()
-    with pytest.raises(IncompatibleCheckpointError, match="dtype"):
-        _fold_pair(tmp_path, base_model, tuned)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_other_dtype_delta_in_fp32_restored(
+    tmp_path: Path, base_model: dict[str, torch.Tensor], dtype: torch.dtype
+) -> None:
+    """A bf16/fp16 fine-tune over an fp32 base: deltas in fp32, its dtype restored."""
+    tuned = {
+        k: v.to(dtype) if v.is_floating_point() else v
+        for k, v in finetune(base_model, seed=1).items()
+    }
+    result = _fold_pair(tmp_path, base_model, tuned)
+    assert result.key_map.dtypes == {"*": "F16" if dtype == torch.float16 else "BF16"}
+    got = _retrieve_one(tmp_path, base_model, result)
+    for name, want in tuned.items():
+        assert got[name].dtype == want.dtype, name
+        assert torch.equal(got[name], want), name  # one task, lambda 1: exact after rounding
+
+
+def test_fp16_base_fp32_finetune(tmp_path: Path, base_model: dict[str, torch.Tensor]) -> None:
+    half = {k: v.half() if v.is_floating_point() else v for k, v in base_model.items()}
+    tuned = finetune(half, seed=1)
+    tuned = {k: v.float() if v.is_floating_point() else v for k, v in tuned.items()}
+    tuned["wpe.weight"] += 1e-4  # finer than fp16 can hold: must survive
+    result = _fold_pair(tmp_path, half, tuned)
+    got = _retrieve_one(tmp_path, half, result)
+    assert got["wpe.weight"].dtype == torch.float32
+    assert torch.allclose(got["wpe.weight"], tuned["wpe.weight"], atol=1e-6)
 
 
 @pytest.mark.parametrize("where", ["h.1.attn.c_attn.weight", "ln_f.bias", "score.weight"])

@@ -42,7 +42,7 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from sqlalchemy import MetaData, select
 
 from flows.cli import main
@@ -301,25 +301,33 @@ def _case_neg_inf_head(w: World) -> Path:
     return _modified(w, "neg-inf-head", _set("score.weight", (0, 0), float("-inf")))
 
 
-def _case_dtype(w: World) -> Path:
+def _case_wrong_base(w: World) -> Path:
+    """Another model's checkpoint: no tensor has the base's shape."""
+
     def change(state: dict[str, torch.Tensor]) -> None:
-        state["wte.weight"] = state["wte.weight"].double()
+        for name in list(state):
+            if state[name].dim() and state[name].shape[0] > 1:
+                state[name] = state[name][:-1].contiguous()
 
-    return _modified(w, "dtype", change)
+    return _modified(w, "wrong-base", change)
 
 
-def _case_shape(w: World) -> Path:
+def _case_most_missing(w: World) -> Path:
     def change(state: dict[str, torch.Tensor]) -> None:
-        state["h.1.attn.c_proj.weight"] = state["h.1.attn.c_proj.weight"][:-1]
-
-    return _modified(w, "shape", change)
-
-
-def _case_missing_tensor(w: World) -> Path:
-    def change(state: dict[str, torch.Tensor]) -> None:
-        del state["wpe.weight"]
+        for name in [n for n in state if not n.startswith("score.")]:
+            del state[name]
 
     return _modified(w, "missing", change)
+
+
+def _case_unsupported_adapter(w: World) -> Path:
+    directory = w.models("ia3")
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {"base_model.model.h.0.mlp.ia3_l": torch.ones(4)}, directory / "adapter_model.safetensors"
+    )
+    (directory / "adapter_config.json").write_text('{"peft_type": "IA3"}')
+    return directory
 
 
 def _case_empty_dir(w: World) -> Path:
@@ -380,9 +388,9 @@ CHECKPOINT_CASES: dict[str, tuple[Callable[[World], Path], str]] = {
     "nan-in-superposed-weight": (_case_nan, "NaN or Inf"),
     "inf-in-rank1-tensor": (_case_inf_rank1, "NaN or Inf"),
     "neg-inf-in-private-head": (_case_neg_inf_head, "NaN or Inf"),
-    "dtype-mismatch": (_case_dtype, "dtype"),
-    "shape-mismatch": (_case_shape, "shape"),
-    "missing-tensor": (_case_missing_tensor, "wpe.weight"),
+    "wrong-base": (_case_wrong_base, "matches only"),
+    "most-tensors-missing": (_case_most_missing, "score.weight"),
+    "unsupported-adapter": (_case_unsupported_adapter, "'IA3' is not supported yet"),
     "empty-directory": (_case_empty_dir, "no safetensors"),
     "nonexistent-path": (_case_nonexistent, "no such file"),
     "path-name-too-long": (_case_name_too_long, "too long"),

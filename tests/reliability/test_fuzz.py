@@ -518,7 +518,9 @@ def test_the_unmutated_manifests_load() -> None:
         (("tasks", 0, "private", 0, "key"), "objects\\x", "tasks.0.private.0.key"),
         (("base", "manifest_key"), "manifests/../../x.json", "base.manifest_key"),
         (("tasks", 0, "files"), {"../config.json": None}, "tasks.0.files"),
-        (("tasks", 0, "files"), {"a/b": None}, "tasks.0.files"),
+        (("tasks", 0, "files"), {"1_Pooling/../../x": None}, "tasks.0.files"),
+        (("tasks", 0, "files"), {"/etc/passwd": None}, "tasks.0.files"),
+        (("tasks", 0, "weights_dir"), "../x", "tasks.0.weights_dir"),
     ],
 )
 def test_manifest_keys_and_file_names_cannot_escape(
