@@ -77,7 +77,7 @@ def _metadata_header(root: Path, base: Path) -> Path:
 
 
 CASES: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
-    "sparse 2 GiB tensor of the wrong shape": (_sparse_huge_tensor, "matches only 0%"),
+    "sparse 2 GiB file, no fine-tune of the base": (_sparse_huge_tensor, "matches only 0%"),
     "16 MiB header of 200k tensors": (_header_of_16_mib, "tensors declared"),
     "16 MiB of metadata, a 1 GiB tensor the base lacks": (_metadata_header, "matches only 0%"),
 }
