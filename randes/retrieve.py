@@ -110,6 +110,12 @@ class _Retrieval:
         return value.to(meta.dtype)
 
 
+TaskRetrieval = _Retrieval
+"""The per-task plan that `retrieve` and `materialize` run, under a public name: in-memory
+servers (storage.runtime) check its `specs` before touching a module and compute single
+tensors with `tensor`, so what they serve is what materialize writes, bit for bit."""
+
+
 def retrieve(
     *,
     base: CheckpointReader,

@@ -1,0 +1,178 @@
+"""Readers a `BundleRuntime` serves from: tensors held in memory, or the base read from
+its verified files; both can lend one read to the module being switched (`_Lending`).
+
+Both are `CheckpointReader` subclasses, so the retrieval plan materialize runs takes
+them where it takes a file reader, without a line of it changing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from randes.checkpoint import CheckpointReader, TensorMeta
+from randes.errors import CheckpointError, CorruptCheckpointError
+
+
+class _Lending:
+    """Lets a switch compute a tensor straight in the module's own storage.
+
+    Inside ``lend(name, target)`` the next ``get(name)`` fills ``target`` with the base
+    tensor and returns it instead of a fresh one: retrieval adds the task's delta into
+    what ``get`` returned, so no copy of the base tensor is allocated and none is copied
+    back. Only that one read of the tensor being computed is lent, so nothing else can
+    alias the module.
+    """
+
+    _lent: tuple[str, torch.Tensor] | None = None
+
+    def _fits(self, name: str, target: torch.Tensor) -> bool:
+        raise NotImplementedError
+
+    def _fill(self, name: str, target: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _take_lent(self, name: str) -> torch.Tensor | None:
+        lent = self._lent
+        if lent is None or lent[0] != name:
+            return None
+        self._lent = None  # lent once: any later read of the name gets a copy
+        return self._fill(name, lent[1])
+
+    @contextlib.contextmanager
+    def lend(self, name: str, target: torch.Tensor | None) -> Iterator[None]:
+        fits = target is not None and target.is_contiguous() and self._fits(name, target)
+        self._lent = (name, target) if fits and target is not None else None
+        try:
+            yield
+        finally:
+            self._lent = None
+
+
+class ResidentReader(_Lending, CheckpointReader):
+    """A `CheckpointReader` over tensors held in memory (on any device).
+
+    ``get`` hands out a copy, as a file reader hands out a fresh tensor: retrieval
+    adds into what it gets, and the resident tensors must never change.
+    """
+
+    def __init__(
+        self, tensors: dict[str, torch.Tensor], source: CheckpointReader, *, copies: bool = True
+    ) -> None:
+        # No super().__init__: there is no file to parse, only the source's headers.
+        self.files = list(source.files)
+        self.side_files = {}
+        self._tensors = tensors
+        self._metas = {n: TensorMeta(t.dtype, tuple(t.shape)) for n, t in sorted(tensors.items())}
+        self._file_of = {n: source.file_of(n) for n in self._metas}
+        self._handles = {}
+        self._offset = {}
+        self._copies = copies
+
+    @classmethod
+    def load(
+        cls, reader: CheckpointReader, device: torch.device, *, copies: bool = True
+    ) -> ResidentReader:
+        """Read every tensor of ``reader`` onto ``device``, one at a time.
+
+        ``copies=False`` hands out the resident tensors themselves: only for readers
+        whose consumer never writes what it gets (the codes and scales a
+        `QuantizedReader` dequantizes into a new tensor)."""
+        tensors = {name: reader.get(name).to(device) for name in reader}
+        return cls(tensors, reader, copies=copies)
+
+    def _fits(self, name: str, target: torch.Tensor) -> bool:
+        mine = self._tensors.get(name)
+        return (
+            mine is not None
+            and target.shape == mine.shape
+            and target.dtype == mine.dtype
+            and target.device == mine.device
+        )
+
+    def _fill(self, name: str, target: torch.Tensor) -> torch.Tensor:
+        return target.copy_(self._tensors[name])
+
+    def get(self, name: str) -> torch.Tensor:
+        lent = self._take_lent(name)
+        if lent is not None:
+            return lent
+        return self._tensors[name].clone() if self._copies else self._tensors[name]
+
+    def view(self, name: str) -> torch.Tensor:
+        """The resident tensor itself, read-only by contract (no copy)."""
+        return self._tensors[name]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors.values())
+
+    def close(self) -> None:
+        """Nothing to release: the runtime drops the tensors with the reader."""
+
+    def __repr__(self) -> str:
+        return f"ResidentReader({len(self)} tensors, {self.nbytes} bytes)"
+
+
+class FileBaseReader(_Lending, CheckpointReader):
+    """The base read from its verified local files each time a tensor is computed.
+
+    Its bytes then live in the page cache, not in the process: shared by every server
+    on the machine, reclaimable, and outside the RSS of each. Reading from the page
+    cache costs one copy, the same as copying a resident tensor, and a lent read lands
+    straight in the module's storage (``readinto``), so a switch is as fast either way.
+    The files were checked against their sha256 when the runtime opened them.
+    """
+
+    def __init__(self, files: list[Path], device: torch.device) -> None:
+        super().__init__(files)
+        self.device = device
+
+    def _fits(self, name: str, target: torch.Tensor) -> bool:
+        meta = self._metas.get(name)
+        return (
+            meta is not None
+            and target.device.type == "cpu"
+            and tuple(target.shape) == meta.shape
+            and target.dtype == meta.dtype
+        )
+
+    def _fill(self, name: str, target: torch.Tensor) -> torch.Tensor:
+        """``get`` into ``target``'s memory: one positional read of the validated range."""
+        path, nbytes = self._file_of[name], self._metas[name].nbytes
+        if nbytes == 0:
+            return target
+        try:
+            handle = self._handles.get(path)
+            if handle is None:
+                handle = self._handles[path] = io.FileIO(path, "rb")
+            view = target.reshape(-1).view(torch.uint8).numpy().data.cast("B")
+            handle.seek(self._offset[name])
+            got = 0
+            while got < nbytes:
+                n = handle.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot read {name!r}: {exc.strerror or exc}") from None
+        if got != nbytes:
+            raise CorruptCheckpointError(f"{path}: truncated while reading {name!r}")
+        return target
+
+    def get(self, name: str) -> torch.Tensor:
+        lent = self._take_lent(name)
+        if lent is not None:
+            return lent
+        return super().get(name).to(self.device)
+
+    def view(self, name: str) -> torch.Tensor:
+        """A fresh copy: nothing of the base is resident."""
+        return self.get(name)
+
+    nbytes = 0
+    """Bytes of the base held by the process."""
