@@ -118,10 +118,13 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.
 
 
 def _positive_scale(value: float | None) -> float | None:
-    """A lambda must be a finite number > 0: NaN would pass a plain ``> 0`` range check
-    and only fail deep inside a fold, after its objects were uploaded."""
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise typer.BadParameter(f"{value} is not a finite number > 0")
+    """A lambda must be a finite number in (0, MAX_SCALE]: NaN would pass a plain ``> 0``
+    range check and only fail deep inside a fold, after its objects were uploaded, and
+    1e300 would overflow every retrieved weight."""
+    from storage.workspace import MAX_SCALE
+
+    if value is not None and not (math.isfinite(value) and 0 < value <= MAX_SCALE):
+        raise typer.BadParameter(f"{value} is not a finite number > 0 and <= {MAX_SCALE:g}")
     return value
 
 
@@ -430,6 +433,9 @@ def remove(
     """Fold a task out (its source is fetched again by uri and checked by sha256)."""
     with _workspace() as ws, progress_bar(f"removing {task}") as progress:
         outcome = ws.remove(bundle, task, progress=progress)
+    if outcome.skipped:  # like a retried fold: what was asked for is the state now
+        out.print(f"task {task!r} already removed in version {outcome.version}: nothing to do")
+        return
     out.print(f"{bundle}: version {outcome.version} removes task {task!r}")
 
 
@@ -503,7 +509,7 @@ def _registry():  # type: ignore[no-untyped-def]
     from storage.registry import Registry
     from storage.settings import load_settings
 
-    return Registry(load_settings().resolved_database_url)
+    return Registry.open_existing(load_settings().resolved_database_url)
 
 
 @app.command()
@@ -715,6 +721,16 @@ def _configured_secrets() -> list[str]:
     from urllib.parse import quote, quote_plus
 
     values = [os.environ.get(n, "") for n in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")]
+    endpoint = os.environ.get("RANDES_S3_ENDPOINT_URL")
+    if endpoint:  # user info of an endpoint URL is a credential, its name included
+        from urllib.parse import unquote, urlsplit
+
+        try:
+            parts = urlsplit(endpoint)
+            info = [v for v in (parts.username, parts.password) if v]
+        except ValueError:  # unparsable: nothing to pick out
+            info = []
+        values += info + [unquote(v) for v in info]
     url = os.environ.get("RANDES_DATABASE_URL")
     if url:
         from sqlalchemy.engine import make_url
@@ -750,7 +766,11 @@ def main(argv: list[str] | None = None) -> Literal[0] | int:
     try:
         from flows.cli_groups import route_group_option
 
-        app(args=route_group_option(argv), standalone_mode=False)
+        # Outside standalone mode click RETURNS the code of a `typer.Exit` (the gate's
+        # exit 3 of `randes validate`) instead of raising it: pass it on.
+        code = app(args=route_group_option(argv), standalone_mode=False)
+        if isinstance(code, int) and not isinstance(code, bool) and code:
+            return code
     except (click.exceptions.Exit, typer.Exit) as exc:
         return exc.exit_code
     except _USAGE_ERRORS as exc:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from randes.errors import CheckpointError
+from randes.errors import CheckpointError, InvalidNameError
 from randes.names import validate_name
 from storage.settings import Settings
 from storage.sources import open_configured_store, split_hf_uri
@@ -22,6 +22,16 @@ from storage.sources import open_configured_store, split_hf_uri
 class Candidate:
     task: str
     source: str
+    refusal: str | None = None
+    """Why this checkpoint cannot be folded (a folder name that is no valid task name):
+    the ingest flow refuses it and folds the others, as it does for bad checkpoints."""
+
+
+def _candidate(name: str, source: str) -> Candidate:
+    try:
+        return Candidate(validate_name(name, "task name"), source)
+    except InvalidNameError as exc:
+        return Candidate(name, source, refusal=str(exc))
 
 
 def discover(source: str, *, settings: Settings) -> list[Candidate]:
@@ -52,9 +62,9 @@ def _local_candidates(root: Path) -> list[Candidate]:
         if child.name.startswith("."):
             continue
         if child.is_dir() and any(child.glob("*.safetensors")):
-            found.append(Candidate(validate_name(child.name, "task name"), str(child.resolve())))
+            found.append(_candidate(child.name, str(child.resolve())))
         elif child.is_file() and child.suffix == ".safetensors":
-            found.append(Candidate(validate_name(child.stem, "task name"), str(child.resolve())))
+            found.append(_candidate(child.stem, str(child.resolve())))
     return found
 
 
@@ -70,4 +80,4 @@ def _s3_candidates(source: str, settings: Settings) -> list[Candidate]:
         if sep and name.endswith(".safetensors"):
             tasks.add(folder)
     base = f"s3://{bucket}/{listing_prefix}"
-    return [Candidate(validate_name(t, "task name"), f"{base}{t}") for t in sorted(tasks)]
+    return [_candidate(t, f"{base}{t}") for t in sorted(tasks)]

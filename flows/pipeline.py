@@ -27,6 +27,7 @@ from flows.validation import (
 )
 from randes.errors import RandesError
 from storage.errors import StoreUnavailableError
+from storage.invariants import version_problems
 from storage.registry import DatabaseUnavailableError
 from storage.settings import load_settings
 from storage.workspace import FoldOutcome, Workspace
@@ -132,11 +133,20 @@ def validate_flow(
     with Workspace.open() as ws:
         record, manifest = ws.resolve(bundle, None if version is None else str(version))
         threshold = ws.registry.get_bundle(bundle).gate_threshold
-    futures = [
-        validate_one.submit(bundle, record.version, t.name, evaluator, scale)
-        for t in manifest.tasks
-    ]
-    report = ValidationReport(bundle, record.version, threshold, [f.result() for f in futures])
+        # The gate's first condition: the version is whole (objects present, finite,
+        # base-shaped); a broken one is rejected without measuring its tasks.
+        problems = version_problems(ws, manifest)
+    futures = (
+        []
+        if problems
+        else [
+            validate_one.submit(bundle, record.version, t.name, evaluator, scale)
+            for t in manifest.tasks
+        ]
+    )
+    report = ValidationReport(
+        bundle, record.version, threshold, [f.result() for f in futures], problems
+    )
     status = record_validation(report)
     key = f"{bundle}-validation".lower().replace("_", "-").replace(".", "-")
     create_table_artifact(
@@ -172,6 +182,10 @@ def ingest_flow(
     skipped: list[FoldOutcome] = []
     refused: list[str] = []
     for candidate in candidates:  # sequential: each fold builds on the previous head
+        if candidate.refusal is not None:
+            refused.append(f"{candidate.task!r}: {candidate.refusal}")
+            logger.error("refused %s", refused[-1])
+            continue
         if group is not None:
             state = place_checkpoint(group, candidate, return_state=True)
         else:

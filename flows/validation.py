@@ -21,13 +21,13 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from randes.checkpoint import CheckpointReader, source_digest
+from randes.checkpoint import CheckpointReader, source_digests
 from randes.errors import RandesError
 from randes.fold import check_compatible
 from randes.keymap import TensorSource
@@ -71,9 +71,13 @@ class ValidationReport:
     version: int
     threshold: float | None
     tasks: list[TaskValidation]
+    problems: list[str] = field(default_factory=list)
+    """Broken bundle-level invariants (storage.invariants): any one rejects the version."""
 
     @property
     def passed(self) -> bool:
+        if self.problems:
+            return False
         if self.threshold is None:
             return True
         return all(t.score is not None and t.score >= self.threshold for t in self.tasks)
@@ -180,11 +184,11 @@ def _open_source(ws: Workspace, entry: TaskEntry) -> CheckpointReader | None:
     """The task's source checkpoint when it can be fetched and still has its sha256."""
     try:
         resolved = resolve_source(entry.source_uri, settings=ws.settings)
-        reader = CheckpointReader.open(resolved.path)
+        reader = resolved.open()
     except RandesError:
         return None
     try:
-        matches = source_digest(reader) == entry.source_sha256
+        matches = entry.source_sha256 in source_digests(reader).all
     except RandesError:  # the source vanished or became unreadable meanwhile
         matches = False
     if not matches:
@@ -233,9 +237,12 @@ def _first_metric(result: Mapping[str, float], task: str) -> tuple[str, float]:
 
 
 def report_markdown(report: ValidationReport) -> str:
-    verdict = (
-        "validated" if report.passed else f"rejected (below gate: {', '.join(report.failing)})"
-    )
+    if report.passed:
+        verdict = "validated"
+    elif report.problems:
+        verdict = f"rejected (broken invariants: {'; '.join(report.problems)})"
+    else:
+        verdict = f"rejected (below gate: {', '.join(report.failing)})"
     lines = [
         f"# {report.bundle} version {report.version}: {verdict}",
         "",

@@ -24,7 +24,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
+import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -34,11 +36,20 @@ from typing import Any, Self
 
 import torch
 
-from randes.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
+from randes.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    SourceChangedError,
+    UnsafeCheckpointError,
+)
 from randes.sidefiles import collect_side_files, st_weights_dir
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_INDEX_BYTES = 100 * 1024 * 1024
+MAX_TENSORS = 65_536
+"""Most tensors one safetensors file may declare. Real files hold a few thousand at
+most (an MoE's experts are sharded: ~600 per file for DeepSeek-V3); the bound keeps
+what parsing a hostile header costs near 50 MB and a second."""
 MAX_RANK = 64
 """Most dimensions a tensor may have (real checkpoints use at most a handful)."""
 MAX_ELEMENTS = 2**48
@@ -53,6 +64,8 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _SHARD = re.compile(r"^(?P<prefix>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors$")
 _CHUNK = 1024 * 1024
+
+log = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -74,7 +87,7 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorMeta:
     """What a header says about a tensor: enough to plan a fold without reading data."""
 
@@ -94,8 +107,14 @@ class TensorMeta:
         return self.dtype.is_floating_point
 
 
+_DTYPE_SIZES: dict[torch.dtype, int] = {}
+
+
 def dtype_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    size = _DTYPE_SIZES.get(dtype)
+    if size is None:
+        size = _DTYPE_SIZES[dtype] = torch.empty((), dtype=dtype).element_size()
+    return size
 
 
 @dataclass(frozen=True)
@@ -130,28 +149,61 @@ def _read_layout(path: Path) -> _FileLayout:
         raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if len(raw) != n:
         raise CorruptCheckpointError(f"{path}: truncated safetensors header")
-    metas, offsets = _parse_header(path, raw, data_len=size - 8 - n)
+    held = [raw]
+    del raw  # the parser drops the bytes once decoded: a 16 MiB header is not held 3 times
+    metas, offsets = _parse_header(path, held, data_len=size - 8 - n)
     start = 8 + n
     return _FileLayout(start, metas, {k: start + v for k, v in offsets.items()})
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
+    out = dict(pairs)  # built in C: a header of 65k tensors parses in well under a second
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r}")
+            seen.add(key)
     return out
 
 
+def _no_duplicates_possible(counts: tuple[int, int, int, int], header: object) -> bool:
+    """True when the plain parse cannot have dropped a duplicate key: as many top-level
+    tensor entries as the raw text names ``"data_offsets"``, ``"dtype"`` and ``"shape"``
+    (``counts``, with ``"__metadata__"``; a duplicate would leave fewer entries than
+    names). Otherwise the header is parsed again with `_no_duplicates`, which names the
+    duplicate."""
+    if not isinstance(header, dict):
+        return True  # refused as "not a JSON object" anyway
+    declared, dtypes, shapes, metadata = counts
+    entries = len(header) - ("__metadata__" in header)
+    return entries == declared == dtypes == shapes and metadata == ("__metadata__" in header)
+
+
 def _parse_header(
-    path: Path, raw: bytes, *, data_len: int
+    path: Path, held: list[bytes], *, data_len: int
 ) -> tuple[dict[str, TensorMeta], dict[str, int]]:
+    """Parse the header bytes ``held[0]`` (taken out of the list, so that they are freed
+    once decoded)."""
+
     def bad(why: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"{path}: corrupt safetensors header: {why}")
 
+    # An upper bound on the entries, before any parsing: every tensor names its
+    # data_offsets. Parsing costs ~1 KB of Python objects per entry, so this bounds the
+    # memory (and time) a refusal costs, whatever the header claims.
+    raw = held.pop()
+    declared = raw.count(b'"data_offsets"')
+    if declared > MAX_TENSORS:
+        raise bad(f"{declared} tensors declared, more than the {MAX_TENSORS} one file may hold")
+    counts = (declared, raw.count(b'"dtype"'), raw.count(b'"shape"'), raw.count(b'"__metadata__"'))
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        text = raw.decode("utf-8")
+        del raw
+        header = json.loads(text)  # the C parser, no Python call per object
+        if not _no_duplicates_possible(counts, header):
+            header = json.loads(text, object_pairs_hook=_no_duplicates)  # exact, slower
+        del text
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise bad(f"malformed JSON ({str(exc).splitlines()[0][:200]})") from None
     if not isinstance(header, dict):
@@ -165,23 +217,26 @@ def _parse_header(
 
     metas: dict[str, TensorMeta] = {}
     spans: list[tuple[int, int, str]] = []
-    for name, info in header.items():
-        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+    for name in list(header):
+        info = header.pop(name)  # each parsed entry freed as its TensorMeta is made
+        if not (
+            type(info) is dict
+            and len(info) == 3
+            and "dtype" in info
+            and "shape" in info
+            and "data_offsets" in info
+        ):
             raise bad(f"tensor {_short(name)}: expected dtype, shape, data_offsets")
         dtype = DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
         if dtype is None:
             raise bad(f"tensor {_short(name)}: unsupported dtype {_short(info['dtype'], 40)}")
         shape = info["shape"]
-        if not isinstance(shape, list) or not all(_is_nonneg_int(d) for d in shape):
+        if not (type(shape) is list and _nonneg_ints(shape)):
             raise bad(f"tensor {_short(name)}: shape must be a list of non-negative integers")
         if len(shape) > MAX_RANK or not _plausible_size(shape):
             raise bad(f"tensor {_short(name)}: implausible shape (rank {len(shape)})")
         offsets = info["data_offsets"]
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(_is_nonneg_int(o) for o in offsets)
-        ):
+        if not (type(offsets) is list and len(offsets) == 2 and _nonneg_ints(offsets)):
             raise bad(f"tensor {_short(name)}: data_offsets must be two non-negative integers")
         begin, end = offsets
         if not begin <= end <= data_len:
@@ -209,8 +264,9 @@ def _parse_header(
     return metas, {name: begin for begin, _, name in spans}
 
 
-def _is_nonneg_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _nonneg_ints(values: list[Any]) -> bool:
+    """Every value a non-negative int (``type is int``: bool is refused, as JSON's true)."""
+    return all(type(value) is int and value >= 0 for value in values)
 
 
 def _plausible_size(shape: list[int]) -> bool:
@@ -247,6 +303,9 @@ class CheckpointReader:
     ) -> None:
         self.files: list[Path] = [Path(f) for f in files]
         self.side_files: dict[str, Path] = dict(side_files or {})
+        self.side_sha256: dict[str, str] = {}
+        """sha256 of each side file's bytes, once `source_digests` hashed them."""
+        self._pinned: dict[str, str] | None = None  # tensor -> sha256 of its bytes
         self.weights_dir = ""
         """Subfolder of the source directory holding the weights ('' for its root)."""
         self._metas: dict[str, TensorMeta] = {}
@@ -272,49 +331,67 @@ class CheckpointReader:
             _check_index(self._file_of, expected)
 
     @classmethod
-    def open(cls, source: Path) -> Self:
+    def open(cls, source: Path, *, confine_to: Path | None = None) -> Self:
         """Open a .safetensors file, or a dir in Hugging Face layout.
 
+        Every file read (weights, index, side files) must lie inside ``confine_to``
+        (default: the directory ``source`` is or lies in) once links are resolved
+        (`confined`): a link out of the checkpoint is refused, never followed.
         Every failure is a `CheckpointError`, including what the filesystem says about
         an odd path (a name too long, a directory that cannot be listed).
         """
         source = Path(source)
         try:
-            return cls._open(source)
+            return cls._open(source, confine_to)
         except OSError as exc:
             raise CheckpointError(f"{source}: cannot read: {exc.strerror or exc}") from None
 
     @classmethod
-    def _open(cls, source: Path) -> Self:
+    def _open(cls, source: Path, confine_to: Path | None) -> Self:
         if not source.exists():
             raise CheckpointError(f"{source}: no such file or directory")
         if source.is_file():
             _refuse_pickle(source)
             if source.suffix != ".safetensors":
                 raise CheckpointError(f"{source}: not a .safetensors file")
-            side = _side_files(source.parent) if _is_hf_weight_name(source.name) else {}
-            return cls([source], side)
+            root = confine_to or source.parent
+            side = _side_files(source.parent, root) if _is_hf_weight_name(source.name) else {}
+            return cls([confined(source, root)], side)
         if not source.is_dir():
             raise CheckpointError(f"{source}: not a file or directory")
-        return cls._open_dir(source)
+        return cls._open_dir(source, confine_to or source)
 
     @classmethod
-    def _open_dir(cls, root: Path) -> Self:
-        side = _side_files(root)
+    def _open_dir(cls, root: Path, allowed: Path) -> Self:
+        side = _side_files(root, allowed)
         index = root / INDEX_FILE
+        single = root / SINGLE_FILE
+        if single.is_file():
+            # transformers' own precedence (modeling_utils: model.safetensors before
+            # its index): the file from_pretrained loads is the one folded, even when
+            # an index and shards lie next to it.
+            if index.exists():
+                log.warning(
+                    "%s holds both %s and %s: folding %s, which transformers' "
+                    "from_pretrained loads first",
+                    root,
+                    SINGLE_FILE,
+                    INDEX_FILE,
+                    SINGLE_FILE,
+                )
+            return cls([confined(single, allowed)], side)
         if index.is_file():
-            files, expected = _read_index(index)
-            return cls(files, side, expected=expected)
-        if (root / SINGLE_FILE).is_file():
-            return cls([root / SINGLE_FILE], side)
+            files, expected = _read_index(confined(index, allowed))
+            return cls([confined(f, allowed) for f in files], side, expected=expected)
         weights = sorted(p for p in root.iterdir() if p.suffix == ".safetensors" and p.is_file())
         if len(weights) == 1:
-            return cls(weights, side)
+            return cls([confined(weights[0], allowed)], side)
         if weights:
-            return cls(_complete_shard_set(root, weights), side)
+            shards = _complete_shard_set(root, weights)
+            return cls([confined(f, allowed) for f in shards], side)
         sub = st_weights_dir(root)
         if sub is not None:  # sentence-transformers' legacy layout: weights in 0_Transformer/
-            reader = cls._open_dir(root.joinpath(*sub.split("/")))
+            reader = cls._open_dir(root.joinpath(*sub.split("/")), allowed)
             reader.side_files = side
             reader.weights_dir = sub
             return reader
@@ -386,7 +463,18 @@ class CheckpointReader:
             raise CheckpointError(f"{path}: cannot read {name!r}: {exc.strerror or exc}") from None
         if got != nbytes:
             raise CorruptCheckpointError(f"{path}: truncated while reading {name!r}")
+        if self._pinned is not None and hashlib.sha256(view).hexdigest() != self._pinned[name]:
+            raise SourceChangedError(
+                f"{path}: tensor {_short(name)} changed since the checkpoint was hashed "
+                "(rewritten while it was read?); nothing was folded, run it again once "
+                "the file is stable"
+            )
         return tensor
+
+    def pin(self, tensor_sha256: dict[str, str]) -> None:
+        """From now on every `get` checks its bytes against ``tensor_sha256``: what is
+        folded is what was hashed (`source_digests` pins the reader it hashes)."""
+        self._pinned = dict(tensor_sha256)
 
     def close(self) -> None:
         handles, self._handles = self._handles, {}
@@ -420,8 +508,29 @@ def _is_hf_weight_name(name: str) -> bool:
     return name == SINGLE_FILE or _SHARD.match(name) is not None
 
 
-def _side_files(root: Path) -> dict[str, Path]:
-    return collect_side_files(root)
+def confined(path: Path, root: Path) -> Path:
+    """``path`` with its links resolved, refused unless it lies inside ``root``.
+
+    The one rule for every file read from a checkpoint (weights, index, shards the index
+    names, side files such as config.json): a link may point within the checkpoint's
+    directory (Hugging Face's cache links snapshots to its blobs), never out of it, so
+    a crafted checkpoint cannot make the pipeline copy /etc/shadow or ~/.aws/credentials
+    into a store that serves it back. ``path`` itself is returned: its name is the one
+    the checkpoint uses (an index names shards, a digest frames weight files by it).
+    """
+    real = Path(path).resolve()
+    inside = Path(root).resolve()
+    if real != inside and not real.is_relative_to(inside):
+        raise UnsafeCheckpointError(
+            f"{_short(str(path), 160)}: a link to {_short(str(real), 160)}, outside the "
+            f"checkpoint directory {_short(str(root), 160)}; refused (copy the file in instead)"
+        )
+    return Path(path)
+
+
+def _side_files(root: Path, allowed: Path) -> dict[str, Path]:
+    """The side files of ``root`` (`randes.sidefiles`), each `confined` to ``allowed``."""
+    return {name: confined(path, allowed) for name, path in collect_side_files(root).items()}
 
 
 def _read_index(index: Path) -> tuple[list[Path], dict[str, str]]:
@@ -485,25 +594,100 @@ def _complete_shard_set(root: Path, weights: list[Path]) -> list[Path]:
     return weights
 
 
-def source_digest(reader: CheckpointReader) -> str:
-    """sha256 over a checkpoint's content, independent of where it lies.
+@dataclass(frozen=True)
+class SourceDigests:
+    """The identities of one checkpoint, computed in one pass over its bytes.
 
-    Weight files sorted by basename, then side files sorted by name; each contributes
-    its name, its length and its bytes (streamed 1 MiB at a time), so identical
-    checkpoints hash identically and no two different ones share a framing.
+    ``content`` (what ledgers and tasks record from now on) hashes what a fold reads:
+    every tensor by name with its dtype, shape and data bytes, and every side file's
+    bytes, so the same tensors re-serialized (a header padded or reordered, shards cut
+    differently) are the same checkpoint. ``legacy`` is the file-bytes digest that rows
+    written before it hold, so a ledger or task row of that era still matches.
     """
-    digest = hashlib.sha256(b"randes/source/v1\n")
-    entries = [(b"weights", p.name, p) for p in sorted(reader.files, key=lambda p: p.name)]
-    entries += [(b"side", name, reader.side_files[name]) for name in sorted(reader.side_files)]
-    for kind, name, path in entries:
-        encoded = name.encode("utf-8", "surrogateescape")
+
+    content: str
+    legacy: str
+
+    @property
+    def all(self) -> tuple[str, str]:
+        return (self.content, self.legacy)
+
+
+def source_digest(reader: CheckpointReader) -> str:
+    """The content digest of `source_digests` (and the reader is pinned to it)."""
+    return source_digests(reader).content
+
+
+def source_digests(reader: CheckpointReader) -> SourceDigests:
+    """Hash a checkpoint once, and pin ``reader`` to what was hashed.
+
+    Every tensor's bytes get their own sha256, which `CheckpointReader.get` then checks
+    on each read: a file rewritten between hashing and folding is refused instead of
+    folding other bytes than the ones recorded (which would make a later `remove`
+    subtract the wrong delta). Side files' digests land in ``reader.side_sha256``.
+    """
+    legacy = hashlib.sha256(b"randes/source/v1\n")
+    tensor_sha: dict[str, str] = {}
+    for path in sorted(reader.files, key=lambda p: p.name):
+        names = sorted((reader._offset[n], n) for n, f in reader._file_of.items() if f == path)
         try:
-            size = path.stat().st_size
-            digest.update(kind + b"\0" + len(encoded).to_bytes(8, "big") + encoded)
-            digest.update(size.to_bytes(8, "big"))
             with path.open("rb") as fh:
-                while chunk := fh.read(_CHUNK):
-                    digest.update(chunk)
+                size = os.fstat(fh.fileno()).st_size
+                _frame(legacy, b"weights", path.name, size)
+                start = names[0][0] if names else size
+                _copy_into(fh, start, path, legacy)
+                for _, name in names:
+                    one = hashlib.sha256()
+                    _copy_into(fh, reader._metas[name].nbytes, path, legacy, one)
+                    tensor_sha[name] = one.hexdigest()
+                while chunk := fh.read(_CHUNK):  # bytes past the last tensor: legacy only
+                    legacy.update(chunk)
         except OSError as exc:
             raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    return digest.hexdigest()
+    side_sha: dict[str, str] = {}
+    for name in sorted(reader.side_files):
+        path = reader.side_files[name]
+        try:
+            with path.open("rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                _frame(legacy, b"side", name, size)
+                one = hashlib.sha256()
+                while chunk := fh.read(_CHUNK):
+                    legacy.update(chunk)
+                    one.update(chunk)
+                side_sha[name] = one.hexdigest()
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    content = hashlib.sha256(b"randes/source/v2\n")
+    for name in sorted(tensor_sha):
+        meta = reader._metas[name]
+        dims = ",".join(str(d) for d in meta.shape)
+        _field(content, f"tensor {name} {DTYPE_NAMES[meta.dtype]} [{dims}] {tensor_sha[name]}")
+    for name, sha in sorted(side_sha.items()):
+        _field(content, f"side {name} {sha}")
+    reader.pin(tensor_sha)
+    reader.side_sha256 = side_sha
+    return SourceDigests(content=content.hexdigest(), legacy=legacy.hexdigest())
+
+
+def _frame(digest: Any, kind: bytes, name: str, size: int) -> None:
+    encoded = name.encode("utf-8", "surrogateescape")
+    digest.update(kind + b"\0" + len(encoded).to_bytes(8, "big") + encoded)
+    digest.update(size.to_bytes(8, "big"))
+
+
+def _field(digest: Any, text: str) -> None:
+    encoded = text.encode("utf-8", "surrogateescape")
+    digest.update(len(encoded).to_bytes(8, "big") + encoded)
+
+
+def _copy_into(fh: Any, nbytes: int, path: Path, *digests: Any) -> None:
+    """Feed the next ``nbytes`` of ``fh`` to every digest (the file must still hold them)."""
+    remaining = nbytes
+    while remaining:
+        chunk = fh.read(min(_CHUNK, remaining))
+        if not chunk:
+            raise CorruptCheckpointError(f"{path}: truncated while it was hashed")
+        for digest in digests:
+            digest.update(chunk)
+        remaining -= len(chunk)

@@ -30,6 +30,10 @@ class IncompatibleCheckpointError(CheckpointError):
     """A checkpoint whose tensors do not match the base (shape, dtype, missing keys)."""
 
 
+class SourceChangedError(CheckpointError):
+    """A checkpoint whose bytes changed between being hashed and being read."""
+
+
 class NonFiniteTensorError(CheckpointError):
     """A checkpoint tensor holding NaN or Inf."""
 

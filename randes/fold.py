@@ -90,7 +90,11 @@ _NORM_BLOCK = 4096
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
-    if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+    if not tensor.dtype.is_floating_point:
+        return
+    if tensor.element_size() == 1:  # float8: torch has no isfinite for it
+        tensor = tensor.to(torch.float32)
+    if not bool(torch.isfinite(tensor).all()):
         raise NonFiniteTensorError(f"checkpoint tensor {name!r} holds NaN or Inf")
 
 
@@ -153,6 +157,18 @@ def check_compatible(base: CheckpointReader, checkpoint: CheckpointReader) -> Re
         as_dense(checkpoint, base),
         config=read_config(checkpoint.side_files.get("config.json")),
     )
+
+
+def check_written(slot: str, stored: torch.Tensor) -> None:
+    """What a fold writes must be finite: finite inputs can still overflow the bundle
+    dtype (1e5 in float16, 2e38 + 2e38 in float32), and a non-finite slot would break
+    every task of the bundle, the innocent ones included. Refuse the checkpoint."""
+    if not bool(torch.isfinite(stored).all()):
+        raise NonFiniteTensorError(
+            f"folding this checkpoint would make superposition slot {slot!r} overflow "
+            f"{str(stored.dtype).removeprefix('torch.')} (Inf/NaN); checkpoint refused, "
+            "the bundle is unchanged"
+        )
 
 
 def check_superposition(
@@ -273,6 +289,7 @@ def fold(
                 value = value.add_(parent.get(slot).to(torch.float32))
             stored = value.to(dtype)
             del value
+            check_written(slot, stored)
             sup_writer.add(slot, stored)
             if serving_writer is not None:
                 serving_writer.add(slot, stored)

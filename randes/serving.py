@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from randes.checkpoint import CheckpointReader, TensorMeta
-from randes.errors import IncompatibleCheckpointError
+from randes.errors import IncompatibleCheckpointError, NonFiniteTensorError
 from randes.quantize import (
     CODES_SUFFIX,
     SCALES_SUFFIX,
@@ -110,6 +110,8 @@ class ServingWriter:
     def add(self, slot: str, value: torch.Tensor) -> None:
         """Quantize one master slot (any float dtype) and write its codes and scales."""
         q = quantize(value, self.scheme)
+        if not bool(torch.isfinite(q.scales).all()):  # the master is checked by the fold
+            raise NonFiniteTensorError(f"serving copy of slot {slot!r} is not finite")
         self._codes_feed.put(codes_name(slot), q.codes)
         self._scales_feed.put(scales_name(slot), q.scales)
 

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from randes import capacity
-from randes.checkpoint import CheckpointReader, source_digest
+from randes.checkpoint import CheckpointReader, source_digests
 from randes.config import TransformConfig, stored_config
 from randes.errors import IntegrityError, RandesError
 from randes.fold import check_compatible, superposed_names
@@ -234,15 +234,15 @@ def place(
     g = ws.registry.get_group(group)
     config = stored_config(g.transform)
     resolved = resolve_source(source, settings=ws.settings)
-    with CheckpointReader.open(resolved.path) as checkpoint:
-        digest = source_digest(checkpoint)
-        found = find_checkpoint(ws, group, digest)
-        if found is not None:
-            return Placement(group, found)
-        with open_base(ws, g.base_name) as base:
-            check_compatible(base, checkpoint)
-            names = superposed_names(base, config)
-            norms = capacity.measure_delta_norms(base, checkpoint, config)
+    with resolved.open() as checkpoint, open_base(ws, g.base_name) as base:
+        check_compatible(base, checkpoint)  # headers first: a refusal is never hashed
+        digests = source_digests(checkpoint)
+        digest = digests.content
+        for known in digests.all:
+            if (found := find_checkpoint(ws, group, known)) is not None:
+                return Placement(group, found)
+        names = superposed_names(base, config)
+        norms = capacity.measure_delta_norms(base, checkpoint, config)
     base_norms = ws.base_manifest(g.base_name).norms
 
     for attempt in range(1, MAX_PLACEMENT_ATTEMPTS + 1):

@@ -24,6 +24,17 @@ def blob_key(sha256: str) -> str:
     return f"objects/{sha[:2]}/{sha}"
 
 
+_PIPELINE_KEY = re.compile(
+    r"^(?:objects/([0-9a-f]{2})/\1[0-9a-f]{62}|manifests/[0-9a-f]{64}\.json)$"
+)
+
+
+def is_pipeline_key(key: str) -> bool:
+    """A key this pipeline writes (`blob_key` or `manifest_key`): the only ones `gc` may
+    delete. Anything else under the store's root is someone else's and is left alone."""
+    return _PIPELINE_KEY.fullmatch(key) is not None
+
+
 def manifest_key(sha256: str) -> str:
     """Key of a bundle-version or base-model manifest."""
     sha = _checked(sha256)

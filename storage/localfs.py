@@ -8,6 +8,7 @@ either absent, empty, or complete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import shutil
 import tempfile
@@ -35,7 +36,7 @@ def reports_full_disk(method: Callable[_P, _R]) -> Callable[_P, _R]:
             workspace = args[0] if args else None
             cache = getattr(getattr(workspace, "settings", None), "resolved_cache_dir", None)
             where = f"work files under {cache}, or the destination" if cache else "local files"
-            translated = disk_full_error(exc, f"a local file ({where})")
+            translated = disk_full_error(exc, f"a local file ({where})") or local_file_error(exc)
             if translated is None:
                 raise
             raise translated from exc
@@ -43,7 +44,37 @@ def reports_full_disk(method: Callable[_P, _R]) -> Callable[_P, _R]:
     return wrapper
 
 
+class LocalFileError(RandesError):
+    """A local path the command must write or read is not usable: a regular file where a
+    directory must be, no permission, a read-only file system..."""
+
+
+_ENVIRONMENT_ERRNOS = frozenset(
+    {
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.EEXIST,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EROFS,
+        errno.ELOOP,
+        errno.ENAMETOOLONG,
+    }
+)
+
+
+def local_file_error(exc: OSError) -> LocalFileError | None:
+    """One line for what the file system says about a path of the environment (RANDES_HOME,
+    the cache, a destination), or None for other errors (bugs keep their traceback)."""
+    if exc.errno not in _ENVIRONMENT_ERRNOS:
+        return None
+    where = exc.filename if exc.filename is not None else "a local path"
+    return LocalFileError(f"cannot use {where}: {exc.strerror or exc}")
+
+
 def check_destination(dest: Path) -> None:
+    if dest.is_symlink():  # written through, the link would put the result elsewhere
+        raise RandesError(f"destination {dest} is a symbolic link; give the real path")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise RandesError(f"destination {dest} exists and is not an empty directory")
 
@@ -53,8 +84,14 @@ def staged_directory(dest: Path) -> Iterator[Path]:
     """A sibling temporary directory renamed onto ``dest`` on success, removed on failure,
     so ``dest`` either does not exist (or stays empty) or holds the whole result."""
     check_destination(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    except OSError as exc:
+        translated = local_file_error(exc)
+        if translated is None:
+            raise
+        raise RandesError(f"destination {dest}: {translated}") from None
     try:
         yield staging
         if dest.exists():

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from randes.errors import RandesError
 
 
 class Settings(BaseSettings):
@@ -54,5 +56,18 @@ class Settings(BaseSettings):
         return (self.cache_dir or self.home / "cache").resolve()
 
 
+class SettingsError(RandesError):
+    """A ``RANDES_*`` variable whose value cannot be used (not a number, out of range...)."""
+
+
 def load_settings() -> Settings:
-    return Settings()
+    """The settings of the environment; a bad value is one `SettingsError` line naming
+    the variable (never its value: RANDES_DATABASE_URL may hold a password)."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = [
+            f"RANDES_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+            for e in exc.errors(include_input=False, include_url=False)
+        ]
+        raise SettingsError("invalid setting " + "; ".join(problems)) from None

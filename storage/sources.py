@@ -11,15 +11,21 @@ import hashlib
 import logging
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
+from randes.checkpoint import CheckpointReader
 from randes.errors import CheckpointError, UnsafeCheckpointError
 from storage.settings import Settings
 
 if TYPE_CHECKING:
     from storage.store import ObjectStore
+    from storage.store.base import ObjectInfo
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 WANTED_SUFFIXES = (".safetensors", ".json")
@@ -32,6 +38,13 @@ class ResolvedSource:
 
     uri: str
     path: Path
+    root: Path | None = None
+    """The directory no file of the checkpoint may lie outside of, links resolved
+    (`randes.checkpoint.confined`); None: the checkpoint's own directory."""
+
+    def open(self) -> CheckpointReader:
+        """The checkpoint's reader, every file it reads confined to ``root``."""
+        return CheckpointReader.open(self.path, confine_to=self.root)
 
 
 def resolve_source(source: str, *, settings: Settings) -> ResolvedSource:
@@ -43,7 +56,11 @@ def resolve_source(source: str, *, settings: Settings) -> ResolvedSource:
     if "://" in source and not source.startswith("file://"):
         raise CheckpointError(f"unsupported source {source!r}: use a path, s3:// or hf://")
     try:
-        path = Path(source.removeprefix("file://")).expanduser()
+        if source.startswith("file://"):
+            # a recorded uri (Path.as_uri) percent-encodes spaces and accents: decode it
+            path = Path(url2pathname(urlsplit(source).path))
+        else:
+            path = Path(source).expanduser()
         if not path.exists():
             raise CheckpointError(f"no such file or directory: {_short(str(path))}")
         path = path.resolve()
@@ -85,7 +102,8 @@ def _resolve_hf(source: str) -> ResolvedSource:
             f"{source}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
         ) from None
     commit = local.name  # snapshots/<commit sha>
-    return ResolvedSource(uri=f"hf://{repo_id}@{commit}", path=local)
+    # The cache links snapshots/<commit>/<file> to blobs/<sha>: both under the repo's folder.
+    return ResolvedSource(uri=f"hf://{repo_id}@{commit}", path=local, root=local.parent.parent)
 
 
 class RedactS3Credentials(logging.Filter):
@@ -160,33 +178,71 @@ def open_configured_store(url: str, settings: Settings) -> ObjectStore:
 
 
 def _resolve_s3(source: str, settings: Settings) -> ResolvedSource:
+    """Download an S3 checkpoint (one object, or the files of one prefix) to the cache.
+
+    The local copy is keyed by what the store says of the objects NOW (key, size, ETag,
+    last-modified), never by the uri alone: a checkpoint replaced under the same uri
+    gets a fresh copy, and leftovers of an older one (a shard set replaced by a single
+    file) can never be folded. A copy is built in a private directory and renamed into
+    place whole, so a concurrent or killed download never leaves a mixed one.
+    """
     bucket, _, key = source.removeprefix("s3://").partition("/")
     if not bucket:
-        raise CheckpointError(f"invalid S3 source {source!r}: use s3://bucket/key")
+        raise CheckpointError(f"invalid S3 source {_short(source)!r}: use s3://bucket/key")
     store = open_configured_store(f"s3://{bucket}", settings)
     key = key.strip("/")
     prefix = f"{key}/" if key else ""
     objects = [info for info in store.list(prefix) if info.key != prefix]
-    single = key and not objects and store.exists(key)
-    target = settings.resolved_cache_dir / "sources" / hashlib.sha256(source.encode()).hexdigest()
-    if single:
+    if key and not objects:
+        if not store.exists(key):
+            raise CheckpointError(f"no such S3 object or prefix: {_short(source)}")
         if key.endswith(PICKLE_SUFFIXES):
             raise UnsafeCheckpointError(
-                f"{source}: pickle checkpoints are refused (they can run code)"
+                f"{_short(source)}: pickle checkpoints are refused (they can run code)"
             )
-        dest = target / PurePosixPath(key).name
-        store.get_file(key, dest, sha256=None)
-        return ResolvedSource(uri=source, path=dest)
+        info = store.stat(key)
+        copy = _cached_copy(store, source, [(info, PurePosixPath(key).name)], settings)
+        return ResolvedSource(uri=source, path=copy / PurePosixPath(key).name)
     if not objects:
-        raise CheckpointError(f"no such S3 object or prefix: {source}")
-    names = [info.key[len(prefix) :] for info in objects]
-    wanted = [n for n in names if "/" not in n and n.endswith(WANTED_SUFFIXES)]
-    if not any(n.endswith(".safetensors") for n in wanted):
-        if any(n.endswith(PICKLE_SUFFIXES) for n in names):
+        raise CheckpointError(f"no such S3 object or prefix: {_short(source)}")
+    named = [(info, info.key[len(prefix) :]) for info in objects]
+    wanted = [(i, n) for i, n in named if "/" not in n and n.endswith(WANTED_SUFFIXES)]
+    if not any(n.endswith(".safetensors") for _, n in wanted):
+        if any(n.endswith(PICKLE_SUFFIXES) for _, n in named):
             raise UnsafeCheckpointError(
-                f"{source}: only pickle checkpoints found; they are refused (they can run code)"
+                f"{_short(source)}: only pickle checkpoints found; they are refused (they "
+                "can run code)"
             )
-        raise CheckpointError(f"{source}: no .safetensors file under this prefix")
-    for name in wanted:
-        store.get_file(prefix + name, target / name, sha256=None)
-    return ResolvedSource(uri=source.rstrip("/"), path=target)
+        raise CheckpointError(f"{_short(source)}: no .safetensors file under this prefix")
+    copy = _cached_copy(store, source, wanted, settings)
+    return ResolvedSource(uri=source.rstrip("/"), path=copy)
+
+
+def _cached_copy(
+    store: ObjectStore, source: str, objects: list[tuple[ObjectInfo, str]], settings: Settings
+) -> Path:
+    """cache/sources/<sha(uri)>/<sha(listing)>: the listed objects, downloaded once."""
+    listing = hashlib.sha256()
+    for info, name in sorted(objects, key=lambda pair: pair[1]):
+        stamp = f"{name}\0{info.size}\0{info.etag or ''}\0{info.last_modified.isoformat()}\n"
+        listing.update(stamp.encode("utf-8", "surrogateescape"))
+    parent = settings.resolved_cache_dir / "sources" / hashlib.sha256(source.encode()).hexdigest()
+    target = parent / listing.hexdigest()
+    if target.is_dir():
+        return target
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=parent, prefix=".tmp-"))
+    try:
+        for info, name in objects:
+            store.get_file(info.key, staging / name, sha256=None)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not target.is_dir():  # else a concurrent download of the same listing won
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for stale in parent.iterdir():  # copies of what the uri named before: never used again
+        if stale != target and not stale.name.startswith(".tmp-"):
+            shutil.rmtree(stale, ignore_errors=True)
+    return target

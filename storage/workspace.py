@@ -29,11 +29,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from randes.adapters import is_adapter, task_side_files
-from randes.checkpoint import CheckpointReader, source_digest
+from randes.checkpoint import CheckpointReader, source_digests
 from randes.config import TransformConfig, stored_config
-from randes.errors import IntegrityError, RandesError
-from randes.fold import fold, superposition_metas, unfold
+from randes.errors import IntegrityError, NonFiniteTensorError, RandesError
+from randes.fold import check_compatible, fold, superposition_metas, unfold
 from randes.manifest import (
     BaseManifest,
     BaseRef,
@@ -53,8 +55,14 @@ from randes.serving import QuantizedReader
 from randes.writer import WrittenShard
 from storage.cache import ObjectCache, file_sha256, integrity_context, version_context
 from storage.errors import StoreError
-from storage.keys import blob_key, manifest_key
-from storage.localfs import check_destination, reports_full_disk, staged_directory
+from storage.keys import blob_key, is_pipeline_key, manifest_key
+from storage.localfs import (
+    LocalFileError,
+    check_destination,
+    local_file_error,
+    reports_full_disk,
+    staged_directory,
+)
 from storage.pulled import pointer_json, pulled_shards
 from storage.registry import (
     AlreadyIngestedError,
@@ -85,6 +93,10 @@ Progress = Callable[[int, int], None]
 
 LEASE_TTL_S = 6 * 3600.0
 """How long keys written by a fold stay protected from `gc` if the fold dies uncommitted."""
+
+MAX_SCALE = 1000.0
+"""Largest lambda accepted: retrieval is theta_base + lambda * delta, and useful lambdas
+are near 1; past this a retrieved weight would only hold the noise (or overflow)."""
 
 MAX_FOLD_ATTEMPTS = 20
 """Rebuilds on a newer head before giving up when many writers race on one bundle."""
@@ -141,7 +153,13 @@ class Workspace:
         self.settings = settings
         self.store = store or open_configured_store(settings.resolved_store_url, settings)
         self.registry = registry or Registry(settings.resolved_database_url)
-        self.cache = ObjectCache(settings.resolved_cache_dir / "objects", self.store)
+        try:
+            self.cache = ObjectCache(settings.resolved_cache_dir / "objects", self.store)
+        except OSError as exc:  # the cache dir (or RANDES_HOME) is a file, not writable...
+            translated = local_file_error(exc)
+            if translated is None:
+                raise
+            raise LocalFileError(f"cache directory (RANDES_CACHE_DIR): {translated}") from None
         self.work_root = settings.resolved_cache_dir / "work"
 
     @classmethod
@@ -181,13 +199,16 @@ class Workspace:
         """
         validate_name(name, "base name")
         resolved = resolve_source(source, settings=self.settings)
-        with CheckpointReader.open(resolved.path) as reader:
+        with resolved.open() as reader:
             if is_adapter(reader):
                 raise RandesError(
                     f"{source}: a PEFT adapter is not a base model; register the model it "
                     "was trained on, then fold the adapter"
                 )
-            digest = source_digest(reader)
+            digest = source_digests(reader).content
+            # Every tensor is read (and checked finite) before anything is uploaded: a
+            # base holding NaN/Inf would make every later fold fail, and is refused here.
+            norms = _base_norms(reader)
             side = sorted(reader.side_files.items())
             shas = {path: file_sha256(path) for path in [*reader.files, *(p for _, p in side)]}
             owner = uuid.uuid4().hex
@@ -198,11 +219,6 @@ class Workspace:
                     for path in reader.files
                 ]
                 files = {n: self._upload_file(p, [], sha=shas[p]) for n, p in side}
-                norms = {
-                    key: float(reader.get(key).double().norm())
-                    for key in reader.keys()  # noqa: SIM118
-                    if reader.meta(key).dtype.is_floating_point
-                }
                 manifest = BaseManifest(
                     name=name,
                     uri=resolved.uri,
@@ -268,10 +284,15 @@ class Workspace:
         bundle_rec = self.registry.get_bundle(bundle)
         config = stored_config(bundle_rec.transform)
         resolved = resolve_source(source, settings=self.settings)
-        with CheckpointReader.open(resolved.path) as checkpoint:
-            digest = source_digest(checkpoint)
+        with resolved.open() as checkpoint:
+            # Headers first: a checkpoint they refuse is never hashed (cost: nothing,
+            # whatever its size); the hash then pins what the fold reads.
+            with self._base_reader(bundle_rec) as base:
+                check_compatible(base, checkpoint)
+            digests = source_digests(checkpoint)
+            digest = digests.content
             for attempt in range(1, MAX_FOLD_ATTEMPTS + 1):
-                hit = self.registry.ledger_lookup(bundle, digest)
+                hit = self._ledger_hit(bundle, digests.all)
                 if hit is not None:
                     return FoldOutcome(bundle, hit[0], hit[1], skipped=True, attempts=attempt)
                 head = self.registry.head(bundle)
@@ -293,7 +314,11 @@ class Workspace:
                                 progress=progress,
                             )
                         kind, side = task_side_files(checkpoint)
-                        side_shas = {p: file_sha256(p) for p in side.values()}
+                        hashed = {  # side files hashed by source_digests, in its pass
+                            checkpoint.side_files[n]: sha
+                            for n, sha in checkpoint.side_sha256.items()
+                        }
+                        side_shas = {p: hashed.get(p) or file_sha256(p) for p in side.values()}
                         owner = uuid.uuid4().hex
                         try:
                             self._lease(
@@ -373,10 +398,13 @@ class Workspace:
             parent = self.manifest(head) if head is not None else None
             entry = next((t for t in (parent.tasks if parent else []) if t.name == task), None)
             if head is None or parent is None or entry is None:
+                removed = self._removed_in(bundle, task)
+                if removed is not None:  # a retry of a remove that committed: a no-op
+                    return FoldOutcome(bundle, task, removed, skipped=True, attempts=attempt)
                 raise TaskNotFoundError(bundle, task)
             resolved = resolve_source(entry.source_uri, settings=self.settings)
-            with CheckpointReader.open(resolved.path) as checkpoint:
-                if source_digest(checkpoint) != entry.source_sha256:
+            with resolved.open() as checkpoint:
+                if entry.source_sha256 not in source_digests(checkpoint).all:
                     raise IntegrityError(
                         f"source of task {task!r} ({entry.source_uri}) changed since it was "
                         "folded; cannot remove it exactly"
@@ -420,6 +448,23 @@ class Workspace:
         raise FoldContentionError(
             f"bundle {bundle!r}: lost the race for a new version {MAX_FOLD_ATTEMPTS} times"
         )
+
+    def _removed_in(self, bundle: str, task: str) -> int | None:
+        """The version that removed ``task`` when no live task has that name, else None."""
+        records = self.registry.tasks(bundle, include_removed=True)
+        if any(r.name == task and r.removed_in_version is None for r in records):
+            return None
+        removed = [r.removed_in_version for r in records if r.name == task]
+        return max((v for v in removed if v is not None), default=None)
+
+    def _ledger_hit(self, bundle: str, digests: Sequence[str]) -> tuple[str, int] | None:
+        """The ledger row of a checkpoint under any of its digests (content digest, or
+        the file-bytes digest rows written before content digests hold)."""
+        for digest in digests:
+            hit = self.registry.ledger_lookup(bundle, digest)
+            if hit is not None:
+                return hit
+        return None
 
     # --------------------------------------------------------------- retrieve
     def task_scale(
@@ -554,13 +599,19 @@ class Workspace:
         now = dt.datetime.now(dt.UTC)
         candidates: list[str] = []
         young = 0
+        foreign = 0
         for info in self.store.list(""):
             if info.key in keep:
+                continue
+            if not is_pipeline_key(info.key):  # not ours: never deleted, never fatal
+                foreign += 1
                 continue
             if (now - info.last_modified).total_seconds() < grace_s:
                 young += 1
                 continue
             candidates.append(info.key)
+        if foreign:
+            log.warning("gc: left %d object(s) alone that this pipeline did not write", foreign)
         if dry_run:
             return GcReport(deleted=candidates, kept_young=young, referenced=len(keep))
         deleted: list[str] = []
@@ -871,12 +922,29 @@ def _check_scale(scale: float | None) -> None:
         return
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise InvalidValueError(f"scale must be a number, got {type(scale).__name__}")
-    if not math.isfinite(scale) or scale <= 0:
-        raise InvalidValueError(f"scale must be a finite number greater than 0, got {scale}")
+    if not math.isfinite(scale) or scale <= 0 or scale > MAX_SCALE:
+        raise InvalidValueError(
+            f"scale must be a finite number greater than 0 and at most {MAX_SCALE:g}, got {scale}"
+        )
 
 
 def _manifest_sha(manifest: BaseManifest | BundleManifest) -> str:
     return hashlib.sha256(dump_manifest(manifest)).hexdigest()
+
+
+def _base_norms(reader: CheckpointReader) -> dict[str, float]:
+    """Each float tensor's L2 norm (the data-free lambda's denominator); NaN/Inf refused."""
+    norms: dict[str, float] = {}
+    for key in reader.keys():  # noqa: SIM118
+        if not reader.meta(key).dtype.is_floating_point:
+            continue
+        tensor = reader.get(key)
+        if not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteTensorError(
+                f"base tensor {key!r} holds NaN or Inf; a base must be finite (refused)"
+            )
+        norms[key] = float(tensor.double().norm())
+    return norms
 
 
 def _file_tensors(path: Path) -> list[str]:

@@ -31,13 +31,20 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     UniqueConstraint,
     delete,
+    exists,
     insert,
     select,
     union,
     update,
 )
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    IntegrityError,
+    NoSuchModuleError,
+    OperationalError,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 from randes.names import validate_name
@@ -121,9 +128,14 @@ _SQLITE_UNAVAILABLE = (
     "file is not a database",
     "readonly database",
     "database or disk is full",
+    "database disk image is malformed",
+    "malformed database schema",
+    "not authorized",
 )
 
 _DIGITS = re.compile(r"[0-9]+")
+INT32_MAX = 2**31 - 1
+"""Largest version number the registry's integer columns hold."""
 
 GROUP_NAME_MAX = NAME_LEN - 8
 """Longest group name: its members are ``<group>-<n>`` and must fit a bundle name."""
@@ -220,11 +232,39 @@ class Registry:
     """
 
     def __init__(self, url: str) -> None:
-        self._url = make_url(url)
-        self._engine: Engine = make_engine(url)
+        try:
+            self._url = make_url(url)
+            self._engine: Engine = make_engine(url)
+        except (ArgumentError, ValueError, ImportError, NoSuchModuleError) as exc:
+            # never quote the URL: a malformed one may still hold a password
+            raise RegistryError(
+                f"invalid registry database URL (RANDES_DATABASE_URL): {type(exc).__name__}; "
+                "expected e.g. sqlite:///path/registry.db or postgresql+psycopg://user@host/db"
+            ) from None
         self._writer = self._engine.execution_options(**write_options())
         self._read_session = sessionmaker(self._engine, expire_on_commit=False)
         self._write_session = sessionmaker(self._writer, expire_on_commit=False)
+
+    @classmethod
+    def open_existing(cls, url: str) -> Registry:
+        """The registry at ``url`` for a read-only query: an embedded (SQLite) registry
+        that does not exist yet is an error, not a new empty database and its folders."""
+        try:
+            parsed = make_url(url)
+        except (ArgumentError, ValueError):
+            return cls(url)  # the constructor reports it
+        database = parsed.database
+        if (
+            parsed.get_backend_name() == "sqlite"
+            and database
+            and database != ":memory:"
+            and not database.startswith("file:")
+            and not Path(database).expanduser().is_file()
+        ):
+            raise SchemaNotInitializedError(
+                f"no registry database at {database} (run `randes init`)"
+            )
+        return cls(url)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -340,6 +380,8 @@ class Registry:
 
     @staticmethod
     def _version(s: Session, bundle: Bundle, version: int, *, lock: bool = False) -> BundleVersion:
+        if not 0 <= version <= INT32_MAX:  # past the column's range: no such version
+            raise VersionNotFoundError(bundle.name, version)
         query = select(BundleVersion).where(
             BundleVersion.bundle_id == bundle.id, BundleVersion.version == version
         )
@@ -792,6 +834,7 @@ class Registry:
                 def check_ledger() -> None:
                     if not ledger_shas:
                         return
+                    _drop_stale_ledger_rows(s, b.id, ledger_shas)
                     hit = s.execute(
                         select(
                             IngestionLedger.source_sha256,
@@ -889,6 +932,13 @@ class Registry:
                     )
                     if result.rowcount != 1:
                         raise TaskNotFoundError(bundle, name)
+                    # What remove takes out leaves the ledger too: folding that
+                    # checkpoint again is a new fold, not "already folded".
+                    s.execute(
+                        delete(IngestionLedger).where(
+                            IngestionLedger.bundle_id == b.id, IngestionLedger.task_name == name
+                        )
+                    )
                 if added:
                     s.execute(
                         insert(Task),
@@ -1023,6 +1073,7 @@ class Registry:
                 select(IngestionLedger.task_name, IngestionLedger.version).where(
                     IngestionLedger.bundle_id == b.id,
                     IngestionLedger.source_sha256 == source_sha256,
+                    ~_task_removed_since(),
                 )
             ).first()
             return None if hit is None else (hit[0], hit[1])
@@ -1206,3 +1257,26 @@ def _redacted(url: URL) -> URL:
     SQLAlchemy's ``hide_password``)."""
     hidden = {k: "***" for k in url.query if k.lower() in _SECRET_QUERY_KEYS}
     return url.update_query_dict(hidden) if hidden else url
+
+
+def _task_removed_since(ledger: Any = IngestionLedger) -> Any:
+    """The ledger row's task was removed: a registry whose `remove` predates removing
+    ledger rows still holds rows for checkpoints no version has any more."""
+    return exists().where(
+        Task.bundle_id == ledger.bundle_id,
+        Task.name == ledger.task_name,
+        Task.added_in_version == ledger.version,
+        Task.removed_in_version.is_not(None),
+    )
+
+
+def _drop_stale_ledger_rows(s: Session, bundle_id: int, shas: Sequence[str]) -> None:
+    """Delete ledger rows of ``shas`` whose task was removed (see above), so that the
+    checkpoint can be folded again instead of colliding with its old row."""
+    s.execute(
+        delete(IngestionLedger).where(
+            IngestionLedger.bundle_id == bundle_id,
+            IngestionLedger.source_sha256.in_(list(shas)),
+            _task_removed_since(),
+        )
+    )

@@ -53,6 +53,8 @@ class ObjectInfo:
     key: str
     size: int
     last_modified: datetime  # timezone-aware, UTC
+    etag: str | None = None
+    """The store's version tag of the bytes (S3 ETag); None where the store has none."""
 
 
 def _check_text(key: str, what: str) -> None:

@@ -60,7 +60,12 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from urllib3.exceptions import HTTPError as Urllib3HTTPError
 
 from randes.errors import IntegrityError
-from storage.errors import ObjectNotFoundError, StoreError, StoreUnavailableError
+from storage.errors import (
+    InvalidStoreUrlError,
+    ObjectNotFoundError,
+    StoreError,
+    StoreUnavailableError,
+)
 from storage.store.base import (
     ObjectInfo,
     ObjectStore,
@@ -133,6 +138,14 @@ def _is_precondition_failed(exc: ClientError) -> bool:
 
 def _is_not_implemented(exc: ClientError) -> bool:
     return _status(exc) == 501 or _code(exc) == "NotImplemented"
+
+
+_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@\"'<>]*@")
+
+
+def redact_userinfo(text: str) -> str:
+    """Every ``scheme://user:password@`` in ``text`` becomes ``scheme://***@``."""
+    return _USERINFO.sub(r"\1***@", text)
 
 
 def _redact_url(url: str | None) -> str:
@@ -239,12 +252,18 @@ class S3Store(ObjectStore):
                 max_pool_connections=max(10, 2 * max_concurrency + 2),
                 tcp_keepalive=True,
             )
-            client = self._session.client(
-                "s3",
-                endpoint_url=endpoint_url,
-                region_name=region or self._session.region_name or "us-east-1",
-                config=config,
-            )
+            try:
+                client = self._session.client(
+                    "s3",
+                    endpoint_url=endpoint_url,
+                    region_name=region or self._session.region_name or "us-east-1",
+                    config=config,
+                )
+            except ValueError:  # botocore: "Invalid endpoint: ..." (it would quote secrets)
+                raise InvalidStoreUrlError(
+                    f"invalid S3 endpoint URL {_redact_url(endpoint_url)!r} "
+                    "(RANDES_S3_ENDPOINT_URL): use http(s)://host[:port]"
+                ) from None
         self._client: Any = client
         self.endpoint = _redact_url(endpoint_url or client.meta.endpoint_url)
         # None: unknown yet; False: the server answered 501 to a conditional write.
@@ -275,7 +294,9 @@ class S3Store(ObjectStore):
         for secret in self._secrets:
             text = text.replace(secret, "***")
         # Presigned-style query strings would carry signatures: drop them wholesale.
-        return re.sub(r"(X-Amz-[A-Za-z-]+|Signature|AWSAccessKeyId)=[^&\s\"']+", r"\1=***", text)
+        text = re.sub(r"(X-Amz-[A-Za-z-]+|Signature|AWSAccessKeyId)=[^&\s\"']+", r"\1=***", text)
+        # botocore quotes the endpoint URL as configured, user:password@ included.
+        return redact_userinfo(text)
 
     def _translate(self, exc: BaseException, what: str, key: str | None) -> StoreError:
         """One clear, credential-free error for a failure that retrying will not fix."""
@@ -732,7 +753,9 @@ class S3Store(ObjectStore):
         head = self._head(key)
         if head is None:
             raise ObjectNotFoundError(f"no object {key!r} in {self.url}")
-        return ObjectInfo(key, int(head["ContentLength"]), _utc(head["LastModified"]))
+        return ObjectInfo(
+            key, int(head["ContentLength"]), _utc(head["LastModified"]), head.get("ETag")
+        )
 
     def delete(self, key: str) -> None:
         full = self._full(key)
@@ -814,7 +837,12 @@ class S3Store(ObjectStore):
                 full: str = item["Key"]
                 if not full.startswith(root) or full == root or full.endswith("/"):
                     continue  # outside the root, or a console's "folder" marker
-                yield ObjectInfo(full[len(root) :], int(item["Size"]), _utc(item["LastModified"]))
+                yield ObjectInfo(
+                    full[len(root) :],
+                    int(item["Size"]),
+                    _utc(item["LastModified"]),
+                    item.get("ETag"),
+                )
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return

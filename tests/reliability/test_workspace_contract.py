@@ -11,6 +11,7 @@ And one of the leftover sweep added to `gc`: a store refusing it does not fail t
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pytest
 
 from randes.errors import IntegrityError
 from storage.errors import StoreError
+from storage.keys import blob_key
 from storage.registry import InvalidValueError
 from storage.workspace import Workspace
 from tests.reliability.conftest import (
@@ -95,13 +97,14 @@ def test_gc_completes_when_the_store_refuses_to_sweep_leftovers(
     settings = make_settings(tmp_path / "home")
     with Workspace(settings) as ws:
         setup_bundle(ws, models, "t0")
-        ws.store.put_bytes("objects/zz/orphan", b"left by a failed run")
+        orphan = blob_key(hashlib.sha256(b"left by a failed run").hexdigest())
+        ws.store.put_bytes(orphan, b"left by a failed run")
 
         def refuse(older_than: float, *, keep: object = ()) -> int:
             raise StoreError("list uploads s3://b/randes: access denied (AccessDenied)")
 
         ws.store.sweep_incomplete = refuse  # type: ignore[method-assign]
         report = ws.gc(grace_s=0)
-        assert report.deleted == ["objects/zz/orphan"] and report.swept == 0
+        assert report.deleted == [orphan] and report.swept == 0
         assert stored_keys(ws) == ws.registry.referenced_keys()
     trials.record("gc with a store refusing the leftover sweep", "access denied")
