@@ -287,6 +287,35 @@ def _short(name: object, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def read_exact_into(
+    handles: dict[Path, io.FileIO], path: Path, offset: int, target: torch.Tensor, name: str
+) -> memoryview:
+    """Read exactly ``target``'s bytes from ``path`` at ``offset`` into its memory.
+
+    One positional read of a header-validated range, through a handle cached in
+    ``handles``; a file that shrank since its header was read raises
+    CorruptCheckpointError. Returns the bytes' view (for a hash of what was read).
+    """
+    nbytes = target.numel() * target.element_size()
+    try:
+        handle = handles.get(path)
+        if handle is None:
+            handle = handles[path] = io.FileIO(path, "rb")
+        view = target.reshape(-1).view(torch.uint8).numpy().data.cast("B")
+        handle.seek(offset)
+        got = 0
+        while got < nbytes:
+            n = handle.readinto(view[got:])
+            if not n:
+                break
+            got += n
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read {name!r}: {exc.strerror or exc}") from None
+    if got != nbytes:
+        raise CorruptCheckpointError(f"{path}: truncated while reading {name!r}")
+    return view
+
+
 class CheckpointReader:
     """Tensors of one checkpoint, possibly sharded, opened on demand.
 
@@ -447,22 +476,7 @@ class CheckpointReader:
         nbytes = meta.nbytes
         if nbytes == 0:
             return tensor
-        try:
-            handle = self._handles.get(path)
-            if handle is None:
-                handle = self._handles[path] = io.FileIO(path, "rb")
-            view = tensor.reshape(-1).view(torch.uint8).numpy().data.cast("B")
-            handle.seek(self._offset[name])
-            got = 0
-            while got < nbytes:
-                n = handle.readinto(view[got:])
-                if not n:
-                    break
-                got += n
-        except OSError as exc:
-            raise CheckpointError(f"{path}: cannot read {name!r}: {exc.strerror or exc}") from None
-        if got != nbytes:
-            raise CorruptCheckpointError(f"{path}: truncated while reading {name!r}")
+        view = read_exact_into(self._handles, path, self._offset[name], tensor, name)
         if self._pinned is not None and hashlib.sha256(view).hexdigest() != self._pinned[name]:
             raise SourceChangedError(
                 f"{path}: tensor {_short(name)} changed since the checkpoint was hashed "

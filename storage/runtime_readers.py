@@ -8,14 +8,12 @@ them where it takes a file reader, without a line of it changing.
 from __future__ import annotations
 
 import contextlib
-import io
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from randes.checkpoint import CheckpointReader, TensorMeta
-from randes.errors import CheckpointError, CorruptCheckpointError
+from randes.checkpoint import CheckpointReader, TensorMeta, read_exact_into
 
 
 class _Lending:
@@ -143,25 +141,9 @@ class FileBaseReader(_Lending, CheckpointReader):
 
     def _fill(self, name: str, target: torch.Tensor) -> torch.Tensor:
         """``get`` into ``target``'s memory: one positional read of the validated range."""
-        path, nbytes = self._file_of[name], self._metas[name].nbytes
-        if nbytes == 0:
+        if self._metas[name].nbytes == 0:
             return target
-        try:
-            handle = self._handles.get(path)
-            if handle is None:
-                handle = self._handles[path] = io.FileIO(path, "rb")
-            view = target.reshape(-1).view(torch.uint8).numpy().data.cast("B")
-            handle.seek(self._offset[name])
-            got = 0
-            while got < nbytes:
-                n = handle.readinto(view[got:])
-                if not n:
-                    break
-                got += n
-        except OSError as exc:
-            raise CheckpointError(f"{path}: cannot read {name!r}: {exc.strerror or exc}") from None
-        if got != nbytes:
-            raise CorruptCheckpointError(f"{path}: truncated while reading {name!r}")
+        read_exact_into(self._handles, self._file_of[name], self._offset[name], target, name)
         return target
 
     def get(self, name: str) -> torch.Tensor:
