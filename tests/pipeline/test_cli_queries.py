@@ -8,20 +8,17 @@ lambda from the base's own headers, sizes from the stored objects).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from importlib.metadata import version as package_version
 from pathlib import Path
 
 import pytest
 
-from flows.cli import main
 from randes.config import TransformConfig
 from storage.workspace import Workspace
+from tests.cli_run import cli
 from tests.factories import make_base, make_finetune
 
 BUNDLE = "q"
@@ -77,20 +74,6 @@ TASK_KEYS = {
     "source_uri",
     "source_sha256",
 }
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-def cli(*argv: str) -> Result:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(argv))
-    return Result(code, out.getvalue(), err.getvalue())
 
 
 def cli_json(*argv: str) -> object:

@@ -19,8 +19,6 @@ one at 0.02 only r ~ 0.0003, so the expected placement is known in advance:
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import threading
@@ -32,7 +30,6 @@ from typing import Any
 import pytest
 from safetensors.torch import load_file
 
-from flows.cli import main
 from randes import capacity
 from randes.config import TransformConfig, stored_config
 from randes.fold import superposed_names
@@ -43,6 +40,7 @@ from storage.pulled import pulled_shards
 from storage.registry import GroupNotFoundError, Registry
 from storage.settings import Settings
 from storage.workspace import Workspace
+from tests.cli_run import cli
 from tests.factories import make_base, make_finetune
 
 BASE = "tiny"
@@ -280,20 +278,6 @@ def test_ingest_flow_places_through_the_group(randes_home: Path, tmp_path: Path)
 
 
 # ------------------------------------------------------------ command line
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-def cli(*argv: str) -> Result:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(argv))
-    return Result(code, out.getvalue(), err.getvalue())
-
-
 @pytest.fixture
 def world_env(world: World, monkeypatch: pytest.MonkeyPatch) -> World:
     for name in list(os.environ):

@@ -26,9 +26,7 @@ script that a task exists which does not. Either way nothing changes.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import pickle
@@ -45,8 +43,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from sqlalchemy import MetaData, select
 
-from flows.cli import main
 from storage.registry.engine import make_engine
+from tests.cli_run import Result, cli
 from tests.factories import make_base, make_finetune, write_model
 
 BUNDLE = "b"
@@ -80,21 +78,6 @@ class World:
 
     def state(self) -> dict[str, torch.Tensor]:
         return load_file(str(self.beta / "model.safetensors"))
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-def cli(*argv: str) -> Result:
-    """``randes ARGV`` in this process, its stdout and stderr captured."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(argv))
-    return Result(code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")

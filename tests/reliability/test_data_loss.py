@@ -9,9 +9,7 @@ version's superposition recomputed from its tasks' sources finds no difference.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import struct
@@ -25,31 +23,17 @@ from huggingface_hub import save_torch_state_dict
 from safetensors.torch import load_file, save_file
 from sqlalchemy import MetaData, insert, select
 
-from flows.cli import main
 from randes.checkpoint import CheckpointReader, source_digests
 from storage.registry.engine import make_engine
 from storage.registry.models import Bundle, IngestionLedger
 from storage.settings import Settings
+from tests.cli_run import Result, cli
 from tests.factories import make_base, make_finetune, write_model
 from tests.reliability.conftest import assert_one_error_line, child_env, run_cli, start_cli
 from tests.reliability.drift import assert_no_drift
 
 BUNDLE = "b"
 BASE = "tiny"
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-def cli(*argv: str) -> Result:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(argv))
-    return Result(code, out.getvalue(), err.getvalue())
 
 
 def ok(*argv: str) -> Result:
