@@ -432,6 +432,32 @@ def _fold_passes(
     return BatchFoldResult(superposition=[], serving=[], refused=dict(sorted(refused.items())))
 
 
+def _accumulate(
+    slot: str,
+    parent: CheckpointReader | None,
+    active: list[_Contributor],
+    bases: _BaseTensors,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    *,
+    check: bool,
+) -> torch.Tensor:
+    """One slot of the new superposition: the sequential folds' operations in their
+    order, rounding to the bundle dtype after each member (what its fold writes and
+    the next one reads back); with ``check``, each partial sum checked as it is."""
+    acc = parent.get(slot) if parent is not None else None
+    for contributor in active:
+        value = contributor.contribution(slot, bases, shape)
+        if acc is not None:
+            value = value.add_(acc.to(torch.float32))
+        acc = value.to(dtype)
+        del value
+        if check:
+            contributor.guard(check_written, slot, acc)
+    assert acc is not None
+    return acc
+
+
 def _one_pass(
     base: CheckpointReader,
     parent: CheckpointReader | None,
@@ -473,15 +499,12 @@ def _one_pass(
             writers.append(member.open_writer(out_dir / PRIVATE_DIR / str(member.index), config))
         for slot in sup_writer.order:
             shape = tuple(base.meta(slot).shape)
-            acc = parent.get(slot) if parent is not None else None
-            for contributor in active:  # the sequential folds' operations, in their order
-                value = contributor.contribution(slot, bases, shape)
-                if acc is not None:
-                    value = value.add_(acc.to(torch.float32))
-                acc = value.to(dtype)  # what that fold writes, and the next one reads
-                del value
-                contributor.guard(check_written, slot, acc)
-            assert acc is not None
+            acc = _accumulate(slot, parent, active, bases, shape, dtype, check=False)
+            if not bool(torch.isfinite(acc).all()):
+                # Inf/NaN never turn finite again under addition, so a finite sum had
+                # finite partial sums; this one did not: again, checking each member,
+                # to refuse the first whose addition overflowed (as its fold would).
+                acc = _accumulate(slot, parent, active, bases, shape, dtype, check=True)
             sup_writer.add(slot, acc)
             if serving_writer is not None:
                 serving_writer.add(slot, acc)
