@@ -30,62 +30,54 @@ they propagate, and everything written is deleted.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ParamSpec, TypeVar
 
 import torch
 
 from randes.checkpoint import CheckpointReader
 from randes.config import TransformConfig
-from randes.errors import CheckpointError, IncompatibleCheckpointError
+from randes.errors import CheckpointError
 from randes.fold import (
     PRIVATE_DIR,
     SUPERPOSITION_DIR,
     Progress,
-    _delta,
     check_compatible,
-    check_finite,
     check_superposition,
     check_written,
     layout_of,
-    owned_delta,
     superposition_dtype,
 )
+from randes.fold_members import (
+    BASE_CACHE_BYTES,
+    BaseTensors,
+    BatchMember,
+    Contributor,
+    Member,
+    MemberFailed,
+    MemberFold,
+    Partial,
+    ScrambledPartial,
+    Ticks,
+)
 from randes.keymap import Reconciled
-from randes.manifest import KeyMap
 from randes.serving import SERVING_DIR, ServingWriter
-from randes.transforms import Layout, TaskTransform
+from randes.transforms import Layout
 from randes.writer import ShardWriter, TensorSpec, WrittenShard
 
+__all__ = [
+    "BatchFoldResult",
+    "BatchMember",
+    "MemberFold",
+    "ScrambledPartial",
+    "ScrambledTask",
+    "fold_batch",
+    "fold_scrambled",
+    "scramble_task",
+]
+
 DELTA_DIR = "delta"
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-BASE_CACHE_BYTES = 128 * 2**20
-"""Base tensors kept between members: with layer shuffling, the members of one slot
-read different base tensors of its layer group, each of them needed again a few slots
-later; a small cache saves most of those re-reads at a bounded cost in memory."""
-
-
-@dataclass(frozen=True)
-class BatchMember:
-    """One checkpoint of a batch and the seed of the task it becomes."""
-
-    checkpoint: CheckpointReader
-    seed: int
-
-
-@dataclass
-class MemberFold:
-    """What a batch computed for one accepted member: the parts of a task entry."""
-
-    private: list[WrittenShard]
-    key_map: KeyMap
-    delta_norms: dict[str, float]
 
 
 @dataclass
@@ -97,157 +89,6 @@ class BatchFoldResult:
     serving: list[WrittenShard]
     folded: dict[int, MemberFold] = field(default_factory=dict)
     refused: dict[int, CheckpointError] = field(default_factory=dict)
-
-
-class _MemberFailed(Exception):
-    """Internal: member ``index``'s data failed the pass."""
-
-    def __init__(self, index: int, error: CheckpointError) -> None:
-        super().__init__(index, error)
-        self.index = index
-        self.error = error
-
-
-class _BaseTensors:
-    """Base tensors by name, the most recently used kept within a byte budget.
-
-    Callers never modify what they get (deltas are computed into the checkpoint's
-    tensor), so one tensor serves every member that needs it.
-    """
-
-    def __init__(self, base: CheckpointReader, budget: int) -> None:
-        self._base = base
-        self._budget = budget
-        self._held: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._bytes = 0
-
-    def get(self, name: str) -> torch.Tensor:
-        tensor = self._held.get(name)
-        if tensor is not None:
-            self._held.move_to_end(name)
-            return tensor
-        tensor = self._base.get(name)
-        size = tensor.numel() * tensor.element_size()
-        if size <= self._budget:
-            while self._held and self._bytes + size > self._budget:
-                _, dropped = self._held.popitem(last=False)
-                self._bytes -= dropped.numel() * dropped.element_size()
-            self._held[name] = tensor
-            self._bytes += size
-        return tensor
-
-
-class _Contributor:
-    """One accepted member of a pass: what it adds to each slot, and its errors."""
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-
-    def contribution(self, slot: str, base: _BaseTensors, shape: tuple[int, ...]) -> torch.Tensor:
-        """This member's float32 value for ``slot`` (fresh: the caller adds into it)."""
-        raise NotImplementedError
-
-    def guard(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-        """Call ``fn``, blaming this member for a checkpoint error it raises."""
-        try:
-            return fn(*args, **kwargs)
-        except CheckpointError as exc:
-            raise _MemberFailed(self.index, exc) from exc
-
-
-class _Member(_Contributor):
-    """A checkpoint member: its reconciliation, its map, its private output."""
-
-    def __init__(self, index: int, seed: int, rec: Reconciled, layout: Layout) -> None:
-        super().__init__(index)
-        self.rec = rec
-        self.transform = TaskTransform(layout, seed)
-        self.delta_norms: dict[str, float] = {}
-        self.private_of: dict[str, str | None] = {}
-        self.writer: ShardWriter | None = None
-
-    def plan_private(self, base: _BaseTensors, layout: Layout) -> None:
-        """Which tensors this task stores verbatim (as randes.fold.fold decides): the
-        base's private-policy tensors, its extras, and the non-float buffers that
-        differ from the base's (compared here, one buffer at a time)."""
-        rec, key_map = self.rec, self.rec.key_map
-        for source in sorted(n for n in layout.private_base if n not in rec.absent):
-            self.private_of[key_map.to_checkpoint(source)] = source
-        for source in (n for n in rec.buffers if n in layout.non_float):
-            ck_name = key_map.to_checkpoint(source)
-            if not torch.equal(self.guard(rec.source.get, ck_name), base.get(source)):
-                self.private_of[ck_name] = source
-        self.private_of.update(dict.fromkeys(rec.extras))
-
-    def open_writer(self, out_dir: Path, config: TransformConfig) -> ShardWriter:
-        self.writer = ShardWriter(
-            out_dir,
-            max_shard_bytes=config.max_shard_bytes,
-            plan=[TensorSpec.of(n, self.rec.source.meta(n)) for n in self.private_of],
-        )
-        return self.writer
-
-    def contribution(self, slot: str, base: _BaseTensors, shape: tuple[int, ...]) -> torch.Tensor:
-        """T_t(delta) at ``slot`` in float32: the delta of the source this task's layer
-        shuffle puts there, scrambled; zeros where the fine-tune lacks that tensor."""
-        source = self.transform.source_of(slot)
-        if source in self.rec.absent:  # no delta: this task leaves the slot as it was
-            return torch.zeros(shape, dtype=torch.float32)
-        ck_name = self.rec.key_map.to_checkpoint(source)
-        value, self.delta_norms[source] = self.guard(
-            owned_delta, self.rec.source, ck_name, base.get(source)
-        )
-        return self.transform.scramble_one(source, value, inplace=True)
-
-    def write_private(self, base: _BaseTensors, layout: Layout, ticks: _Ticks) -> ShardWriter:
-        """Read, check and write this task's private tensors (their delta norms too)."""
-        assert self.writer is not None
-        for ck_name in self.writer.order:
-            base_name = self.private_of[ck_name]
-            value = self.guard(self.rec.source.get, ck_name)
-            if base_name is None:
-                self.guard(check_finite, ck_name, value)
-            elif base_name in layout.private_base:
-                _, self.delta_norms[base_name] = self.guard(
-                    _delta, ck_name, value, base.get(base_name)
-                )
-            self.writer.add(ck_name, value)
-            del value
-            ticks.tick()
-        return self.writer
-
-    def fold(self, private: list[WrittenShard]) -> MemberFold:
-        return MemberFold(private=private, key_map=self.rec.key_map, delta_norms=self.delta_norms)
-
-
-class _Partial(_Contributor):
-    """A member scrambled elsewhere (`scramble_task`): its slots are read, not computed."""
-
-    def __init__(self, index: int, partial: ScrambledPartial) -> None:
-        super().__init__(index)
-        self.partial = partial
-
-    def contribution(self, slot: str, base: _BaseTensors, shape: tuple[int, ...]) -> torch.Tensor:
-        value = self.guard(self.partial.delta.get, slot)
-        if value.dtype != torch.float32 or tuple(value.shape) != shape:
-            raise _MemberFailed(
-                self.index,
-                IncompatibleCheckpointError(
-                    f"scrambled delta slot {slot!r}: {value.dtype}{list(value.shape)}, "
-                    f"expected torch.float32{list(shape)}"
-                ),
-            )
-        return value
-
-
-class _Ticks:
-    def __init__(self, total: int, progress: Progress | None) -> None:
-        self.total, self.done, self.progress = total, 0, progress
-
-    def tick(self) -> None:
-        self.done += 1
-        if self.progress is not None:
-            self.progress(self.done, self.total)
 
 
 def fold_batch(
@@ -279,8 +120,8 @@ def fold_batch(
         except CheckpointError as exc:
             refused[index] = exc
 
-    def contributors(keep: Sequence[int]) -> list[_Contributor]:
-        return [_Member(i, members[i].seed, accepted[i], layout) for i in keep]
+    def contributors(keep: Sequence[int]) -> list[Contributor]:
+        return [Member(i, members[i].seed, accepted[i], layout) for i in keep]
 
     return _fold_passes(
         base,
@@ -294,15 +135,6 @@ def fold_batch(
         base_cache_bytes,
         refused,
     )
-
-
-@dataclass(frozen=True)
-class ScrambledPartial:
-    """One task's scrambled delta, computed apart (`scramble_task`) and read back:
-    float32 slots in the superposition's layout, plus the parts of its task entry."""
-
-    delta: CheckpointReader
-    fold: MemberFold
 
 
 @dataclass
@@ -334,11 +166,11 @@ def scramble_task(
     """
     out_dir = Path(out_dir)
     layout = layout_of(base, config)
-    member = _Member(0, seed, check_compatible(base, checkpoint), layout)
-    bases = _BaseTensors(base, base_cache_bytes)
+    member = Member(0, seed, check_compatible(base, checkpoint), layout)
+    bases = BaseTensors(base, base_cache_bytes)
     try:
         member.plan_private(bases, layout)
-    except _MemberFailed as failed:
+    except MemberFailed as failed:
         raise failed.error from None
     writer = ShardWriter(
         out_dir / DELTA_DIR,
@@ -349,13 +181,13 @@ def scramble_task(
     try:
         for slot in writer.order:
             writer.add(slot, member.contribution(slot, bases, tuple(base.meta(slot).shape)))
-        member.write_private(bases, layout, _Ticks(0, None))
+        member.write_private(bases, layout, Ticks(0, None))
         delta = writer.finish()
         shards = private.finish()
     except BaseException as exc:
         writer.abort()
         private.abort()
-        if isinstance(exc, _MemberFailed):
+        if isinstance(exc, MemberFailed):
             raise exc.error from None
         raise
     return ScrambledTask(delta=delta, fold=member.fold(shards))
@@ -380,8 +212,8 @@ def fold_scrambled(
     if parent is not None:
         check_superposition(base, parent, layout)
 
-    def contributors(keep: Sequence[int]) -> list[_Contributor]:
-        return [_Partial(i, partials[i]) for i in keep]
+    def contributors(keep: Sequence[int]) -> list[Contributor]:
+        return [Partial(i, partials[i]) for i in keep]
 
     return _fold_passes(
         base,
@@ -401,7 +233,7 @@ def _fold_passes(
     base: CheckpointReader,
     parent: CheckpointReader | None,
     keep: list[int],
-    contributors: Callable[[Sequence[int]], list[_Contributor]],
+    contributors: Callable[[Sequence[int]], list[Contributor]],
     layout: Layout,
     config: TransformConfig,
     out_dir: Path,
@@ -423,7 +255,7 @@ def _fold_passes(
                 progress,
                 base_cache_bytes,
             )
-        except _MemberFailed as failed:
+        except MemberFailed as failed:
             refused[failed.index] = failed.error
             keep = [i for i in keep if i != failed.index]
             continue
@@ -435,8 +267,8 @@ def _fold_passes(
 def _accumulate(
     slot: str,
     parent: CheckpointReader | None,
-    active: list[_Contributor],
-    bases: _BaseTensors,
+    active: list[Contributor],
+    bases: BaseTensors,
     shape: tuple[int, ...],
     dtype: torch.dtype,
     *,
@@ -461,21 +293,21 @@ def _accumulate(
 def _one_pass(
     base: CheckpointReader,
     parent: CheckpointReader | None,
-    active: list[_Contributor],
+    active: list[Contributor],
     layout: Layout,
     config: TransformConfig,
     out_dir: Path,
     progress: Progress | None,
     base_cache_bytes: int,
 ) -> BatchFoldResult:
-    """Fold ``active`` in one pass; _MemberFailed (everything written deleted) when a
+    """Fold ``active`` in one pass; MemberFailed (everything written deleted) when a
     member's data is refused."""
     dtype = superposition_dtype(config)
-    bases = _BaseTensors(base, base_cache_bytes)
-    members = [m for m in active if isinstance(m, _Member)]
+    bases = BaseTensors(base, base_cache_bytes)
+    members = [m for m in active if isinstance(m, Member)]
     for member in members:
         member.plan_private(bases, layout)
-    ticks = _Ticks(len(layout.superposed) + sum(len(m.private_of) for m in members), progress)
+    ticks = Ticks(len(layout.superposed) + sum(len(m.private_of) for m in members), progress)
     sup_writer = ShardWriter(
         out_dir / SUPERPOSITION_DIR,
         max_shard_bytes=config.max_shard_bytes,
@@ -519,7 +351,7 @@ def _one_pass(
             writer.abort()
         raise
     for contributor in active:
-        if isinstance(contributor, _Partial):
+        if isinstance(contributor, Partial):
             folded[contributor.index] = contributor.partial.fold
     return BatchFoldResult(
         superposition=superposition, serving=serving, folded=dict(sorted(folded.items()))
