@@ -1,0 +1,338 @@
+"""Fold K checkpoints into a bundle as ONE new version (randes.fold_batch underneath).
+
+What a run of `Workspace.fold` per checkpoint would give, in one pass over the master
+instead of K: the same tasks, seeds drawn the same way, ledger rows, key maps and
+delta norms, and the master bytes K sequential folds with those seeds write. Only the
+version numbers differ: one new version records every task the batch added.
+
+Each source is checked on its own and a bad one never blocks the others: a source
+that cannot be resolved or opened, whose headers the base refuses, whose data holds
+NaN/Inf, or whose task name the bundle already holds is refused with its reason; one
+already in the ledger (or twice in the batch) is skipped, as a sequential fold would
+report it. Headers are checked before anything is hashed, as for one fold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from randes.adapters import SourceKind, task_side_files
+from randes.checkpoint import CheckpointReader, source_digests
+from randes.config import stored_config
+from randes.errors import RandesError
+from randes.fold import check_compatible
+from randes.fold_batch import BatchMember, MemberFold, fold_batch
+from randes.manifest import BundleManifest, TaskEntry
+from randes.names import validate_name
+from randes.rng import new_task_seed
+from storage.cache import file_sha256
+from storage.errors import StoreUnavailableError
+from storage.registry import (
+    AlreadyIngestedError,
+    BundleRecord,
+    DatabaseUnavailableError,
+    NewTask,
+    TaskExistsError,
+    VersionConflictError,
+    VersionRecord,
+)
+from storage.sources import ResolvedSource, resolve_source
+from storage.workspace import (
+    MAX_FOLD_ATTEMPTS,
+    FoldContentionError,
+    FoldOutcome,
+    Progress,
+    Workspace,
+    _check_scale,
+)
+
+log = logging.getLogger(__name__)
+
+TRANSIENT = (StoreUnavailableError, DatabaseUnavailableError)
+"""Outages are nobody's checkpoint: they stop the batch (a retry resumes it)."""
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One checkpoint of a batch: where it is, the task it becomes, its lambda."""
+
+    source: str
+    task: str
+    scale: float | None = None
+
+
+@dataclass
+class BatchOutcome:
+    """What a batch did: one new ``version`` (None when nothing was folded)."""
+
+    bundle: str
+    version: int | None = None
+    folded: list[FoldOutcome] = field(default_factory=list)
+    skipped: list[FoldOutcome] = field(default_factory=list)
+    """Already in the bundle (the ledger) or earlier in the batch: ``task`` names the
+    task that holds it, ``version`` the version it entered."""
+    refused: dict[str, RandesError] = field(default_factory=dict)
+    """Task -> why its checkpoint was not folded (one line each)."""
+    attempts: int = 1
+
+
+@dataclass
+class _Source:
+    """A checkpoint of the batch, opened, header-checked and hashed."""
+
+    item: BatchItem
+    resolved: ResolvedSource
+    reader: CheckpointReader
+    digest: str
+    digests: tuple[str, ...]
+    kind: SourceKind
+    side: dict[str, Path]
+    side_shas: dict[Path, str]
+
+
+def fold_many(
+    ws: Workspace,
+    bundle: str,
+    items: Sequence[BatchItem],
+    *,
+    progress: Progress | None = None,
+) -> BatchOutcome:
+    """Fold every item into ``bundle`` as one new version; see the module docstring.
+
+    Bad input of the call itself (a task named twice, an invalid name or scale, an
+    unknown bundle) raises before anything is read; a bad checkpoint is refused.
+    """
+    names = [validate_name(item.task, "task name") for item in items]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise RandesError(f"task {twice[0]!r} is named twice in one batch")
+    for item in items:
+        _check_scale(item.scale)
+    bundle_rec = ws.registry.get_bundle(bundle)
+    outcome = BatchOutcome(bundle)
+    with contextlib.ExitStack() as stack:
+        sources = _open_sources(ws, bundle_rec, items, stack, outcome)
+        for attempt in range(1, MAX_FOLD_ATTEMPTS + 1):
+            outcome.attempts = attempt
+            todo, repeats = _not_yet_folded(ws, bundle, sources, outcome)
+            head = ws.registry.head(bundle)
+            parent = ws.manifest(head) if head is not None else None
+            live = {t.name for t in parent.tasks} if parent is not None else set()
+            for src in [s for s in todo if s.item.task in live]:
+                outcome.refused[src.item.task] = TaskExistsError(bundle, src.item.task)
+                todo.remove(src)
+            if not todo:
+                _report_repeats(outcome, repeats, None)
+                return outcome
+            try:
+                folded = _fold_and_commit(ws, bundle_rec, head, parent, todo, outcome, progress)
+            except VersionConflictError:
+                log.info("bundle %s: another writer took the next version; rebuilding", bundle)
+                continue
+            except AlreadyIngestedError:
+                continue  # the ledger lookup at the top of the loop reports it
+            outcome.folded = [replace(o, attempts=attempt) for o in folded]
+            outcome.version = folded[0].version if folded else None
+            _report_repeats(outcome, repeats, outcome.version)
+            return outcome
+    raise FoldContentionError(
+        f"bundle {bundle!r}: lost the race for a new version {MAX_FOLD_ATTEMPTS} times"
+    )
+
+
+def _open_sources(
+    ws: Workspace,
+    bundle_rec: BundleRecord,
+    items: Sequence[BatchItem],
+    stack: contextlib.ExitStack,
+    outcome: BatchOutcome,
+) -> list[_Source]:
+    """Resolve, open, check the headers of, then hash every item; refusals recorded.
+
+    Headers first, for all: a checkpoint they refuse is never hashed (cost: nothing,
+    whatever its size); the hash then pins what the fold reads."""
+    opened: list[tuple[BatchItem, ResolvedSource, CheckpointReader]] = []
+    with ws._base_reader(bundle_rec) as base:
+        for item in items:
+            try:
+                resolved = resolve_source(item.source, settings=ws.settings)
+                reader = stack.enter_context(resolved.open())
+                check_compatible(base, reader)
+            except TRANSIENT:
+                raise
+            except RandesError as exc:
+                outcome.refused[item.task] = exc
+                continue
+            opened.append((item, resolved, reader))
+    sources: list[_Source] = []
+    for item, resolved, reader in opened:
+        try:
+            digests = source_digests(reader)
+            kind, side = task_side_files(reader)
+        except RandesError as exc:
+            outcome.refused[item.task] = exc
+            continue
+        hashed = {reader.side_files[n]: sha for n, sha in reader.side_sha256.items()}
+        sources.append(
+            _Source(
+                item=item,
+                resolved=resolved,
+                reader=reader,
+                digest=digests.content,
+                digests=tuple(digests.all),
+                kind=kind,
+                side=side,
+                side_shas={p: hashed.get(p) or file_sha256(p) for p in side.values()},
+            )
+        )
+    return sources
+
+
+def _not_yet_folded(
+    ws: Workspace, bundle: str, sources: list[_Source], outcome: BatchOutcome
+) -> tuple[list[_Source], list[tuple[_Source, _Source]]]:
+    """The sources the ledger does not hold, and (repeat, first) pairs of one checkpoint
+    given twice; sources in the ledger recorded as skipped, as a fold reports them."""
+    outcome.skipped = []
+    todo: list[_Source] = []
+    repeats: list[tuple[_Source, _Source]] = []
+    first: dict[str, _Source] = {}
+    for src in sources:
+        hit = ws._ledger_hit(bundle, src.digests)
+        if hit is not None:
+            outcome.skipped.append(FoldOutcome(bundle, hit[0], hit[1], skipped=True))
+            continue
+        twin = next((first[d] for d in src.digests if d in first), None)
+        if twin is not None:
+            repeats.append((src, twin))
+            continue
+        first.update(dict.fromkeys(src.digests, src))
+        todo.append(src)
+    return todo, repeats
+
+
+def _report_repeats(
+    outcome: BatchOutcome, repeats: list[tuple[_Source, _Source]], version: int | None
+) -> None:
+    """A checkpoint given twice: the repeat is skipped as the first's task when that
+    one was folded (what a sequential fold of the repeat would find in the ledger),
+    refused for the same reason when it was refused."""
+    for src, twin in repeats:
+        error = outcome.refused.get(twin.item.task)
+        if error is not None:
+            outcome.refused[src.item.task] = error
+        elif version is not None:
+            outcome.skipped.append(
+                FoldOutcome(outcome.bundle, twin.item.task, version, skipped=True)
+            )
+
+
+def _fresh_seeds(ws: Workspace, bundle: str, n: int) -> list[int]:
+    """``n`` distinct seeds no task of ``bundle`` ever had (as `Workspace.fold` draws)."""
+    used = set(ws.registry.used_seeds(bundle))
+    seeds: list[int] = []
+    while len(seeds) < n:
+        seed = new_task_seed()
+        if seed not in used:
+            used.add(seed)
+            seeds.append(seed)
+    return seeds
+
+
+def _fold_and_commit(
+    ws: Workspace,
+    bundle_rec: BundleRecord,
+    head: VersionRecord | None,
+    parent: BundleManifest | None,
+    todo: list[_Source],
+    outcome: BatchOutcome,
+    progress: Progress | None,
+) -> list[FoldOutcome]:
+    """One attempt: fold ``todo`` on ``head`` and commit the version (or nothing when
+    every member is refused). VersionConflictError when another writer won."""
+    bundle = bundle_rec.name
+    config = stored_config(bundle_rec.transform)
+    seeds = _fresh_seeds(ws, bundle, len(todo))
+    version = head.version + 1 if head is not None else 1
+    with ws._work_dir() as work, ws._base_reader(bundle_rec) as base:
+        with ws._superposition_reader(parent) as parent_reader:
+            result = fold_batch(
+                base=base,
+                members=[BatchMember(s.reader, seed) for s, seed in zip(todo, seeds, strict=True)],
+                parent=parent_reader,
+                config=config,
+                out_dir=work,
+                progress=progress,
+            )
+        for index, error in result.refused.items():
+            outcome.refused[todo[index].item.task] = error
+        if not result.folded:
+            return []
+        owner = uuid.uuid4().hex
+        try:
+            shards = [*result.superposition, *result.serving]
+            side_shas: dict[Path, str] = {}
+            for index, member in result.folded.items():
+                shards += member.private
+                side_shas.update(todo[index].side_shas)
+            ws._lease(shards, side_shas, owner)
+            entries = [
+                _task_entry(ws, bundle_rec, todo[i], member, seeds[i], version)
+                for i, member in result.folded.items()
+            ]
+            manifest = ws._next_manifest(
+                bundle,
+                bundle_rec,
+                config,
+                head,
+                parent,
+                superposition=ws._upload_shards(result.superposition),
+                tasks=[*(parent.tasks if parent else []), *entries],
+                serving=ws._upload_serving(config, result.serving),
+            )
+            ws._commit(
+                bundle,
+                manifest,
+                owner,
+                added=[NewTask(e.name, e.seed, e.source_uri, e.source_sha256) for e in entries],
+                ledger=[(e.source_sha256, e.name) for e in entries],
+            )
+        finally:
+            ws._release(owner)
+    return [FoldOutcome(bundle, todo[i].item.task, version, seed=seeds[i]) for i in result.folded]
+
+
+def _task_entry(
+    ws: Workspace,
+    bundle_rec: BundleRecord,
+    src: _Source,
+    member: MemberFold,
+    seed: int,
+    version: int,
+) -> TaskEntry:
+    """The manifest entry of one folded member; uploads its private tensors and side
+    files (already leased)."""
+    return TaskEntry(
+        name=src.item.task,
+        seed=seed,
+        source_uri=src.resolved.uri,
+        source_sha256=src.digest,
+        added_in_version=version,
+        scale=src.item.scale,
+        key_map=member.key_map,
+        delta_norms=member.delta_norms,
+        private=ws._upload_shards(member.private),
+        files={
+            # an adapter materializes as the merged model: the base's config, the
+            # adapter's tokenizer files
+            **(ws.base_manifest(bundle_rec.base_name).files if src.kind == "peft-lora" else {}),
+            **{n: ws._upload_file(p, [], sha=src.side_shas[p]) for n, p in src.side.items()},
+        },
+        source_kind=src.kind,
+        weights_dir=src.reader.weights_dir,
+    )

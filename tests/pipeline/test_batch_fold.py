@@ -1,0 +1,208 @@
+"""Batch fold on the embedded default (local store + SQLite): one version for K
+checkpoints, the registry and manifest K sequential folds give (seeds aside)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+import storage.batch
+import storage.workspace
+from randes.checkpoint import CheckpointReader, source_digests
+from randes.config import TransformConfig
+from randes.errors import CheckpointError, NonFiniteTensorError
+from storage.batch import BatchItem, fold_many
+from storage.registry import Registry, TaskExistsError
+from storage.settings import Settings
+from storage.workspace import Workspace
+from tests.factories import make_base, make_finetune
+
+TASKS = ["alpha", "beta", "gamma"]
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> dict[str, Path]:
+    base = make_base(tmp_path / "models" / "base")
+    out = {"base": base}
+    for k, name in enumerate(TASKS, start=1):
+        out[name] = make_finetune(base, tmp_path / "models" / name, k, prefix="transformer.")
+    bad = make_finetune(base, tmp_path / "models" / "broken", 9)
+    state = load_file(str(bad / "model.safetensors"))
+    state["h.1.mlp.c_fc.weight"][2, 3] = float("nan")
+    save_file(state, str(bad / "model.safetensors"))
+    out["broken"] = bad
+    return out
+
+
+def _workspace(root: Path, models: dict[str, Path]) -> Workspace:
+    ws = Workspace(Settings(home=root))
+    ws.init()
+    ws.add_base("tiny", str(models["base"]))
+    ws.create_bundle("b", "tiny", TransformConfig(dtype="bfloat16"))
+    return ws
+
+
+@pytest.fixture
+def seeds(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Seeds drawn from one fixed sequence per workspace (both paths draw them through
+    randes.rng.new_task_seed), so a batch and sequential folds can be compared."""
+
+    def fixed() -> Any:
+        counter = itertools.count(1000)
+        return lambda: next(counter) * 7919
+
+    monkeypatch.setattr(storage.workspace, "new_task_seed", fixed())
+    monkeypatch.setattr(storage.batch, "new_task_seed", fixed())
+    yield
+
+
+def _tasks(ws: Workspace) -> list[dict[str, Any]]:
+    _, manifest = ws.resolve("b")
+    return [t.model_dump(mode="json", exclude={"added_in_version"}) for t in manifest.tasks]
+
+
+@pytest.mark.usefixtures("seeds")
+def test_one_version_holds_what_sequential_folds_give(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    with _workspace(tmp_path / "seq", models) as seq, _workspace(tmp_path / "bat", models) as bat:
+        for name in TASKS:
+            seq.fold("b", str(models[name]), name)
+        ticks: list[tuple[int, int]] = []
+        outcome = fold_many(
+            bat,
+            "b",
+            [BatchItem(str(models[n]), n, scale=0.5 if n == "beta" else None) for n in TASKS],
+            progress=lambda done, total: ticks.append((done, total)),
+        )
+        assert outcome.version == 1 and outcome.refused == {} and outcome.skipped == []
+        assert [o.task for o in outcome.folded] == TASKS
+        assert ticks[-1][0] == ticks[-1][1]
+
+        assert [v.version for v in bat.registry.list_versions("b")] == [1]
+        assert [v.version for v in seq.registry.list_versions("b")] == [1, 2, 3]
+        _, got = bat.resolve("b")
+        _, want = seq.resolve("b")
+        assert [t.added_in_version for t in got.tasks] == [1, 1, 1]
+        # master and serving copy: the bytes of three sequential folds
+        assert [r.sha256 for r in got.superposition] == [r.sha256 for r in want.superposition]
+        assert got.serving is not None and want.serving is not None
+        assert [r.sha256 for r in got.serving.shards] == [r.sha256 for r in want.serving.shards]
+        expected = _tasks(seq)
+        expected[1]["scale"] = 0.5
+        assert _tasks(bat) == expected  # seeds, digests, key maps, norms, privates, files
+
+        def rows(ws: Workspace) -> list[tuple[str, int, str]]:
+            return [(t.name, t.seed, t.source_sha256) for t in ws.registry.tasks("b")]
+
+        assert rows(bat) == rows(seq)
+        for task in bat.registry.tasks("b"):
+            assert bat.registry.ledger_lookup("b", task.source_sha256) == (task.name, 1)
+
+
+def test_a_rerun_is_a_no_op_and_bad_sources_never_block_the_others(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    with _workspace(tmp_path / "home", models) as ws:
+        ws.fold("b", str(models["gamma"]), "gamma")  # version 1 holds gamma
+        items = [
+            BatchItem(str(models["alpha"]), "alpha"),
+            BatchItem(str(tmp_path / "nowhere"), "missing"),
+            BatchItem(str(models["broken"]), "broken"),
+            BatchItem(str(models["beta"]), "beta"),
+            BatchItem(str(models["alpha"]), "alpha-again"),  # the same bytes twice
+            BatchItem(str(models["gamma"]), "gamma-again"),  # already folded as gamma
+            BatchItem(str(make_finetune(models["base"], tmp_path / "d", 4)), "gamma"),  # taken
+        ]
+        outcome = fold_many(ws, "b", items)
+        assert outcome.version == 2
+        assert [o.task for o in outcome.folded] == ["alpha", "beta"]
+        assert sorted(outcome.refused) == ["broken", "gamma", "missing"]
+        assert isinstance(outcome.refused["missing"], CheckpointError)
+        assert isinstance(outcome.refused["broken"], NonFiniteTensorError)
+        assert isinstance(outcome.refused["gamma"], TaskExistsError)
+        assert sorted((o.task, o.version) for o in outcome.skipped) == [
+            ("alpha", 2),
+            ("gamma", 1),
+        ]
+        # the same bytes under a name the batch folds: skipped as that task (the ledger)
+        repeat = fold_many(ws, "b", [BatchItem(str(models["beta"]), "beta-again")])
+        assert repeat.version is None and [(o.task, o.version) for o in repeat.skipped] == [
+            ("beta", 2)
+        ]
+        assert sorted(t.name for t in ws.registry.tasks("b")) == ["alpha", "beta", "gamma"]
+
+        again = fold_many(ws, "b", [BatchItem(str(models[n]), n) for n in TASKS])
+        assert again.version is None and again.folded == []
+        assert sorted((o.task, o.version) for o in again.skipped) == [
+            ("alpha", 2),
+            ("beta", 2),
+            ("gamma", 1),
+        ]
+        assert [v.version for v in ws.registry.list_versions("b")] == [1, 2]
+
+
+def test_a_crash_before_the_commit_leaves_nothing_visible(
+    tmp_path: Path, models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with _workspace(tmp_path / "home", models) as ws:
+
+        def crash(self: Registry, *args: object, **kwargs: object) -> None:
+            raise KeyboardInterrupt  # the process dies where the registry row would commit
+
+        with monkeypatch.context() as patch:
+            patch.setattr(Registry, "commit_version", crash)
+            with pytest.raises(KeyboardInterrupt):
+                fold_many(ws, "b", [BatchItem(str(models[n]), n) for n in TASKS])
+        assert ws.registry.head("b") is None
+        assert ws.registry.tasks("b") == []
+        for name in TASKS:
+            with CheckpointReader.open(models[name]) as reader:
+                digest = source_digests(reader).content
+            assert ws.registry.ledger_lookup("b", digest) is None
+        assert not list(ws.work_root.glob("*/**/*.safetensors"))  # work dir removed
+        outcome = fold_many(ws, "b", [BatchItem(str(models[n]), n) for n in TASKS])
+        assert outcome.version == 1 and [o.task for o in outcome.folded] == TASKS
+        # what the crashed run uploaded is unreferenced: gc reclaims it, the head is whole
+        deleted = ws.gc(grace_s=0).deleted
+        _, head = ws.resolve("b")
+        kept = {ref.key for ref in head.shards()}
+        assert deleted and not kept & set(deleted)
+        assert all(ws.store.exists(key) for key in kept)
+
+
+def test_task_named_twice_is_bad_input(tmp_path: Path, models: dict[str, Path]) -> None:
+    with _workspace(tmp_path / "home", models) as ws:
+        with pytest.raises(Exception, match="named twice"):
+            fold_many(
+                ws, "b", [BatchItem(str(models["alpha"]), "x"), BatchItem(str(models["beta"]), "x")]
+            )
+        assert ws.registry.head("b") is None
+
+
+def test_heads_of_all_members_are_checked_before_hashing(
+    tmp_path: Path, models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint the base refuses is never hashed, whatever its size."""
+    other = make_finetune(make_base(tmp_path / "other-base", seed=4), tmp_path / "o", 1)
+    state = load_file(str(other / "model.safetensors"))
+    save_file({k + ".x": v for k, v in state.items()}, str(other / "model.safetensors"))
+    hashed: list[str] = []
+    real = storage.batch.source_digests
+
+    def counting(reader: Any) -> Any:
+        hashed.append(str(reader.files[0]))
+        return real(reader)
+
+    monkeypatch.setattr(storage.batch, "source_digests", counting)
+    with _workspace(tmp_path / "home", models) as ws:
+        outcome = fold_many(
+            ws, "b", [BatchItem(str(other), "other"), BatchItem(str(models["alpha"]), "alpha")]
+        )
+        assert list(outcome.refused) == ["other"] and outcome.version == 1
+        assert hashed == [str(models["alpha"] / "model.safetensors")]
