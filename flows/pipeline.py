@@ -12,12 +12,10 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import TaskRun
-from prefect.states import State
-from prefect.tasks import Task
 
 from flows.discovery import Candidate, discover
+from flows.distributed import fold_on_dask
+from flows.task_options import TRANSIENT, task_options
 from flows.validation import (
     TaskValidation,
     ValidationReport,
@@ -26,9 +24,8 @@ from flows.validation import (
     validate_task,
 )
 from randes.errors import RandesError
-from storage.errors import StoreUnavailableError
+from storage.batch import BatchItem, BatchOutcome, fold_many
 from storage.invariants import version_problems
-from storage.registry import DatabaseUnavailableError
 from storage.settings import load_settings
 from storage.workspace import FoldOutcome, Workspace
 
@@ -37,43 +34,12 @@ class IngestRefusedError(RandesError):
     """Some checkpoints of an ingest were refused; the others were folded."""
 
 
-TRANSIENT = (StoreUnavailableError, DatabaseUnavailableError, ConnectionError, TimeoutError)
-RETRY_DELAYS = [2, 5, 10]
-
-
-def retry_transient_only(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
-    """Retry store / database outages; never retry a refusal of bad input."""
-    try:
-        state.result()
-    except TRANSIENT:
-        return True
-    except BaseException:  # noqa: BLE001 - anything else is final
-        return False
-    return False
-
-
-def _task_options() -> dict[str, Any]:
-    return {
-        "retries": len(RETRY_DELAYS),
-        "retry_delay_seconds": RETRY_DELAYS,
-        "retry_condition_fn": retry_transient_only,
-        "cache_policy": NO_CACHE,
-        "persist_result": False,
-    }
-
-
-@task(name="discover-checkpoints", **_task_options())
+@task(name="discover-checkpoints", **task_options())
 def discover_checkpoints(source: str) -> list[Candidate]:
     return discover(source, settings=load_settings())
 
 
-@task(name="fold-checkpoint", **_task_options())
-def fold_checkpoint(bundle: str, candidate: Candidate) -> FoldOutcome:
-    with Workspace.open() as ws:
-        return ws.fold(bundle, candidate.source, candidate.task)
-
-
-@task(name="place-checkpoint", **_task_options())
+@task(name="place-checkpoint", **task_options())
 def place_checkpoint(group: str, candidate: Candidate) -> FoldOutcome:
     """Fold into the member of ``group`` with room for it (storage.groups.place); the
     outcome names that member as its bundle."""
@@ -83,7 +49,7 @@ def place_checkpoint(group: str, candidate: Candidate) -> FoldOutcome:
         return place(ws, group, candidate.source, candidate.task).outcome
 
 
-@task(name="validate-task", **_task_options())
+@task(name="validate-task", **task_options())
 def validate_one(
     bundle: str, version: int, task_name: str, evaluator: str | None, scale: float | None
 ) -> TaskValidation:
@@ -92,7 +58,7 @@ def validate_one(
         return validate_task(ws, bundle, version, task_name, evaluator=function, scale=scale)
 
 
-@task(name="record-validation", **_task_options())
+@task(name="record-validation", **task_options())
 def record_validation(report: ValidationReport) -> str:
     with Workspace.open() as ws:
         for t in report.tasks:
@@ -159,6 +125,13 @@ def validate_flow(
     return report
 
 
+@task(name="fold-checkpoints", **task_options())
+def fold_checkpoints(bundle: str, items: list[BatchItem]) -> BatchOutcome:
+    """The single-process batch: every new checkpoint in one pass, one version."""
+    with Workspace.open() as ws:
+        return fold_many(ws, bundle, items)
+
+
 @flow(name="ingest", log_prints=True)
 def ingest_flow(
     bundle: str | None,
@@ -166,12 +139,16 @@ def ingest_flow(
     evaluator: str | None = None,
     run_validation: bool = True,
     group: str | None = None,
+    dask_address: str | None = None,
 ) -> dict[str, Any]:
     """Fold every checkpoint under ``source`` that the ledger does not hold yet.
 
-    With ``group`` (and ``bundle`` None), each checkpoint is placed in the group's
-    member with room for it (storage.groups), and every member that changed is
-    validated.
+    Into a bundle, the new checkpoints are folded as one batch (one pass over the
+    master, one new version; storage.batch): in this process, or with ``dask_address``
+    (default: the RANDES_DASK_ADDRESS setting) scrambled on that Dask cluster's workers
+    and reduced here (flows.distributed). With ``group`` (and ``bundle`` None), each
+    checkpoint is placed in the group's member with room for it (storage.groups), and
+    every member that changed is validated.
     """
     if (bundle is None) == (group is None):
         raise RandesError("ingest needs exactly one of a bundle and a group")
@@ -181,30 +158,43 @@ def ingest_flow(
     folded: list[FoldOutcome] = []
     skipped: list[FoldOutcome] = []
     refused: list[str] = []
-    for candidate in candidates:  # sequential: each fold builds on the previous head
+    for candidate in candidates:
         if candidate.refusal is not None:
             refused.append(f"{candidate.task!r}: {candidate.refusal}")
             logger.error("refused %s", refused[-1])
-            continue
-        if group is not None:
+    valid = [c for c in candidates if c.refusal is None]
+    if group is not None:
+        for candidate in valid:  # sequential: each placement sees the previous ones
             state = place_checkpoint(group, candidate, return_state=True)
-        else:
-            assert bundle is not None
-            state = fold_checkpoint(bundle, candidate, return_state=True)
-        try:
-            outcome = state.result()
-        except TRANSIENT:
-            raise  # the store or database is down: stop, the next run resumes
-        except RandesError as exc:
-            # One bad checkpoint must not starve the ones sorted after it on every
-            # scheduled run: refuse it, fold the rest, fail the run at the end.
-            refused.append(f"{candidate.task}: {str(exc).splitlines()[0] if str(exc) else exc!r}")
-            logger.error("refused %s", refused[-1])
-            continue
-        (skipped if outcome.skipped else folded).append(outcome)
+            try:
+                outcome = state.result()
+            except TRANSIENT:
+                raise  # the store or database is down: stop, the next run resumes
+            except RandesError as exc:
+                # One bad checkpoint must not starve the ones sorted after it on every
+                # scheduled run: refuse it, fold the rest, fail the run at the end.
+                refused.append(f"{candidate.task}: {_first_line(exc)}")
+                logger.error("refused %s", refused[-1])
+                continue
+            (skipped if outcome.skipped else folded).append(outcome)
+    elif valid:
+        assert bundle is not None
+        items = [BatchItem(c.source, c.task) for c in valid]
+        address = dask_address or load_settings().dask_address
+        batch = (
+            fold_checkpoints(bundle, items)
+            if address is None
+            else fold_on_dask(bundle, items, address)
+        )
+        folded, skipped = batch.folded, batch.skipped
+        for candidate in valid:  # refusals in the order the checkpoints were found
+            if candidate.task in batch.refused:
+                refused.append(f"{candidate.task}: {_first_line(batch.refused[candidate.task])}")
+                logger.error("refused %s", refused[-1])
+    for outcome in [*folded, *skipped]:
         logger.info(
             "%s: %s",
-            candidate.task,
+            outcome.task,
             "already folded" if outcome.skipped else f"version {outcome.version}",
         )
     heads = {o.bundle: o.version for o in folded}  # the last new version of each bundle
@@ -237,6 +227,10 @@ def ingest_flow(
             f"{target}: folded {len(folded)}, refused {len(refused)}: " + "; ".join(refused)
         )
     return summary
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else repr(exc)
 
 
 @flow(name="publish")

@@ -232,7 +232,7 @@ def _report_repeats(
             )
 
 
-def _fresh_seeds(ws: Workspace, bundle: str, n: int) -> list[int]:
+def fresh_seeds(ws: Workspace, bundle: str, n: int) -> list[int]:
     """``n`` distinct seeds no task of ``bundle`` ever had (as `Workspace.fold` draws)."""
     used = set(ws.registry.used_seeds(bundle))
     seeds: list[int] = []
@@ -257,7 +257,7 @@ def _fold_and_commit(
     every member is refused). VersionConflictError when another writer won."""
     bundle = bundle_rec.name
     config = stored_config(bundle_rec.transform)
-    seeds = _fresh_seeds(ws, bundle, len(todo))
+    seeds = fresh_seeds(ws, bundle, len(todo))
     version = head.version + 1 if head is not None else 1
     with ws._work_dir() as work, ws._base_reader(bundle_rec) as base:
         with ws._superposition_reader(parent) as parent_reader:

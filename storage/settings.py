@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     raises `StoreUnavailableError` (the store's own default when unset); a flow task
     then retries the whole step later."""
     cache_dir: Path | None = None
+    dask_address: str | None = None
+    """A Dask scheduler (``tcp://host:8786``) the ingest flow spreads its per-checkpoint
+    work over (prefect-dask's DaskTaskRunner); unset: one process folds the batch."""
     torch_threads: int = Field(
         default=1,
         ge=1,

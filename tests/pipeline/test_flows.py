@@ -94,7 +94,7 @@ def test_second_ingest_of_the_same_source_folds_nothing(
     first = ingest_flow("b", str(source))
     assert first["found"] == 2
     assert first["folded"] == ["alpha", "beta"] and first["skipped"] == []
-    assert first["version"] == 2 and first["status"] == "validated"
+    assert first["version"] == 1 and first["status"] == "validated"  # one batch, one version
 
     second = ingest_flow("b", str(source))
     assert second["found"] == 2
@@ -102,8 +102,8 @@ def test_second_ingest_of_the_same_source_folds_nothing(
     assert second["version"] is None and second["status"] is None
 
     with Workspace.open() as ws:
-        assert [v.version for v in ws.registry.list_versions("b")] == [1, 2]
-        assert ws.registry.head("b").version == 2  # type: ignore[union-attr]
+        assert [v.version for v in ws.registry.list_versions("b")] == [1]
+        assert ws.registry.head("b").version == 1  # type: ignore[union-attr]
         assert sorted(t.name for t in ws.registry.tasks("b")) == ["alpha", "beta"]
 
 
