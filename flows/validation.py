@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from randes.checkpoint import CheckpointReader, source_digests
+from randes.checkpoint import CheckpointReader
+from randes.digests import source_digests
 from randes.errors import RandesError
 from randes.fold import check_compatible
 from randes.keymap import TensorSource

@@ -47,8 +47,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from randes import capacity
-from randes.checkpoint import CheckpointReader, source_digests
+from randes.checkpoint import CheckpointReader
 from randes.config import TransformConfig, stored_config
+from randes.digests import source_digests
 from randes.errors import IntegrityError, RandesError
 from randes.fold import check_compatible, superposed_names
 from randes.names import validate_name

@@ -32,8 +32,9 @@ from pathlib import Path
 import torch
 
 from randes.adapters import is_adapter, task_side_files
-from randes.checkpoint import CheckpointReader, source_digests
+from randes.checkpoint import CheckpointReader
 from randes.config import TransformConfig, stored_config
+from randes.digests import source_digests
 from randes.errors import IntegrityError, NonFiniteTensorError, RandesError
 from randes.fold import check_compatible, fold, superposition_metas, unfold
 from randes.manifest import (

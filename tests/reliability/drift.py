@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from randes.checkpoint import CheckpointReader, source_digests
+from randes.checkpoint import CheckpointReader
+from randes.digests import source_digests
 from randes.fold import fold as core_fold
 from randes.fold import superposition_dtype
 from storage.settings import Settings
