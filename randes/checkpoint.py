@@ -18,8 +18,9 @@ silently changes what the next ``get`` returns), so each would need a clone; one
 ``readinto`` from the page cache is 4-10x faster than mmap + clone and owns its memory.
 The files stay standard safetensors, loadable by ``safetensors.torch.load_file``.
 
-A `randes.source.TensorSource`. The names of `randes.header` and `randes.source` callers
-took from here before the split are re-exported.
+The reader is a `randes.source.TensorSource` (what fold and retrieval read through).
+This module re-exports the header and source names (`TensorMeta`, `DTYPES`,
+`read_header`...) callers imported from it before it was split by job.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import hashlib
 import io
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 import torch
@@ -42,7 +42,7 @@ from randes.checkpoint_files import (
 )
 from randes.errors import CheckpointError, CorruptCheckpointError, SourceChangedError
 from randes.header import DTYPE_NAMES, DTYPES, read_header, read_layout, short_repr
-from randes.source import TensorMeta, dtype_size
+from randes.source import Closing, TensorMeta, dtype_size
 
 __all__ = [
     "DTYPES",
@@ -86,7 +86,7 @@ def read_exact_into(
     return view
 
 
-class CheckpointReader:
+class CheckpointReader(Closing):
     """Tensors of one checkpoint, possibly sharded, opened on demand.
 
     A context manager: ``with CheckpointReader.open(path) as ckpt: ckpt.get(name)``.
@@ -212,17 +212,6 @@ class CheckpointReader:
         handles, self._handles = self._handles, {}
         for handle in handles.values():
             handle.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"CheckpointReader({[str(f) for f in self.files]!r}, {len(self)} tensors)"

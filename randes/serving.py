@@ -21,8 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import torch
 
@@ -35,7 +33,7 @@ from randes.quantize import (
     dequantize,
     quantize,
 )
-from randes.source import ClosableSource, TensorMeta, TensorSource
+from randes.source import ClosableSource, Closing, TensorMeta, TensorSource
 from randes.writer import ShardWriter, TensorSpec, WrittenShard
 
 SERVING_DIR = "serving"
@@ -125,7 +123,7 @@ class ServingWriter:
         self._scales.abort()
 
 
-class QuantizedReader:
+class QuantizedReader(Closing):
     """A serving copy read as the master superposition it was derived from.
 
     ``slots`` maps each slot name to the master's meta (base shape, superposition
@@ -172,17 +170,6 @@ class QuantizedReader:
 
     def close(self) -> None:
         self._inner.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"QuantizedReader({self.scheme.name}, {self._inner!r})"

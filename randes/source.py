@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from types import TracebackType
+from typing import Protocol, Self
 
 import torch
 
@@ -74,6 +75,24 @@ class ClosableSource(TensorSource, Protocol):
     """A source holding resources (open files) until ``close``."""
 
     def close(self) -> None: ...
+
+
+class Closing:
+    """``with reader:`` for a source with a ``close``: closes it on the way out."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
 
 def metas_of(source: TensorSource) -> dict[str, TensorMeta]:
