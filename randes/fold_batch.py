@@ -39,16 +39,7 @@ import torch
 from randes.checkpoint import CheckpointReader
 from randes.config import TransformConfig
 from randes.errors import CheckpointError
-from randes.fold import (
-    PRIVATE_DIR,
-    SUPERPOSITION_DIR,
-    Progress,
-    check_compatible,
-    check_superposition,
-    check_written,
-    layout_of,
-    superposition_dtype,
-)
+from randes.fold import PRIVATE_DIR, SUPERPOSITION_DIR, Progress, check_compatible, check_written
 from randes.fold_members import (
     BASE_CACHE_BYTES,
     BaseTensors,
@@ -62,8 +53,9 @@ from randes.fold_members import (
     Ticks,
 )
 from randes.keymap import Reconciled
+from randes.layout import Layout, check_superposition, layout_of, superposition_dtype
 from randes.serving import SERVING_DIR, ServingWriter
-from randes.transforms import Layout
+from randes.source import TensorSource
 from randes.writer import ShardWriter, TensorSpec, WrittenShard
 
 __all__ = [
@@ -93,9 +85,9 @@ class BatchFoldResult:
 
 def fold_batch(
     *,
-    base: CheckpointReader,
+    base: TensorSource,
     members: Sequence[BatchMember],
-    parent: CheckpointReader | None,
+    parent: TensorSource | None,
     config: TransformConfig,
     out_dir: Path,
     progress: Progress | None = None,
@@ -148,7 +140,7 @@ class ScrambledTask:
 
 def scramble_task(
     *,
-    base: CheckpointReader,
+    base: TensorSource,
     checkpoint: CheckpointReader,
     seed: int,
     config: TransformConfig,
@@ -195,9 +187,9 @@ def scramble_task(
 
 def fold_scrambled(
     *,
-    base: CheckpointReader,
+    base: TensorSource,
     partials: Sequence[ScrambledPartial],
-    parent: CheckpointReader | None,
+    parent: TensorSource | None,
     config: TransformConfig,
     out_dir: Path,
     progress: Progress | None = None,
@@ -230,8 +222,8 @@ def fold_scrambled(
 
 
 def _fold_passes(
-    base: CheckpointReader,
-    parent: CheckpointReader | None,
+    base: TensorSource,
+    parent: TensorSource | None,
     keep: list[int],
     contributors: Callable[[Sequence[int]], list[Contributor]],
     layout: Layout,
@@ -266,7 +258,7 @@ def _fold_passes(
 
 def _accumulate(
     slot: str,
-    parent: CheckpointReader | None,
+    parent: TensorSource | None,
     active: list[Contributor],
     bases: BaseTensors,
     shape: tuple[int, ...],
@@ -291,8 +283,8 @@ def _accumulate(
 
 
 def _one_pass(
-    base: CheckpointReader,
-    parent: CheckpointReader | None,
+    base: TensorSource,
+    parent: TensorSource | None,
     active: list[Contributor],
     layout: Layout,
     config: TransformConfig,

@@ -24,8 +24,10 @@ from randes.config import TransformConfig
 from randes.errors import CheckpointError, IncompatibleCheckpointError
 from randes.fold import Progress, _delta, check_finite, owned_delta
 from randes.keymap import Reconciled
+from randes.layout import Layout
 from randes.manifest import KeyMap
-from randes.transforms import Layout, TaskTransform
+from randes.source import TensorSource
+from randes.transforms import TaskTransform
 from randes.writer import ShardWriter, TensorSpec, WrittenShard
 
 P = ParamSpec("P")
@@ -70,7 +72,7 @@ class BaseTensors:
     tensor), so one tensor serves every member that needs it.
     """
 
-    def __init__(self, base: CheckpointReader, budget: int) -> None:
+    def __init__(self, base: TensorSource, budget: int) -> None:
         self._base = base
         self._budget = budget
         self._held: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -210,5 +212,5 @@ class ScrambledPartial:
     """One task's scrambled delta, computed apart (`scramble_task`) and read back:
     float32 slots in the superposition's layout, plus the parts of its task entry."""
 
-    delta: CheckpointReader
+    delta: TensorSource
     fold: MemberFold

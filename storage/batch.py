@@ -22,8 +22,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from randes.adapters import SourceKind, task_side_files
-from randes.checkpoint import CheckpointReader, source_digests
+from randes.checkpoint import CheckpointReader
 from randes.config import stored_config
+from randes.digests import source_digests
 from randes.errors import RandesError
 from randes.fold import check_compatible
 from randes.fold_batch import BatchMember, MemberFold, fold_batch
