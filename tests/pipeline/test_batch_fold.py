@@ -13,8 +13,9 @@ from safetensors.torch import load_file, save_file
 
 import storage.batch
 import storage.workspace
-from randes.checkpoint import CheckpointReader, source_digests
+from randes.checkpoint import CheckpointReader
 from randes.config import TransformConfig
+from randes.digests import source_digests
 from randes.errors import CheckpointError, NonFiniteTensorError
 from storage.batch import BatchItem, fold_many
 from storage.registry import Registry, TaskExistsError
