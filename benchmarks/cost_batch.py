@@ -1,0 +1,225 @@
+"""Cost of a batch fold and of an ingest spread over a Dask cluster (issue 15, must-show 2-3).
+
+Question answered: do K checkpoints folded as one batch (one pass over the master)
+cost <= 0.35x the time of K sequential folds, with identical master bytes; and what
+does an ingest of the same K through a 2-worker Dask LocalCluster cost against the
+single-process batch fold on the same machine?
+
+Method, on the embedded default (local store + SQLite, every run in a fresh RANDES_HOME
+under one temp dir, inputs hot in the page cache, ``os.sync()`` before each timed run):
+
+- the cost suite's GPT-2-shaped fp32 models (``small``: 6 layers, d=768, vocab 8192,
+  ~50M parameters; the base plus K fine-tunes saved like
+  ``GPT2ForSequenceClassification``, benchmarks.cost);
+- ``sequential``: ``Workspace.fold`` once per checkpoint (K versions), as ingestion
+  did before batches; ``batch``: ``storage.batch.fold_many`` of the K (one version);
+  both draw the same seeds (``new_task_seed`` replaced by one fixed sequence), so their
+  masters must be the same bytes (checked on every repeat);
+- ``ingest``: the ingest flow (``run_validation=False``) on the same K, once with the
+  single-process batch (``ingest-local``) and once with ``dask_address`` of a
+  ``distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+  host="127.0.0.1")`` started beforehand (its start-up is reported apart);
+- repeats interleaved (sequential, batch, ingest-local, ingest-dask, then again); medians.
+
+    .venv/bin/python benchmarks/cost_batch.py [--tasks 8] [--repeats 3] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.cost import FULL, QUICK, ModelSpec, generate  # noqa: E402
+
+Log = Callable[[str], None]
+
+
+@contextmanager
+def _seeds() -> Iterator[None]:
+    """One fixed seed sequence for every fold path (so masters can be compared)."""
+    import storage.batch
+    import storage.workspace
+
+    counter = itertools.count(1)
+
+    def seed() -> int:
+        return next(counter) * 2_654_435_761
+
+    saved = storage.workspace.new_task_seed, storage.batch.new_task_seed
+    storage.workspace.new_task_seed = seed  # type: ignore[assignment]
+    storage.batch.new_task_seed = seed  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        storage.workspace.new_task_seed, storage.batch.new_task_seed = saved
+
+
+@contextmanager
+def _home(root: Path, base: Path) -> Iterator[Any]:
+    """A fresh embedded workspace with the base registered and bundle ``b`` created."""
+    from randes.config import TransformConfig
+    from storage.settings import Settings
+    from storage.workspace import Workspace
+
+    shutil.rmtree(root, ignore_errors=True)
+    os.environ["RANDES_HOME"] = str(root)
+    with Workspace(Settings(home=root)) as ws:
+        ws.init()
+        ws.add_base("base", str(base))
+        ws.create_bundle("b", "base", TransformConfig())
+        yield ws
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _master(ws: Any) -> list[str]:
+    _, manifest = ws.resolve("b")
+    return [ref.sha256 for ref in manifest.superposition]
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    os.sync()
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def measure(spec: ModelSpec, work: Path, tasks: int, repeats: int, log: Log) -> dict[str, Any]:
+    """Time sequential folds, the batch fold and both ingests; see the module docstring."""
+    import torch
+    from distributed import LocalCluster
+
+    from flows.pipeline import ingest_flow
+    from storage.batch import BatchItem, fold_many
+
+    torch.set_num_threads(1)  # the project's default (storage.settings.torch_threads)
+    base, task_dirs = generate(spec, work / "models", tasks)
+    incoming = work / "incoming"
+    for k, path in enumerate(task_dirs, start=1):
+        (incoming / f"task{k:02d}").mkdir(parents=True, exist_ok=True)
+        os.link(path / "model.safetensors", incoming / f"task{k:02d}" / "model.safetensors")
+    items = [BatchItem(str(incoming / f"task{k:02d}"), f"task{k:02d}") for k in range(1, tasks + 1)]
+    times: dict[str, list[float]] = {
+        n: [] for n in ("sequential", "batch", "ingest-local", "ingest-dask")
+    }
+    same: list[bool] = []
+    load: list[float] = []
+    # Workers read RANDES_HOME once, when they start: the Dask runs all use this home.
+    dask_home = work / "ingest-dask"
+    os.environ["RANDES_HOME"] = str(dask_home)
+    _warm_up_prefect()
+    start = time.perf_counter()
+    cluster = LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+    )
+    cluster_start_s = time.perf_counter() - start
+    try:
+        for rep in range(repeats):
+            load.append(os.getloadavg()[0])
+            masters = {}
+            with _seeds(), _home(work / "seq", base) as ws:
+                t, _ = _timed(lambda ws=ws: [ws.fold("b", i.source, i.task) for i in items])
+                times["sequential"].append(t)
+                masters["sequential"] = _master(ws)
+            with _seeds(), _home(work / "batch", base) as ws:
+                t, out = _timed(lambda ws=ws: fold_many(ws, "b", items))
+                assert out.version == 1 and not out.refused, out
+                times["batch"].append(t)
+                masters["batch"] = _master(ws)
+            for name, address in (
+                ("ingest-local", None),
+                ("ingest-dask", cluster.scheduler_address),
+            ):
+                with _seeds(), _home(work / name, base) as ws:
+                    t, summary = _timed(
+                        lambda a=address: ingest_flow(
+                            "b", str(incoming), run_validation=False, dask_address=a
+                        )
+                    )
+                    assert summary["version"] == 1 and len(summary["folded"]) == tasks, summary
+                    times[name].append(t)
+                    masters[name] = _master(ws)
+            same.append(len({tuple(m) for m in masters.values()}) == 1)
+            log(f"repeat {rep + 1}: " + ", ".join(f"{n} {v[-1]:.1f}s" for n, v in times.items()))
+    finally:
+        cluster.close()
+    medians = {n: statistics.median(v) for n, v in times.items()}
+    return {
+        "spec": spec.name,
+        "params": spec.params(),
+        "tasks": tasks,
+        "repeats": repeats,
+        "times_s": times,
+        "median_s": medians,
+        "batch_over_sequential": medians["batch"] / medians["sequential"],
+        "dask_over_local_ingest": medians["ingest-dask"] / medians["ingest-local"],
+        "identical_master_bytes": all(same),
+        "cluster_start_s": cluster_start_s,
+        "load_1min": load,
+    }
+
+
+def _warm_up_prefect() -> None:
+    """Start Prefect's temporary API server before anything is timed."""
+    from prefect import flow
+
+    @flow(name="warm-up")
+    def warm_up() -> int:
+        return 1
+
+    warm_up()
+
+
+def render(data: dict[str, Any]) -> list[str]:
+    m = data["median_s"]
+    return [
+        f"K = {data['tasks']} checkpoints of the {data['params'] / 1e6:.0f}M-parameter "
+        f"`{data['spec']}` model, medians of {data['repeats']} (1-min load "
+        f"{min(data['load_1min']):.1f}-{max(data['load_1min']):.1f} at the repeats' starts):",
+        "",
+        "| run | median s | all runs s |",
+        "|---|---|---|",
+        *(f"| {n} | {m[n]:.1f} | {', '.join(f'{x:.1f}' for x in data['times_s'][n])} |" for n in m),
+        "",
+        f"- batch / sequential: **{data['batch_over_sequential']:.2f}x** (goal <= 0.35x); "
+        f"identical master bytes on every repeat: {data['identical_master_bytes']}",
+        f"- ingest on a 2-worker LocalCluster / ingest in one process: "
+        f"**{data['dask_over_local_ingest']:.2f}x** (cluster start-up "
+        f"{data['cluster_start_s']:.0f} s not included)",
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="the smaller model")
+    ap.add_argument("--json", type=Path, help="also write the data here")
+    args = ap.parse_args()
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    spec = (QUICK if args.quick else FULL)[0]
+    from flows.prefect_session import prefect_session
+
+    with tempfile.TemporaryDirectory(prefix="randes-batch-") as tmp, prefect_session():
+        data = measure(spec, Path(tmp), args.tasks, args.repeats, lambda s: print(s, flush=True))
+    if args.json:
+        args.json.write_text(json.dumps(data, indent=2))
+    print("\n".join(render(data)))
+
+
+if __name__ == "__main__":
+    main()
