@@ -14,10 +14,11 @@ No setting travels in task parameters, which Prefect records.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Sequence
 
-from prefect import flow, task, unmapped
+from prefect import flow, get_run_logger, task, unmapped
 
 from flows.task_options import task_options
 from randes.errors import RandesError
@@ -56,11 +57,16 @@ def fold_on_dask(bundle: str, items: Sequence[BatchItem], address: str) -> Batch
         seeds = fresh_seeds(ws, bundle, len(items))
     owner = f"ingest-{uuid.uuid4().hex}"
     runner = DaskTaskRunner(address=address)
+    logger = get_run_logger()
+    started = time.perf_counter()
     results = scramble_checkpoints.with_options(task_runner=runner)(  # type: ignore[arg-type]
         bundle, list(items), seeds, owner
     )
+    mapped = time.perf_counter()
+    logger.info("scrambled %d checkpoints on %s in %.1f s", len(items), address, mapped - started)
     try:
         outcome = reduce_step(bundle, results)
+        logger.info("reduced in %.1f s", time.perf_counter() - mapped)
     finally:
         with Workspace.open() as ws:
             drop_partials(ws, [r.partial for r in results if r.partial], owner)
