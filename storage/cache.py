@@ -98,6 +98,12 @@ class ObjectCache:
         self._remember(path)
         return path
 
+    def evict(self, ref: ShardRef, *, suffix: str = ".safetensors") -> None:
+        """Drop the local copy of ``ref`` (an object the store no longer keeps)."""
+        path = self.root / f"{ref.sha256}{suffix}"
+        path.unlink(missing_ok=True)
+        self._verified.pop(path, None)
+
     def _verify(self, path: Path, ref: ShardRef) -> bool:
         """Whether the cached copy at ``path`` holds exactly ``ref``'s bytes.
 

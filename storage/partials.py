@@ -236,7 +236,10 @@ def drop_partials(ws: Workspace, partials: Sequence[PartialRef], owner: str) -> 
     """After the reduce: release the run's leases and delete the deltas (through gc's
     announcement protocol, so an object something else claims is kept)."""
     ws._release(owner)
-    keys = sorted({ref.key for p in partials for ref in p.delta})
+    refs = [ref for p in partials for ref in p.delta]
+    for ref in refs:  # the reduce's local copies
+        ws.cache.evict(ref)
+    keys = sorted({ref.key for ref in refs})
     try:
         ws._delete_unclaimed(keys)
     except RandesError as exc:  # gc reclaims them later

@@ -68,8 +68,11 @@ def test_ingest_on_a_two_worker_cluster_commits_the_batch_folds_bytes(
         assert [t.name for t in got.tasks] == TASKS
         # seeds drawn for the four found (alpha, beta, broken, gamma), in their order
         assert [t.seed for t in got.tasks] == [104729, 2 * 104729, 4 * 104729]
-        # every scrambled delta the workers stored was deleted after the commit
+        # every scrambled delta the workers stored was deleted after the commit, and the
+        # reduce's local copies with them
         assert ws.gc(grace_s=0, dry_run=True).deleted == []
+        kept = {r.sha256 for r in [*got.shards(), *ws.base_manifest("tiny").shards]}
+        assert {p.name.split(".")[0] for p in ws.cache.root.iterdir()} <= kept
     assert again["folded"] == [] and again["version"] is None
 
     # the same checkpoints, the same seeds, folded by one process
