@@ -3,30 +3,35 @@ over it, and reading both back."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 
 from randes.names import validate_name
 from storage.registry.connection import RegistryCore
-from storage.registry.errors import BaseExistsError, BundleExistsError, BundleNotFoundError
+from storage.registry.errors import (
+    BaseExistsError,
+    BundleExistsError,
+    BundleNotFoundError,
+    RegistryError,
+)
 from storage.registry.models import UQ_BASE_NAME, UQ_BUNDLE_NAME, BaseModel, BaseObject, Bundle
 from storage.registry.records import BaseRecord, BundleRecord
 from storage.registry.rows import (
-    all_with_base,
     base_record,
     base_row,
     bundle_record,
     check_finite,
-    insert_over_base,
     inserted,
-    one_with_base,
     raising_on,
     unique,
     violated,
+    with_base_name,
 )
+
+R = TypeVar("R")
 
 
 class BundlesMixin(RegistryCore):
@@ -98,24 +103,52 @@ class BundlesMixin(RegistryCore):
     ) -> BundleRecord:
         """Create an (empty, version-less) bundle over a registered base."""
         validate_name(name, "bundle name")
-        gate_threshold = check_finite("gate_threshold", gate_threshold)
-        exists = BundleExistsError(name)
-        with raising_on(UQ_BUNDLE_NAME, exists), self._tx(write=True) as s:
-            row, base = insert_over_base(
-                s,
-                Bundle,
-                name,
-                base_name,
-                exists,
-                transform=dict(transform),
-                gate_threshold=gate_threshold,
-            )
-            return bundle_record(row, base)
+        gate = check_finite("gate_threshold", gate_threshold)
+        row = Bundle(name=name, transform=dict(transform), gate_threshold=gate)
+        return self._create_over_base(
+            row, base_name, bundle_record, BundleExistsError(name), UQ_BUNDLE_NAME
+        )
 
     def get_bundle(self, name: str) -> BundleRecord:
-        with self._tx() as s:
-            return bundle_record(*one_with_base(s, Bundle, name, BundleNotFoundError(name)))
+        return self._get_over_base(Bundle, bundle_record, name, BundleNotFoundError(name))
 
     def list_bundles(self) -> list[BundleRecord]:
+        return self._list_over_base(Bundle, bundle_record)
+
+    # -- what bundles and groups share: a named row over a base -------------------------
+
+    def _create_over_base(
+        self,
+        row: Any,
+        base_name: str,
+        record: Callable[[Any, str], R],
+        exists: RegistryError,
+        constraint: str,
+    ) -> R:
+        """Insert ``row`` (a new bundle or group) over the registered base ``base_name``
+        and return its record: BaseNotFoundError, or ``exists`` when its name is taken
+        (seen by the check, or by `constraint` when a racing writer won)."""
+        model = type(row)
+        with raising_on(constraint, exists), self._tx(write=True) as s:
+            base = base_row(s, base_name)
+            if s.scalar(select(model.id).where(model.name == row.name)) is not None:
+                raise exists
+            row.base_id = base.id
+            return record(inserted(s, row), base.name)
+
+    def _get_over_base(
+        self, model: Any, record: Callable[[Any, str], R], name: str, missing: RegistryError
+    ) -> R:
+        """The record of the `model` row named ``name``, or ``missing`` raised."""
         with self._tx() as s:
-            return [bundle_record(b, base) for b, base in all_with_base(s, Bundle)]
+            row = s.execute(with_base_name(model).where(model.name == name)).one_or_none()
+            if row is None:
+                raise missing
+            return record(row[0], row[1])
+
+    def _list_over_base(self, model: Any, record: Callable[[Any, str], R]) -> list[R]:
+        """The records of every `model` row, by name."""
+        with self._tx() as s:
+            return [
+                record(r, base) for r, base in s.execute(with_base_name(model).order_by(model.name))
+            ]

@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import select
 
 from randes.names import validate_name
-from storage.registry.connection import RegistryCore
+from storage.registry.bundles import BundlesMixin
 from storage.registry.errors import (
     GroupExistsError,
     GroupMemberConflictError,
@@ -26,22 +26,20 @@ from storage.registry.models import (
 from storage.registry.records import BundleRecord, GroupRecord
 from storage.registry.rows import (
     GROUP_NAME_MAX,
-    all_with_base,
     bundle_record,
     bundle_row,
     check_finite,
     group_record,
     group_row,
-    insert_over_base,
     inserted,
-    one_with_base,
     raising_on,
     with_base_name,
 )
 
 
-class GroupsMixin(RegistryCore):
-    """`Registry` methods for bundle groups and their members."""
+class GroupsMixin(BundlesMixin):
+    """`Registry` methods for bundle groups and their members (bundles themselves,
+    created the same way)."""
 
     def create_group(
         self,
@@ -67,28 +65,19 @@ class GroupsMixin(RegistryCore):
             raise InvalidValueError(
                 f"max_interference must be a number greater than 0, got {max_interference}"
             )
-        gate_threshold = check_finite("gate_threshold", gate_threshold)
-        exists = GroupExistsError(name)
-        with raising_on(UQ_GROUP_NAME, exists), self._tx(write=True) as s:
-            row, base = insert_over_base(
-                s,
-                BundleGroup,
-                name,
-                base_name,
-                exists,
-                transform=dict(transform),
-                gate_threshold=gate_threshold,
-                max_interference=limit,
-            )
-            return group_record(row, base)
+        gate = check_finite("gate_threshold", gate_threshold)
+        row = BundleGroup(
+            name=name, transform=dict(transform), gate_threshold=gate, max_interference=limit
+        )
+        return self._create_over_base(
+            row, base_name, group_record, GroupExistsError(name), UQ_GROUP_NAME
+        )
 
     def get_group(self, name: str) -> GroupRecord:
-        with self._tx() as s:
-            return group_record(*one_with_base(s, BundleGroup, name, GroupNotFoundError(name)))
+        return self._get_over_base(BundleGroup, group_record, name, GroupNotFoundError(name))
 
     def list_groups(self) -> list[GroupRecord]:
-        with self._tx() as s:
-            return [group_record(g, base) for g, base in all_with_base(s, BundleGroup)]
+        return self._list_over_base(BundleGroup, group_record)
 
     def group_members(self, group: str) -> list[BundleRecord]:
         """The group's bundles in the order they were created (their positions)."""

@@ -19,7 +19,8 @@ but each concept is its own module under 500 lines, composed here:
 - `connection.RegistryCore`: engine and URL, migrations (`upgrade`), transactions,
   driver-error mapping, URL redaction;
 - `bundles.BundlesMixin`: base models and bundles;
-- `groups.GroupsMixin`: bundle groups and their members;
+- `groups.GroupsMixin`: bundle groups and their members (over `BundlesMixin`, whose
+  create/get/list over a base both use);
 - `versions.VersionsMixin`: versions, status, aliases, retention
   (`protected_versions`, `delete_versions`);
 - `tasks.TasksMixin`: `commit_version`, tasks and the ingestion ledger;
@@ -30,7 +31,6 @@ but each concept is its own module under 500 lines, composed here:
 
 from __future__ import annotations
 
-from storage.registry.bundles import BundlesMixin
 from storage.registry.connection import migrations_dir
 from storage.registry.evaluations import EvaluationsMixin
 from storage.registry.groups import GroupsMixin
@@ -43,8 +43,7 @@ __all__ = ["GROUP_NAME_MAX", "INT32_MAX", "Registry", "migrations_dir"]
 
 
 class Registry(
-    BundlesMixin,
-    GroupsMixin,
+    GroupsMixin,  # and BundlesMixin, its base
     VersionsMixin,
     TasksMixin,
     EvaluationsMixin,

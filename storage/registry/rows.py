@@ -238,35 +238,9 @@ def raising_on(constraints: str | tuple[str, ...], error: Exception) -> Iterator
         raise
 
 
-def insert_over_base(
-    s: Session, model: Any, name: str, base_name: str, exists: Exception, **fields: Any
-) -> tuple[Any, str]:
-    """Insert a `model` row (a bundle or a group) named ``name`` over the registered base
-    ``base_name``: (the row, the base's name). BaseNotFoundError, or ``exists`` when the
-    name is taken."""
-    base = base_row(s, base_name)
-    if s.scalar(select(model.id).where(model.name == name)) is not None:
-        raise exists
-    return inserted(s, model(name=name, base_id=base.id, **fields)), base.name
-
-
 def with_base_name(model: Any) -> Any:
     """``SELECT model, base name`` for a bundle or group query (its records carry it)."""
     return select(model, BaseModel.name).join(BaseModel, model.base_id == BaseModel.id)
-
-
-def one_with_base(s: Session, model: Any, name: str, missing: Exception) -> tuple[Any, str]:
-    """The `model` row (a bundle or group) named ``name`` and its base's name, or
-    ``missing`` raised."""
-    row = s.execute(with_base_name(model).where(model.name == name)).one_or_none()
-    if row is None:
-        raise missing
-    return row[0], row[1]
-
-
-def all_with_base(s: Session, model: Any) -> list[tuple[Any, str]]:
-    """Every `model` row (bundles or groups) with its base's name, by name."""
-    return [(r, base) for r, base in s.execute(with_base_name(model).order_by(model.name))]
 
 
 def inserted(s: Session, row: T) -> T:
