@@ -42,23 +42,19 @@ from typing import TYPE_CHECKING, Any, Self
 import torch
 
 from randes.checkpoint import CheckpointReader
-from randes.errors import RandesError
-from randes.fold import superposition_metas
+from randes.layout import superposition_metas
 from randes.manifest import BundleManifest, TaskEntry
 from randes.retrieve import TaskRetrieval
 from randes.scaling import manifest_task_scale
 from randes.serving import QuantizedReader
+from randes.source import TensorSource
 from storage.registry import TaskNotFoundError
 from storage.runtime_readers import FileBaseReader, ResidentReader
-from storage.runtime_sources import RuntimeSource, open_source
+from storage.runtime_sources import BundleRuntimeError, RuntimeSource, open_source
 from storage.settings import Settings
 
 if TYPE_CHECKING:
     from storage.mixed import MixedBatchModel
-
-
-class BundleRuntimeError(RandesError):
-    """A module or a request a runtime cannot serve (shapes differ, no config.json...)."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +100,7 @@ class BundleRuntime:
             resident = ResidentReader.load(sup_reader, device, copies=not quantized)
         self._stored = resident
         """The superposition as stored: quantized codes + scales, or the master."""
-        self.superposition: CheckpointReader = resident
+        self.superposition: TensorSource = resident
         if quantized:
             assert self.manifest.serving is not None
             metas = superposition_metas(self.base, self.manifest.transform)
