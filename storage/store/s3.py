@@ -22,14 +22,9 @@ store needs on top:
   are written, with the ranges still fetched in parallel; memory stays bounded by
   its in-memory chunk window.
 
-Each failed attempt of a request is logged at WARNING on this module's logger
-(``storage.store.s3``), so callers and tests can observe an outage as it happens; a
-command line should install a handler so these notices do not reach stderr through
-logging's last-resort handler.
-
-Credentials come from the normal boto3 chain and never appear in messages: every
-error text is built here from the store URL, the key and the endpoint, and texts
-quoted from botocore are scrubbed of the access key, secret and session token.
+Each failed attempt is logged at WARNING on ``storage.store.s3`` (an outage is seen as
+it happens; a command line installs a handler). Credentials come from the boto3 chain
+and never appear in messages (`S3Errors` words them, scrubbing botocore's texts).
 """
 
 from __future__ import annotations
@@ -52,7 +47,6 @@ from boto3.s3.transfer import create_transfer_manager
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from randes.errors import IntegrityError
 from storage.errors import (
     InvalidStoreUrlError,
     ObjectNotFoundError,
@@ -84,6 +78,7 @@ from storage.store.s3_transfer import (
     UploadGate,
     attempts_for,
     size_retry_quota,
+    source_mismatch,
     transfer_config,
 )
 
@@ -302,7 +297,7 @@ class S3Store(ObjectStore):
             data = path.read_bytes()
             actual = hashlib.sha256(data).hexdigest()
             if actual != expected:
-                raise _source_mismatch(path, key, expected, actual)
+                raise source_mismatch(path, key, expected, actual)
             return self._put_object(key, data, if_absent=True, metadata=metadata)
         # One multipart upload per key at a time in this process (the completion hook
         # finds its hash by key); a second writer then finds the key stored.
@@ -314,7 +309,7 @@ class S3Store(ObjectStore):
             if self.exists(key):
                 return False
             self._gates[full] = UploadGate(
-                path, expected, lambda got: _source_mismatch(path, key, expected, got)
+                path, expected, lambda got: source_mismatch(path, key, expected, got)
             )
             try:
                 return self._upload(key, full, path, metadata)
@@ -357,8 +352,7 @@ class S3Store(ObjectStore):
             params["IfNoneMatch"] = "*"
 
     def _part_uploaded(self, **kwargs: Any) -> None:
-        """botocore hook after each ``UploadPart`` (a debug notice; a kill point for
-        the reliability tests)."""
+        """botocore hook after each ``UploadPart`` (a kill point of the reliability tests)."""
         logger.debug("S3 part uploaded to %s", self.url)
 
     # ---------------------------------------------------------------- reads
@@ -388,8 +382,7 @@ class S3Store(ObjectStore):
         return sink.received
 
     def _missing(self, key: str) -> StoreError:
-        """A 404 to the transfer manager's HEAD: no such object, or no such bucket
-        (a HEAD answer has no body to tell which; ask the bucket)."""
+        """A 404 to a HEAD (no body says which): no such object, or no such bucket?"""
         try:
             self._client.head_bucket(Bucket=self.bucket)
         except ClientError as exc:
@@ -504,10 +497,3 @@ class S3Store(ObjectStore):
             if not page.get("IsTruncated") or not token:
                 return
             args["ContinuationToken"] = token
-
-
-def _source_mismatch(path: Path, key: str, expected: str, actual: str) -> IntegrityError:
-    return IntegrityError(
-        f"file {path} does not match the sha256 given for {key!r}: expected {expected}, "
-        f"got {actual}; nothing was stored"
-    )

@@ -110,6 +110,13 @@ class OrderedSink:
         return len(data)
 
 
+def source_mismatch(path: Path, key: str, expected: str, actual: str) -> IntegrityError:
+    return IntegrityError(
+        f"file {path} does not match the sha256 given for {key!r}: expected {expected}, "
+        f"got {actual}; nothing was stored"
+    )
+
+
 class UploadGate:
     """The sha256 of ``path`` computed in the background, checked before completion.
 
