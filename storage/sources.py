@@ -172,7 +172,7 @@ def open_configured_store(url: str, settings: Settings) -> ObjectStore:
 
     store = open_store(url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
     if settings.s3_retry_seconds is not None and isinstance(store, S3Store):
-        store.retry_timeout = settings.s3_retry_seconds  # read at each operation
+        store.retry_timeout = settings.s3_retry_seconds  # rebuilds its botocore retry config
     return store
 
 
