@@ -48,6 +48,7 @@ from sqlalchemy.exc import (
 from sqlalchemy.orm import Session, sessionmaker
 
 from randes.names import validate_name
+from storage.redact import database_url_for_humans, database_url_secrets, redact_text
 from storage.registry.engine import make_engine, write_options
 from storage.registry.errors import (
     AliasNotFoundError,
@@ -271,7 +272,7 @@ class Registry:
     @property
     def url(self) -> str:
         """The database URL with its password hidden (safe to log)."""
-        return _redacted(self._url).render_as_string(hide_password=True)
+        return database_url_for_humans(self._url)
 
     @property
     def backend(self) -> str:
@@ -333,9 +334,7 @@ class Registry:
         (unreachable, locked, schema missing), or None for one the caller must handle."""
         if isinstance(exc, IntegrityError):
             return None
-        detail = _first_line(exc)
-        for secret in _secrets(self._url):
-            detail = detail.replace(secret, "***")
+        detail = redact_text(_first_line(exc), database_url_secrets(self._url))
         sqlstate = getattr(exc.orig, "sqlstate", None)
         lowered = detail.lower()
         if sqlstate in _PG_UNDEFINED or any(m in lowered for m in _SQLITE_UNDEFINED):
@@ -1237,26 +1236,6 @@ class Registry:
             if translated is None:
                 raise
             raise translated from None
-
-
-_SECRET_QUERY_KEYS = frozenset({"password", "passfile", "sslpassword"})
-
-
-def _secrets(url: URL) -> list[str]:
-    """Every secret a URL carries: the user-info password and password-like query keys."""
-    found = [str(url.password)] if url.password else []
-    for key, value in url.query.items():
-        if key.lower() in _SECRET_QUERY_KEYS:
-            values = value if isinstance(value, tuple) else (value,)
-            found.extend(v for v in values if v)
-    return found
-
-
-def _redacted(url: URL) -> URL:
-    """``url`` with password-like query values replaced by ``***`` (user info is left to
-    SQLAlchemy's ``hide_password``)."""
-    hidden = {k: "***" for k in url.query if k.lower() in _SECRET_QUERY_KEYS}
-    return url.update_query_dict(hidden) if hidden else url
 
 
 def _task_removed_since(ledger: Any = IngestionLedger) -> Any:

@@ -35,7 +35,6 @@ import io
 import logging
 import os
 import random
-import re
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterator
@@ -44,7 +43,6 @@ from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import boto3
 from botocore.config import Config
@@ -60,6 +58,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from urllib3.exceptions import HTTPError as Urllib3HTTPError
 
 from randes.errors import IntegrityError
+from storage.redact import redact_text, url_for_humans
 from storage.errors import (
     InvalidStoreUrlError,
     ObjectNotFoundError,
@@ -140,23 +139,9 @@ def _is_not_implemented(exc: ClientError) -> bool:
     return _status(exc) == 501 or _code(exc) == "NotImplemented"
 
 
-_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@\"'<>]*@")
-
-
-def redact_userinfo(text: str) -> str:
-    """Every ``scheme://user:password@`` in ``text`` becomes ``scheme://***@``."""
-    return _USERINFO.sub(r"\1***@", text)
-
-
-def _redact_url(url: str | None) -> str:
-    """The endpoint without any user:password@ part, for messages."""
-    if not url:
-        return "AWS S3"
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+def _endpoint_for_humans(url: str | None) -> str:
+    """The endpoint for messages, by storage.redact's rules (none configured: AWS S3)."""
+    return url_for_humans(url, empty="AWS S3", unparsable="<unparsable endpoint URL>")
 
 
 class _Backoff:
@@ -261,11 +246,11 @@ class S3Store(ObjectStore):
                 )
             except ValueError:  # botocore: "Invalid endpoint: ..." (it would quote secrets)
                 raise InvalidStoreUrlError(
-                    f"invalid S3 endpoint URL {_redact_url(endpoint_url)!r} "
+                    f"invalid S3 endpoint URL {_endpoint_for_humans(endpoint_url)!r} "
                     "(RANDES_S3_ENDPOINT_URL): use http(s)://host[:port]"
                 ) from None
         self._client: Any = client
-        self.endpoint = _redact_url(endpoint_url or client.meta.endpoint_url)
+        self.endpoint = _endpoint_for_humans(endpoint_url or client.meta.endpoint_url)
         # None: unknown yet; False: the server answered 501 to a conditional write.
         self._conditional: bool | None = None
         self._secrets: list[str] | None = None
@@ -291,12 +276,8 @@ class S3Store(ObjectStore):
             except Exception:  # noqa: BLE001 - scrubbing must never fail the caller
                 secrets = []
             self._secrets = secrets
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        # Presigned-style query strings would carry signatures: drop them wholesale.
-        text = re.sub(r"(X-Amz-[A-Za-z-]+|Signature|AWSAccessKeyId)=[^&\s\"']+", r"\1=***", text)
         # botocore quotes the endpoint URL as configured, user:password@ included.
-        return redact_userinfo(text)
+        return redact_text(text, self._secrets)
 
     def _translate(self, exc: BaseException, what: str, key: str | None) -> StoreError:
         """One clear, credential-free error for a failure that retrying will not fix."""
