@@ -144,7 +144,9 @@ def _is_transport_error(exc: BaseException) -> bool:
 def _api_url_for_humans() -> str:
     """PREFECT_API_URL without any user info (a URL may carry credentials)."""
     return url_for_humans(
-        os.environ.get("PREFECT_API_URL"), empty="the temporary server", unparsable="PREFECT_API_URL"
+        os.environ.get("PREFECT_API_URL"),
+        empty="the temporary server",
+        unparsable="PREFECT_API_URL",
     )
 
 

@@ -8,8 +8,6 @@ commit it resolved to, and every source is checked against its sha256 on re-fetc
 from __future__ import annotations
 
 import hashlib
-import logging
-import os
 import re
 import shutil
 import tempfile

@@ -58,13 +58,13 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from urllib3.exceptions import HTTPError as Urllib3HTTPError
 
 from randes.errors import IntegrityError
-from storage.redact import redact_text, url_for_humans
 from storage.errors import (
     InvalidStoreUrlError,
     ObjectNotFoundError,
     StoreError,
     StoreUnavailableError,
 )
+from storage.redact import redact_text, url_for_humans
 from storage.store.base import (
     ObjectInfo,
     ObjectStore,
