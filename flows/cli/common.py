@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from flows.console import print_table
 from randes.errors import RandesError
 
 if TYPE_CHECKING:
-    from storage.registry import Registry
+    from storage.registry import Registry, TaskRecord
     from storage.workspace import Workspace
 
 
@@ -57,6 +58,31 @@ def split_ref(spec: str) -> tuple[str, str | None]:
 
 def print_json(value: object) -> None:
     sys.stdout.write(json.dumps(value, indent=2) + "\n")
+
+
+def task_row(record: TaskRecord) -> dict[str, Any]:
+    """One task as `randes tasks --json` lists it."""
+    return {
+        "bundle": record.bundle,
+        "task": record.name,
+        "seed": record.seed,
+        "added_in_version": record.added_in_version,
+        "removed_in_version": record.removed_in_version,
+        "source_uri": record.source_uri,
+        "source_sha256": record.source_sha256,
+    }
+
+
+def print_tasks(rows: list[dict[str, Any]], title: str, as_json: bool) -> None:
+    """Task rows (`task_row`) as JSON or as a table."""
+    if as_json:
+        print_json(rows)
+        return
+    print_table(
+        title,
+        ["bundle", "task", "seed", "added in", "source"],
+        [[r["bundle"], r["task"], r["seed"], r["added_in_version"], r["source_uri"]] for r in rows],
+    )
 
 
 def human_bytes(n: int) -> str:

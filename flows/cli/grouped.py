@@ -15,10 +15,11 @@ from flows.cli.common import (
     AlreadyFoldedError,
     open_registry,
     open_workspace,
-    print_json,
+    print_tasks,
     split_ref,
+    task_row,
 )
-from flows.console import out, print_table, progress_bar
+from flows.console import out, progress_bar
 from flows.prefect_session import prefect_session
 from randes.names import validate_name
 
@@ -37,27 +38,7 @@ def tasks(name: str, *, as_json: bool) -> None:
         ]
     finally:
         registry.close()
-    rows = [
-        {
-            "group": group,
-            "bundle": r.bundle,
-            "task": r.name,
-            "seed": r.seed,
-            "added_in_version": r.added_in_version,
-            "removed_in_version": r.removed_in_version,
-            "source_uri": r.source_uri,
-            "source_sha256": r.source_sha256,
-        }
-        for r in records
-    ]
-    if as_json:
-        print_json(rows)
-        return
-    print_table(
-        f"{group} tasks",
-        ["bundle", "task", "seed", "added in", "source"],
-        [[r["bundle"], r["task"], r["seed"], r["added_in_version"], r["source_uri"]] for r in rows],
-    )
+    print_tasks([{"group": group, **task_row(r)} for r in records], f"{group} tasks", as_json)
 
 
 def ingest(name: str, sources: list[str], *, evaluator: str | None, validate: bool) -> None:

@@ -11,7 +11,14 @@ from typing import Annotated, Any
 import typer
 
 import flows.cli.grouped as grouped
-from flows.cli.common import open_registry, print_json, require, serving_label
+from flows.cli.common import (
+    open_registry,
+    print_json,
+    print_tasks,
+    require,
+    serving_label,
+    task_row,
+)
 from flows.cli.options import GroupFlag, JsonFlag
 from flows.console import print_table
 
@@ -41,26 +48,7 @@ def tasks(
         raise typer.BadParameter("--version needs a BUNDLE")
     with open_registry() as registry:
         records = registry.tasks(bundle, version=version, include_removed=include_removed)
-    rows = [
-        {
-            "bundle": r.bundle,
-            "task": r.name,
-            "seed": r.seed,
-            "added_in_version": r.added_in_version,
-            "removed_in_version": r.removed_in_version,
-            "source_uri": r.source_uri,
-            "source_sha256": r.source_sha256,
-        }
-        for r in records
-    ]
-    if as_json:
-        print_json(rows)
-        return
-    print_table(
-        "tasks",
-        ["bundle", "task", "seed", "added in", "source"],
-        [[r["bundle"], r["task"], r["seed"], r["added_in_version"], r["source_uri"]] for r in rows],
-    )
+    print_tasks([task_row(r) for r in records], "tasks", as_json)
 
 
 @app.command()
