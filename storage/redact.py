@@ -61,8 +61,12 @@ MIN_SECRET_CHARS = 4
 """Configured values shorter than this are not replaced in text: ``***`` for every
 ``a`` of a message would hide the message, and so short a value guards nothing."""
 
-# scheme://userinfo@ (hf:// is exempt: ``hf://name@revision`` names a revision, not a user)
-_USERINFO = re.compile(r"(\b(?!hf://)[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@\"'<>]*@")
+# scheme://userinfo@; hf:// is exempt (``hf://name@revision`` names a revision, not a
+# user), and so is ``user:***@``: already redacted, as `database_url_for_humans` renders a
+# database URL whose user name (a role, no secret) says which login failed.
+_USERINFO = re.compile(
+    r"(\b(?!hf://)[A-Za-z][A-Za-z0-9+.-]*://)(?![^/\s@\"'<>:]*:\*\*\*@)[^/\s@\"'<>]*@"
+)
 _SECRET_QUERY = re.compile(
     r"([?&;][A-Za-z0-9_.-]*(?:"
     + "|".join(re.escape(s) for s in SECRET_KEY_SUFFIXES)

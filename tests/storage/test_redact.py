@@ -123,6 +123,14 @@ def test_user_info_in_any_url_of_a_text() -> None:
     assert "http://***@127.0.0.1:9/bucket/key" in redacted
 
 
+def test_a_rendered_database_url_keeps_its_user_name() -> None:
+    shown = database_url_for_humans(DB_URL)
+    assert redact_text(f"registry database {shown} unavailable") == (
+        f"registry database {shown} unavailable"
+    )
+    assert redact_userinfo("http://AKIAX:***x@h/") == "http://***@h/"  # not a mask: hidden
+
+
 def test_hf_revisions_are_not_user_info() -> None:
     text = "hf://gpt2@main and hf://org/repo@v1.0 and https://huggingface.co/org/repo"
     assert redact_text(text) == text
