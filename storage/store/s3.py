@@ -34,13 +34,11 @@ import hashlib
 import io
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import IO, Any, NoReturn, TypeVar, cast
-from urllib.parse import urlsplit, urlunsplit
 
 import boto3
 from boto3.s3.transfer import create_transfer_manager
@@ -52,6 +50,7 @@ from storage.errors import (
     ObjectNotFoundError,
     StoreError,
 )
+from storage.redact import url_for_humans
 from storage.store.base import (
     ObjectInfo,
     ObjectStore,
@@ -90,23 +89,9 @@ MiB = 1024 * 1024
 MIN_PART_SIZE = 5 * MiB  # S3's minimum for every part but the last
 
 
-_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@\"'<>]*@")
-
-
-def redact_userinfo(text: str) -> str:
-    """Every ``scheme://user:password@`` in ``text`` becomes ``scheme://***@``."""
-    return _USERINFO.sub(r"\1***@", text)
-
-
-def _redact_url(url: str | None) -> str:
-    """The endpoint without any user:password@ part, for messages."""
-    if not url:
-        return "AWS S3"
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+def _endpoint_for_humans(url: str | None) -> str:
+    """The endpoint for messages, by storage.redact's rules (none configured: AWS S3)."""
+    return url_for_humans(url, empty="AWS S3", unparsable="<unparsable endpoint URL>")
 
 
 class S3Store(ObjectStore):
@@ -170,10 +155,10 @@ class S3Store(ObjectStore):
         self._key_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._errors = S3Errors(
-            self.url, bucket, _redact_url(endpoint_url), self._session, redact_userinfo
+            self.url, bucket, _endpoint_for_humans(endpoint_url), self._session
         )
         self.retry_timeout = retry_timeout  # builds the client
-        self.endpoint = self._errors.endpoint = _redact_url(
+        self.endpoint = self._errors.endpoint = _endpoint_for_humans(
             endpoint_url or self._client.meta.endpoint_url
         )
 
@@ -190,7 +175,8 @@ class S3Store(ObjectStore):
             client: Any = self._session.client("s3", config=config, **self._client_args)
         except ValueError:  # botocore: "Invalid endpoint: ..." (it would quote secrets)
             raise InvalidStoreUrlError(
-                f"invalid S3 endpoint URL {_redact_url(self._client_args['endpoint_url'])!r} "
+                "invalid S3 endpoint URL "
+                f"{_endpoint_for_humans(self._client_args['endpoint_url'])!r} "
                 "(RANDES_S3_ENDPOINT_URL): use http(s)://host[:port]"
             ) from None
         if not size_retry_quota(client, self._config_args["max_pool_connections"], attempts):

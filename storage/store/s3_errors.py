@@ -9,9 +9,7 @@ trouble outlasting the retry budget) or quote the server's final answer (404, 40
 from __future__ import annotations
 
 import logging
-import re
 import time
-from collections.abc import Callable
 from typing import Any
 
 from botocore.exceptions import (
@@ -27,11 +25,11 @@ from s3transfer.exceptions import RetriesExceededError
 from urllib3.exceptions import HTTPError as Urllib3HTTPError
 
 from storage.errors import ObjectNotFoundError, StoreError, StoreUnavailableError
+from storage.redact import redact_text
 
 #: The store's logger: notices of failed attempts are part of its contract.
 logger = logging.getLogger("storage.store.s3")
 
-Redact = Callable[[str], str]
 
 TRANSIENT_CODES = frozenset(
     {
@@ -103,13 +101,12 @@ class S3Errors:
     ``user:password@`` removed) first.
     """
 
-    def __init__(self, url: str, bucket: str, endpoint: str, session: Any, redact: Redact) -> None:
+    def __init__(self, url: str, bucket: str, endpoint: str, session: Any) -> None:
         self.url = url
         self.bucket = bucket
         self.endpoint = endpoint
         self.max_attempts = 1
         self._session = session
-        self._redact = redact
         self._secrets: list[str] | None = None
 
     def where(self, key: str | None) -> str:
@@ -128,12 +125,8 @@ class S3Errors:
             except Exception:  # noqa: BLE001 - scrubbing must never fail the caller
                 secrets = []
             self._secrets = secrets
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        # Presigned-style query strings would carry signatures: drop them wholesale.
-        text = re.sub(r"(X-Amz-[A-Za-z-]+|Signature|AWSAccessKeyId)=[^&\s\"']+", r"\1=***", text)
         # botocore quotes the endpoint URL as configured, user:password@ included.
-        return self._redact(text)
+        return redact_text(text, self._secrets)
 
     def translate(self, exc: BaseException, what: str, key: str | None) -> StoreError:
         """The error for a failure that retrying will not fix."""
