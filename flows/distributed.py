@@ -70,7 +70,10 @@ def fold_on_dask(bundle: str, items: Sequence[BatchItem], address: str) -> Batch
     finally:
         with Workspace.open() as ws:
             drop_partials(ws, [r.partial for r in results if r.partial], owner)
-    outcome.skipped = [*(r.skipped for r in results if r.skipped), *outcome.skipped]
+    outcome.skipped = {
+        **{r.task: r.skipped for r in results if r.skipped is not None},
+        **outcome.skipped,
+    }
     for r in results:
         if r.refused is not None:
             outcome.refused[r.task] = RandesError(r.refused)

@@ -186,7 +186,7 @@ def ingest_flow(
             if address is None
             else fold_on_dask(bundle, items, address)
         )
-        folded, skipped = batch.folded, batch.skipped
+        folded, skipped = batch.folded, list(batch.skipped.values())
         for candidate in valid:  # refusals in the order the checkpoints were found
             if candidate.task in batch.refused:
                 refused.append(f"{candidate.task}: {_first_line(batch.refused[candidate.task])}")

@@ -58,6 +58,10 @@ TRANSIENT = (StoreUnavailableError, DatabaseUnavailableError)
 """Outages are nobody's checkpoint: they stop the batch (a retry resumes it)."""
 
 
+class BatchRefusedError(RandesError):
+    """Some checkpoints of a batch were refused; the others were folded."""
+
+
 @dataclass(frozen=True)
 class BatchItem:
     """One checkpoint of a batch: where it is, the task it becomes, its lambda."""
@@ -74,9 +78,10 @@ class BatchOutcome:
     bundle: str
     version: int | None = None
     folded: list[FoldOutcome] = field(default_factory=list)
-    skipped: list[FoldOutcome] = field(default_factory=list)
-    """Already in the bundle (the ledger) or earlier in the batch: ``task`` names the
-    task that holds it, ``version`` the version it entered."""
+    skipped: dict[str, FoldOutcome] = field(default_factory=dict)
+    """Task asked for -> where its checkpoint already is (the ledger, or earlier in the
+    batch): the outcome's ``task`` names the task that holds it, ``version`` the version
+    it entered."""
     refused: dict[str, RandesError] = field(default_factory=dict)
     """Task -> why its checkpoint was not folded (one line each)."""
     attempts: int = 1
@@ -199,14 +204,14 @@ def _not_yet_folded(
 ) -> tuple[list[_Source], list[tuple[_Source, _Source]]]:
     """The sources the ledger does not hold, and (repeat, first) pairs of one checkpoint
     given twice; sources in the ledger recorded as skipped, as a fold reports them."""
-    outcome.skipped = []
+    outcome.skipped = {}
     todo: list[_Source] = []
     repeats: list[tuple[_Source, _Source]] = []
     first: dict[str, _Source] = {}
     for src in sources:
         hit = ws._ledger_hit(bundle, src.digests)
         if hit is not None:
-            outcome.skipped.append(FoldOutcome(bundle, hit[0], hit[1], skipped=True))
+            outcome.skipped[src.item.task] = FoldOutcome(bundle, hit[0], hit[1], skipped=True)
             continue
         twin = next((first[d] for d in src.digests if d in first), None)
         if twin is not None:
@@ -228,8 +233,8 @@ def _report_repeats(
         if error is not None:
             outcome.refused[src.item.task] = error
         elif version is not None:
-            outcome.skipped.append(
-                FoldOutcome(outcome.bundle, twin.item.task, version, skipped=True)
+            outcome.skipped[src.item.task] = FoldOutcome(
+                outcome.bundle, twin.item.task, version, skipped=True
             )
 
 

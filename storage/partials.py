@@ -150,12 +150,12 @@ def reduce_partials(
     outcome = BatchOutcome(bundle)
     for attempt in range(1, MAX_FOLD_ATTEMPTS + 1):
         outcome.attempts = attempt
-        outcome.skipped = []
+        outcome.skipped = {}
         todo: list[PartialRef] = []
         for p in partials:
             hit = ws._ledger_hit(bundle, [p.source_sha256])
             if hit is not None:
-                outcome.skipped.append(FoldOutcome(bundle, *hit, skipped=True))
+                outcome.skipped[p.task] = FoldOutcome(bundle, *hit, skipped=True)
             else:
                 todo.append(p)
         head = ws.registry.head(bundle)

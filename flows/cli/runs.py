@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 import flows.cli.grouped as grouped
-from flows.cli.common import open_registry, pin_version, refuse_extra_arguments
+from flows.cli.common import UsageError, open_registry, pin_version, refuse_extra_arguments
 from flows.cli.options import GroupFlag, positive_scale
 from flows.console import out
 from flows.prefect_session import prefect_session
@@ -39,13 +39,26 @@ def ingest(
     ] = None,
     validate: Annotated[bool, typer.Option(help="Validate the new head afterwards.")] = True,
     group: GroupFlag = False,
+    dask_address: Annotated[
+        str | None,
+        typer.Option(
+            "--dask-address",
+            help="Dask scheduler to scramble the checkpoints on (default: RANDES_DASK_ADDRESS).",
+        ),
+    ] = None,
 ) -> None:
     """Fold every new checkpoint found under SOURCE (one per task), then validate.
+
+    The new checkpoints are folded as one batch: one new version holds them all. With a
+    Dask scheduler (--dask-address or RANDES_DASK_ADDRESS) their deltas are computed on
+    its workers, which need the same RANDES_* settings.
 
     With --group: every new checkpoint under the SOURCEs is placed in the group member
     with room for it, and every member that changed is validated.
     """
     if group:
+        if dask_address is not None:
+            raise UsageError("--dask-address folds into a bundle, not a --group", ctx=ctx)
         grouped.ingest(bundle, [source, *(more or [])], evaluator=evaluator, validate=validate)
         return
     refuse_extra_arguments(ctx, more)
@@ -54,7 +67,13 @@ def ingest(
     with prefect_session():
         from flows.pipeline import ingest_flow
 
-        summary = ingest_flow(bundle, source, evaluator=evaluator, run_validation=validate)
+        summary = ingest_flow(
+            bundle,
+            source,
+            evaluator=evaluator,
+            run_validation=validate,
+            dask_address=dask_address,
+        )
     out.print(
         f"{bundle}: found {summary['found']}, folded {len(summary['folded'])}, "
         f"already present {len(summary['skipped'])}; version {summary['version']} "

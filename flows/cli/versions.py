@@ -15,9 +15,9 @@ import typer
 import flows.cli.grouped as grouped
 from flows.cli.common import (
     AlreadyFoldedError,
+    UsageError,
     open_workspace,
     pin_version,
-    refuse_extra_arguments,
     require,
     split_ref,
 )
@@ -43,15 +43,19 @@ def init() -> None:
 def fold(
     ctx: typer.Context,
     bundle: Annotated[str, typer.Argument(help="Bundle to fold into (--group: the group).")],
-    source: Annotated[
-        str, typer.Argument(help="Checkpoint: path, s3://... or hf://org/repo[@rev].")
+    sources: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="SOURCE...",
+            help="Checkpoints: paths, s3://... or hf://org/repo[@rev] (--group: SOURCE TASK).",
+        ),
     ],
-    task_arg: Annotated[
-        str | None, typer.Argument(metavar="TASK", help="Task name (--group only).")
-    ] = None,
-    task: Annotated[
-        str | None,
-        typer.Option("--task", help="Task name for this checkpoint (required without --group)."),
+    tasks: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--task",
+            help="Task name, once per SOURCE and in their order (required without --group).",
+        ),
     ] = None,
     scale: Annotated[
         float | None, typer.Option(help="Per-task lambda override.", callback=positive_scale)
@@ -63,14 +67,30 @@ def fold(
     Folding a checkpoint the bundle already holds under the same task name is a no-op
     (exit 0), so a retried command is harmless. The same bytes under another task name
     are refused: the bundle cannot hold one delta twice, and exiting 0 would tell a
-    script that a task exists which does not. With --group the checkpoint goes to the
-    group's first member with room for it (or a new one).
+    script that a task exists which does not. Several SOURCEs (one --task each) are folded
+    as one batch: one pass over the superposition, one new version holding every task
+    folded; a refused checkpoint is reported and the others are folded (exit 1 then).
+    With --group the checkpoint goes to the group's first member with room for it (or a
+    new one).
     """
     if group:
-        grouped.fold(bundle, source, task_arg, task, scale)
+        if len(sources) > 2 or len(tasks or []) > 1:
+            raise UsageError("--group folds one checkpoint: SOURCE TASK", ctx=ctx)
+        task_arg = sources[1] if len(sources) == 2 else None
+        grouped.fold(bundle, sources[0], task_arg, tasks[0] if tasks else None, scale)
         return
-    refuse_extra_arguments(ctx, [] if task_arg is None else [task_arg])
-    task = require(ctx, task, "--task")
+    require(ctx, None if not tasks else tasks[0], "--task")
+    assert tasks is not None
+    if len(tasks) != len(sources):
+        raise UsageError(
+            f"{len(sources)} SOURCEs and {len(tasks)} --task: give one --task per SOURCE, "
+            "in the same order",
+            ctx=ctx,
+        )
+    if len(sources) > 1:
+        fold_batch(bundle, sources, tasks, scale)
+        return
+    source, task = sources[0], tasks[0]
     with open_workspace() as ws, progress_bar(f"folding {task}") as progress:
         outcome = ws.fold(bundle, source, task, scale=scale, progress=progress)
     if outcome.skipped and outcome.task != task:
@@ -84,6 +104,32 @@ def fold(
         )
     else:
         out.print(f"{bundle}: version {outcome.version} adds task {task!r}")
+
+
+def fold_batch(bundle: str, sources: list[str], tasks: list[str], scale: float | None) -> None:
+    """`randes fold` of several checkpoints: one version; refusals listed, exit 1."""
+    from storage.batch import BatchItem, BatchRefusedError, fold_many
+
+    items = [BatchItem(s, t, scale) for s, t in zip(sources, tasks, strict=True)]
+    with open_workspace() as ws, progress_bar(f"folding {len(items)} checkpoints") as progress:
+        outcome = fold_many(ws, bundle, items, progress=progress)
+    refused = {task: str(exc).splitlines()[0] for task, exc in outcome.refused.items()}
+    for task, where in outcome.skipped.items():
+        if where.task != task:
+            refused[task] = (
+                f"this checkpoint is already in bundle {bundle!r} as task {where.task!r} "
+                f"(version {where.version}); not adding it again as {task!r}"
+            )
+        else:
+            out.print(f"already folded as task {task!r} in version {where.version}: nothing to do")
+    if outcome.version is not None:
+        names = ", ".join(repr(o.task) for o in outcome.folded)
+        out.print(f"{bundle}: version {outcome.version} adds tasks {names}")
+    if refused:
+        raise BatchRefusedError(
+            f"{bundle}: folded {len(outcome.folded)}, refused {len(refused)}: "
+            + "; ".join(f"{task}: {why}" for task, why in refused.items())
+        )
 
 
 @app.command()

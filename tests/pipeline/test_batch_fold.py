@@ -81,7 +81,7 @@ def test_one_version_holds_what_sequential_folds_give(
             [BatchItem(str(models[n]), n, scale=0.5 if n == "beta" else None) for n in TASKS],
             progress=lambda done, total: ticks.append((done, total)),
         )
-        assert outcome.version == 1 and outcome.refused == {} and outcome.skipped == []
+        assert outcome.version == 1 and outcome.refused == {} and outcome.skipped == {}
         assert [o.task for o in outcome.folded] == TASKS
         assert ticks[-1][0] == ticks[-1][1]
 
@@ -127,20 +127,20 @@ def test_a_rerun_is_a_no_op_and_bad_sources_never_block_the_others(
         assert isinstance(outcome.refused["missing"], CheckpointError)
         assert isinstance(outcome.refused["broken"], NonFiniteTensorError)
         assert isinstance(outcome.refused["gamma"], TaskExistsError)
-        assert sorted((o.task, o.version) for o in outcome.skipped) == [
-            ("alpha", 2),
-            ("gamma", 1),
-        ]
+        assert {k: (o.task, o.version) for k, o in outcome.skipped.items()} == {
+            "alpha-again": ("alpha", 2),
+            "gamma-again": ("gamma", 1),
+        }
         # the same bytes under a name the batch folds: skipped as that task (the ledger)
         repeat = fold_many(ws, "b", [BatchItem(str(models["beta"]), "beta-again")])
-        assert repeat.version is None and [(o.task, o.version) for o in repeat.skipped] == [
-            ("beta", 2)
-        ]
+        assert repeat.version is None and [
+            (o.task, o.version) for o in repeat.skipped.values()
+        ] == [("beta", 2)]
         assert sorted(t.name for t in ws.registry.tasks("b")) == ["alpha", "beta", "gamma"]
 
         again = fold_many(ws, "b", [BatchItem(str(models[n]), n) for n in TASKS])
         assert again.version is None and again.folded == []
-        assert sorted((o.task, o.version) for o in again.skipped) == [
+        assert sorted((o.task, o.version) for o in again.skipped.values()) == [
             ("alpha", 2),
             ("beta", 2),
             ("gamma", 1),
@@ -207,3 +207,36 @@ def test_heads_of_all_members_are_checked_before_hashing(
         )
         assert list(outcome.refused) == ["other"] and outcome.version == 1
         assert hashed == [str(models["alpha"] / "model.safetensors")]
+
+
+def test_the_command_line_folds_several_sources_as_one_version(
+    randes_home: Path, models: dict[str, Path]
+) -> None:
+    from tests.cli_run import cli
+
+    assert cli("init").code == 0
+    assert cli("base", "add", "tiny", str(models["base"])).code == 0
+    assert cli("bundle", "create", "b", "--base", "tiny").code == 0
+    srcs = [str(models[n]) for n in TASKS]
+    mismatch = cli("fold", "b", *srcs, "--task", "alpha", "--task", "beta")
+    assert mismatch.code == 2 and "give one --task per SOURCE" in mismatch.err
+
+    done = cli("fold", "b", *srcs, *(a for n in TASKS for a in ("--task", n)))
+    assert done.code == 0, done
+    assert "b: version 1 adds tasks 'alpha', 'beta', 'gamma'" in done.out
+
+    # one source: today's command and output; then a batch with a refusal (exit 1, one
+    # error line naming it) that still folds the good one
+    delta = make_finetune(models["base"], randes_home.parent / "delta", 4)
+    one = cli("fold", "b", str(delta), "--task", "delta")
+    assert one.code == 0 and "b: version 2 adds task 'delta'" in one.out
+    fresh = make_finetune(models["base"], randes_home.parent / "epsilon", 5)
+    mixed = cli(
+        "fold", "b", str(models["broken"]), str(fresh), str(models["alpha"]),
+        "--task", "broken", "--task", "epsilon", "--task", "renamed",
+    )  # fmt: skip
+    assert mixed.code == 1, mixed
+    assert "b: version 3 adds tasks 'epsilon'" in mixed.out
+    (line,) = mixed.err.splitlines()
+    assert line.startswith("error: b: folded 1, refused 2: broken: ")
+    assert "renamed: this checkpoint is already in bundle 'b' as task 'alpha'" in line
