@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from randes.adapters import SourceKind, task_side_files
 from randes.checkpoint import CheckpointReader
 from randes.config import stored_config
-from randes.digests import source_digests
+from randes.digests import SourceDigests, source_digests
 from randes.errors import RandesError
 from randes.fold import check_compatible
 from randes.fold_batch import BatchMember, MemberFold, fold_batch
@@ -175,10 +177,15 @@ def _open_sources(
                 outcome.refused[item.task] = exc
                 continue
             opened.append((item, resolved, reader))
+    # Hashing reads every byte once more (the fold reads them again, checked against
+    # it): the checkpoints are independent, and hashlib and file reads release the GIL.
+    with ThreadPoolExecutor(max_workers=max(1, min(len(opened), os.cpu_count() or 1))) as pool:
+        hashed_all = list(pool.map(_digests_or_error, [reader for _, _, reader in opened]))
     sources: list[_Source] = []
-    for item, resolved, reader in opened:
+    for (item, resolved, reader), digests in zip(opened, hashed_all, strict=True):
         try:
-            digests = source_digests(reader)
+            if isinstance(digests, RandesError):
+                raise digests
             kind, side = task_side_files(reader)
         except RandesError as exc:
             outcome.refused[item.task] = exc
@@ -197,6 +204,15 @@ def _open_sources(
             )
         )
     return sources
+
+
+def _digests_or_error(reader: CheckpointReader) -> SourceDigests | RandesError:
+    try:
+        return source_digests(reader)
+    except TRANSIENT:
+        raise
+    except RandesError as exc:
+        return exc
 
 
 def _not_yet_folded(
