@@ -18,6 +18,7 @@ SUITES: dict[str, str] = {
     "quality": "benchmarks.quality_suite:QualitySuite",
     "quality_storage": "benchmarks.quality_storage_suite:QualityStorageSuite",
     "quality_maps": "benchmarks.quality_maps:QualityMapsSuite",
+    "minilm_models": "benchmarks.minilm_models:MiniLMModelsSuite",
     "minilm_conformance": "benchmarks.conformance_minilm:MiniLMConformanceSuite",
 }
 
