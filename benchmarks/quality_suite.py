@@ -224,7 +224,7 @@ class QualitySuite(BaseSuite):
 
     def run(self, ctx: Context) -> dict[str, Any]:
         torch.set_num_threads(ctx.params["threads"])
-        models = ctx.work / "models" if ctx.quick else Path(ctx.args.models_dir)
+        models = Path(ctx.args.models_dir)  # reused: training is deterministic
         return measure(list(ctx.params["tasks"]), ctx.quick, models, ctx.args.retrain, ctx.log)
 
     def render(self, result: Result) -> Page:

@@ -17,7 +17,7 @@ SUITES: dict[str, str] = {
     "first_run": "benchmarks.first_run:FirstRunSuite",
     "quality": "benchmarks.quality_suite:QualitySuite",
     "quality_storage": "benchmarks.quality_storage_suite:QualityStorageSuite",
-    "quality_maps": "benchmarks.quality_maps:QualityMapsSuite",
+    "quality_maps": "benchmarks.quality_maps_suite:QualityMapsSuite",
     "minilm_models": "benchmarks.minilm_models:MiniLMModelsSuite",
     "minilm_conformance": "benchmarks.conformance_minilm:MiniLMConformanceSuite",
 }
