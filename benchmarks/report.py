@@ -16,6 +16,8 @@ from pathlib import Path
 from benchmarks import machine, registry
 from benchmarks.suite import Page, Result
 
+RESULTS = machine.ROOT / "benchmarks" / "results"
+"""Result files of full runs (committed); ``--quick`` ones go to ``RESULTS / "quick"``."""
 GENERATED = machine.ROOT / "docs" / "benchmarks" / "generated"
 
 
@@ -79,8 +81,6 @@ def _rel(p: Path) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
-    from benchmarks.runner import RESULTS
-
     ap = argparse.ArgumentParser(prog="python -m benchmarks report", description=__doc__)
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder of result files")
     ap.add_argument("--out", type=Path, default=GENERATED, help="folder the pages go to")

@@ -20,9 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks import machine, registry
+from benchmarks.report import RESULTS, render_markdown
 from benchmarks.suite import Context, Result, RunMeta
-
-RESULTS = machine.ROOT / "benchmarks" / "results"
 
 
 def results_dir(quick: bool) -> Path:
@@ -83,8 +82,6 @@ def run_suite(name: str, argv: Sequence[str], command: str | None = None) -> tup
 
 def entry(name: str, argv: Sequence[str] | None = None) -> int:
     """A suite's own ``python -m benchmarks.<module>``: run it, print its page."""
-    from benchmarks.report import render_markdown
-
     args = list(sys.argv[1:] if argv is None else argv)
     module = sys.modules["__main__"].__spec__
     shown = module.name if module is not None else f"benchmarks.{name}"
