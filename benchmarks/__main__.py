@@ -25,7 +25,8 @@ def main(argv: Sequence[str]) -> int:
         from benchmarks.runner import run_suite
 
         if rest[0] not in registry.SUITES:
-            print(f"error: unknown suite {rest[0]!r}; known: {', '.join(registry.SUITES)}")
+            known = ", ".join(registry.SUITES)
+            print(f"error: unknown suite {rest[0]!r}; known: {known}", file=sys.stderr)
             return 2
         run_suite(rest[0], rest[1:])
         return 0

@@ -86,7 +86,9 @@ class CostSuite(BaseSuite):
     def add_arguments(self, ap: argparse.ArgumentParser) -> None:
         ap.add_argument("--gpt2-small", action="store_true", help="also real GPT-2 small shapes")
         ap.add_argument("--tasks", type=int, default=None, help="tasks folded (default 8)")
-        ap.add_argument("--repeats", type=int, default=3, help="runs per fold k / materialize")
+        ap.add_argument(
+            "--repeats", type=int, default=None, help="runs per fold k / materialize (3; quick 1)"
+        )
         ap.add_argument("--keep", action="store_true", help="keep the generated files")
         ap.add_argument("--parts", default=",".join(PARTS), help=f"of {','.join(PARTS)}")
         ap.add_argument(
@@ -102,7 +104,7 @@ class CostSuite(BaseSuite):
         return {
             "specs": [asdict(s) for s in specs],
             "tasks": args.tasks or (3 if quick else 8),
-            "repeats": args.repeats,
+            "repeats": args.repeats or (1 if quick else 3),
             "parts": parts,
             "core": str(Path(args.core).resolve()),
         }
