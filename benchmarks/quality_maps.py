@@ -77,11 +77,11 @@ def variants(suite: str) -> dict[str, TransformConfig]:
     return out
 
 
-def load_suite(name: str) -> StorageSuite:
+def load_suite(name: str, quick: bool = False) -> StorageSuite:
     from benchmarks import storage_suites as ss
 
     makers: dict[str, Callable[[], StorageSuite]] = {
-        "digits-8": lambda: ss.digits(8),
+        "digits-8": lambda: ss.digits(8, quick=quick),
         "digits-13": lambda: ss.digits(13),
         "digits-8-large": lambda: ss.digits(8, large=True),
         "minilm": ss.minilm,
@@ -107,8 +107,8 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------- one suite
 
 
-def run_suite(name: str, n_sets: int, work: Path) -> dict[str, object]:
-    suite = load_suite(name)
+def run_suite(name: str, n_sets: int, work: Path, quick: bool = False) -> dict[str, object]:
+    suite = load_suite(name, quick)
     tasks = suite.tasks
     grid = MINILM_GRID if name == "minilm" else GRID
     ev = Evaluator(suite)

@@ -42,7 +42,7 @@ class QualityMapsSuite(BaseSuite):
         torch.set_num_threads(ctx.params["threads"])
         p = ctx.params
         data: dict[str, Any] = {
-            "suites": {n: run_suite(n, p["sets"], ctx.work) for n in p["suites"]}
+            "suites": {n: run_suite(n, p["sets"], ctx.work, ctx.quick) for n in p["suites"]}
         }
         data["capacity"] = run_capacity(ctx.work) if p["capacity"] else None
         return data

@@ -227,7 +227,8 @@ def render(data: Mapping[str, Any]) -> tuple[str, dict[str, Callable[[Path], Non
     suite = SuiteFacts(
         tasks, s["ref"], s["rel_delta"], s["train_s"], s["base_params"], s["rank1_params"]
     )
-    recipe = Recipe()
+    r = data["recipe"]
+    recipe = Recipe(finetune_steps=r["finetune_steps"], finetune_lr=r["finetune_lr"])
     floor = {int(k): frozen_score(v) for k, v in data["floor"].items()}
     dscore = {int(k): frozen_score(v) for k, v in data["dscore"].items()}
     dflt_lams = {int(k): v for k, v in data["dflt_lams"].items()}

@@ -109,7 +109,7 @@ class QualityStorageSuite(BaseSuite):
         side_plan: Plan = QUICK if quick else LAMBDA_ONLY
         if p["suite"] in ("digits", "all"):
             res8, m8, f8, ev8 = run_suite(
-                ss.digits(8, retrain=retrain), main_plan, work / "d8", log
+                ss.digits(8, retrain=retrain, quick=quick), main_plan, work / "d8", log
             )
             run_capacity(res8, m8, f8, ev8, LIMITS, work / "d8c", log)
             if not quick:

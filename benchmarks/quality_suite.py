@@ -58,10 +58,15 @@ MODELS_DIR = ROOT / "benchmarks" / "out" / "digits-models"
 
 
 def measure(
-    tasks: list[str], quick: bool, models_dir: Path, retrain: bool, log: Callable[[str], None]
+    tasks: list[str],
+    quick: bool,
+    models_dir: Path,
+    retrain: bool,
+    log: Callable[[str], None],
+    recipe: Recipe | None = None,
 ) -> dict[str, Any]:
     """Train or load the models, fold every variant, evaluate every score the page reads."""
-    recipe = Recipe()
+    recipe = recipe or Recipe()
     n = len(tasks)
     ks = sorted({1, n // 2, n}) if quick else list(range(1, n + 1))
     ta_grid = QUICK_TA_GRID if quick else TA_GRID
@@ -173,6 +178,7 @@ def measure(
             "ta_merged": _nbytes(suite.base),
             "storage": storage,
         },
+        "recipe": recipe.to_json(),
         "fold_s": {v: b.fold_s for v, b in bundles.items()},
         "floor": {k: floor[k].per_task for k in ks},
         "dscore": {k: dscore[k].per_task for k in ks},
@@ -224,8 +230,13 @@ class QualitySuite(BaseSuite):
 
     def run(self, ctx: Context) -> dict[str, Any]:
         torch.set_num_threads(ctx.params["threads"])
-        models = Path(ctx.args.models_dir)  # reused: training is deterministic
-        return measure(list(ctx.params["tasks"]), ctx.quick, models, ctx.args.retrain, ctx.log)
+        from benchmarks.storage_suites import QUICK_DIR, QUICK_RECIPE
+
+        # models reused between runs: training is deterministic
+        models = QUICK_DIR if ctx.quick else Path(ctx.args.models_dir)
+        recipe = QUICK_RECIPE if ctx.quick else Recipe()
+        tasks = list(ctx.params["tasks"])
+        return measure(tasks, ctx.quick, models, ctx.args.retrain, ctx.log, recipe)
 
     def render(self, result: Result) -> Page:
         from benchmarks.quality_report import render

@@ -23,6 +23,7 @@ GENERATED = machine.ROOT / "docs" / "benchmarks" / "generated"
 
 def header(result: Result) -> str:
     m = result.meta
+    when = m.date.replace("T", " ").removesuffix("+00:00")
     dirty = " (with uncommitted changes)" if m.git_dirty else ""
     quick = (
         "\n\n**Quick mode**: tiny sizes that check the suite runs; not a measurement."
@@ -30,7 +31,7 @@ def header(result: Result) -> str:
         else ""
     )
     return (
-        f"Measured {m.date} UTC on {machine.describe(m.machine, m.versions)}, commit "
+        f"Measured {when} UTC on {machine.describe(m.machine, m.versions)}, commit "
         f"`{m.git_commit[:12]}`{dirty}; {m.wall_s:.0f} s wall, load average "
         f"{m.load_start:.1f} at the start and {m.load_end:.1f} at the end. Command:\n\n"
         f"```\n{m.command}\n```{quick}"
