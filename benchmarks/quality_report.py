@@ -246,7 +246,7 @@ def render(data: Mapping[str, Any]) -> tuple[str, dict[str, Callable[[Path], Non
     )
     storage = {v: tuple(x) for v, x in b["storage"].items()}
     lscore = {k: rd[dflt](k, law(law_c, k)) for k in ks}
-    extended = n != len(TASKS)
+    extended = n > len(TASKS)
     m = recipe.model
 
     lines: list[str] = []
