@@ -23,7 +23,7 @@ GENERATED = machine.ROOT / "docs" / "benchmarks" / "generated"
 
 def header(result: Result) -> str:
     m = result.meta
-    when = m.date.replace("T", " ").removesuffix("+00:00")
+    when = utc_text(m.date)
     dirty = " (with uncommitted changes)" if m.git_dirty else ""
     quick = (
         "\n\n**Quick mode**: tiny sizes that check the suite runs; not a measurement."
@@ -36,6 +36,11 @@ def header(result: Result) -> str:
         f"{m.load_start:.1f} at the start and {m.load_end:.1f} at the end. Command:\n\n"
         f"```\n{m.command}\n```{quick}"
     )
+
+
+def utc_text(date: str) -> str:
+    """'2026-12-01T11:05:17+00:00' -> '2026-12-01 11:05:17' (the page says UTC)."""
+    return date.replace("T", " ").removesuffix("+00:00")
 
 
 def render_markdown(result: Result, page: Page) -> str:
@@ -67,7 +72,7 @@ def render_all(results: Path, out: Path) -> list[Path]:
         out.mkdir(parents=True, exist_ok=True)
         target.write_text(render_markdown(result, page))
         written.append(target)
-        index.append(f"- [{page.title}]({target.name}): {result.meta.date} UTC")
+        index.append(f"- [{page.title}]({target.name}): {utc_text(result.meta.date)} UTC")
     out.mkdir(parents=True, exist_ok=True)
     (out / "index.md").write_text("\n".join(index) + "\n")
     written.append(out / "index.md")
