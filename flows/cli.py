@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import click
 import typer
 
+from flows.cli_validation import DriftOption, SampleOption, WindowOption, bundle_validation
 from flows.console import err, out, print_table, progress_bar
 from flows.prefect_session import prefect_session
 from randes.errors import RandesError
@@ -302,6 +303,9 @@ def bundle_create(
     with _workspace() as ws:
         record = ws.create_bundle(name, base, config, gate_threshold=gate)
         out.print(f"bundle {record.name} on base {record.base_name}: {config.model_dump_json()}")
+
+
+bundle_app.command("validation")(bundle_validation)
 
 
 @bundle_app.command("list")
@@ -623,6 +627,12 @@ def ingest(
         str | None, typer.Option(help="module:function scoring a state dict.")
     ] = None,
     validate: Annotated[bool, typer.Option(help="Validate the new head afterwards.")] = True,
+    validate_all: Annotated[
+        bool, typer.Option("--validate-all", help="Measure every task, not the policy's.")
+    ] = False,
+    drift: DriftOption = None,
+    window: WindowOption = None,
+    sample: SampleOption = None,
 ) -> None:
     """Fold every new checkpoint found under SOURCE (one per task), then validate."""
     with _registry() as registry:  # a missing bundle is told before Prefect starts (~15 s)
@@ -630,11 +640,27 @@ def ingest(
     with prefect_session():
         from flows.pipeline import ingest_flow
 
-        summary = ingest_flow(bundle, source, evaluator=evaluator, run_validation=validate)
+        summary = ingest_flow(
+            bundle,
+            source,
+            evaluator=evaluator,
+            run_validation=validate,
+            validate_all=validate_all,
+            drift=drift,
+            window=window,
+            sample=sample,
+        )
+    measured = summary["validation"].get(bundle)
     out.print(
         f"{bundle}: found {summary['found']}, folded {len(summary['folded'])}, "
         f"already present {len(summary['skipped'])}; version {summary['version']} "
         f"{summary['status'] or ''}".rstrip()
+        + (
+            f"; measured {len(measured['measured'])} of "
+            f"{len(measured['measured']) + len(measured['skipped'])} tasks"
+            if measured
+            else ""
+        )
     )
 
 
@@ -649,8 +675,17 @@ def validate(
         float | None,
         typer.Option(help="Override lambda for every task.", callback=_positive_scale),
     ] = None,
+    everything: Annotated[
+        bool, typer.Option("--all", help="Measure every task, not the policy's selection.")
+    ] = False,
+    drift: DriftOption = None,
+    window: WindowOption = None,
+    sample: SampleOption = None,
 ) -> None:
-    """Retrieve every task of a version, measure it, and gate the version."""
+    """Measure the tasks of a version its validation policy selects, and gate the version.
+
+    New tasks always, tasks whose predicted interference moved, and a rotation of the
+    rest (every task at least once every --window versions); --all measures them all."""
     from storage.cache import integrity_context
 
     registry = _registry()
@@ -661,7 +696,9 @@ def validate(
     with prefect_session(), integrity_context(context):
         from flows.pipeline import validate_flow
 
-        report = validate_flow(bundle, int(pinned), evaluator, scale)
+        report = validate_flow(
+            bundle, int(pinned), evaluator, scale, everything, drift, window, sample
+        )
     from flows.validation import report_markdown
 
     out.print(report_markdown(report))

@@ -109,6 +109,7 @@ from storage.registry.records import (
     TaskRecord,
     VersionRecord,
 )
+from storage.registry.validation import ValidationRecords
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -223,7 +224,7 @@ def migrations_dir() -> Path:
     return Path(str(resources.files("migrations")))
 
 
-class Registry:
+class Registry(ValidationRecords):
     """Typed access to the registry database (SQLite or PostgreSQL through psycopg 3).
 
     Thread-safe (one engine, a session per call) and cheap to keep for a process's
