@@ -104,18 +104,7 @@ def record_validation(report: ValidationReport) -> str:
         ws.registry.record_checks(
             report.bundle,
             report.version,
-            [
-                CheckRow(
-                    d.task,
-                    d.seed,
-                    d.measured,
-                    d.reason,
-                    d.detail,
-                    d.interference,
-                    (d.task not in failing) if d.measured else None,
-                )
-                for d in report.decisions
-            ],
+            [CheckRow(d, d.task not in failing) for d in report.decisions],
         )
         for t in report.tasks:
             if t.metric is not None and t.value is not None:
@@ -203,10 +192,7 @@ def validate_flow(
         status,
         len(report.tasks),
         len(decisions),
-        ", ".join(
-            f"{reason} {n}"
-            for reason, n in Counter(d.reason for d in decisions).items()
-        )
+        ", ".join(f"{reason} {n}" for reason, n in Counter(d.reason for d in decisions).items())
         or "none",
     )
     return report

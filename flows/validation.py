@@ -278,6 +278,7 @@ def report_markdown(report: ValidationReport) -> str:
         verdict = f"rejected (below gate: {', '.join(report.failing)})"
     why = {d.task: f"{d.reason}: {d.detail}" for d in report.decisions}
     skipped = [d for d in report.decisions if not d.measured]
+    policy = f" (policy: {_policy_words(report.policy)})" if report.policy is not None else ""
     lines = [
         f"# {report.bundle} version {report.version}: {verdict}",
         "",
@@ -285,10 +286,16 @@ def report_markdown(report: ValidationReport) -> str:
         "",
         f"Measured on: {', '.join(sorted({t.served for t in report.tasks})) or 'no tasks'}",
         "",
-        f"Measured {len(report.tasks)} of {len(report.decisions) or len(report.tasks)} tasks"
-        + (f"; skipped {len(skipped)}" if skipped else "")
-        + (f" (policy: {_policy_words(report.policy)})" if report.policy is not None else ""),
-        "",
+        *(
+            [
+                f"Measured {len(report.tasks)} of {len(report.decisions)} tasks"
+                + (f"; skipped {len(skipped)}" if skipped else "")
+                + policy,
+                "",
+            ]
+            if report.decisions
+            else []
+        ),
         "| task | why | metric | retrieved | fine-tuned | normalized | delta cosine "
         "| delta rel. error |",
         "|---|---|---|---|---|---|---|---|",

@@ -174,7 +174,8 @@ def select(
                 t.seed,
                 True,
                 "new",
-                f"added in version {t.added_in_version}",
+                f"added in version {t.added_in_version}"
+                + ("" if t.added_in_version == version else ", never validated"),
                 t.interference,
             )
             continue

@@ -40,7 +40,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from randes.validation_policy import REASONS, LastCheck, Reason, ValidationPolicy
+from randes.validation_policy import REASONS, Decision, LastCheck, ValidationPolicy
 from storage.registry.errors import BundleNotFoundError, InvalidValueError, VersionNotFoundError
 from storage.registry.models import NAME_LEN, Base, Bundle, BundleVersion, UTCDateTime, utcnow
 
@@ -87,14 +87,10 @@ class ValidationPolicyRow(Base):
 
 @dataclass(frozen=True)
 class CheckRow:
-    """A decision to record (what `ValidationRecords.record_checks` takes)."""
+    """A decision to record (what `ValidationRecords.record_checks` takes): whether the
+    measured task passed the gate, None for a skipped one."""
 
-    task: str
-    seed: int
-    measured: bool
-    reason: Reason
-    detail: str
-    interference: float
+    decision: Decision
     passed: bool | None
 
 
@@ -169,13 +165,13 @@ class ValidationRecords:
                 ValidationCheck(
                     bundle_id=bundle_id,
                     version=version,
-                    task_name=c.task,
-                    seed=c.seed,
-                    measured=c.measured,
-                    reason=c.reason,
-                    detail=c.detail,
-                    interference=c.interference,
-                    passed=c.passed,
+                    task_name=c.decision.task,
+                    seed=c.decision.seed,
+                    measured=c.decision.measured,
+                    reason=c.decision.reason,
+                    detail=c.decision.detail,
+                    interference=c.decision.interference,
+                    passed=c.passed if c.decision.measured else None,
                 )
                 for c in checks
             )

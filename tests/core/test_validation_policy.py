@@ -64,7 +64,8 @@ def test_never_validated_tasks_are_all_new() -> None:
     decisions = select(5, tasks, {}, ValidationPolicy())
     assert [d.reason for d in decisions] == ["new"] * 5
     assert all(d.measured for d in decisions)
-    assert decisions[2].detail == "added in version 3"
+    assert decisions[2].detail == "added in version 3, never validated"
+    assert decisions[4].detail == "added in version 5"
 
 
 def test_a_task_of_the_same_name_but_another_seed_is_new() -> None:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import inspect
 
-from randes.validation_policy import LastCheck, ValidationPolicy
+from randes.validation_policy import Decision, LastCheck, ValidationPolicy
 from storage.registry import (
     BundleNotFoundError,
     InvalidValueError,
@@ -50,12 +50,11 @@ def reg(registry_url: str) -> Iterator[Registry]:
         registry.close()
 
 
-def _row(task: str, *, measured: bool = True, passed: bool | None = True, r: float = 0.01,
-         seed: int = 1) -> CheckRow:  # fmt: skip
+def _row(
+    task: str, *, measured: bool = True, passed: bool = True, r: float = 0.01, seed: int = 1
+) -> CheckRow:
     reason = "rotation" if measured else "skipped"
-    return CheckRow(
-        task, seed, measured, reason, f"{reason} detail", r, passed if measured else None
-    )
+    return CheckRow(Decision(task, seed, measured, reason, f"{reason} detail", r), passed)
 
 
 def test_policy_defaults_set_and_reset(reg: Registry) -> None:
