@@ -9,6 +9,7 @@ transient faults (store or database unreachable); bad input fails at once.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import fields
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -208,8 +209,9 @@ def _artifact_row(decision: Decision, measured: TaskValidation | None) -> dict[s
         "interference": decision.interference,
         "last_validated": decision.last_version,
     }
-    if measured is not None:
-        row |= {k: v for k, v in measured.row().items() if k != "task"}
+    # the same columns on every row (a skipped task's measurements empty)
+    values = measured.row() if measured is not None else {}
+    row |= {f.name: values.get(f.name) for f in fields(TaskValidation) if f.name != "task"}
     return row
 
 

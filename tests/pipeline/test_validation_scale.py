@@ -17,6 +17,7 @@ The `randes` command line then shows and sets the bundle's policy and runs
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -63,6 +64,21 @@ def retrievals(monkeypatch: pytest.MonkeyPatch) -> Retrievals:
     counter = Retrievals()
     monkeypatch.setattr(flows.validation, "retrieve", counter.wrap(flows.validation.retrieve))
     return counter
+
+
+def _artifacts(flow_run_id: Any) -> tuple[list[dict[str, Any]], str]:
+    """The validate run's table rows and markdown summary, as the Prefect API holds them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    table = next(a for a in artifacts if a.type == "table")
+    markdown = next(a for a in artifacts if a.type == "markdown")
+    data = json.loads(table.data) if isinstance(table.data, str) else table.data
+    return list(data), str(markdown.data)
 
 
 def _fold(ws: Workspace, base_dir: Path, tmp_path: Path, index: int) -> int:
@@ -162,6 +178,16 @@ def test_ingest_measures_the_new_checkpoints_and_says_what_it_skipped(
     forced = validate_flow("inc", 8, everything=True)
     assert retrievals.take() == 8 and {d.reason for d in forced.decisions} == {"all"}
     assert "all: all requested" in flows.validation.report_markdown(forced)
+
+    # The run's artifacts: a row per task (measured or skipped, and why), the summary.
+    state = validate_flow("inc", 8, return_state=True)
+    rows, summary_md = _artifacts(state.state_details.flow_run_id)
+    assert len(rows) == 8 and sum(r["measured"] for r in rows) == 2  # ceil(8 / 4) rotated
+    assert {r["reason"] for r in rows} == {"rotation", "skipped"}
+    assert all(r["why"].startswith("last validated at version 8") for r in rows)
+    assert all(r["delta_cosine"] is not None for r in rows if r["measured"])
+    assert all(r["delta_cosine"] is None for r in rows if not r["measured"])
+    assert "Measured 2 of 8 tasks; skipped 6" in summary_md and "Skipped (6):" in summary_md
 
 
 def test_validate_command_options_and_the_bundle_policy(
