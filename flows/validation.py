@@ -31,12 +31,13 @@ from typing import Any
 
 import torch
 
-from randes.checkpoint import CheckpointReader, source_digests
+from randes.checkpoint import CheckpointReader
+from randes.digests import source_digests
 from randes.errors import RandesError
 from randes.fold import check_compatible
-from randes.keymap import TensorSource
 from randes.manifest import BundleManifest, TaskEntry
 from randes.retrieve import retrieve
+from randes.source import TensorSource
 from randes.validation_policy import Decision, ValidationPolicy, select, task_states
 from storage.cache import integrity_context, version_context
 from storage.sources import resolve_source

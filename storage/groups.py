@@ -47,10 +47,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from randes import capacity
-from randes.checkpoint import CheckpointReader, source_digests
+from randes.checkpoint import CheckpointReader
 from randes.config import TransformConfig, stored_config
+from randes.digests import source_digests
 from randes.errors import IntegrityError, RandesError
-from randes.fold import check_compatible, superposed_names
+from randes.fold import check_compatible
+from randes.layout import superposed_names
 from randes.names import validate_name
 from randes.scaling import Norms, data_free_scale, noise_gain
 from storage.cache import integrity_context, version_context

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from randes.checkpoint import CheckpointReader
 from randes.errors import IntegrityError, RandesError
-from randes.fold import superposition_metas
+from randes.layout import superposition_metas
 from randes.manifest import (
     BaseManifest,
     BundleManifest,
@@ -31,6 +31,7 @@ from randes.manifest import (
 from randes.retrieve import materialize as materialize_model
 from randes.scaling import manifest_task_scale
 from randes.serving import QuantizedReader
+from randes.source import TensorSource
 from storage.cache import file_sha256, integrity_context, version_context
 from storage.localfs import staged_directory
 from storage.registry import TaskNotFoundError, VersionRecord
@@ -139,7 +140,7 @@ class PulledVersion:
                 staged_directory(Path(dest)) as staging,
             ):
                 assert base is not None
-                superposition = sup
+                superposition: TensorSource | None = sup
                 if serving is not None and sup is not None:
                     metas = superposition_metas(base, manifest.transform)
                     superposition = QuantizedReader(sup, serving.scheme, metas)

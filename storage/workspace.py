@@ -32,10 +32,12 @@ from pathlib import Path
 import torch
 
 from randes.adapters import is_adapter, task_side_files
-from randes.checkpoint import CheckpointReader, source_digests
+from randes.checkpoint import CheckpointReader
 from randes.config import TransformConfig, stored_config
+from randes.digests import source_digests
 from randes.errors import IntegrityError, NonFiniteTensorError, RandesError
-from randes.fold import check_compatible, fold, superposition_metas, unfold
+from randes.fold import check_compatible, fold, unfold
+from randes.layout import superposition_metas
 from randes.manifest import (
     BaseManifest,
     BaseRef,
@@ -52,6 +54,7 @@ from randes.retrieve import materialize as materialize_model
 from randes.rng import new_task_seed
 from randes.scaling import manifest_task_scale
 from randes.serving import QuantizedReader
+from randes.source import TensorSource
 from randes.writer import WrittenShard
 from storage.cache import ObjectCache, file_sha256, integrity_context, version_context
 from storage.errors import StoreError
@@ -792,7 +795,7 @@ class Workspace:
     @contextlib.contextmanager
     def _served_reader(
         self, manifest: BundleManifest, base: CheckpointReader, *, master: bool
-    ) -> Iterator[CheckpointReader | None]:
+    ) -> Iterator[TensorSource | None]:
         """The superposition a version serves: its quantized copy when it has one (unless
         ``master``), read as the master it was derived from; else the master itself."""
         if master or manifest.serving is None:
@@ -958,6 +961,6 @@ class OpenTask:
 
     entry: TaskEntry
     base: CheckpointReader
-    superposition: CheckpointReader | None
+    superposition: TensorSource | None
     private: CheckpointReader | None
     side_files: dict[str, Path]

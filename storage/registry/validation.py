@@ -13,17 +13,15 @@ task was last measured must outlive them (or every task would turn "new" again).
 NULL column means the default of randes.validation_policy, so defaults can improve
 without a migration. Both are tables of their own, so `bundles` is never rebuilt.
 
-`ValidationRecords` is mixed into `Registry`: the methods share its transactions and
-error translation.
+`ValidationMixin` is mixed into `Registry`: the methods share its transactions and
+error translation (`RegistryCore`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 from sqlalchemy import (
     BigInteger,
@@ -38,11 +36,13 @@ from sqlalchemy import (
     func,
     select,
 )
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column
 
 from randes.validation_policy import REASONS, Decision, LastCheck, ValidationPolicy
-from storage.registry.errors import BundleNotFoundError, InvalidValueError, VersionNotFoundError
-from storage.registry.models import NAME_LEN, Base, Bundle, BundleVersion, UTCDateTime, utcnow
+from storage.registry.connection import RegistryCore
+from storage.registry.errors import InvalidValueError
+from storage.registry.models import NAME_LEN, Base, UTCDateTime, utcnow
+from storage.registry.rows import bundle_row, version_row
 
 
 class ValidationCheck(Base):
@@ -87,7 +87,7 @@ class ValidationPolicyRow(Base):
 
 @dataclass(frozen=True)
 class CheckRow:
-    """A decision to record (what `ValidationRecords.record_checks` takes): whether the
+    """A decision to record (what `ValidationMixin.record_checks` takes): whether the
     measured task passed the gate, None for a skipped one."""
 
     decision: Decision
@@ -108,19 +108,15 @@ class CheckRecord:
     created_at: datetime
 
 
-class ValidationRecords:
-    """Registry methods over the two tables (mixed into `Registry`)."""
-
-    if TYPE_CHECKING:
-
-        def _tx(self, write: bool = False) -> AbstractContextManager[Session]: ...
+class ValidationMixin(RegistryCore):
+    """`Registry` methods over the two tables."""
 
     # -- policy -------------------------------------------------------------------------
 
     def validation_policy(self, bundle: str) -> ValidationPolicy:
         """The bundle's policy: its own settings over the defaults."""
         with self._tx() as s:
-            row = s.get(ValidationPolicyRow, _bundle_id(s, bundle))
+            row = s.get(ValidationPolicyRow, bundle_row(s, bundle).id)
             return _policy(row)
 
     def set_validation_policy(
@@ -137,7 +133,7 @@ class ValidationRecords:
         Values are checked as the policy checks them (InvalidValueError), before any
         write."""
         with self._tx(write=True) as s:
-            bundle_id = _bundle_id(s, bundle)
+            bundle_id = bundle_row(s, bundle).id
             row = s.get(ValidationPolicyRow, bundle_id, with_for_update=True)
             if row is None:
                 row = ValidationPolicyRow(bundle_id=bundle_id)
@@ -159,8 +155,9 @@ class ValidationRecords:
     def record_checks(self, bundle: str, version: int, checks: Sequence[CheckRow]) -> None:
         """Record one validation run's decisions for ``version``, in one transaction."""
         with self._tx(write=True) as s:
-            bundle_id = _bundle_id(s, bundle)
-            _check_version(s, bundle, bundle_id, version)
+            b = bundle_row(s, bundle)
+            version_row(s, b, version)  # an existing version only
+            bundle_id = b.id
             s.add_all(
                 ValidationCheck(
                     bundle_id=bundle_id,
@@ -180,7 +177,7 @@ class ValidationRecords:
         """Every recorded decision of one version (or all versions), oldest first."""
         with self._tx() as s:
             query = select(ValidationCheck).where(
-                ValidationCheck.bundle_id == _bundle_id(s, bundle)
+                ValidationCheck.bundle_id == bundle_row(s, bundle).id
             )
             if version is not None:
                 query = query.where(ValidationCheck.version == version)
@@ -203,7 +200,7 @@ class ValidationRecords:
             ranked = (
                 select(ValidationCheck.id, rank)
                 .where(
-                    ValidationCheck.bundle_id == _bundle_id(s, bundle),
+                    ValidationCheck.bundle_id == bundle_row(s, bundle).id,
                     ValidationCheck.measured.is_(True),
                     ValidationCheck.version <= up_to,
                 )
@@ -218,23 +215,6 @@ class ValidationRecords:
                 r.task_name: LastCheck(r.version, r.seed, r.interference, bool(r.passed))
                 for r in rows
             }
-
-
-def _bundle_id(s: Session, name: str) -> int:
-    bundle_id = s.scalar(select(Bundle.id).where(Bundle.name == name))
-    if bundle_id is None:
-        raise BundleNotFoundError(name)
-    return bundle_id
-
-
-def _check_version(s: Session, bundle: str, bundle_id: int, version: int) -> None:
-    found = s.scalar(
-        select(BundleVersion.id).where(
-            BundleVersion.bundle_id == bundle_id, BundleVersion.version == version
-        )
-    )
-    if found is None:
-        raise VersionNotFoundError(bundle, version)
 
 
 def _policy(row: ValidationPolicyRow | None) -> ValidationPolicy:
@@ -268,5 +248,5 @@ __all__ = [
     "CheckRow",
     "ValidationCheck",
     "ValidationPolicyRow",
-    "ValidationRecords",
+    "ValidationMixin",
 ]
