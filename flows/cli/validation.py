@@ -7,8 +7,7 @@
 The options of the first two override the bundle's stored policy for one run; the
 third shows the stored policy, or changes it. What they mean: randes.validation_policy.
 
-This module imports nothing from `flows.cli`, which imports its options; the command is
-registered there (``bundle_app.command``).
+`flows.cli.runs` takes the options, `flows.cli.bundle` registers the command.
 """
 
 from __future__ import annotations
@@ -62,9 +61,9 @@ def bundle_validation(
     ] = False,
 ) -> None:
     """Show, or change, which tasks a validation of BUNDLE measures."""
-    from flows.cli import _registry
+    from flows.cli.common import open_registry
 
-    with _registry() as registry:
+    with open_registry() as registry:
         if reset or any(v is not None for v in (drift, window, sample)):
             policy = registry.set_validation_policy(
                 bundle, drift=drift, window=window, sample=sample, reset=reset
