@@ -1001,7 +1001,8 @@ class Registry:
     def delete_versions(self, bundle: str, versions: Sequence[int]) -> None:
         """Delete version rows (with their object keys and evaluations), for retention/gc.
 
-        Refuses (VersionInUseError, nothing deleted) a version an alias names, and the
+        Refuses (VersionInUseError, nothing deleted) a version an alias names, a
+        published one (its row locked, so a concurrent publish is seen), and the
         head: its number must stay taken, or the next fold would reuse it. Tasks and
         ledger rows stay: they are the bundle's history, not the version's.
         """
@@ -1020,7 +1021,9 @@ class Registry:
             }
             ids = []
             for v in dict.fromkeys(versions):
-                row = self._version(s, b, v)
+                row = self._version(s, b, v, lock=True)
+                if row.status == "published":
+                    raise VersionInUseError(bundle, row.version, "it is published")
                 if row.version in aliased:
                     raise VersionInUseError(
                         bundle, row.version, f"alias {aliased[row.version]!r} names it"
