@@ -21,7 +21,7 @@ from randes.manifest import TaskEntry
 from randes.names import validate_name
 from randes.rng import new_task_seed
 from storage.cache import file_sha256
-from storage.commit import AddTask, Change, NoChange, Parent, Upload, commit
+from storage.commit import AddTask, Change, Committed, NoChange, Parent, Upload, commit
 from storage.readers import open_base, open_superposition, open_task_source
 from storage.registry import InvalidValueError, Registry, TaskExistsError, TaskNotFoundError
 from storage.sources import resolve_source
@@ -130,11 +130,7 @@ def fold_checkpoint(
             )
 
         done = commit(w.store, w.registry, bundle, build, work_root=w.work_root)
-    if done.skipped is not None:
-        skip = done.skipped
-        return FoldOutcome(bundle, skip.task, skip.version, skipped=True, attempts=done.attempts)
-    assert done.record is not None
-    return FoldOutcome(bundle, task, done.record.version, seed=seeds[-1], attempts=done.attempts)
+    return _outcome(bundle, task, done, seeds)
 
 
 def remove_task(
@@ -177,6 +173,11 @@ def remove_task(
         )
 
     done = commit(w.store, w.registry, bundle, build, work_root=w.work_root)
+    return _outcome(bundle, task, done, seeds)
+
+
+def _outcome(bundle: str, task: str, done: Committed, seeds: Sequence[int]) -> FoldOutcome:
+    """What a fold or removal reports; ``seeds``: the task's seed in each attempt."""
     if done.skipped is not None:
         skip = done.skipped
         return FoldOutcome(bundle, skip.task, skip.version, skipped=True, attempts=done.attempts)
