@@ -22,7 +22,7 @@ dequantized once (one model's size) + the small per-task tensors.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -38,9 +38,23 @@ from randes.mixed import (
     sign_structure,
 )
 from randes.retrieve import TaskRetrieval, _scale_for
+from storage.runtime_readers import FileBaseReader, ResidentReader
+from storage.runtime_sources import BundleRuntimeError
 
-if TYPE_CHECKING:
-    from storage.runtime import BundleRuntime
+
+class BundleRuntime(Protocol):
+    """What a mixed model needs of `storage.runtime.BundleRuntime` (named here, not
+    imported, so that the runtime can build mixed models without an import cycle)."""
+
+    device: torch.device
+    base: ResidentReader | FileBaseReader
+    superposition: Any
+
+    def info(self, task: str) -> Any: ...
+
+    def model(self, task: str) -> nn.Module: ...
+
+    def plan(self, task: str) -> TaskRetrieval: ...
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -81,8 +95,6 @@ class MixedBatchModel(nn.Module):
 
 class _Builder:
     def __init__(self, rt: BundleRuntime, tasks: Sequence[str], module: nn.Module) -> None:
-        from storage.runtime import BundleRuntimeError
-
         self.rt = rt
         self.tasks = list(tasks)
         self.plans: list[TaskRetrieval] = [rt.plan(t) for t in self.tasks]

@@ -42,7 +42,6 @@ from typing import TYPE_CHECKING, Any, Self
 import torch
 
 from randes.checkpoint import CheckpointReader
-from randes.errors import RandesError
 from randes.fold import superposition_metas
 from randes.manifest import BundleManifest, TaskEntry
 from randes.retrieve import TaskRetrieval
@@ -50,15 +49,11 @@ from randes.scaling import manifest_task_scale
 from randes.serving import QuantizedReader
 from storage.registry import TaskNotFoundError
 from storage.runtime_readers import FileBaseReader, ResidentReader
-from storage.runtime_sources import RuntimeSource, open_source
+from storage.runtime_sources import BundleRuntimeError, RuntimeSource, open_source
 from storage.settings import Settings
 
 if TYPE_CHECKING:
     from storage.mixed import MixedBatchModel
-
-
-class BundleRuntimeError(RandesError):
-    """A module or a request a runtime cannot serve (shapes differ, no config.json...)."""
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,10 @@ if TYPE_CHECKING:
     from storage.workspace import Workspace
 
 
+class BundleRuntimeError(RandesError):
+    """A module or a request a runtime cannot serve (shapes differ, no config.json...)."""
+
+
 class RuntimeSourceError(RandesError):
     """A runtime asked for something its source cannot give (no tasks, no master)."""
 
