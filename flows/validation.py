@@ -30,9 +30,9 @@ import torch
 from randes.checkpoint import CheckpointReader
 from randes.errors import RandesError
 from randes.fold import check_compatible
-from randes.keymap import TensorSource
 from randes.manifest import TaskEntry
 from randes.retrieve import retrieve
+from randes.source import TensorSource
 from storage.cache import integrity_context, version_context
 from storage.readers import open_task_source
 from storage.workspace import Workspace

@@ -32,9 +32,10 @@ from typing import Any, Literal
 
 import torch
 
-from randes.checkpoint import CheckpointReader, TensorMeta
+from randes.checkpoint import CheckpointReader
 from randes.errors import CheckpointError, IncompatibleCheckpointError
-from randes.keymap import TensorSource, detect_key_map
+from randes.keymap import detect_key_map
+from randes.source import TensorMeta, TensorSource
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

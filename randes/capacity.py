@@ -18,8 +18,10 @@ from collections.abc import Mapping, Sequence
 
 from randes.checkpoint import CheckpointReader
 from randes.config import DEFAULT_MAP, MapName, TransformConfig
-from randes.fold import check_compatible, layout_of, owned_delta
+from randes.fold import check_compatible, owned_delta
+from randes.layout import layout_of
 from randes.scaling import Norms, relative_interference
+from randes.source import TensorSource
 
 MAX_INTERFERENCE: dict[MapName, float] = {
     "columns": 0.03,
@@ -89,7 +91,7 @@ def place(
 
 
 def measure_delta_norms(
-    base: CheckpointReader, checkpoint: CheckpointReader, config: TransformConfig
+    base: TensorSource, checkpoint: CheckpointReader, config: TransformConfig
 ) -> dict[str, float]:
     """Per-tensor delta norms of the superposed tensors: one streaming pass, no writes.
 

@@ -32,25 +32,21 @@ from pathlib import Path
 import torch
 
 from randes.adapters import as_dense
-from randes.checkpoint import CheckpointReader, TensorMeta
+from randes.checkpoint import CheckpointReader
 from randes.config import TransformConfig
-from randes.errors import IncompatibleCheckpointError, NonFiniteTensorError
-from randes.keymap import Reconciled, TensorSource, read_config, reconcile
+from randes.errors import NonFiniteTensorError
+from randes.keymap import Reconciled, read_config, reconcile
+from randes.layout import check_superposition, layout_of, superposition_dtype
 from randes.manifest import KeyMap
 from randes.serving import SERVING_DIR, ServingWriter
-from randes.transforms import Layout, TaskTransform, plan_layout
+from randes.source import TensorSource, metas_of
+from randes.transforms import TaskTransform
 from randes.writer import ShardWriter, TensorSpec, WrittenShard
 
 Progress = Callable[[int, int], None]
 
 SUPERPOSITION_DIR = "superposition"
 PRIVATE_DIR = "private"
-
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 
 
 @dataclass
@@ -61,29 +57,6 @@ class FoldResult:
     delta_norms: dict[str, float]
     serving: list[WrittenShard] = field(default_factory=list)
     """The quantized copy of ``superposition`` (config.serving); [] when it is None."""
-
-
-def superposition_dtype(config: TransformConfig) -> torch.dtype:
-    return TORCH_DTYPES[config.dtype]
-
-
-def layout_of(base: CheckpointReader, config: TransformConfig) -> Layout:
-    return plan_layout(base.metas(), config)
-
-
-def superposed_names(base: CheckpointReader, config: TransformConfig) -> list[str]:
-    """The slot names a superposition over ``base`` holds (sorted)."""
-    return list(layout_of(base, config).superposed)
-
-
-def superposition_metas(base: CheckpointReader, config: TransformConfig) -> dict[str, TensorMeta]:
-    """Each slot's header in a superposition over ``base``: the base's shape, the bundle
-    dtype. What a serving copy is read back as (randes.serving.QuantizedReader)."""
-    dtype = superposition_dtype(config)
-    return {
-        slot: TensorMeta(dtype=dtype, shape=base.meta(slot).shape)
-        for slot in layout_of(base, config).superposed
-    }
 
 
 _NORM_BLOCK = 4096
@@ -148,12 +121,12 @@ def owned_delta(
     return delta, norm
 
 
-def check_compatible(base: CheckpointReader, checkpoint: CheckpointReader) -> Reconciled:
+def check_compatible(base: TensorSource, checkpoint: CheckpointReader) -> Reconciled:
     """Reconcile ``checkpoint`` (a fine-tune or a PEFT adapter) with ``base`` from the
     headers alone (randes.keymap's decision table); IncompatibleCheckpointError when
     ``base`` cannot be its base."""
     return reconcile(
-        base.metas(),
+        metas_of(base),
         as_dense(checkpoint, base),
         config=read_config(checkpoint.side_files.get("config.json")),
     )
@@ -171,33 +144,11 @@ def check_written(slot: str, stored: torch.Tensor) -> None:
         )
 
 
-def check_superposition(
-    base: CheckpointReader, superposition: CheckpointReader, layout: Layout
-) -> None:
-    """A stored superposition has exactly the layout's slots, base-shaped, in the bundle dtype."""
-    dtype = superposition_dtype(layout.config)
-    expected = set(layout.superposed)
-    actual = set(superposition.keys())
-    if actual != expected:
-        diff = sorted(expected ^ actual)
-        raise IncompatibleCheckpointError(
-            f"superposition does not match the base layout ({len(diff)} names differ, "
-            f"e.g. {diff[0]!r})"
-        )
-    for slot in layout.superposed:
-        meta = superposition.meta(slot)
-        if meta.shape != base.meta(slot).shape or meta.dtype != dtype:
-            raise IncompatibleCheckpointError(
-                f"superposition slot {slot!r}: {meta.dtype}{list(meta.shape)} does not match "
-                f"{dtype}{list(base.meta(slot).shape)}"
-            )
-
-
 def fold(
     *,
-    base: CheckpointReader,
+    base: TensorSource,
     checkpoint: CheckpointReader,
-    parent: CheckpointReader | None,
+    parent: TensorSource | None,
     seed: int,
     config: TransformConfig,
     out_dir: Path,
@@ -331,9 +282,9 @@ def fold(
 
 def unfold(
     *,
-    base: CheckpointReader,
+    base: TensorSource,
     checkpoint: CheckpointReader,
-    parent: CheckpointReader,
+    parent: TensorSource,
     seed: int,
     config: TransformConfig,
     out_dir: Path,

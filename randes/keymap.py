@@ -47,13 +47,14 @@ from collections import Counter
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from randes.checkpoint import DTYPE_NAMES, TensorMeta
 from randes.errors import IncompatibleCheckpointError
+from randes.header import DTYPE_NAMES
 from randes.manifest import KeyMap
+from randes.source import TensorMeta, TensorSource
 
 MIN_MATCHED_FRACTION = 0.5
 """Share of the base's parameters a fine-tune must match for the base to be its base."""
@@ -69,15 +70,6 @@ _MAX_PREFIX_DEPTH = 2
 _MAX_CONFIG_BYTES = 4 * 1024 * 1024
 _OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight", "decoder.weight", "embed_tokens.weight")
 _INPUT_EMBEDDINGS = ("embed_tokens.weight", "shared.weight", "wte.weight", "word_embeddings.weight")
-
-
-class TensorSource(Protocol):
-    """What fold reads a fine-tune through: names, headers, one tensor at a time."""
-
-    def keys(self) -> list[str]: ...
-    def meta(self, name: str) -> TensorMeta: ...
-    def get(self, name: str) -> torch.Tensor: ...
-    def __contains__(self, name: object) -> bool: ...
 
 
 class Renamed:

@@ -19,13 +19,15 @@ from pathlib import Path
 
 import torch
 
-from randes.checkpoint import DTYPES, CheckpointReader, TensorMeta
+from randes.atomic import replacing, write_atomic
 from randes.config import TransformConfig
 from randes.errors import IncompatibleCheckpointError, RandesError
-from randes.fold import check_superposition, layout_of
+from randes.header import DTYPES
+from randes.layout import check_superposition, layout_of
 from randes.manifest import KeyMap
+from randes.source import TensorMeta, TensorSource
 from randes.transforms import TaskTransform
-from randes.writer import ShardWriter, TensorSpec, WrittenShard, write_atomic
+from randes.writer import ShardWriter, TensorSpec, WrittenShard
 
 DEFAULT_SCALE_KEY = "*"
 """In a per-tensor scale dict, the lambda of tensors not named in it."""
@@ -47,9 +49,9 @@ class _Retrieval:
     def __init__(
         self,
         *,
-        base: CheckpointReader,
-        superposition: CheckpointReader | None,
-        private: CheckpointReader | None,
+        base: TensorSource,
+        superposition: TensorSource | None,
+        private: TensorSource | None,
         seed: int,
         key_map: KeyMap,
         config: TransformConfig,
@@ -68,7 +70,7 @@ class _Retrieval:
         absent = frozenset(key_map.absent)
         # checkpoint name -> (base name, or None for a private tensor; its meta)
         self.plan: dict[str, tuple[str | None, TensorMeta]] = {}
-        for name in base:
+        for name in base.keys():  # noqa: SIM118 (a TensorSource need not be iterable)
             if name in absent:  # the fine-tune did not have it: neither does its copy
                 continue
             ck_name = key_map.to_checkpoint(name)
@@ -118,9 +120,9 @@ tensors with `tensor`, so what they serve is what materialize writes, bit for bi
 
 def retrieve(
     *,
-    base: CheckpointReader,
-    superposition: CheckpointReader | None,
-    private: CheckpointReader | None,
+    base: TensorSource,
+    superposition: TensorSource | None,
+    private: TensorSource | None,
     seed: int,
     key_map: KeyMap,
     config: TransformConfig,
@@ -149,9 +151,9 @@ def retrieve(
 
 def materialize(
     *,
-    base: CheckpointReader,
-    superposition: CheckpointReader | None,
-    private: CheckpointReader | None,
+    base: TensorSource,
+    superposition: TensorSource | None,
+    private: TensorSource | None,
     seed: int,
     key_map: KeyMap,
     config: TransformConfig,
@@ -211,6 +213,5 @@ def _copy_atomic(src: Path, dst: Path) -> None:
     if src.stat().st_size <= 64 * 1024 * 1024:
         write_atomic(dst, src.read_bytes())
     else:  # pragma: no cover - side files are small
-        tmp = dst.with_name(f".{dst.name}.tmp")
-        shutil.copyfile(src, tmp)
-        tmp.replace(dst)
+        with replacing(dst) as tmp:
+            shutil.copyfile(src, tmp)

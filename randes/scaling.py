@@ -39,10 +39,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from randes.checkpoint import CheckpointReader
 from randes.config import MapName, TransformConfig
-from randes.fold import layout_of
+from randes.layout import layout_of
 from randes.manifest import BundleManifest, TaskEntry
+from randes.source import TensorSource
 
 DEFAULT_SCALE = 1.0
 """lambda for a task alone in its bundle (nothing to shrink against): exact retrieval."""
@@ -147,7 +147,7 @@ def resolve_scale(config: TransformConfig, task_scale: float | None, data_free: 
 
 
 def manifest_task_scale(
-    manifest: BundleManifest, entry: TaskEntry, base: CheckpointReader, base_norms: Norms
+    manifest: BundleManifest, entry: TaskEntry, base: TensorSource, base_norms: Norms
 ) -> float:
     """lambda of one task of a version: its own scale, the bundle's, else data-free.
 

@@ -9,21 +9,21 @@ would hold a whole shard of codes in memory. With one dtype per writer the only
 reordering left is by name within a shard (``a.q`` sorts after ``a.b.q`` although ``a``
 sorts before ``a.b``), absorbed by a small buffer that in practice holds nothing.
 
-Reading (`QuantizedReader`): a `CheckpointReader` whose keys, headers and tensors are
-those of the master it was derived from (slot names, base shapes, the superposition
-dtype), each tensor dequantized on demand. Retrieval and materialize take it unchanged.
+Reading (`QuantizedReader`): a `randes.source.TensorSource` whose keys, headers and
+tensors are those of the master it was derived from (slot names, base shapes, the
+superposition dtype), each tensor dequantized on demand. Retrieval and materialize take
+it unchanged.
 Every code and scale tensor is checked against the sizes `QuantScheme.layout` predicts
 before anything is read, so a serving copy that does not fit the base fails in one line.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
-from randes.checkpoint import CheckpointReader, TensorMeta
 from randes.errors import IncompatibleCheckpointError, NonFiniteTensorError
 from randes.quantize import (
     CODES_SUFFIX,
@@ -33,6 +33,7 @@ from randes.quantize import (
     dequantize,
     quantize,
 )
+from randes.source import ClosableSource, Closing, TensorMeta, TensorSource
 from randes.writer import ShardWriter, TensorSpec, WrittenShard
 
 SERVING_DIR = "serving"
@@ -57,11 +58,6 @@ def serving_specs(
         codes.append(TensorSpec(codes_name(slot), torch.uint8, (n_codes,)))
         scales.append(TensorSpec(scales_name(slot), torch.float32, (n_scales,)))
     return codes, scales
-
-
-def serving_nbytes(shapes: Sequence[tuple[int, ...]], scheme: QuantScheme) -> int:
-    """Payload bytes (codes + scales, headers excluded) of a serving copy."""
-    return sum(scheme.nbytes(tuple(shape)) for shape in shapes)
 
 
 class _InOrder:
@@ -127,31 +123,45 @@ class ServingWriter:
         self._scales.abort()
 
 
-class QuantizedReader(CheckpointReader):
+class QuantizedReader(Closing):
     """A serving copy read as the master superposition it was derived from.
 
     ``slots`` maps each slot name to the master's meta (base shape, superposition
     dtype); ``get`` returns the dequantized float32 values cast to that dtype. The
-    wrapped reader is owned: closing this closes it.
+    wrapped source (a `CheckpointReader` over the codes and scales files, or the
+    runtime's resident copy of them) is owned: closing this closes it.
 
-    A subclass (and not a protocol) so that retrieval, materialize and their checks
-    take it where they take a master reader, without a line of them changing. It sets
-    the header tables the base class's mapping methods read and serves ``get`` itself.
+    A `TensorSource` with the master's keys and headers, so retrieval, materialize and
+    their checks take it where they take a master reader, without a line of them
+    changing.
     """
 
     def __init__(
-        self, inner: CheckpointReader, scheme: QuantScheme, slots: Mapping[str, TensorMeta]
+        self, inner: ClosableSource, scheme: QuantScheme, slots: Mapping[str, TensorMeta]
     ) -> None:
-        # No super().__init__: there is no file of this reader's own to parse.
-        self.files = list(inner.files)
-        self.side_files = {}
         self.scheme = scheme
         self._inner = inner
-        self._handles = {}
-        self._offset = {}
         _check_layout(inner, scheme, slots)
         self._metas = {slot: slots[slot] for slot in sorted(slots)}
-        self._file_of = {slot: inner.file_of(codes_name(slot)) for slot in self._metas}
+
+    def keys(self) -> list[str]:
+        """Slot names, sorted (the master's)."""
+        return list(self._metas)
+
+    def metas(self) -> dict[str, TensorMeta]:
+        return dict(self._metas)
+
+    def meta(self, name: str) -> TensorMeta:
+        return self._metas[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._metas
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._metas)
+
+    def __len__(self) -> int:
+        return len(self._metas)
 
     def get(self, name: str) -> torch.Tensor:
         meta = self._metas[name]
@@ -166,7 +176,7 @@ class QuantizedReader(CheckpointReader):
 
 
 def _check_layout(
-    inner: CheckpointReader, scheme: QuantScheme, slots: Mapping[str, TensorMeta]
+    inner: TensorSource, scheme: QuantScheme, slots: Mapping[str, TensorMeta]
 ) -> None:
     expected = {codes_name(s) for s in slots} | {scales_name(s) for s in slots}
     actual = set(inner.keys())

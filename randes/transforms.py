@@ -30,23 +30,19 @@ task t hears the others' cross-talk in the very output directions its own delta 
 scrambling both sides (or every entry) makes the cross-talk incoherent noise
 (docs/benchmarks.md, "Quality by map").
 
-The layout (which base tensors are superposed, how they group) depends only on the
-base's tensor metadata and the bundle's TransformConfig, so fold and retrieve always
-agree on it.
+The layout these maps act on (which base tensors are superposed, how they group) is
+randes.layout's.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 import torch
 
-from randes.checkpoint import TensorMeta
-from randes.config import MapName, TransformConfig
+from randes.config import MapName
+from randes.layout import Layout
 from randes.rng import (
     ELEMENT_CHUNK,
     SIGN_TABLE,
@@ -56,87 +52,6 @@ from randes.rng import (
     row_sign_vector,
     sign_vector,
 )
-
-_INDEX = re.compile(r"^\d+$")
-
-
-def layer_group_key(name: str) -> tuple[str, int] | None:
-    """(``h.{}.mlp.c_fc.weight``, 3) for ``h.3.mlp.c_fc.weight``; None without an index."""
-    parts = name.split(".")
-    for pos, part in enumerate(parts):
-        if _INDEX.match(part):
-            key = ".".join([*parts[:pos], "{}", *parts[pos + 1 :]])
-            return key, int(part)
-    return None
-
-
-def is_rank1(meta: TensorMeta) -> bool:
-    """Biases, norms and scalars: the tensors the rank-1 policy decides about."""
-    return len(meta.shape) <= 1
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where each base tensor goes in a bundle, derived from base metadata + config."""
-
-    config: TransformConfig
-    superposed: tuple[str, ...]
-    """Float base tensors held in the superposition; also the slot names (sorted)."""
-    private_base: frozenset[str]
-    """Float rank-1 base tensors kept per task (rank1 policy "private")."""
-    non_float: frozenset[str]
-    """Integer / bool base tensors (buffers): never superposed."""
-    flipped: frozenset[str]
-    """Superposed tensors whose deltas get sign flips."""
-    groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    """Layer-shuffle groups: key -> members sorted by layer index (2 or more each)."""
-    group_of: Mapping[str, str] = field(default_factory=dict)
-
-
-def plan_layout(metas: Mapping[str, TensorMeta], config: TransformConfig) -> Layout:
-    """Decide, for a base model and a bundle config, the superposition's layout."""
-    superposed: list[str] = []
-    private_base: set[str] = set()
-    non_float: set[str] = set()
-    mapped: list[str] = []  # tensors both maps may act on
-    for name in sorted(metas):
-        meta = metas[name]
-        if not meta.is_float:
-            non_float.add(name)
-        elif is_rank1(meta) and config.rank1 == "private":
-            private_base.add(name)
-        else:
-            superposed.append(name)
-            if not (is_rank1(meta) and config.rank1 == "plain"):
-                mapped.append(name)
-
-    flipped = frozenset(mapped) if config.sign_flip else frozenset()
-    groups: dict[str, tuple[str, ...]] = {}
-    group_of: dict[str, str] = {}
-    if config.layer_shuffle:
-        candidates: dict[str, list[tuple[int, str]]] = defaultdict(list)
-        for name in mapped:
-            found = layer_group_key(name)
-            if found is not None:
-                candidates[found[0]].append((found[1], name))
-        for key, members in candidates.items():
-            shapes = {(metas[n].shape, metas[n].dtype) for _, n in members}
-            indices = [i for i, _ in members]
-            if len(members) < 2 or len(shapes) != 1 or len(set(indices)) != len(indices):
-                continue
-            ordered = tuple(n for _, n in sorted(members))
-            groups[key] = ordered
-            for n in ordered:
-                group_of[n] = key
-    return Layout(
-        config=config,
-        superposed=tuple(superposed),
-        private_base=frozenset(private_base),
-        non_float=frozenset(non_float),
-        flipped=flipped,
-        groups=groups,
-        group_of=group_of,
-    )
 
 
 def _check(x: torch.Tensor) -> None:

@@ -37,7 +37,9 @@ from typing import BinaryIO
 
 import torch
 
-from randes.checkpoint import DTYPE_NAMES, TensorMeta, dtype_size
+from randes.atomic import fsync_dir, write_atomic
+from randes.header import DTYPE_NAMES
+from randes.source import TensorMeta, dtype_size
 
 _INDEX_SUFFIX = ".safetensors.index.json"
 _METADATA = {"format": "pt"}
@@ -125,29 +127,6 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     if flat.numel() == 0:
         return memoryview(b"")
     return flat.view(torch.uint8).numpy().data.cast("B")
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform can open a directory
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write small bytes (an index, a copied side file) under a final name atomically."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        with tmp.open("wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
 
 
 @dataclass(frozen=True)
@@ -306,7 +285,7 @@ class ShardWriter:
                     self.out_dir / f"{self.prefix}{_INDEX_SUFFIX}",
                     json.dumps(index, indent=2).encode("utf-8"),
                 )
-            _fsync_dir(self.out_dir)
+            fsync_dir(self.out_dir)
         except BaseException:
             self.abort()
             raise

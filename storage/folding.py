@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from randes.adapters import task_side_files
-from randes.checkpoint import source_digests
 from randes.config import stored_config
+from randes.digests import source_digests
 from randes.fold import check_compatible, fold, unfold
 from randes.manifest import TaskEntry
 from randes.names import validate_name

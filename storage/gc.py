@@ -71,9 +71,11 @@ class GcReport:
 
 # ------------------------------------------------------------------ retention
 def protected_versions(registry: Registry, bundle: str) -> dict[int, str]:
-    """The versions of ``bundle`` retention never deletes, each with the reason: what
-    an alias names, what is published, and the head (its number stays taken)."""
-    why: dict[int, list[str]] = {}
+    """The versions of ``bundle`` retention never deletes (`Registry.protected_versions`:
+    what an alias names, what is published, and the head, whose number stays taken),
+    each with the reasons, for the report."""
+    protected = registry.protected_versions(bundle)
+    why: dict[int, list[str]] = {v: [] for v in protected}
     versions = registry.list_versions(bundle)
     for alias in registry.aliases(bundle):
         why.setdefault(alias.version, []).append(f"alias {alias.name}")

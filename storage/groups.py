@@ -46,10 +46,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from randes import capacity
-from randes.checkpoint import source_digests
 from randes.config import TransformConfig, stored_config
+from randes.digests import source_digests
 from randes.errors import RandesError
-from randes.fold import check_compatible, superposed_names
+from randes.fold import check_compatible
+from randes.layout import superposed_names
 from randes.manifest import BundleManifest
 from randes.names import validate_name
 from randes.scaling import Norms, data_free_scale, noise_gain

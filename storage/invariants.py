@@ -20,10 +20,10 @@ from collections.abc import Iterable
 
 import torch
 
-from randes.checkpoint import CheckpointReader
 from randes.errors import RandesError
-from randes.fold import check_superposition, layout_of
+from randes.layout import check_superposition, layout_of
 from randes.manifest import BundleManifest, ShardRef
+from randes.source import TensorSource
 from storage.cache import version_context
 from storage.errors import ObjectNotFoundError
 from storage.readers import open_base, open_refs, open_served, open_superposition
@@ -79,7 +79,7 @@ def _missing_objects(ws: Wiring, refs: Iterable[ShardRef]) -> list[str]:
     return problems
 
 
-def _non_finite(what: str, reader: CheckpointReader) -> list[str]:
+def _non_finite(what: str, reader: TensorSource) -> list[str]:
     problems = []
     for name in reader.keys():  # noqa: SIM118 - sorted names, the reader's stable order
         tensor = reader.get(name)

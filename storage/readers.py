@@ -20,13 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from randes.checkpoint import CheckpointReader, source_digests
+from randes.checkpoint import CheckpointReader
+from randes.digests import source_digests
 from randes.errors import IntegrityError
-from randes.fold import superposition_metas
+from randes.layout import superposition_metas
 from randes.manifest import BaseManifest, BundleManifest, ShardRef, TaskEntry
 from randes.retrieve import materialize as materialize_model
 from randes.scaling import manifest_task_scale
 from randes.serving import QuantizedReader
+from randes.source import TensorSource
 from storage.cache import ObjectCache, version_context
 from storage.registry import TaskNotFoundError
 from storage.settings import Settings
@@ -64,7 +66,7 @@ class OpenTask:
 
     entry: TaskEntry
     base: CheckpointReader
-    superposition: CheckpointReader | None
+    superposition: TensorSource | None
     private: CheckpointReader | None
     side_files: dict[str, Path]
 
@@ -114,7 +116,7 @@ def open_superposition(
 @contextlib.contextmanager
 def open_served(
     files: ObjectFiles, manifest: BundleManifest, base: CheckpointReader, *, master: bool
-) -> Iterator[CheckpointReader | None]:
+) -> Iterator[TensorSource | None]:
     """The superposition a version serves: its quantized copy when it has one (unless
     ``master``), read as the master it was derived from; else the master itself."""
     if master or manifest.serving is None:

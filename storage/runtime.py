@@ -42,11 +42,12 @@ from typing import TYPE_CHECKING, Any, Self
 import torch
 
 from randes.checkpoint import CheckpointReader
-from randes.fold import superposition_metas
+from randes.layout import superposition_metas
 from randes.manifest import BundleManifest, TaskEntry
 from randes.retrieve import TaskRetrieval
 from randes.scaling import manifest_task_scale
 from randes.serving import QuantizedReader
+from randes.source import TensorSource
 from storage.registry import TaskNotFoundError
 from storage.runtime_readers import FileBaseReader, ResidentReader
 from storage.runtime_sources import BundleRuntimeError, RuntimeSource, open_source
@@ -99,7 +100,7 @@ class BundleRuntime:
             resident = ResidentReader.load(sup_reader, device, copies=not quantized)
         self._stored = resident
         """The superposition as stored: quantized codes + scales, or the master."""
-        self.superposition: CheckpointReader = resident
+        self.superposition: TensorSource = resident
         if quantized:
             assert self.manifest.serving is not None
             metas = superposition_metas(self.base, self.manifest.transform)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
-from randes.checkpoint import CheckpointReader
+from randes.checkpoint import PICKLE_SUFFIXES, CheckpointReader
 from randes.errors import CheckpointError, UnsafeCheckpointError
 from storage.settings import Settings
 
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from storage.store import ObjectStore
     from storage.store.base import ObjectInfo
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 WANTED_SUFFIXES = (".safetensors", ".json")
 _HF = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?)(?:@(?P<rev>[\w./-]+))?$")
 

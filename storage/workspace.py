@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from randes.adapters import is_adapter
-from randes.checkpoint import CheckpointReader, source_digests
+from randes.checkpoint import CheckpointReader
 from randes.config import TransformConfig, stored_config
+from randes.digests import source_digests
 from randes.errors import NonFiniteTensorError, RandesError
 from randes.manifest import BaseManifest, BundleManifest, TaskEntry
 from randes.names import validate_name

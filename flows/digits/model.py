@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -33,6 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from randes.atomic import replacing, write_atomic
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -223,12 +224,10 @@ def save_pretrained(model: DigitsViT, out_dir: Path) -> Path:
     tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()}
     # Each file is written aside and renamed into place, so a reader (or a second process
     # building the same dir) never sees a half-written file.
-    tmp = out_dir / f".{WEIGHTS_FILE}.{os.getpid()}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out_dir / WEIGHTS_FILE)
-    tmp = out_dir / f".{CONFIG_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(model.cfg.to_json(), indent=2) + "\n")
-    os.replace(tmp, out_dir / CONFIG_FILE)
+    with replacing(out_dir / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    config = json.dumps(model.cfg.to_json(), indent=2) + "\n"
+    write_atomic(out_dir / CONFIG_FILE, config.encode("utf-8"))
     return out_dir
 
 

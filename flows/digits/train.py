@@ -24,7 +24,6 @@ Recipe, chosen to look like real fine-tunes rather than to flatter any merge met
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -47,6 +46,7 @@ from flows.digits.model import (
     save_pretrained,
     set_head,
 )
+from randes.atomic import write_atomic
 
 TASK_SEEDS: dict[str, int] = {name: 101 + 7 * i for i, name in enumerate(ALL_TASKS)}
 """Training seed of each task (distinct, fixed; the suite's 8 come first)."""
@@ -290,7 +290,6 @@ def build_models(
     stamp_json = json.dumps(
         {"recipe": recipe.to_json(), "tasks": sorted(built | set(names))}, indent=2
     )
-    tmp = out_dir / f".{STAMP_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(stamp_json + "\n")
-    os.replace(tmp, stamp_file)  # last: every dir it names is complete when it appears
+    # last: every dir it names is complete when it appears
+    write_atomic(stamp_file, (stamp_json + "\n").encode("utf-8"))
     return base_dir, task_dirs

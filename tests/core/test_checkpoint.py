@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from randes.checkpoint import CheckpointReader, TensorMeta, read_header, source_digest
+from randes.checkpoint import CheckpointReader, TensorMeta, read_header
+from randes.digests import source_digest
 from randes.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from tests.core.helpers import load_all, save
 

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from randes.checkpoint import CheckpointReader
 from randes.config import MAPS, MapName, TransformConfig
 from randes.errors import IncompatibleCheckpointError, NonFiniteTensorError, RandesError
-from randes.fold import FoldResult, fold, layout_of, superposed_names, unfold
+from randes.fold import FoldResult, fold, unfold
+from randes.layout import layout_of, superposed_names
 from randes.manifest import KeyMap
 from randes.retrieve import materialize, retrieve
 from randes.transforms import TaskTransform

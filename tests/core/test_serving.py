@@ -11,7 +11,8 @@ import torch
 from randes.checkpoint import CheckpointReader, TensorMeta
 from randes.config import DEFAULT_SERVING, TransformConfig
 from randes.errors import IncompatibleCheckpointError
-from randes.fold import FoldResult, fold, layout_of, superposition_metas, unfold
+from randes.fold import FoldResult, fold, unfold
+from randes.layout import layout_of, superposition_metas
 from randes.manifest import (
     BaseRef,
     BundleManifest,

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from randes.checkpoint import TensorMeta
 from randes.config import MAPS, MapName, TransformConfig
+from randes.layout import layer_group_key, plan_layout
 from randes.rng import ELEMENT_CHUNK, element_sign_vector, row_sign_vector, sign_vector
 from randes.transforms import (
     TaskTransform,
@@ -16,8 +17,6 @@ from randes.transforms import (
     element_flip_,
     flip,
     flip_,
-    layer_group_key,
-    plan_layout,
     side_signs,
     two_sided_flip_,
 )

@@ -29,10 +29,11 @@ import torch
 from safetensors.torch import load_file
 from sqlalchemy import func, select
 
-from randes.checkpoint import CheckpointReader, source_digest
+from randes.checkpoint import CheckpointReader
 from randes.config import TransformConfig
+from randes.digests import source_digest
 from randes.fold import fold as core_fold
-from randes.fold import layout_of
+from randes.layout import layout_of
 from randes.transforms import TaskTransform
 from storage.registry.engine import make_engine
 from storage.registry.models import IngestionLedger

@@ -42,8 +42,9 @@ import torch
 from safetensors.torch import load_file
 from sqlalchemy import func, select, update
 
-from randes.checkpoint import CheckpointReader, source_digest
+from randes.checkpoint import CheckpointReader
 from randes.config import TransformConfig
+from randes.digests import source_digest
 from randes.fold import fold as core_fold
 from randes.manifest import BundleManifest
 from storage.registry.engine import make_engine

@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 
 from randes import capacity
 from randes.config import TransformConfig, stored_config
-from randes.fold import superposed_names
+from randes.layout import superposed_names
 from randes.scaling import noise_gain, shrinkage
 from storage import groups
 from storage.cache import file_sha256

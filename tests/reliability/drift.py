@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from randes.checkpoint import CheckpointReader, source_digests
+from randes.checkpoint import CheckpointReader
+from randes.digests import source_digests
 from randes.fold import fold as core_fold
-from randes.fold import superposition_dtype
+from randes.layout import superposition_dtype
 from storage.readers import open_superposition
 from storage.settings import Settings
 from storage.sources import resolve_source

@@ -23,7 +23,8 @@ from huggingface_hub import save_torch_state_dict
 from safetensors.torch import load_file, save_file
 from sqlalchemy import MetaData, insert, select
 
-from randes.checkpoint import CheckpointReader, source_digests
+from randes.checkpoint import CheckpointReader
+from randes.digests import source_digests
 from storage.registry.engine import make_engine
 from storage.registry.models import Bundle, IngestionLedger
 from storage.settings import Settings

@@ -43,16 +43,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from randes.checkpoint import (
-    DTYPES,
-    INDEX_FILE,
-    MAX_ELEMENTS,
-    CheckpointReader,
-    dtype_size,
-    read_header,
-)
+from randes.checkpoint import DTYPES, CheckpointReader, dtype_size, read_header
+from randes.checkpoint_files import INDEX_FILE
 from randes.config import TransformConfig
 from randes.errors import CorruptCheckpointError, ManifestError, RandesError
+from randes.header import MAX_ELEMENTS
 from randes.manifest import (
     BaseManifest,
     BaseRef,

@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from randes.checkpoint import CheckpointReader, source_digests
+from randes.checkpoint import CheckpointReader
 from randes.config import TransformConfig
+from randes.digests import source_digests
 from randes.fold import fold
 from randes.manifest import TaskEntry
 from randes.rng import new_task_seed
