@@ -111,7 +111,7 @@ HOOKS: dict[str, tuple[str, str, str, int]] = {
     "gc-list": ("storage.store.local", "LocalStore.list", "before", 1),
     "gc-after-delete": ("storage.store.local", "LocalStore.delete", "after", 1),
     "s3-get-file": ("storage.store.s3", "S3Store.get_file", "after", 1),
-    "s3-upload-part": ("storage.store.s3", "S3Store._upload_part", "after", 1),
+    "s3-upload-part": ("storage.store.s3", "S3Store._part_uploaded", "after", 1),
 }
 SPECIAL = ("mid-compute", "mid-commit", "mid-cache-copy")
 
