@@ -32,7 +32,6 @@ from typing import Any
 import torch
 
 from randes.checkpoint import CheckpointReader
-from randes.digests import source_digests
 from randes.errors import RandesError
 from randes.fold import check_compatible
 from randes.manifest import BundleManifest, TaskEntry
@@ -40,7 +39,7 @@ from randes.retrieve import retrieve
 from randes.source import TensorSource
 from randes.validation_policy import Decision, ValidationPolicy, select, task_states
 from storage.cache import integrity_context, version_context
-from storage.sources import resolve_source
+from storage.readers import open_task_source
 from storage.workspace import Workspace
 
 Evaluator = Callable[[Mapping[str, torch.Tensor], str], Mapping[str, float]]
@@ -213,20 +212,12 @@ def _validate_task(
 
 
 def _open_source(ws: Workspace, entry: TaskEntry) -> CheckpointReader | None:
-    """The task's source checkpoint when it can be fetched and still has its sha256."""
+    """The task's source checkpoint when it can be fetched and still has its sha256
+    (unreachable, vanished or changed: measured without it)."""
     try:
-        resolved = resolve_source(entry.source_uri, settings=ws.settings)
-        reader = resolved.open()
+        return open_task_source(entry, ws.settings)
     except RandesError:
         return None
-    try:
-        matches = entry.source_sha256 in source_digests(reader).all
-    except RandesError:  # the source vanished or became unreadable meanwhile
-        matches = False
-    if not matches:
-        reader.close()
-        return None
-    return reader
 
 
 def _measure(
