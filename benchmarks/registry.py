@@ -16,6 +16,7 @@ SUITES: dict[str, str] = {
     "runtime": "benchmarks.runtime_suite:RuntimeSuite",
     "first_run": "benchmarks.first_run:FirstRunSuite",
     "s3_throughput": "benchmarks.s3_throughput:S3ThroughputSuite",
+    "validation_cost": "benchmarks.validation_cost:ValidationCostSuite",
     "quality": "benchmarks.quality_suite:QualitySuite",
     "quality_storage": "benchmarks.quality_storage_suite:QualityStorageSuite",
     "quality_maps": "benchmarks.quality_maps_suite:QualityMapsSuite",
