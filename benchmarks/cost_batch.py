@@ -21,30 +21,24 @@ under one temp dir, inputs hot in the page cache, ``os.sync()`` before each time
   host="127.0.0.1")`` started beforehand (its start-up is reported apart);
 - repeats interleaved (sequential, batch, ingest-local, ingest-dask, then again); medians.
 
-    .venv/bin/python benchmarks/cost_batch.py [--tasks 8] [--repeats 3] [--quick]
+    python -m benchmarks run cost --parts batch [--tasks 8] [--repeats 3] [--quick]
+
+(the ``batch`` part of the cost suite, benchmarks.cost_suite; its first model only).
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import os
 import shutil
 import statistics
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks.cost import FULL, QUICK, ModelSpec, generate  # noqa: E402
+from benchmarks.cost_models import ModelSpec, generate
 
 Log = Callable[[str], None]
 
@@ -53,20 +47,20 @@ Log = Callable[[str], None]
 def _seeds() -> Iterator[None]:
     """One fixed seed sequence for every fold path (so masters can be compared)."""
     import storage.batch
-    import storage.workspace
+    import storage.folding
 
     counter = itertools.count(1)
 
     def seed() -> int:
         return next(counter) * 2_654_435_761
 
-    saved = storage.workspace.new_task_seed, storage.batch.new_task_seed
-    storage.workspace.new_task_seed = seed  # type: ignore[assignment]
+    saved = storage.folding.new_task_seed, storage.batch.new_task_seed
+    storage.folding.new_task_seed = seed  # type: ignore[assignment]
     storage.batch.new_task_seed = seed  # type: ignore[assignment]
     try:
         yield
     finally:
-        storage.workspace.new_task_seed, storage.batch.new_task_seed = saved
+        storage.folding.new_task_seed, storage.batch.new_task_seed = saved
 
 
 @contextmanager
@@ -100,6 +94,20 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 def measure(spec: ModelSpec, work: Path, tasks: int, repeats: int, log: Log) -> dict[str, Any]:
     """Time sequential folds, the batch fold and both ingests; see the module docstring."""
+    from flows.prefect_session import prefect_session
+
+    saved = os.environ.get("RANDES_HOME")
+    try:
+        with prefect_session():
+            return _measure(spec, work, tasks, repeats, log)
+    finally:
+        if saved is None:
+            os.environ.pop("RANDES_HOME", None)
+        else:
+            os.environ["RANDES_HOME"] = saved
+
+
+def _measure(spec: ModelSpec, work: Path, tasks: int, repeats: int, log: Log) -> dict[str, Any]:
     import torch
     from distributed import LocalCluster
 
@@ -194,7 +202,7 @@ def _warm_up_prefect() -> None:
     warm_up()
 
 
-def render(data: dict[str, Any]) -> list[str]:
+def render(data: Mapping[str, Any], params: Mapping[str, Any]) -> list[str]:
     m = data["median_s"]
     return [
         f"K = {data['tasks']} checkpoints of the {data['params'] / 1e6:.0f}M-parameter "
@@ -212,25 +220,3 @@ def render(data: dict[str, Any]) -> list[str]:
         f"cluster's start-up, {data['cluster_start_s']:.0f} s, and the first ingest on fresh "
         f"workers, {data['cold_dask_ingest_s']:.0f} s, most of it importing torch and Prefect)",
     ]
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="the smaller model")
-    ap.add_argument("--json", type=Path, help="also write the data here")
-    args = ap.parse_args()
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    spec = (QUICK if args.quick else FULL)[0]
-    from flows.prefect_session import prefect_session
-
-    with tempfile.TemporaryDirectory(prefix="randes-batch-") as tmp, prefect_session():
-        data = measure(spec, Path(tmp), args.tasks, args.repeats, lambda s: print(s, flush=True))
-    if args.json:
-        args.json.write_text(json.dumps(data, indent=2))
-    print("\n".join(render(data)))
-
-
-if __name__ == "__main__":
-    main()

@@ -16,7 +16,10 @@ which goes first; the pulled objects are then uploaded under fresh prefixes by
 The script starts and stops its own SeaweedFS (``weed mini`` on loopback, free
 ports) through ``tests.services.seaweed.SeaweedServer``:
 
-    .venv/bin/python benchmarks/s3_throughput.py [--size-mb 464] [--repeats 3]
+    .venv/bin/python -m benchmarks.s3_throughput [--size-mb 464] [--repeats 3]
+
+Same as ``python -m benchmarks run s3_throughput``: writes
+benchmarks/results/s3_throughput.json and prints the page.
 """
 
 from __future__ import annotations
@@ -25,22 +28,19 @@ import argparse
 import contextlib
 import hashlib
 import os
-import platform
 import shutil
 import statistics
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from boto3.s3.transfer import TransferConfig
 
-from boto3.s3.transfer import TransferConfig  # noqa: E402
-
-from randes.config import TransformConfig  # noqa: E402
-from tests.services.seaweed import SeaweedServer  # noqa: E402
+from benchmarks.runner import entry
+from benchmarks.suite import BaseSuite, Context, Page, Result
+from randes.config import TransformConfig
+from tests.services.seaweed import SeaweedServer
 
 MiB = 1024 * 1024
 
@@ -76,19 +76,59 @@ def timed(action: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
     return time.perf_counter() - started
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--size-mb", type=int, default=464, help="base size (MiB)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--workdir", type=Path, default=None, help="default: a temp dir")
-    args = parser.parse_args()
+PAIRS = (("pull", "boto3"), ("pull", "boto3 + sha256"), ("put_file", "upload_file"))
 
+
+class S3ThroughputSuite(BaseSuite):
+    name = "s3_throughput"
+    title = "S3 throughput"
+
+    def add_arguments(self, ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--size-mb", type=int, default=464, help="base size (MiB)")
+        ap.add_argument("--repeats", type=int, default=3)
+
+    def params(self, args: argparse.Namespace, quick: bool) -> dict[str, Any]:
+        if quick:
+            return {"size_mb": min(args.size_mb, 48), "repeats": min(args.repeats, 2)}
+        return {"size_mb": args.size_mb, "repeats": args.repeats}
+
+    def run(self, ctx: Context) -> dict[str, Any]:
+        return measure(ctx.work, int(ctx.params["size_mb"]), int(ctx.params["repeats"]), ctx.log)
+
+    def render(self, result: Result) -> Page:
+        d = result.data
+        total, times = d["bytes"], d["seconds"]
+
+        def rate(name: str) -> float:
+            return float(total / statistics.median(times[name]) / 1e6)
+
+        lines = [
+            f"{total / 1e6:.0f} MB in {d['objects']} objects (a pulled version: base + "
+            f"superposition + task shards), median of {result.params['repeats']}, SeaweedFS "
+            "on loopback. MB/s = 10^6 bytes/s.",
+            "",
+            "| path | ours MB/s | boto3 MB/s | ratio |",
+            "|---|---:|---:|---:|",
+            *(
+                f"| {ours} vs {theirs} | {rate(ours):.0f} | {rate(theirs):.0f} | "
+                f"**{rate(ours) / rate(theirs):.2f}** |"
+                for ours, theirs in PAIRS
+            ),
+            "",
+            f"Opening the workspace (`randes pull` does it once, outside the timings): "
+            f"median {statistics.median(d['open_s']):.2f} s.",
+        ]
+        return Page(self.title, "\n".join(lines))
+
+
+def measure(work: Path, size_mb: int, repeats: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Build the version, then time pull / boto3 download and both uploads, interleaved."""
     from storage.settings import Settings
     from storage.workspace import Workspace
 
-    work = Path(tempfile.mkdtemp(prefix="s3bench-", dir=args.workdir))
     server = SeaweedServer(work / "seaweed", volume_size_limit_mb=1024)
     stack = contextlib.ExitStack()
+    saved_env = dict(os.environ)
     try:
         os.environ.update(server.env())
         server.start()
@@ -99,7 +139,7 @@ def main() -> None:
             s3_endpoint_url=server.endpoint_url,
             cache_dir=work / "cache",
         )
-        base, task = make_models(work / "models", args.size_mb)
+        base, task = make_models(work / "models", size_mb)
         with Workspace(settings) as ws:
             ws.init()
             ws.add_base("base", str(base))
@@ -146,7 +186,7 @@ def main() -> None:
             for key, path in objects:
                 client.upload_file(str(path), bucket, f"randes/{prefix}/{key}", Config=transfer)
 
-        for rep in range(args.repeats):
+        for rep in range(repeats):
             # Alternate which method goes first, so neither always meets a cold server.
             order = ("ours", "boto3") if rep % 2 == 0 else ("boto3", "ours")
             for name in order:
@@ -160,37 +200,21 @@ def main() -> None:
                     times["boto3 + sha256"].append(timed(boto_down, out, True))
                     times["upload_file"].append(timed(boto_up, f"up-{rep}-boto"))
                 shutil.rmtree(out)
-
-        def rate(name: str) -> float:
-            return total / statistics.median(times[name]) / 1e6
-
-        print(
-            f"\nS3 throughput, {total / 1e6:.0f} MB in {len(objects)} objects "
-            f"(a pulled version: base + superposition + task shards), median of "
-            f"{args.repeats}, SeaweedFS on loopback, {os.cpu_count()} CPUs, "
-            f"load {os.getloadavg()[0]:.1f}, Python {platform.python_version()}\n"
-        )
-        print("| path | ours MB/s | boto3 MB/s | ratio |")
-        print("|---|---:|---:|---:|")
-        for ours, theirs in (
-            ("pull", "boto3"),
-            ("pull", "boto3 + sha256"),
-            ("put_file", "upload_file"),
-        ):
-            print(
-                f"| {ours} vs {theirs} | {rate(ours):.0f} | {rate(theirs):.0f} | "
-                f"{rate(ours) / rate(theirs):.2f} |"
+            log(
+                f"repeat {rep + 1}/{repeats}: "
+                + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items())
             )
-        print("\nseconds:", {k: [round(t, 2) for t in v] for k, v in times.items()})
-        print(
-            f"opening the workspace (`randes pull` does it once, outside the timings): "
-            f"median {statistics.median(opened):.2f}s"
-        )
+        return {"bytes": total, "objects": len(objects), "seconds": times, "open_s": opened}
     finally:
         stack.close()
         server.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        os.environ.clear()
+        os.environ.update(saved_env)
+
+
+def main() -> int:
+    return entry("s3_throughput")
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -54,7 +54,7 @@ def fold_on_dask(bundle: str, items: Sequence[BatchItem], address: str) -> Batch
     from prefect_dask import DaskTaskRunner
 
     with Workspace.open() as ws:
-        seeds = fresh_seeds(ws, bundle, len(items))
+        seeds = fresh_seeds(ws.registry, bundle, len(items))
     owner = f"ingest-{uuid.uuid4().hex}"
     runner = DaskTaskRunner(address=address)
     logger = get_run_logger()

@@ -17,10 +17,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from randes.adapters import SourceKind, task_side_files
@@ -30,29 +29,17 @@ from randes.digests import SourceDigests, source_digests
 from randes.errors import RandesError
 from randes.fold import check_compatible
 from randes.fold_batch import BatchMember, MemberFold, fold_batch
-from randes.manifest import BundleManifest, TaskEntry
+from randes.manifest import BaseManifest, TaskEntry
 from randes.names import validate_name
 from randes.rng import new_task_seed
 from storage.cache import file_sha256
+from storage.commit import AddTask, Change, NoChange, Parent, Upload, commit
 from storage.errors import StoreUnavailableError
-from storage.registry import (
-    AlreadyIngestedError,
-    BundleRecord,
-    DatabaseUnavailableError,
-    NewTask,
-    TaskExistsError,
-    VersionConflictError,
-    VersionRecord,
-)
+from storage.folding import FoldOutcome, Progress, check_scale, ledger_hit
+from storage.readers import open_base, open_superposition
+from storage.registry import BundleRecord, DatabaseUnavailableError, Registry, TaskExistsError
 from storage.sources import ResolvedSource, resolve_source
-from storage.workspace import (
-    MAX_FOLD_ATTEMPTS,
-    FoldContentionError,
-    FoldOutcome,
-    Progress,
-    Workspace,
-    _check_scale,
-)
+from storage.wiring import Wiring
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +91,7 @@ class _Source:
 
 
 def fold_many(
-    ws: Workspace,
+    w: Wiring,
     bundle: str,
     items: Sequence[BatchItem],
     *,
@@ -113,68 +100,74 @@ def fold_many(
     """Fold every item into ``bundle`` as one new version; see the module docstring.
 
     Bad input of the call itself (a task named twice, an invalid name or scale, an
-    unknown bundle) raises before anything is read; a bad checkpoint is refused.
+    unknown bundle) raises before anything is read; a bad checkpoint is refused. The
+    version is made by `storage.commit.commit`, which builds it again on a newer head
+    when another writer won the race.
     """
     names = [validate_name(item.task, "task name") for item in items]
     if len(set(names)) != len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
         raise RandesError(f"task {twice[0]!r} is named twice in one batch")
     for item in items:
-        _check_scale(item.scale)
-    bundle_rec = ws.registry.get_bundle(bundle)
+        check_scale(item.scale)
+    bundle_rec = w.registry.get_bundle(bundle)
     outcome = BatchOutcome(bundle)
+    opening: dict[str, RandesError] = {}
+    repeats: list[tuple[_Source, _Source]] = []
+    folded: list[tuple[str, int]] = []  # (task, seed) of the last build
     with contextlib.ExitStack() as stack:
-        sources = _open_sources(ws, bundle_rec, items, stack, outcome)
-        for attempt in range(1, MAX_FOLD_ATTEMPTS + 1):
-            outcome.attempts = attempt
-            todo, repeats = _not_yet_folded(ws, bundle, sources, outcome)
-            head = ws.registry.head(bundle)
-            parent = ws.manifest(head) if head is not None else None
-            live = {t.name for t in parent.tasks} if parent is not None else set()
+        sources = _open_sources(w, bundle_rec, items, stack, opening)
+
+        def build(parent: Parent, work: Path) -> Change | NoChange:
+            outcome.refused = dict(opening)
+            todo, found = _not_yet_folded(w.registry, bundle, sources, outcome)
+            repeats[:] = found
+            folded.clear()
+            live = {t.name for t in parent.tasks}
             for src in [s for s in todo if s.item.task in live]:
                 outcome.refused[src.item.task] = TaskExistsError(bundle, src.item.task)
                 todo.remove(src)
             if not todo:
-                _report_repeats(outcome, repeats, None)
-                return outcome
-            try:
-                folded = _fold_and_commit(ws, bundle_rec, head, parent, todo, outcome, progress)
-            except VersionConflictError:
-                log.info("bundle %s: another writer took the next version; rebuilding", bundle)
-                continue
-            except AlreadyIngestedError:
-                continue  # the ledger lookup at the top of the loop reports it
-            outcome.folded = [replace(o, attempts=attempt) for o in folded]
-            outcome.version = folded[0].version if folded else None
-            _report_repeats(outcome, repeats, outcome.version)
-            return outcome
-    raise FoldContentionError(
-        f"bundle {bundle!r}: lost the race for a new version {MAX_FOLD_ATTEMPTS} times"
-    )
+                return NoChange("", parent.version)
+            return _build(w, bundle_rec, parent, work, todo, outcome, folded, progress)
+
+        done = commit(w.store, w.registry, bundle, build, work_root=w.work_root)
+    outcome.attempts = done.attempts
+    if done.record is not None:
+        version = done.record.version
+        outcome.version = version
+        outcome.folded = [
+            FoldOutcome(bundle, task, version, seed=seed, attempts=done.attempts)
+            for task, seed in folded
+        ]
+    _report_repeats(outcome, repeats, outcome.version)
+    order = {item.task: i for i, item in enumerate(items)}
+    outcome.refused = dict(sorted(outcome.refused.items(), key=lambda kv: order[kv[0]]))
+    return outcome
 
 
 def _open_sources(
-    ws: Workspace,
+    w: Wiring,
     bundle_rec: BundleRecord,
     items: Sequence[BatchItem],
     stack: contextlib.ExitStack,
-    outcome: BatchOutcome,
+    refused: dict[str, RandesError],
 ) -> list[_Source]:
     """Resolve, open, check the headers of, then hash every item; refusals recorded.
 
     Headers first, for all: a checkpoint they refuse is never hashed (cost: nothing,
     whatever its size); the hash then pins what the fold reads."""
     opened: list[tuple[BatchItem, ResolvedSource, CheckpointReader]] = []
-    with ws._base_reader(bundle_rec) as base:
+    with w.open_base(bundle_rec.base_name) as base:
         for item in items:
             try:
-                resolved = resolve_source(item.source, settings=ws.settings)
+                resolved = resolve_source(item.source, settings=w.settings)
                 reader = stack.enter_context(resolved.open())
                 check_compatible(base, reader)
             except TRANSIENT:
                 raise
             except RandesError as exc:
-                outcome.refused[item.task] = exc
+                refused[item.task] = exc
                 continue
             opened.append((item, resolved, reader))
     # Hashing reads every byte once more (the fold reads them again, checked against
@@ -188,7 +181,7 @@ def _open_sources(
                 raise digests
             kind, side = task_side_files(reader)
         except RandesError as exc:
-            outcome.refused[item.task] = exc
+            refused[item.task] = exc
             continue
         hashed = {reader.side_files[n]: sha for n, sha in reader.side_sha256.items()}
         sources.append(
@@ -216,7 +209,7 @@ def _digests_or_error(reader: CheckpointReader) -> SourceDigests | RandesError:
 
 
 def _not_yet_folded(
-    ws: Workspace, bundle: str, sources: list[_Source], outcome: BatchOutcome
+    registry: Registry, bundle: str, sources: list[_Source], outcome: BatchOutcome
 ) -> tuple[list[_Source], list[tuple[_Source, _Source]]]:
     """The sources the ledger does not hold, and (repeat, first) pairs of one checkpoint
     given twice; sources in the ledger recorded as skipped, as a fold reports them."""
@@ -225,7 +218,7 @@ def _not_yet_folded(
     repeats: list[tuple[_Source, _Source]] = []
     first: dict[str, _Source] = {}
     for src in sources:
-        hit = ws._ledger_hit(bundle, src.digests)
+        hit = ledger_hit(registry, bundle, src.digests)
         if hit is not None:
             outcome.skipped[src.item.task] = FoldOutcome(bundle, hit[0], hit[1], skipped=True)
             continue
@@ -254,9 +247,9 @@ def _report_repeats(
             )
 
 
-def fresh_seeds(ws: Workspace, bundle: str, n: int) -> list[int]:
-    """``n`` distinct seeds no task of ``bundle`` ever had (as `Workspace.fold` draws)."""
-    used = set(ws.registry.used_seeds(bundle))
+def fresh_seeds(registry: Registry, bundle: str, n: int) -> list[int]:
+    """``n`` distinct seeds no task of ``bundle`` ever had (as one fold draws its own)."""
+    used = set(registry.used_seeds(bundle))
     seeds: list[int] = []
     while len(seeds) < n:
         seed = new_task_seed()
@@ -266,80 +259,60 @@ def fresh_seeds(ws: Workspace, bundle: str, n: int) -> list[int]:
     return seeds
 
 
-def _fold_and_commit(
-    ws: Workspace,
+def _build(
+    w: Wiring,
     bundle_rec: BundleRecord,
-    head: VersionRecord | None,
-    parent: BundleManifest | None,
+    parent: Parent,
+    work: Path,
     todo: list[_Source],
     outcome: BatchOutcome,
+    folded: list[tuple[str, int]],
     progress: Progress | None,
-) -> list[FoldOutcome]:
-    """One attempt: fold ``todo`` on ``head`` and commit the version (or nothing when
-    every member is refused). VersionConflictError when another writer won."""
-    bundle = bundle_rec.name
+) -> Change | NoChange:
+    """One attempt's change: ``todo`` folded on ``parent`` in one pass (members whose
+    data is refused recorded in ``outcome``); NoChange when none is left."""
     config = stored_config(bundle_rec.transform)
-    seeds = fresh_seeds(ws, bundle, len(todo))
-    version = head.version + 1 if head is not None else 1
-    with ws._work_dir() as work, ws._base_reader(bundle_rec) as base:
-        with ws._superposition_reader(parent) as parent_reader:
-            result = fold_batch(
-                base=base,
-                members=[BatchMember(s.reader, seed) for s, seed in zip(todo, seeds, strict=True)],
-                parent=parent_reader,
-                config=config,
-                out_dir=work,
-                progress=progress,
-            )
-        for index, error in result.refused.items():
-            outcome.refused[todo[index].item.task] = error
-        if not result.folded:
-            return []
-        owner = uuid.uuid4().hex
-        try:
-            shards = [*result.superposition, *result.serving]
-            side_shas: dict[Path, str] = {}
-            for index, member in result.folded.items():
-                shards += member.private
-                side_shas.update(todo[index].side_shas)
-            ws._lease(shards, side_shas, owner)
-            entries = [
-                _task_entry(ws, bundle_rec, todo[i], member, seeds[i], version)
-                for i, member in result.folded.items()
-            ]
-            manifest = ws._next_manifest(
-                bundle,
-                bundle_rec,
-                config,
-                head,
-                parent,
-                superposition=ws._upload_shards(result.superposition),
-                tasks=[*(parent.tasks if parent else []), *entries],
-                serving=ws._upload_serving(config, result.serving),
-            )
-            ws._commit(
-                bundle,
-                manifest,
-                owner,
-                added=[NewTask(e.name, e.seed, e.source_uri, e.source_sha256) for e in entries],
-                ledger=[(e.source_sha256, e.name) for e in entries],
-            )
-        finally:
-            ws._release(owner)
-    return [FoldOutcome(bundle, todo[i].item.task, version, seed=seeds[i]) for i in result.folded]
+    seeds = fresh_seeds(w.registry, bundle_rec.name, len(todo))
+    base_manifest = w.base_manifest(bundle_rec.base_name)
+    with (
+        open_base(w.files, base_manifest) as base,
+        open_superposition(w.files, parent.manifest) as parent_reader,
+    ):
+        result = fold_batch(
+            base=base,
+            members=[BatchMember(s.reader, seed) for s, seed in zip(todo, seeds, strict=True)],
+            parent=parent_reader,
+            config=config,
+            out_dir=work,
+            progress=progress,
+        )
+    for index, error in result.refused.items():
+        outcome.refused[todo[index].item.task] = error
+    if not result.folded:
+        return NoChange("", parent.version)
+    adds: list[AddTask] = []
+    uploads: list[Upload] = []
+    for index, member in result.folded.items():
+        src = todo[index]
+        entry, more = _task_entry(base_manifest, src, member, seeds[index], parent.next_version)
+        adds.append(AddTask(entry, ledger=(src.digest,)))
+        uploads += more
+        folded.append((src.item.task, seeds[index]))
+    return Change(
+        superposition=tuple(Upload.of_shard(s) for s in result.superposition),
+        serving=tuple(Upload.of_shard(s) for s in result.serving),
+        add=tuple(adds),
+        uploads=tuple(uploads),
+    )
 
 
 def _task_entry(
-    ws: Workspace,
-    bundle_rec: BundleRecord,
-    src: _Source,
-    member: MemberFold,
-    seed: int,
-    version: int,
-) -> TaskEntry:
-    """The manifest entry of one folded member; uploads its private tensors and side
-    files (already leased)."""
-    return TaskEntry(
+    base: BaseManifest, src: _Source, member: MemberFold, seed: int, version: int
+) -> tuple[TaskEntry, list[Upload]]:
+    """The manifest entry of one folded member, and the objects it references."""
+    private = [Upload.of_shard(s) for s in member.private]
+    side = {n: Upload.of_file(p, sha=src.side_shas[p]) for n, p in src.side.items()}
+    entry = TaskEntry(
         name=src.item.task,
         seed=seed,
         source_uri=src.resolved.uri,
@@ -348,13 +321,14 @@ def _task_entry(
         scale=src.item.scale,
         key_map=member.key_map,
         delta_norms=member.delta_norms,
-        private=ws._upload_shards(member.private),
+        private=[u.ref for u in private],
         files={
             # an adapter materializes as the merged model: the base's config, the
             # adapter's tokenizer files
-            **(ws.base_manifest(bundle_rec.base_name).files if src.kind == "peft-lora" else {}),
-            **{n: ws._upload_file(p, [], sha=src.side_shas[p]) for n, p in src.side.items()},
+            **(base.files if src.kind == "peft-lora" else {}),
+            **{n: u.ref for n, u in side.items()},
         },
         source_kind=src.kind,
         weights_dir=src.reader.weights_dir,
     )
+    return entry, [*private, *side.values()]

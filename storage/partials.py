@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from randes.adapters import SourceKind, task_side_files
 from randes.checkpoint import CheckpointReader
@@ -36,16 +36,24 @@ from randes.fold import check_compatible
 from randes.fold_batch import MemberFold, ScrambledPartial, fold_scrambled, scramble_task
 from randes.manifest import KeyMap, ShardRef, TaskEntry
 from storage.batch import TRANSIENT, BatchItem, BatchOutcome
-from storage.cache import file_sha256
-from storage.registry import AlreadyIngestedError, NewTask, TaskExistsError, VersionConflictError
-from storage.sources import resolve_source
-from storage.workspace import (
-    MAX_FOLD_ATTEMPTS,
-    FoldContentionError,
-    FoldOutcome,
-    Progress,
-    Workspace,
+from storage.commit import (
+    AddTask,
+    Change,
+    NoChange,
+    Parent,
+    Upload,
+    commit,
+    lease_keys,
+    release,
+    upload,
 )
+from storage.folding import FoldOutcome, Progress, ledger_hit
+from storage.gc import delete_unclaimed
+from storage.readers import open_refs, open_superposition
+from storage.registry import TaskExistsError
+from storage.sources import resolve_source
+from storage.wiring import Wiring
+from storage.workdirs import work_dir
 
 log = logging.getLogger(__name__)
 
@@ -79,37 +87,41 @@ class MapResult:
     refused: str | None = None
 
 
-def scramble_to_store(
-    ws: Workspace, bundle: str, item: BatchItem, seed: int, owner: str
-) -> MapResult:
+def scramble_to_store(w: Wiring, bundle: str, item: BatchItem, seed: int, owner: str) -> MapResult:
     """The map step for one checkpoint (see the module docstring).
 
     A checkpoint error is a refusal (returned, so one bad checkpoint fails nothing
     else); an outage of the store or the registry raises, for the task's retries.
     """
-    bundle_rec = ws.registry.get_bundle(bundle)
+    bundle_rec = w.registry.get_bundle(bundle)
     config = stored_config(bundle_rec.transform)
     try:
-        resolved = resolve_source(item.source, settings=ws.settings)
+        resolved = resolve_source(item.source, settings=w.settings)
         with contextlib.ExitStack() as stack:
             checkpoint: CheckpointReader = stack.enter_context(resolved.open())
-            base = stack.enter_context(ws._base_reader(bundle_rec))
+            base = stack.enter_context(w.open_base(bundle_rec.base_name))
             check_compatible(base, checkpoint)  # headers first: a refusal costs no hash
             digests = source_digests(checkpoint)
-            hit = ws._ledger_hit(bundle, digests.all)
+            hit = ledger_hit(w.registry, bundle, digests.all)
             if hit is not None:
-                return MapResult(item.task, skipped=FoldOutcome(bundle, *hit, skipped=True))
-            work = stack.enter_context(ws._work_dir())
+                task, version = hit
+                return MapResult(item.task, skipped=FoldOutcome(bundle, task, version, True))
+            work = stack.enter_context(work_dir(w.work_root))
             scrambled = scramble_task(
                 base=base, checkpoint=checkpoint, seed=seed, config=config, out_dir=work
             )
             kind, side = task_side_files(checkpoint)
             hashed = {checkpoint.side_files[n]: sha for n, sha in checkpoint.side_sha256.items()}
-            side_shas = {p: hashed.get(p) or file_sha256(p) for p in side.values()}
-            ws._lease([*scrambled.delta, *scrambled.fold.private], side_shas, owner)
-            files = {n: ws._upload_file(p, [], sha=side_shas[p]) for n, p in side.items()}
+            delta = [Upload.of_shard(s) for s in scrambled.delta]
+            private = [Upload.of_shard(s) for s in scrambled.fold.private]
+            files = {n: Upload.of_file(p, sha=hashed.get(p)) for n, p in side.items()}
+            stored = [*delta, *private, *files.values()]
+            lease_keys(w.registry, [u.ref.key for u in stored], owner)
+            for one in stored:
+                upload(w.store, one)
+            refs = {n: u.ref for n, u in files.items()}
             if kind == "peft-lora":  # materializes as the merged model: the base's config
-                files = {**ws.base_manifest(bundle_rec.base_name).files, **files}
+                refs = {**w.base_manifest(bundle_rec.base_name).files, **refs}
             return MapResult(
                 item.task,
                 partial=PartialRef(
@@ -122,9 +134,9 @@ def scramble_to_store(
                     weights_dir=checkpoint.weights_dir,
                     key_map=scrambled.fold.key_map,
                     delta_norms=scrambled.fold.delta_norms,
-                    delta=ws._upload_shards(scrambled.delta),
-                    private=ws._upload_shards(scrambled.fold.private),
-                    files=files,
+                    delta=[u.ref for u in delta],
+                    private=[u.ref for u in private],
+                    files=refs,
                 ),
             )
     except RandesError as exc:
@@ -134,7 +146,7 @@ def scramble_to_store(
 
 
 def reduce_partials(
-    ws: Workspace,
+    w: Wiring,
     bundle: str,
     partials: Sequence[PartialRef],
     *,
@@ -143,105 +155,82 @@ def reduce_partials(
     """The reduce step: add ``partials`` (in order) to the head and commit one version.
 
     The ledger and the bundle's task names are checked again on the head the version
-    is built on (another run may have folded the same checkpoint meanwhile).
+    is built on (another run may have folded the same checkpoint meanwhile); a lost
+    race adds the same deltas again on the new head (`storage.commit.commit`). The
+    private tensors and side files the entries reference were stored by the map steps.
     """
-    bundle_rec = ws.registry.get_bundle(bundle)
+    bundle_rec = w.registry.get_bundle(bundle)
     config = stored_config(bundle_rec.transform)
     outcome = BatchOutcome(bundle)
-    for attempt in range(1, MAX_FOLD_ATTEMPTS + 1):
-        outcome.attempts = attempt
-        outcome.skipped = {}
+    folded: list[PartialRef] = []
+
+    def build(parent: Parent, work: Path) -> Change | NoChange:
+        outcome.skipped, outcome.refused = {}, {}
+        folded.clear()
         todo: list[PartialRef] = []
         for p in partials:
-            hit = ws._ledger_hit(bundle, [p.source_sha256])
+            hit = ledger_hit(w.registry, bundle, [p.source_sha256])
             if hit is not None:
-                outcome.skipped[p.task] = FoldOutcome(bundle, *hit, skipped=True)
+                outcome.skipped[p.task] = FoldOutcome(bundle, hit[0], hit[1], skipped=True)
+            elif any(t.name == p.task for t in parent.tasks):
+                outcome.refused[p.task] = TaskExistsError(bundle, p.task)
             else:
                 todo.append(p)
-        head = ws.registry.head(bundle)
-        parent = ws.manifest(head) if head is not None else None
-        live = {t.name for t in parent.tasks} if parent is not None else set()
-        for p in [p for p in todo if p.task in live]:
-            outcome.refused[p.task] = TaskExistsError(bundle, p.task)
-            todo.remove(p)
         if not todo:
-            return outcome
-        version = head.version + 1 if head is not None else 1
-        owner = uuid.uuid4().hex
-        try:
-            with contextlib.ExitStack() as stack:
-                work = stack.enter_context(ws._work_dir())
-                base = stack.enter_context(ws._base_reader(bundle_rec))
-                parent_reader = stack.enter_context(ws._superposition_reader(parent))
-                readers: list[CheckpointReader] = []
-                for p in todo:
-                    reader = stack.enter_context(ws._open_refs(p.delta, f"delta of {p.task}"))
-                    assert reader is not None  # a layout has at least one superposed slot
-                    readers.append(reader)
-                result = fold_scrambled(
-                    base=base,
-                    partials=[
-                        ScrambledPartial(reader, MemberFold([], p.key_map, p.delta_norms))
-                        for reader, p in zip(readers, todo, strict=True)
-                    ],
-                    parent=parent_reader,
-                    config=config,
-                    out_dir=work,
-                    progress=progress,
-                )
-                for index, error in result.refused.items():
-                    outcome.refused[todo[index].task] = error
-                if not result.folded:
-                    return outcome
-                folded = [todo[i] for i in result.folded]
-                ws._lease([*result.superposition, *result.serving], {}, owner)
-                manifest = ws._next_manifest(
-                    bundle,
-                    bundle_rec,
-                    config,
-                    head,
-                    parent,
-                    superposition=ws._upload_shards(result.superposition),
-                    tasks=[
-                        *(parent.tasks if parent else []),
-                        *(_entry(p, version) for p in folded),
-                    ],
-                    serving=ws._upload_serving(config, result.serving),
-                )
-                ws._commit(
-                    bundle,
-                    manifest,
-                    owner,
-                    added=[NewTask(p.task, p.seed, p.source_uri, p.source_sha256) for p in folded],
-                    ledger=[(p.source_sha256, p.task) for p in folded],
-                )
-        except VersionConflictError:
-            log.info("bundle %s: another writer took version %d; adding again", bundle, version)
-            continue
-        except AlreadyIngestedError:
-            continue
-        finally:
-            ws._release(owner)
-        outcome.version = version
+            return NoChange("", parent.version)
+        with contextlib.ExitStack() as stack:
+            base = stack.enter_context(w.open_base(bundle_rec.base_name))
+            parent_reader = stack.enter_context(open_superposition(w.files, parent.manifest))
+            readers: list[CheckpointReader] = []
+            for p in todo:
+                reader = stack.enter_context(open_refs(w.files, p.delta, f"delta of {p.task}"))
+                assert reader is not None  # a layout has at least one superposed slot
+                readers.append(reader)
+            result = fold_scrambled(
+                base=base,
+                partials=[
+                    ScrambledPartial(reader, MemberFold([], p.key_map, p.delta_norms))
+                    for reader, p in zip(readers, todo, strict=True)
+                ],
+                parent=parent_reader,
+                config=config,
+                out_dir=work,
+                progress=progress,
+            )
+        for index, error in result.refused.items():
+            outcome.refused[todo[index].task] = error
+        folded.extend(todo[i] for i in result.folded)
+        if not folded:
+            return NoChange("", parent.version)
+        return Change(
+            superposition=tuple(Upload.of_shard(s) for s in result.superposition),
+            serving=tuple(Upload.of_shard(s) for s in result.serving),
+            add=tuple(
+                AddTask(_entry(p, parent.next_version), ledger=(p.source_sha256,)) for p in folded
+            ),
+        )
+
+    done = commit(w.store, w.registry, bundle, build, work_root=w.work_root)
+    outcome.attempts = done.attempts
+    if done.record is not None:
+        outcome.version = done.record.version
         outcome.folded = [
-            FoldOutcome(bundle, p.task, version, seed=p.seed, attempts=attempt) for p in folded
+            FoldOutcome(bundle, p.task, done.record.version, seed=p.seed, attempts=done.attempts)
+            for p in folded
         ]
-        return outcome
-    raise FoldContentionError(
-        f"bundle {bundle!r}: lost the race for a new version {MAX_FOLD_ATTEMPTS} times"
-    )
+    return outcome
 
 
-def drop_partials(ws: Workspace, partials: Sequence[PartialRef], owner: str) -> None:
+def drop_partials(w: Wiring, partials: Sequence[PartialRef], owner: str) -> None:
     """After the reduce: release the run's leases and delete the deltas (through gc's
     announcement protocol, so an object something else claims is kept)."""
-    ws._release(owner)
+    release(w.registry, owner)
     refs = [ref for p in partials for ref in p.delta]
     for ref in refs:  # the reduce's local copies
-        ws.cache.evict(ref)
+        w.cache.evict(ref)
     keys = sorted({ref.key for ref in refs})
     try:
-        ws._delete_unclaimed(keys)
+        delete_unclaimed(w, keys)
     except RandesError as exc:  # gc reclaims them later
         log.warning("could not delete %d scrambled deltas now (gc will): %s", len(keys), exc)
 

@@ -7,7 +7,7 @@ one way only (root -> command modules -> shared helpers), no command module impo
 - `flows.cli.queries`   tasks, versions (registry only: neither torch nor Prefect)
 - `flows.cli.runs`      ingest, validate, publish, demo (the Prefect flows)
 - `flows.cli.base`      ``randes base add|list``
-- `flows.cli.bundle`    ``randes bundle create|list|show``
+- `flows.cli.bundle`    ``randes bundle create|list|show|validation``
 - `flows.cli.group`     ``randes group ...``
 - shared: `flows.cli.grouped` (the group path, also behind ``CMD --group``),
   `flows.cli.options` (option types and checks), `flows.cli.common` (opening the

@@ -27,6 +27,7 @@ from flows.cli.options import (
     positive_scale,
     transform_config,
 )
+from flows.cli.validation import bundle_validation
 from flows.console import out, print_table
 
 app = typer.Typer(help="Bundles.", no_args_is_help=True)
@@ -63,6 +64,9 @@ def bundle_create(
     with open_workspace() as ws:
         record = ws.create_bundle(name, base, config, gate_threshold=gate)
         out.print(f"bundle {record.name} on base {record.base_name}: {config.model_dump_json()}")
+
+
+app.command("validation")(bundle_validation)
 
 
 @app.command("list")

@@ -14,6 +14,7 @@ import typer
 import flows.cli.grouped as grouped
 from flows.cli.common import UsageError, open_registry, pin_version, refuse_extra_arguments
 from flows.cli.options import GroupFlag, positive_scale
+from flows.cli.validation import DriftOption, SampleOption, WindowOption
 from flows.console import out
 from flows.prefect_session import prefect_session
 
@@ -39,6 +40,12 @@ def ingest(
     ] = None,
     validate: Annotated[bool, typer.Option(help="Validate the new head afterwards.")] = True,
     group: GroupFlag = False,
+    validate_all: Annotated[
+        bool, typer.Option("--validate-all", help="Measure every task, not the policy's.")
+    ] = False,
+    drift: DriftOption = None,
+    window: WindowOption = None,
+    sample: SampleOption = None,
     dask_address: Annotated[
         str | None,
         typer.Option(
@@ -72,12 +79,23 @@ def ingest(
             source,
             evaluator=evaluator,
             run_validation=validate,
+            validate_all=validate_all,
+            drift=drift,
+            window=window,
+            sample=sample,
             dask_address=dask_address,
         )
+    measured = summary["validation"].get(bundle)
     out.print(
         f"{bundle}: found {summary['found']}, folded {len(summary['folded'])}, "
         f"already present {len(summary['skipped'])}; version {summary['version']} "
         f"{summary['status'] or ''}".rstrip()
+        + (
+            f"; measured {len(measured['measured'])} of "
+            f"{len(measured['measured']) + len(measured['skipped'])} tasks"
+            if measured
+            else ""
+        )
     )
 
 
@@ -92,8 +110,17 @@ def validate(
         float | None,
         typer.Option(help="Override lambda for every task.", callback=positive_scale),
     ] = None,
+    everything: Annotated[
+        bool, typer.Option("--all", help="Measure every task, not the policy's selection.")
+    ] = False,
+    drift: DriftOption = None,
+    window: WindowOption = None,
+    sample: SampleOption = None,
 ) -> None:
-    """Retrieve every task of a version, measure it, and gate the version."""
+    """Measure the tasks of a version its validation policy selects, and gate the version.
+
+    New tasks always, tasks whose predicted interference moved, and a rotation of the
+    rest (every task at least once every --window versions); --all measures them all."""
     from storage.cache import integrity_context
 
     registry = open_registry()
@@ -104,7 +131,9 @@ def validate(
     with prefect_session(), integrity_context(context):
         from flows.pipeline import validate_flow
 
-        report = validate_flow(bundle, int(pinned), evaluator, scale)
+        report = validate_flow(
+            bundle, int(pinned), evaluator, scale, everything, drift, window, sample
+        )
     from flows.validation import report_markdown
 
     out.print(report_markdown(report))

@@ -213,11 +213,22 @@ def gc(
         float, typer.Option(help="Keep unreferenced objects younger than this (s).")
     ] = 3600.0,
     dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
+    keep_last: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="First delete versions older than each bundle's K newest, except the head "
+            "and what an alias or a published status names.",
+        ),
+    ] = None,
 ) -> None:
     """Delete stored objects that no version references (never a running fold's)."""
     with open_workspace() as ws:
-        report = ws.gc(grace_s=grace, dry_run=dry_run)
+        report = ws.gc(grace_s=grace, dry_run=dry_run, keep_last=keep_last)
     verb = "would delete" if dry_run else "deleted"
+    for kept in report.retention:
+        numbers = ", ".join(str(v) for v in kept.deleted)
+        out.print(f"{kept.bundle}: {verb} version(s) {numbers}")
     out.print(
         f"{verb} {len(report.deleted)} objects; kept {report.kept_young} recent ones; "
         f"swept {report.swept} incomplete uploads or temp files"

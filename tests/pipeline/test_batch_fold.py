@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import storage.batch
-import storage.workspace
+import storage.folding
 from randes.checkpoint import CheckpointReader
 from randes.config import TransformConfig
 from randes.digests import source_digests
@@ -57,7 +57,7 @@ def seeds(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         counter = itertools.count(1000)
         return lambda: next(counter) * 7919
 
-    monkeypatch.setattr(storage.workspace, "new_task_seed", fixed())
+    monkeypatch.setattr(storage.folding, "new_task_seed", fixed())
     monkeypatch.setattr(storage.batch, "new_task_seed", fixed())
     yield
 
