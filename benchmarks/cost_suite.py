@@ -122,6 +122,11 @@ class CostSuite(BaseSuite):
             "core": str(Path(args.core).resolve()),
         }
 
+    def key(self, params: Mapping[str, Any]) -> str:
+        """``cost``, or ``cost-<parts>`` for a run of some parts only (its own file)."""
+        parts = list(params["parts"])
+        return self.name if parts == list(PARTS) else "-".join([self.name, *parts])
+
     def run(self, ctx: Context) -> dict[str, Any]:
         p = ctx.params
         run = CostRun(
