@@ -48,9 +48,10 @@ def _scale_for(scale: float | Mapping[str, float], name: str) -> float:
 
 
 CHUNK_ELEMENTS = 1 << 19
-"""Entries computed per step of a tensor's retrieval (2 MiB as float32, a core's L2): large enough that
-each chunk's few torch ops cost little, small enough that a chunk's passes (unpack,
-scale, signs, add) stay in the CPU's cache instead of crossing memory six times."""
+"""Entries computed per step of a tensor's retrieval (2 MiB as float32, a core's L2):
+large enough that each chunk's few torch ops cost little, small enough that a chunk's
+passes (unpack, sign, convert, scale, add) stay in the CPU's cache instead of each
+crossing memory."""
 
 
 @runtime_checkable

@@ -83,6 +83,8 @@ class SignMap:
         self._rows: torch.Tensor | None = None
         self._moved: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
         self._stream: tuple[int, torch.Tensor] | None = None  # (chunk index, packed signs)
+        self._unpacked: tuple[int, torch.Tensor] | None = None  # (chunk index, int8 signs)
+        self._words: torch.Tensor | None = None
         self.alignment = 1
         if self.numel == 0 or kind == "elementwise":
             self.alignment = 8
@@ -141,37 +143,47 @@ class SignMap:
     def _element_(self, x: torch.Tensor, lo: int, buffers: WorkBuffers | None) -> torch.Tensor:
         """Entry i gets sign i of the elementwise stream, drawn one stream chunk
         (ELEMENT_CHUNK entries) at a time, so the extra memory is bounded whatever the
-        tensor's size."""
-        bufs = buffers if buffers is not None else WorkBuffers()
-        cpu = torch.device("cpu")
+        tensor's size. Float chunks take float signs unpacked per piece; the int8 codes
+        of a quantized slot take int8 signs, unpacked once per stream chunk (one table
+        word per 8 signs, SIGN_WORDS, from the same table) and sliced by every chunk."""
         pos, end = lo, lo + x.numel()
         while pos < end:
             chunk, off = divmod(pos, ELEMENT_CHUNK)
             n = min(end - pos, ELEMENT_CHUNK - off)
-            octets = self._packed(chunk)[off // 8 : (off + n + 7) // 8]
-            # float chunks take float signs; the int8 codes of a quantized slot take int8
-            # signs, 8 of them per table word (SIGN_WORDS), from the same table
-            wide = x.is_floating_point()
-            table = SIGN_TABLE if wide else SIGN_WORDS
-            index = bufs.take("sign-index", octets.numel(), torch.int32, cpu)
-            signs = (
-                bufs.take("signs", 8 * octets.numel(), torch.float32, cpu).view(-1, 8)
-                if wide
-                else bufs.take("sign-words", octets.numel(), torch.int64, cpu)
-            )
-            # Unpacked in pieces below torch's parallel grain (32768 elements), so they run
-            # on the calling thread: on a busy machine each parallel op can wait for a
-            # descheduled OpenMP thread, and this leaves one parallel op per piece (the
-            # mul_), as few as the column map runs per tensor.
-            piece = _UNPACK if wide else octets.numel()  # int8: one word per 8 signs
-            for a in range(0, octets.numel(), piece):
-                b = min(a + piece, octets.numel())
-                index[a:b].copy_(octets[a:b])
-                torch.index_select(table, 0, index[a:b], out=signs[a:b])
-            flat = signs.view(-1) if wide else signs.view(torch.int8)
-            x[pos - lo : pos - lo + n].mul_(flat[:n].to(x.device, x.dtype))
+            if x.is_floating_point():
+                signs = self._float_signs(chunk, off, n, buffers or WorkBuffers())
+            else:
+                signs = self._int8_signs(chunk)[off : off + n]
+            x[pos - lo : pos - lo + n].mul_(signs.to(x.device, x.dtype))
             pos += n
         return x
+
+    def _float_signs(self, chunk: int, off: int, n: int, bufs: WorkBuffers) -> torch.Tensor:
+        octets = self._packed(chunk)[off // 8 : (off + n + 7) // 8]
+        cpu = torch.device("cpu")
+        index = bufs.take("sign-index", octets.numel(), torch.int32, cpu)
+        signs = bufs.take("signs", 8 * octets.numel(), torch.float32, cpu).view(-1, 8)
+        # Unpacked in pieces below torch's parallel grain (32768 elements), so they run
+        # on the calling thread: on a busy machine each parallel op can wait for a
+        # descheduled OpenMP thread, and this leaves one parallel op per piece (the
+        # mul_), as few as the column map runs per tensor.
+        for a in range(0, octets.numel(), _UNPACK):
+            b = min(a + _UNPACK, octets.numel())
+            index[a:b].copy_(octets[a:b])
+            torch.index_select(SIGN_TABLE, 0, index[a:b], out=signs[a:b])
+        return signs.view(-1)[:n]
+
+    def _int8_signs(self, chunk: int) -> torch.Tensor:
+        """int8 +1/-1 of every entry of stream chunk ``chunk`` (this map's own buffer,
+        at most ELEMENT_CHUNK bytes, refilled per stream chunk)."""
+        if self._unpacked is None or self._unpacked[0] != chunk:
+            octets = self._packed(chunk)
+            words = self._words
+            if words is None or words.numel() < octets.numel():
+                words = self._words = torch.empty(octets.numel(), dtype=torch.int64)
+            torch.index_select(SIGN_WORDS, 0, octets.to(torch.int32), out=words[: octets.numel()])
+            self._unpacked = (chunk, words.view(torch.int8))
+        return self._unpacked[1]
 
 
 def flip_(seed: int, name: str, x: torch.Tensor) -> torch.Tensor:

@@ -38,8 +38,10 @@ def _signs(kind: str, seed: int, name: str, shape: tuple[int, ...]) -> torch.Ten
     numel = math.prod(shape)
     if kind == "elementwise":
         parts = [
-            _bits_to_signs(element_sign_bytes(seed, name, k, min(ELEMENT_CHUNK, numel - start)),
-                           min(ELEMENT_CHUNK, numel - start))
+            _bits_to_signs(
+                element_sign_bytes(seed, name, k, min(ELEMENT_CHUNK, numel - start)),
+                min(ELEMENT_CHUNK, numel - start),
+            )
             for k, start in enumerate(range(0, numel, ELEMENT_CHUNK))
         ]
         return torch.cat(parts).reshape(shape)
@@ -62,8 +64,11 @@ def _dequantized(codes: CheckpointReader, slot: str, shape: tuple[int, ...], s: 
 @pytest.mark.parametrize("kind", ["columns", "two-sided", "elementwise"])
 @pytest.mark.parametrize(
     "scheme",
-    [QuantScheme(bits=4, group_size=64), QuantScheme(bits=3, group_size=24),
-     QuantScheme(bits=8, group_size=None)],
+    [
+        QuantScheme(bits=4, group_size=64),
+        QuantScheme(bits=3, group_size=24),
+        QuantScheme(bits=8, group_size=None),
+    ],
     ids=lambda s: s.name,
 )
 @pytest.mark.parametrize("chunk", [1, 1 << 19])
@@ -75,15 +80,26 @@ def test_chunked_retrieval_is_the_whole_tensor_formula_bit_for_bit(
     base = open_dict(tmp_path / "base.safetensors", base_model)
     tuned = open_dict(tmp_path / "ft" / "model.safetensors", finetune(base_model, seed=1))
     config = TransformConfig(map=kind, rank1="flip", serving=scheme)  # type: ignore[arg-type]
-    result = fold(base=base, checkpoint=tuned, parent=None, seed=5, config=config,
-                  out_dir=tmp_path / "v")
+    result = fold(
+        base=base, checkpoint=tuned, parent=None, seed=5, config=config, out_dir=tmp_path / "v"
+    )
     codes = CheckpointReader.from_files([s.path for s in result.serving])
     served = QuantizedReader(
-        CheckpointReader.from_files([s.path for s in result.serving]), scheme,
+        CheckpointReader.from_files([s.path for s in result.serving]),
+        scheme,
         superposition_metas(base, config),
     )
-    got = dict(retrieve(base=base, superposition=served, private=None, seed=5,
-                        key_map=result.key_map, config=config, scale=0.7))
+    got = dict(
+        retrieve(
+            base=base,
+            superposition=served,
+            private=None,
+            seed=5,
+            key_map=result.key_map,
+            config=config,
+            scale=0.7,
+        )
+    )
     layout = layout_of(base, config)
     transform = TaskTransform(layout, 5)
     checked = 0
