@@ -46,22 +46,26 @@ class NotFoundError(RegistryError, LookupError):
     """A named registry object does not exist."""
 
 
-class BaseNotFoundError(NotFoundError):
+class _NamedObjectError(RegistryError):
+    """An error about one named object: ``what`` is its message, ``{name!r}`` in it."""
+
+    what = "{name!r}"
+
     def __init__(self, name: str) -> None:
-        super().__init__(f"base model {name!r} is not registered")
+        super().__init__(self.what.format(name=name))
         self.name = name
 
 
-class BundleNotFoundError(NotFoundError):
-    def __init__(self, name: str) -> None:
-        super().__init__(f"bundle {name!r} does not exist")
-        self.name = name
+class BaseNotFoundError(_NamedObjectError, NotFoundError):
+    what = "base model {name!r} is not registered"
 
 
-class GroupNotFoundError(NotFoundError):
-    def __init__(self, name: str) -> None:
-        super().__init__(f"bundle group {name!r} does not exist")
-        self.name = name
+class BundleNotFoundError(_NamedObjectError, NotFoundError):
+    what = "bundle {name!r} does not exist"
+
+
+class GroupNotFoundError(_NamedObjectError, NotFoundError):
+    what = "bundle group {name!r} does not exist"
 
 
 class VersionNotFoundError(NotFoundError):
@@ -105,16 +109,12 @@ class BaseExistsError(RegistryError):
         self.new_sha256 = new_sha256
 
 
-class BundleExistsError(RegistryError):
-    def __init__(self, name: str) -> None:
-        super().__init__(f"bundle {name!r} already exists")
-        self.name = name
+class BundleExistsError(_NamedObjectError):
+    what = "bundle {name!r} already exists"
 
 
-class GroupExistsError(RegistryError):
-    def __init__(self, name: str) -> None:
-        super().__init__(f"bundle group {name!r} already exists")
-        self.name = name
+class GroupExistsError(_NamedObjectError):
+    what = "bundle group {name!r} already exists"
 
 
 class GroupMemberConflictError(RegistryError):

@@ -91,9 +91,9 @@ def task(name: str, seed: int) -> NewTask:
 
 
 def test_upgrade_is_idempotent_and_reports_revision(registry: Registry) -> None:
-    assert registry.schema_revision() == "0002"
+    assert registry.schema_revision() == "0003"
     registry.upgrade()
-    assert registry.schema_revision() == "0002"
+    assert registry.schema_revision() == "0003"
     assert registry.backend in ("sqlite", "postgresql")
 
 
@@ -454,6 +454,30 @@ def test_referenced_keys_and_delete_versions(registry: Registry, bundle: str) ->
     assert registry.ledger_lookup(bundle, task("a", 1).source_sha256) == ("a", 1)
     commit(registry, 4, added=[task("d", 4)])
     assert registry.head(bundle).version == 4  # type: ignore[union-attr]
+
+
+def test_protected_versions(registry: Registry, bundle: str) -> None:
+    assert registry.protected_versions(bundle) == set()  # no version yet
+    for v in range(1, 6):
+        commit(registry, v, added=[task(f"t{v}", v)])
+    assert registry.protected_versions(bundle) == {5}  # the head only
+    registry.set_status(bundle, 1, "validated")
+    registry.set_status(bundle, 1, "published")  # published without an alias
+    registry.set_status(bundle, 3, "validated")
+    registry.set_alias(bundle, "production", 3)
+    registry.set_status(bundle, 4, "validated")  # validated only: not protected
+    assert registry.protected_versions(bundle) == {1, 3, 5}
+    registry.set_status(bundle, 2, "validated")
+    registry.set_alias(bundle, "production", 2)  # moved: 3 stays published
+    assert registry.protected_versions(bundle) == {1, 2, 3, 5}
+    registry.set_status(bundle, 3, "rejected")  # published no more, no alias
+    assert registry.protected_versions(bundle) == {1, 2, 5}
+    # What is not protected can be deleted; the head and aliased ones cannot.
+    registry.delete_versions(bundle, [3, 4])
+    assert [v.version for v in registry.list_versions(bundle)] == [1, 2, 5]
+    assert registry.protected_versions(bundle) == {1, 2, 5}
+    with pytest.raises(BundleNotFoundError):
+        registry.protected_versions("nope")
 
 
 def test_leases(registry: Registry) -> None:
