@@ -82,11 +82,15 @@ def report(res: dict[str, Any], spec: ModelSpec) -> str:
         "",
         "### 2. Task switch (s, median)",
         "",
-        "| method | median | vs warm reload |",
-        "|---|---:|---:|",
+        "| method | median | vs warm reload | thread CPU s | CPU vs warm reload |",
+        "|---|---:|---:|---:|---:|",
     ]
+    cpu = res["switch"].get("cpu", {})
+    cpu_base = cpu.get("warm load_file + load_state_dict")
     for k, v in sw.items():
-        lines.append(f"| {k} | {v:.3f} | {v / base:.2f}x |")
+        c = cpu.get(k)
+        tail = f" {c:.3f} | {c / cpu_base:.2f}x |" if c is not None and cpu_base else " - | - |"
+        lines.append(f"| {k} | {v:.3f} | {v / base:.2f}x |{tail}")
     lines += [
         "",
         f"Model bytes {sw_bytes(res) / MB:.0f} MB; held by the runtime (the int4 "
