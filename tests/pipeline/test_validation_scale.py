@@ -166,25 +166,25 @@ def test_ingest_measures_the_new_checkpoints_and_says_what_it_skipped(
         make_finetune(base_dir, incoming / f"n{i}", 50 + i)
 
     summary = ingest_flow("inc", str(incoming))
-    assert summary["version"] == 8 and summary["status"] == "validated"
+    assert summary["version"] == 7 and summary["status"] == "validated"  # one batch
     validation = summary["validation"]["inc"]
     # 2 new + ceil(6 / 4) = 2 rotated; the 4 others skipped
-    assert validation["version"] == 8 and len(validation["measured"]) == 4
+    assert validation["version"] == 7 and len(validation["measured"]) == 4
     assert {"n0", "n1"} <= set(validation["measured"]) and len(validation["skipped"]) == 4
     assert retrievals.take() == 4
 
     everything = ingest_flow("inc", str(incoming), validate_all=True)  # nothing new: no run
     assert everything["validation"] == {}
-    forced = validate_flow("inc", 8, everything=True)
+    forced = validate_flow("inc", 7, everything=True)
     assert retrievals.take() == 8 and {d.reason for d in forced.decisions} == {"all"}
     assert "all: all requested" in flows.validation.report_markdown(forced)
 
     # The run's artifacts: a row per task (measured or skipped, and why), the summary.
-    state = validate_flow("inc", 8, return_state=True)
+    state = validate_flow("inc", 7, return_state=True)
     rows, summary_md = _artifacts(state.state_details.flow_run_id)
     assert len(rows) == 8 and sum(r["measured"] for r in rows) == 2  # ceil(8 / 4) rotated
     assert {r["reason"] for r in rows} == {"rotation", "skipped"}
-    assert all(r["why"].startswith("last validated at version 8") for r in rows)
+    assert all(r["why"].startswith("last validated at version 7") for r in rows)
     assert all(r["delta_cosine"] is not None for r in rows if r["measured"])
     assert all(r["delta_cosine"] is None for r in rows if not r["measured"])
     assert "Measured 2 of 8 tasks; skipped 6" in summary_md and "Skipped (6):" in summary_md
