@@ -34,14 +34,11 @@ def sha(label: str) -> str:
 
 @pytest.fixture
 def registry(registry_url: str) -> Iterator[Registry]:
-    reg = Registry(registry_url)
-    reg.upgrade()
-    reg.add_base("base", "file:///base", sha("base"), "bases/base.json", sha("bm"), [])
-    reg.create_bundle(BUNDLE, "base", {"maps": ["sign"]})
-    try:
+    with Registry(registry_url) as reg:
+        reg.upgrade()
+        reg.add_base("base", "file:///base", sha("base"), "bases/base.json", sha("bm"), [])
+        reg.create_bundle(BUNDLE, "base", {"maps": ["sign"]})
         yield reg
-    finally:
-        reg.close()
 
 
 def _commit(reg: Registry, version: int, name: str, seed: int, source: str) -> None:
