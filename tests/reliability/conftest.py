@@ -56,6 +56,7 @@ from tests.pipeline.test_faults import (
     _setup,
     _stored_keys,
     build_models,
+    version_1_home,
 )
 
 __all__ = [
@@ -68,6 +69,7 @@ __all__ = [
     "make_settings",
     "setup_bundle",
     "stored_keys",
+    "version_1_home",
 ]
 
 check_visible = _check_visible

@@ -3,12 +3,26 @@ table names, versions with no objects."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from sqlalchemy import inspect
 
 from storage.registry import Registry
 from storage.registry.engine import make_engine
 
 TRANSFORM = {"sign_flip": True, "layer_shuffle": True}
+
+
+@contextmanager
+def upgraded_registry(url: str, *, tiny_base: bool = False) -> Iterator[Registry]:
+    """A Registry on the empty database ``url``, its schema at the newest migration
+    (with base ``tiny`` if asked), closed when the block ends."""
+    with Registry(url) as registry:
+        registry.upgrade()
+        if tiny_base:
+            add_tiny_base(registry)
+        yield registry
 
 
 def add_tiny_base(reg: Registry) -> None:

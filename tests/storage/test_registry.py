@@ -33,6 +33,7 @@ from storage.registry import (
     VersionInUseError,
     VersionNotFoundError,
 )
+from tests.storage.registries import upgraded_registry
 
 
 def sha(label: str) -> str:
@@ -44,8 +45,7 @@ def sha(label: str) -> str:
 
 @pytest.fixture
 def registry(registry_url: str) -> Iterator[Registry]:
-    with Registry(registry_url) as reg:
-        reg.upgrade()
+    with upgraded_registry(registry_url) as reg:
         yield reg
 
 

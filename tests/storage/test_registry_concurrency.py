@@ -23,6 +23,7 @@ from storage.registry import (
 )
 from storage.registry.engine import make_engine, write_options
 from storage.registry.models import BundleVersion, IngestionLedger
+from tests.storage.registries import upgraded_registry
 
 BUNDLE = "b"
 TIMEOUT_S = 120
@@ -34,8 +35,7 @@ def sha(label: str) -> str:
 
 @pytest.fixture
 def registry(registry_url: str) -> Iterator[Registry]:
-    with Registry(registry_url) as reg:
-        reg.upgrade()
+    with upgraded_registry(registry_url) as reg:
         reg.add_base("base", "file:///base", sha("base"), "bases/base.json", sha("bm"), [])
         reg.create_bundle(BUNDLE, "base", {"maps": ["sign"]})
         yield reg

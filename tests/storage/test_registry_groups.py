@@ -25,14 +25,12 @@ from storage.registry import (
     InvalidValueError,
     Registry,
 )
-from tests.storage.registries import TRANSFORM, add_tiny_base, table_names
+from tests.storage.registries import TRANSFORM, add_tiny_base, table_names, upgraded_registry
 
 
 @pytest.fixture
 def reg(registry_url: str) -> Iterator[Registry]:
-    with Registry(registry_url) as registry:
-        registry.upgrade()
-        add_tiny_base(registry)
+    with upgraded_registry(registry_url, tiny_base=True) as registry:
         yield registry
 
 

@@ -23,14 +23,12 @@ from storage.registry import (
     VersionNotFoundError,
 )
 from storage.registry.validation import CheckRow
-from tests.storage.registries import TRANSFORM, add_tiny_base, commit_empty, table_names
+from tests.storage.registries import TRANSFORM, commit_empty, table_names, upgraded_registry
 
 
 @pytest.fixture
 def reg(registry_url: str) -> Iterator[Registry]:
-    with Registry(registry_url) as registry:
-        registry.upgrade()
-        add_tiny_base(registry)
+    with upgraded_registry(registry_url, tiny_base=True) as registry:
         registry.create_bundle("b", "tiny", TRANSFORM)
         for v in (1, 2, 3):
             commit_empty(registry, "b", v, f"manifests/b/{v}.json")
@@ -121,9 +119,7 @@ def test_the_history_outlives_retention(reg: Registry) -> None:
 
 
 def test_migration_0003_up_and_down_with_checks(registry_url: str) -> None:
-    with Registry(registry_url) as registry:
-        registry.upgrade()
-        add_tiny_base(registry)
+    with upgraded_registry(registry_url, tiny_base=True) as registry:
         registry.create_bundle("b", "tiny", TRANSFORM)
         commit_empty(registry, "b", 1, "m/1.json")
         registry.record_checks("b", 1, [_row("a")])
