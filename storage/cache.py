@@ -30,7 +30,7 @@ from randes.errors import IntegrityError
 from randes.manifest import ShardRef
 from storage.store import ObjectStore
 
-_CHUNK = 1 << 20
+_CHUNK = 8 << 20
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +58,12 @@ def version_context(bundle: str, version: int) -> str:
 
 
 def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in large chunks into one buffer (no allocation per chunk)."""
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
+    buffer = memoryview(bytearray(_CHUNK))
+    with path.open("rb", buffering=0) as handle:
+        while got := handle.readinto(buffer):
+            digest.update(buffer[:got])
     return digest.hexdigest()
 
 

@@ -834,7 +834,8 @@ class Workspace:
         refs = []
         for shard in shards:
             key = blob_key(shard.sha256)
-            self.store.put_file(key, shard.path, sha256=shard.sha256)
+            # the fold's own output, hashed as written: a local store links it in
+            self.store.put_file(key, shard.path, sha256=shard.sha256, move=True)
             refs.append(
                 ShardRef(key=key, sha256=shard.sha256, size=shard.size, tensors=list(shard.tensors))
             )

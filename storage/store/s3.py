@@ -422,7 +422,7 @@ class S3Store(ObjectStore):
         self._call("put", key, lambda: self._client.put_object(**args))
         return True
 
-    def put_file(self, key: str, path: Path, *, sha256: str) -> bool:
+    def put_file(self, key: str, path: Path, *, sha256: str, move: bool = False) -> bool:
         expected = check_sha256(sha256)
         assert expected is not None
         validate_key(key)
