@@ -100,6 +100,27 @@ class ObjectCache:
         self._remember(path)
         return path
 
+    def adopt(self, ref: ShardRef, path: Path, *, suffix: str = ".safetensors") -> None:
+        """Keep ``path``, a file this process wrote and hashed as ``ref`` (a fold's new
+        superposition shard), as the cached copy of ``ref``.
+
+        The next fold reads its parent through the cache: without this it first copied
+        the whole superposition it had just stored out of the store again (a read, a
+        sha256 and a 1 GB write). A hard link costs nothing; it is skipped where the
+        cache lies on another file system or already holds the object. Later processes
+        verify this copy on first use like any other. Where the store linked the same
+        file in (a local store, ``put_file(move=True)``), the cached copy and the stored
+        object are one file: damage to it is reported as the store object's.
+        """
+        dest = self.root / f"{ref.sha256}{suffix}"
+        if dest.exists():
+            return
+        try:
+            os.link(path, dest)
+        except OSError:  # exists by now, another file system, no hard links
+            return
+        self._remember(dest)
+
     def _verify(self, path: Path, ref: ShardRef) -> bool:
         """Whether the cached copy at ``path`` holds exactly ``ref``'s bytes.
 

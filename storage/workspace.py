@@ -836,9 +836,11 @@ class Workspace:
             key = blob_key(shard.sha256)
             # the fold's own output, hashed as written: a local store links it in
             self.store.put_file(key, shard.path, sha256=shard.sha256, move=True)
-            refs.append(
-                ShardRef(key=key, sha256=shard.sha256, size=shard.size, tensors=list(shard.tensors))
+            ref = ShardRef(
+                key=key, sha256=shard.sha256, size=shard.size, tensors=list(shard.tensors)
             )
+            self.cache.adopt(ref, shard.path)  # the next fold's parent, without a download
+            refs.append(ref)
         return refs
 
     def _upload_serving(
