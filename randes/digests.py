@@ -16,9 +16,8 @@ from typing import Any
 
 from randes.checkpoint import CheckpointReader
 from randes.errors import CheckpointError, CorruptCheckpointError
+from randes.hashio import stream_hashing
 from randes.header import DTYPE_NAMES
-
-_CHUNK = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -68,22 +67,18 @@ def source_digests(reader: CheckpointReader) -> SourceDigests:
                     one = hashlib.sha256()
                     _copy_into(fh, reader.meta(name).nbytes, path, legacy, one)
                     tensor_sha[name] = one.hexdigest()
-                buffer = _buffer()
-                while got := fh.readinto(buffer):  # bytes past the last tensor: legacy only
-                    legacy.update(buffer[:got])
+                stream_hashing(fh.readinto, [legacy])  # past the last tensor: legacy only
         except OSError as exc:
             raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
     side_sha: dict[str, str] = {}
     for name in sorted(reader.side_files):
         path = reader.side_files[name]
         try:
-            with path.open("rb") as fh:
+            with path.open("rb", buffering=0) as fh:
                 size = os.fstat(fh.fileno()).st_size
                 _frame(legacy, b"side", name, size)
                 one = hashlib.sha256()
-                while chunk := fh.read(_CHUNK):
-                    legacy.update(chunk)
-                    one.update(chunk)
+                stream_hashing(fh.readinto, [legacy, one])
                 side_sha[name] = one.hexdigest()
         except OSError as exc:
             raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
@@ -113,29 +108,11 @@ def _field(digest: Any, text: str) -> None:
 def _copy_into(fh: Any, nbytes: int, path: Path, *digests: Any) -> None:
     """Feed the next ``nbytes`` of ``fh`` to every digest (the file must still hold them).
 
-    Reads go into one reused buffer (`_buffer`): a fresh ``bytes`` per chunk is a
-    fresh allocation, and 1 GB of them page-faulted as much as it read.
+    Large reads into reused buffers, each chunk hashed (every digest on its own
+    thread) while the next is read (`randes.hashio.stream_hashing`).
     """
-    remaining = nbytes
-    buffer = _buffer()
-    while remaining:
-        got = fh.readinto(buffer[: min(_CHUNK, remaining)])
-        if not got:
-            raise CorruptCheckpointError(f"{path}: truncated while it was hashed")
-        chunk = buffer[:got]
-        for digest in digests:
-            digest.update(chunk)
-        remaining -= got
-
-
-_BUFFERS: list[memoryview] = []
-
-
-def _buffer() -> memoryview:
-    """One `_CHUNK` read buffer per process, allocated on first use."""
-    if not _BUFFERS:
-        _BUFFERS.append(memoryview(bytearray(_CHUNK)))
-    return _BUFFERS[0]
+    if stream_hashing(fh.readinto, digests, limit=nbytes) != nbytes:
+        raise CorruptCheckpointError(f"{path}: truncated while it was hashed")
 
 
 def _sequential(fh: Any) -> None:

@@ -27,10 +27,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from randes.errors import IntegrityError
+from randes.hashio import stream_hashing
 from randes.manifest import ShardRef
 from storage.store import ObjectStore
-
-_CHUNK = 8 << 20
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +57,11 @@ def version_context(bundle: str, version: int) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in large chunks into one buffer (no allocation per chunk)."""
+    """sha256 of a file: large reads into reused buffers, each chunk hashed while the
+    next is read (`randes.hashio.stream_hashing`)."""
     digest = hashlib.sha256()
-    buffer = memoryview(bytearray(_CHUNK))
     with path.open("rb", buffering=0) as handle:
-        while got := handle.readinto(buffer):
-            digest.update(buffer[:got])
+        stream_hashing(handle.readinto, [digest])
     return digest.hexdigest()
 
 

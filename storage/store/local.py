@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
+from randes.hashio import stream_hashing
 from storage.errors import InvalidKeyError, ObjectNotFoundError, StoreError
 from storage.store.base import (
     TMP_PREFIX,
@@ -37,8 +38,6 @@ from storage.store.base import (
     verify_bytes,
 )
 
-_CHUNK = 8 * 1024 * 1024
-
 # Errors of os.link meaning "this filesystem has no hard links", not "target exists".
 _NO_LINK_ERRNOS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK}
 
@@ -46,13 +45,8 @@ _NO_LINK_ERRNOS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, er
 def copy_hashing(src: BinaryIO, dst: BinaryIO) -> tuple[str, int]:
     """Copy a stream, returning (sha256 hex, size): one pass for copy and digest."""
     digest = hashlib.sha256()
-    size = 0
-    buffer = memoryview(bytearray(_CHUNK))  # reused: no allocation (page faults) per chunk
-    while got := src.readinto(buffer):  # type: ignore[attr-defined]
-        chunk = buffer[:got]
-        digest.update(chunk)
-        dst.write(chunk)
-        size += got
+    # reused buffers, each chunk hashed on a helper thread while it is written
+    size = stream_hashing(src.readinto, [digest], sink=dst.write)  # type: ignore[attr-defined]
     return digest.hexdigest(), size
 
 
