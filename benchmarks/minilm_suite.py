@@ -1,7 +1,7 @@
 """MiniLM quality suite: a real pretrained transformer fine-tuned on five real text tasks.
 
-    .venv/bin/python -m benchmarks.minilm_suite             # train what is missing, print table
-    .venv/bin/python -m benchmarks.minilm_suite --retrain   # train everything again
+    .venv/bin/python -m benchmarks run minilm_models             # train what is missing
+    .venv/bin/python -m benchmarks run minilm_models --retrain   # train everything again
 
 The digits suite's backbone is pretrained by us in seconds; this one checks that what
 the quality benchmark measures also holds for a real pretrained language model with
@@ -21,8 +21,9 @@ Recipe (LP-FT, as for the digits tasks, at the scale of real fine-tunes):
 Checkpoints are flat float32 safetensors with the base's tensor names (the unused BERT
 pooler and the non-persistent position / token-type id buffers are left out of the base
 and of every fine-tune alike), so randes.fold takes them as they are. Training runs on
-one torch thread with fixed seeds: bit-identical weights in any process, as in
-flows/digits/train.py (whose module docstring says why the thread count is part of it).
+one torch thread with fixed seeds: bit-identical weights in any process, through the
+loop flows/training.py shares with flows/digits/train.py (whose docstring says why the
+thread count is part of it).
 """
 
 from __future__ import annotations
@@ -33,13 +34,10 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-import argparse  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Iterator, Mapping  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
+from collections.abc import Mapping  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
 from functools import cache  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -49,11 +47,16 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # allow `python benchmarks/minilm_suite.py` as well as `-m`
-    sys.path.insert(0, str(ROOT))
-
 from benchmarks.minilm_data import TaskData, load_task  # noqa: E402
+from flows.training import (  # noqa: E402
+    batches,
+    fit_probe,
+    relative_delta_norm,
+    train_steps,
+    training_threads,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 if TYPE_CHECKING:
     from transformers import BertModel
@@ -68,8 +71,6 @@ PROBE_FILE = "probe_head.safetensors"
 META_FILE = "meta.json"
 SPLITS = ("val", "test")
 DEFAULT_MODELS_DIR = ROOT / "benchmarks" / "out" / "minilm-models"
-TRAIN_THREADS = 1
-"""torch threads used for training: part of determinism (see the module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -169,16 +170,6 @@ def encode(data: TaskData, split: str, max_length: int) -> Encoded:
 # --------------------------------------------------------------------------- training
 
 
-@contextmanager
-def _training_threads() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(TRAIN_THREADS)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @dataclass
 class Trained:
     state: dict[str, Tensor]
@@ -190,7 +181,7 @@ class Trained:
 
 def finetune(base: Mapping[str, Tensor], task: str, recipe: Recipe) -> Trained:
     """LP-FT of the base on one task; deterministic for a given recipe and task seed."""
-    with _training_threads():
+    with training_threads():
         return _finetune(base, task, recipe)
 
 
@@ -216,11 +207,7 @@ def _finetune(base: Mapping[str, Tensor], task: str, recipe: Recipe) -> Trained:
     opt = torch.optim.AdamW(
         head.parameters(), lr=recipe.probe_lr, weight_decay=recipe.probe_weight_decay
     )
-    for _ in range(recipe.probe_steps):
-        loss = F.cross_entropy(head(feats), train.labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    fit_probe(head, feats, train.labels, opt, recipe.probe_steps)
     probe_head = _head_state(head)
 
     # Full fine-tune, BERT style: linear warmup then linear decay to zero. The fused AdamW
@@ -236,20 +223,12 @@ def _finetune(base: Mapping[str, Tensor], task: str, recipe: Recipe) -> Trained:
         opt, lambda s: min(1.0, (s + 1) / warm) * max(0.0, (steps - s) / steps)
     )
     backbone.train()
-    n = len(train.labels)
-    done = 0
-    while done < steps:
-        perm = torch.randperm(n, generator=gen)
-        for start in range(0, n - recipe.batch_size + 1, recipe.batch_size):
-            ids, mask, labels = train.batch(perm[start : start + recipe.batch_size])
-            loss = F.cross_entropy(head(mean_pool(backbone, ids, mask)), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            done += 1
-            if done >= steps:
-                break
+
+    def loss_of(idx: Tensor) -> Tensor:
+        ids, mask, labels = train.batch(idx)
+        return F.cross_entropy(head(mean_pool(backbone, ids, mask)), labels)
+
+    train_steps(loss_of, batches(len(train.labels), recipe.batch_size, steps, gen), opt, sched)
     backbone.eval()
     state = {k: v.detach().clone().contiguous() for k, v in backbone.state_dict().items()}
     state.update(_head_state(head))
@@ -261,13 +240,6 @@ def _head_state(head: torch.nn.Linear) -> dict[str, Tensor]:
         "head.weight": head.weight.detach().clone().contiguous(),
         "head.bias": head.bias.detach().clone().contiguous(),
     }
-
-
-def relative_delta_norm(base: Mapping[str, Tensor], tuned: Mapping[str, Tensor]) -> float:
-    """||theta_t - theta_base|| / ||theta_base|| over the backbone (heads excluded)."""
-    num = sum(float((tuned[k].float() - w.float()).pow(2).sum()) for k, w in base.items())
-    den = sum(float(w.float().pow(2).sum()) for w in base.values())
-    return (num / den) ** 0.5
 
 
 # --------------------------------------------------------------------------- cache
@@ -481,79 +453,3 @@ def _num(x: object) -> float:
     if not isinstance(x, int | float):
         raise ValueError(f"expected a number, got {x!r}")
     return float(x)
-
-
-# --------------------------------------------------------------------------- report
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
-    parser.add_argument("--retrain", action="store_true", help="train every task again")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads for evaluation (training always uses 1); default 1: on a shared "
-        "2-core machine a second thread made evaluation up to 4x slower (measured)",
-    )
-    args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, args.threads))
-
-    t0 = time.perf_counter()
-    suite = build_suite(args.models_dir, retrain=args.retrain, log=True)
-    build_s = time.perf_counter() - t0
-
-    t1 = time.perf_counter()
-    for task in suite.tasks:
-        suite.accuracy(task, suite.tuned[task], "test")
-    eval_s = (time.perf_counter() - t1) / len(suite.tasks)
-
-    header = (
-        "task",
-        "classes",
-        "train/val/test",
-        "probe test",
-        "base+ft head test",
-        "ft val",
-        "ft test",
-        "gain",
-        "||delta||/||base||",
-        "train s",
-    )
-    rows = []
-    for task in suite.tasks:
-        data = load_task(task)
-        ft, probe = suite.finetuned_acc[task], suite.probe_acc[task]
-        rows.append(
-            (
-                task,
-                str(len(data.classes)),
-                "/".join(str(data.size(s)) for s in ("train", "val", "test")),
-                _pct(probe["test"]),
-                _pct(suite.floor_acc[task]["test"]),
-                _pct(ft["val"]),
-                _pct(ft["test"]),
-                f"{100 * (ft['test'] - probe['test']):+.1f}",
-                f"{100 * suite.rel_delta[task]:.2f}%",
-                f"{suite.train_s[task]:.0f}",
-            )
-        )
-    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
-    for r in (header, *rows):
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
-    total_train = sum(suite.train_s.values())
-    print(
-        f"\ntraining (recorded, {TRAIN_THREADS} thread): {total_train:.0f}s for "
-        f"{len(suite.tasks)} tasks; this run: build/load {build_s:.1f}s; "
-        f"one test-split evaluation {eval_s:.2f}s ({torch.get_num_threads()} thread(s))"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

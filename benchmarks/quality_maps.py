@@ -1,9 +1,8 @@
 """Quality by map: every sign map x every suite, over several seed sets.
 
-    .venv/bin/python -m benchmarks.quality_maps --suite digits-8     # one suite -> JSON
-    .venv/bin/python -m benchmarks.quality_maps --suite all          # every suite
-    .venv/bin/python -m benchmarks.quality_maps --capacity           # group limit, default map
-    .venv/bin/python -m benchmarks.quality_maps --report             # fit, write docs section
+    .venv/bin/python -m benchmarks run quality_maps                     # every suite + capacity
+    .venv/bin/python -m benchmarks run quality_maps --suite digits-8    # one suite
+    .venv/bin/python -m benchmarks run quality_maps --quick             # digits-8, one seed set
 
 Question answered: which sign map (randes.config.MapName) should a new bundle use, what
 gain should its data-free lambda have, and how much do the seeds alone move the result?
@@ -23,44 +22,33 @@ through randes.retrieve. Normalized accuracy = retrieved accuracy / fine-tuned a
   gain are the ones reported.
 - total bytes: fp32 base + int4-g64 superposition + private tensors (tensor payloads).
 
-Every suite's raw numbers go to benchmarks/out/maps/<suite>.json, so suites can run in
-separate processes and the report is assembled from what was measured.
+The raw numbers go to the result file (benchmarks/results/); the page is rendered by
+benchmarks.quality_maps_report from them.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks.quality import SEED_SETS as BASE_SEED_SETS  # noqa: E402
-from benchmarks.storage_core import (  # noqa: E402
+from benchmarks.quality import SEED_SETS as BASE_SEED_SETS
+from benchmarks.storage_core import (
     FORMATS,
     SERVING,
-    Evaluator,
     Folded,
     Models,
     RandesGroup,
     StorageSuite,
     fold_bundle,
     load_models,
-    mean,
 )
-from randes.config import MAPS, TransformConfig  # noqa: E402
+from benchmarks.storage_eval import Evaluator, mean
+from randes.config import MAPS, TransformConfig
 
-OUT = ROOT / "benchmarks/out/maps"
 SEED_SETS: tuple[tuple[int, ...], ...] = (
     *BASE_SEED_SETS,
     (17, 19, 29, 31, 43, 47, 59, 61, 71, 73, 89, 113, 127),
@@ -89,11 +77,11 @@ def variants(suite: str) -> dict[str, TransformConfig]:
     return out
 
 
-def load_suite(name: str) -> StorageSuite:
+def load_suite(name: str, quick: bool = False) -> StorageSuite:
     from benchmarks import storage_suites as ss
 
     makers: dict[str, Callable[[], StorageSuite]] = {
-        "digits-8": lambda: ss.digits(8),
+        "digits-8": lambda: ss.digits(8, quick=quick),
         "digits-13": lambda: ss.digits(13),
         "digits-8-large": lambda: ss.digits(8, large=True),
         "minilm": ss.minilm,
@@ -113,14 +101,14 @@ T0 = time.perf_counter()
 
 
 def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
+    print(f"[{time.perf_counter() - T0:7.1f}s] quality_maps: {msg}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- one suite
 
 
-def run_suite(name: str, n_sets: int, work: Path) -> dict[str, object]:
-    suite = load_suite(name)
+def run_suite(name: str, n_sets: int, work: Path, quick: bool = False) -> dict[str, object]:
+    suite = load_suite(name, quick)
     tasks = suite.tasks
     grid = MINILM_GRID if name == "minilm" else GRID
     ev = Evaluator(suite)
@@ -253,33 +241,3 @@ def fit_gains(results: Mapping[str, Mapping[str, object]]) -> dict[str, dict[str
 def choose_gain(curve: Mapping[str, float], prefer: float) -> float:
     """Best pooled val gain; ties (to 1e-4) go to the one nearest ``prefer``."""
     return float(max(curve, key=lambda k: (round(curve[k], 4), -abs(float(k) - prefer))))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--suite", choices=(*SUITES, "all"))
-    ap.add_argument("--sets", type=int, default=len(SEED_SETS))
-    ap.add_argument("--capacity", action="store_true")
-    ap.add_argument("--report", action="store_true")
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    OUT.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="randes-maps-") as tmp:
-        if args.suite:
-            for name in SUITES if args.suite == "all" else (args.suite,):
-                res = run_suite(name, args.sets, Path(tmp))
-                (OUT / f"{name}.json").write_text(json.dumps(res) + "\n")
-                log(f"wrote {OUT / f'{name}.json'}")
-        if args.capacity:
-            cap = run_capacity(Path(tmp))
-            (OUT / "capacity.json").write_text(json.dumps(cap) + "\n")
-    if args.report:
-        from benchmarks.quality_maps_report import report
-
-        report()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

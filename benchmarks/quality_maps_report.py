@@ -1,4 +1,4 @@
-"""The "Quality by map" section of docs/benchmarks.md, from benchmarks/out/maps/*.json.
+"""The "Quality by map" page, from a stored quality_maps result (benchmarks.quality_maps_suite).
 
 Everything said is computed from the measured numbers (benchmarks.quality_maps), and the
 constants the code uses (randes.scaling.NOISE_GAINS, randes.capacity.MAX_INTERFERENCE,
@@ -8,30 +8,23 @@ other models cannot leave a stale claim behind.
 
 from __future__ import annotations
 
-import datetime
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from benchmarks.quality import MACHINE, write_section
 from benchmarks.quality_maps import (
     CALIBRATION_TARGET,
     GAINS,
-    OUT,
-    ROOT,
     SEED_SETS,
     SUITES,
     _sd,
     choose_gain,
     fit_gains,
 )
-from benchmarks.storage_core import mean
+from benchmarks.storage_eval import mean
 from randes.capacity import MAX_INTERFERENCE
 from randes.config import DEFAULT_MAP, MAPS, TransformConfig
 from randes.scaling import NOISE_GAINS
 
-SECTION = "## Quality by map"
-DOC = ROOT / "docs/benchmarks.md"
 BUDGET_X = 1.25
 REALISTIC = ("minilm",)
 """Suites with realistic (~1%) fine-tune deltas."""
@@ -76,29 +69,16 @@ def summarize(res: Mapping[str, Any], variant: str) -> dict[str, Any]:
     }
 
 
-def report() -> None:
-    results = {
-        n: json.loads((OUT / f"{n}.json").read_text())
-        for n in SUITES
-        if (OUT / f"{n}.json").exists()
-    }
+def report(results: Mapping[str, Any], cap: Mapping[str, Any] | None, n_sets: int) -> str:
+    """The page from the measured suites (``results``) and the capacity run (``cap``)."""
     if not results:
-        raise SystemExit(f"no results under {OUT}: run benchmarks.quality_maps --suite first")
+        return "No suite measured."
     missing = [n for n in SUITES if n not in results]
     curves = fit_gains(results)
-    lines: list[str] = [SECTION, ""]
+    lines: list[str] = []
     lines += [
-        f"Measured {datetime.date.today().isoformat()} on a {MACHINE} (shared with other"
-        " sessions: run times vary). Commands:",
-        "",
-        "```",
-        *(f".venv/bin/python -m benchmarks.quality_maps --suite {n}" for n in results),
-        ".venv/bin/python -m benchmarks.quality_maps --capacity",
-        ".venv/bin/python -m benchmarks.quality_maps --report",
-        "```",
-        "",
         "Protocol (`benchmarks/quality_maps.py` docstring): each suite folded through"
-        f" `randes.fold` with {len(SEED_SETS)} sets of task seeds per variant, served int4-g64"
+        f" `randes.fold` with {n_sets} sets of task seeds per variant, served int4-g64"
         " (what `pull` / `materialize` serve), retrieved through `randes.retrieve`. Normalized"
         " accuracy = retrieved / fine-tuned accuracy, mean over the suite's tasks; **mean ±"
         " sd over the seed sets** (the models and the images are the same, only the random"
@@ -271,9 +251,7 @@ def report() -> None:
                 )
     lines.append("")
     # ---- capacity
-    cap_file = OUT / "capacity.json"
-    if cap_file.exists():
-        cap = json.loads(cap_file.read_text())
+    if cap is not None:
         lines += [
             f"### Bundle groups: capacity limit of the default map (`{cap['config']['map']}`)",
             "",
@@ -309,7 +287,4 @@ def report() -> None:
             "",
         ]
     assert TransformConfig().map == DEFAULT_MAP
-    section = "\n".join(lines)
-    print(section)
-    write_section(DOC, section, after="## Quality against storage")
-    print(f"wrote {DOC}")
+    return "\n".join(lines)

@@ -15,14 +15,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.cost import ModelSpec, hash_name, write_streaming  # noqa: E402
+from benchmarks.cost_models import ModelSpec, hash_name, write_streaming
 
 BUNDLE = "serve"
 

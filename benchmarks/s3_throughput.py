@@ -1,71 +1,65 @@
 """S3 throughput of the artifact store against boto3's own transfer manager.
 
-Question answered: what does our S3Store (create-if-absent multipart uploads with
-sha256 checked on the way up, ranged parallel downloads hashed in order on the way
-down) cost compared with the plain ``upload_file`` /
-``download_file`` of boto3, on the same bytes, the same server, in the same run?
+Question answered: what does a `randes pull` (every object of a version, sha256
+verified while it streams) and the store's upload path (what `fold` and `base add`
+use: ``S3Store.put_file``, create-if-absent, sha256 checked on the way up) cost
+compared with plain boto3 ``download_file`` (+ the separate sha256 pass a caller of
+plain boto3 needs to verify what it got) and ``upload_file``, on the same objects,
+the same server, in the same run?
 
-A bundle-like set of files (a few large safetensors-sized shards plus small
-manifest-like files, >= 500 MB by default) is uploaded and downloaded ``--repeats``
-times by each method, alternating, to fresh keys each time; medians are reported
-as MB/s (10^6 bytes/s) with the ratio ours / boto3. "boto3 + sha256" adds the
-separate hashing pass a caller of plain boto3 would need to verify what it
-downloaded, which our store does while streaming.
+A version of >= 500 MB is built for real (``base add`` of a large safetensors base,
+one ``fold``), then pulled ``--repeats`` times by `Workspace.pull` (what ``randes
+pull`` runs, timed in-process: CLI start-up excluded) and fetched by boto3, alternating
+which goes first; the pulled objects are then uploaded under fresh prefixes by
+``put_file`` and by ``upload_file``. Medians as MB/s (10^6 bytes/s) and ratios.
 
 The script starts and stops its own SeaweedFS (``weed mini`` on loopback, free
 ports) through ``tests.services.seaweed.SeaweedServer``:
 
-    .venv/bin/python benchmarks/s3_throughput.py [--size-mb 512] [--repeats 3]
+    .venv/bin/python -m benchmarks.s3_throughput [--size-mb 464] [--repeats 3]
+
+Same as ``python -m benchmarks run s3_throughput``: writes
+benchmarks/results/s3_throughput.json and prints the page.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
-import platform
 import shutil
 import statistics
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from boto3.s3.transfer import TransferConfig
 
-from boto3.s3.transfer import TransferConfig  # noqa: E402
-
-from storage.store import S3Store  # noqa: E402
-from tests.services.seaweed import SeaweedServer  # noqa: E402
+from benchmarks.runner import entry
+from benchmarks.suite import BaseSuite, Context, Page, Result
+from randes.config import TransformConfig
+from tests.services.seaweed import SeaweedServer
 
 MiB = 1024 * 1024
 
 
-def make_bundle(root: Path, total_mb: int, shards: int) -> list[tuple[str, Path, str]]:
-    """Shards of random bytes (incompressible, like fp32 tensors) plus small files."""
-    root.mkdir(parents=True, exist_ok=True)
-    files: list[tuple[str, Path, str]] = []
-    shard_size = total_mb * MiB // shards
-    for i in range(shards):
-        path = root / f"shard-{i:03d}.safetensors"
-        digest = hashlib.sha256()
-        with open(path, "wb") as out:
-            left = shard_size + i * 4099  # uneven sizes: last parts are short
-            while left:
-                chunk = os.urandom(min(left, 8 * MiB))
-                digest.update(chunk)
-                out.write(chunk)
-                left -= len(chunk)
-        files.append((f"objects/{digest.hexdigest()}", path, digest.hexdigest()))
-    for i in range(4):
-        data = (f'{{"manifest": {i}, "pad": "' + "x" * (2000 * (i + 1)) + '"}').encode()
-        path = root / f"manifest-{i}.json"
-        path.write_bytes(data)
-        sha = hashlib.sha256(data).hexdigest()
-        files.append((f"manifests/{sha}.json", path, sha))
-    return files
+def make_models(root: Path, base_mb: int) -> tuple[Path, Path]:
+    """A GPT-2-shaped base padded with large tensors to ``base_mb``, and a fine-tune."""
+    import torch
+
+    from tests.factories import gpt2_state, write_model
+
+    state = gpt2_state(0, n_layer=2, d=64)
+    per = 16 * MiB // 4  # 16 MiB fp32 tensors
+    gen = torch.Generator().manual_seed(1)
+    for i in range(max(1, base_mb // 16)):
+        state[f"extra.{i}.weight"] = torch.randn(per, generator=gen)
+    config = {"model_type": "gpt2", "n_layer": 2}
+    base = write_model(root / "base", state, config)
+    tuned = {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in state.items()}
+    return base, write_model(root / "task", tuned, config)
 
 
 def file_sha256(path: Path) -> str:
@@ -82,96 +76,145 @@ def timed(action: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
     return time.perf_counter() - started
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-mb", type=int, default=512, help="total bundle size (MiB)")
-    parser.add_argument("--shards", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--workdir", type=Path, default=None, help="default: a temp dir")
-    args = parser.parse_args()
+PAIRS = (("pull", "boto3"), ("pull", "boto3 + sha256"), ("put_file", "upload_file"))
 
-    work = Path(tempfile.mkdtemp(prefix="s3bench-", dir=args.workdir))
+
+class S3ThroughputSuite(BaseSuite):
+    name = "s3_throughput"
+    title = "S3 throughput"
+
+    def add_arguments(self, ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--size-mb", type=int, default=464, help="base size (MiB)")
+        ap.add_argument("--repeats", type=int, default=3)
+
+    def params(self, args: argparse.Namespace, quick: bool) -> dict[str, Any]:
+        if quick:
+            return {"size_mb": min(args.size_mb, 48), "repeats": min(args.repeats, 2)}
+        return {"size_mb": args.size_mb, "repeats": args.repeats}
+
+    def run(self, ctx: Context) -> dict[str, Any]:
+        return measure(ctx.work, int(ctx.params["size_mb"]), int(ctx.params["repeats"]), ctx.log)
+
+    def render(self, result: Result) -> Page:
+        d = result.data
+        total, times = d["bytes"], d["seconds"]
+
+        def rate(name: str) -> float:
+            return float(total / statistics.median(times[name]) / 1e6)
+
+        lines = [
+            f"{total / 1e6:.0f} MB in {d['objects']} objects (a pulled version: base + "
+            f"superposition + task shards), median of {result.params['repeats']}, SeaweedFS "
+            "on loopback. MB/s = 10^6 bytes/s.",
+            "",
+            "| path | ours MB/s | boto3 MB/s | ratio |",
+            "|---|---:|---:|---:|",
+            *(
+                f"| {ours} vs {theirs} | {rate(ours):.0f} | {rate(theirs):.0f} | "
+                f"**{rate(ours) / rate(theirs):.2f}** |"
+                for ours, theirs in PAIRS
+            ),
+            "",
+            f"Opening the workspace (`randes pull` does it once, outside the timings): "
+            f"median {statistics.median(d['open_s']):.2f} s.",
+        ]
+        return Page(self.title, "\n".join(lines))
+
+
+def measure(work: Path, size_mb: int, repeats: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Build the version, then time pull / boto3 download and both uploads, interleaved."""
+    from storage.settings import Settings
+    from storage.workspace import Workspace
+
     server = SeaweedServer(work / "seaweed", volume_size_limit_mb=1024)
+    stack = contextlib.ExitStack()
+    saved_env = dict(os.environ)
     try:
         os.environ.update(server.env())
         server.start()
-        files = make_bundle(work / "bundle", args.size_mb, args.shards)
-        total = sum(path.stat().st_size for _, path, _ in files)
-        client = server.client(max_pool_connections=32)
         bucket = server.new_bucket("bench")
-        store = S3Store(bucket, endpoint_url=server.endpoint_url, region=server.region)
+        settings = Settings(
+            home=work / "home",
+            store_url=f"s3://{bucket}/randes",
+            s3_endpoint_url=server.endpoint_url,
+            cache_dir=work / "cache",
+        )
+        base, task = make_models(work / "models", size_mb)
+        with Workspace(settings) as ws:
+            ws.init()
+            ws.add_base("base", str(base))
+            ws.create_bundle("bench", "base", TransformConfig())
+            ws.fold("bench", str(task), "t0")
+        client = server.client(max_pool_connections=32)
         transfer = TransferConfig()  # boto3 defaults: 8 MiB parts, 10 threads
-        results: dict[str, dict[str, list[float]]] = {
-            name: {"up": [], "down": []} for name in ("ours", "boto3", "boto3 + sha256")
+        first = work / "pull-0"
+        with Workspace(settings) as ws:
+            ws.pull("bench", None, first)
+        objects = [
+            (p.relative_to(first).as_posix(), p) for p in sorted(first.rglob("*")) if p.is_file()
+        ]
+        objects = [(k, p) for k, p in objects if k != "bundle.json"]
+        total = sum(p.stat().st_size for _, p in objects)
+        shas = {k: file_sha256(p) for k, p in objects}
+        times: dict[str, list[float]] = {
+            name: [] for name in ("pull", "boto3", "boto3 + sha256", "put_file", "upload_file")
         }
 
-        Bundle = list[tuple[str, Path, str]]
+        def open_close() -> None:
+            with Workspace(settings):
+                pass
 
-        def ours_up(prefix: str, files: Bundle) -> None:
-            for key, path, sha in files:
-                assert store.put_file(f"{prefix}/{key}", path, sha256=sha)
+        opened = [timed(open_close) for _ in range(3)]
+        ws = stack.enter_context(Workspace(settings))  # opened once, its cost reported apart
 
-        def ours_down(prefix: str, files: Bundle, out: Path) -> None:
-            for key, _, sha in files:
-                store.get_file(f"{prefix}/{key}", out / key, sha256=sha)
+        def pull(out: Path) -> None:
+            ws.pull("bench", None, out)
 
-        def boto_up(prefix: str, files: Bundle) -> None:
-            for key, path, _ in files:
-                client.upload_file(str(path), bucket, f"{prefix}/{key}", Config=transfer)
-
-        def boto_down(prefix: str, files: Bundle, out: Path, verify: bool = False) -> None:
-            for key, _, sha in files:
+        def boto_down(out: Path, verify: bool) -> None:
+            for key, _ in objects:
                 dest = out / key
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                client.download_file(bucket, f"{prefix}/{key}", str(dest), Config=transfer)
+                client.download_file(bucket, f"randes/{key}", str(dest), Config=transfer)
                 if verify:
-                    assert file_sha256(dest) == sha
+                    assert file_sha256(dest) == shas[key]
 
-        for rep in range(args.repeats):
+        def ours_up(prefix: str) -> None:
+            for key, path in objects:
+                assert ws.store.put_file(f"{prefix}/{key}", path, sha256=shas[key])
+
+        def boto_up(prefix: str) -> None:
+            for key, path in objects:
+                client.upload_file(str(path), bucket, f"randes/{prefix}/{key}", Config=transfer)
+
+        for rep in range(repeats):
             # Alternate which method goes first, so neither always meets a cold server.
-            for name in ("ours", "boto3") if rep % 2 == 0 else ("boto3", "ours"):
-                prefix = f"r{rep}-{name}"
-                out = work / f"out-{prefix}"
+            order = ("ours", "boto3") if rep % 2 == 0 else ("boto3", "ours")
+            for name in order:
+                out = work / f"out-{rep}-{name}"
                 if name == "ours":
-                    results[name]["up"].append(timed(ours_up, prefix, files))
-                    results[name]["down"].append(timed(ours_down, prefix, files, out))
+                    times["pull"].append(timed(pull, out))
+                    times["put_file"].append(timed(ours_up, f"up-{rep}-ours"))
                 else:
-                    results[name]["up"].append(timed(boto_up, prefix, files))
-                    results[name]["down"].append(timed(boto_down, prefix, files, out))
+                    times["boto3"].append(timed(boto_down, out, False))
                     shutil.rmtree(out)
-                    results["boto3 + sha256"]["up"].append(results[name]["up"][-1])
-                    results["boto3 + sha256"]["down"].append(
-                        timed(boto_down, prefix, files, out, verify=True)
-                    )
+                    times["boto3 + sha256"].append(timed(boto_down, out, True))
+                    times["upload_file"].append(timed(boto_up, f"up-{rep}-boto"))
                 shutil.rmtree(out)
-                for key, _, _ in files:
-                    store.delete(f"{prefix}/{key}")
-
-        def rate(seconds: list[float]) -> float:
-            return total / statistics.median(seconds) / 1e6
-
-        print(
-            f"\nS3 throughput, {total / 1e6:.0f} MB in {len(files)} files "
-            f"({args.shards} shards), median of {args.repeats}, SeaweedFS on loopback, "
-            f"{os.cpu_count()} CPUs, Python {platform.python_version()}\n"
-        )
-        print("| method | upload MB/s | download MB/s | upload ratio | download ratio |")
-        print("|---|---:|---:|---:|---:|")
-        base_up, base_down = rate(results["boto3"]["up"]), rate(results["boto3"]["down"])
-        for name, times in results.items():
-            up_rate, down_rate = rate(times["up"]), rate(times["down"])
-            print(
-                f"| {name} | {up_rate:.0f} | {down_rate:.0f} | "
-                f"{up_rate / base_up:.2f} | {down_rate / base_down:.2f} |"
+            log(
+                f"repeat {rep + 1}/{repeats}: "
+                + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items())
             )
-        print(
-            "\nratio = method / plain boto3. ours: sha256 checked while uploading and "
-            "downloading, create-if-absent; plain boto3: neither."
-        )
+        return {"bytes": total, "objects": len(objects), "seconds": times, "open_s": opened}
     finally:
+        stack.close()
         server.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        os.environ.clear()
+        os.environ.update(saved_env)
+
+
+def main() -> int:
+    return entry("s3_throughput")
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

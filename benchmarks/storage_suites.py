@@ -26,17 +26,22 @@ MINILM_DIR = ROOT / "benchmarks/out/minilm-models"
 
 LARGE_RECIPE = Recipe(finetune_steps=300, finetune_lr=1.5e-3)
 """Digits fine-tuned harder (2x the steps, 3x the learning rate): ~2x larger deltas."""
+QUICK_RECIPE = Recipe(pretrain_steps=60, probe_steps=10, finetune_steps=15)
+"""``--quick`` runs: a tenth of the training steps, models kept apart (QUICK_DIR)."""
+QUICK_DIR = ROOT / "benchmarks/out/quick/digits-models"
 
 
 def _digits_accuracy(task: str, state: Mapping[str, Tensor], split: str) -> float:
     return evaluate(state, task, split)["accuracy"]
 
 
-def digits(n_tasks: int = 8, large: bool = False, retrain: bool = False) -> StorageSuite:
+def digits(
+    n_tasks: int = 8, large: bool = False, retrain: bool = False, quick: bool = False
+) -> StorageSuite:
     """The digits ViT suite of benchmarks.quality (first n tasks of ALL_TASKS)."""
     tasks = list(ALL_TASKS)[:n_tasks]
-    recipe = LARGE_RECIPE if large else Recipe()
-    models_dir = LARGE_DIR if large else DIGITS_DIR
+    recipe = QUICK_RECIPE if quick else LARGE_RECIPE if large else Recipe()
+    models_dir = QUICK_DIR if quick else LARGE_DIR if large else DIGITS_DIR
     s = load_suite(models_dir, tasks, recipe, reuse=not retrain)
     rel = sum(s.rel_delta.values()) / len(tasks)
     name = f"digits-{n_tasks}" + ("-large" if large else "")

@@ -8,6 +8,8 @@ transient faults (store or database unreachable); bad input fails at once.
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import fields
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -22,13 +24,16 @@ from flows.validation import (
     TaskValidation,
     ValidationReport,
     load_evaluator,
+    plan,
     report_markdown,
     validate_task,
 )
 from randes.errors import RandesError
+from randes.validation_policy import Decision
 from storage.errors import StoreUnavailableError
 from storage.invariants import version_problems
 from storage.registry import DatabaseUnavailableError
+from storage.registry.validation import CheckRow
 from storage.settings import load_settings
 from storage.workspace import FoldOutcome, Workspace
 
@@ -94,7 +99,14 @@ def validate_one(
 
 @task(name="record-validation", **_task_options())
 def record_validation(report: ValidationReport) -> str:
+    failing = set(report.failing)
     with Workspace.open() as ws:
+        # what was measured and why, what was skipped: the next selection's history
+        ws.registry.record_checks(
+            report.bundle,
+            report.version,
+            [CheckRow(d, d.task not in failing) for d in report.decisions],
+        )
         for t in report.tasks:
             if t.metric is not None and t.value is not None:
                 ws.registry.add_evaluation(
@@ -128,35 +140,79 @@ def validate_flow(
     version: int | None = None,
     evaluator: str | None = None,
     scale: float | None = None,
+    everything: bool = False,
+    drift: float | None = None,
+    window: int | None = None,
+    sample: int | None = None,
 ) -> ValidationReport:
-    """Retrieve every task of a version, measure it, and gate the version."""
+    """Measure the tasks of a version its validation policy selects, and gate the version.
+
+    The bundle's policy (`randes bundle validation`), with ``drift`` / ``window`` /
+    ``sample`` overriding it for this run; ``everything`` measures every task."""
     with Workspace.open() as ws:
         record, manifest = ws.resolve(bundle, None if version is None else str(version))
         threshold = ws.registry.get_bundle(bundle).gate_threshold
+        policy = ws.registry.validation_policy(bundle).overridden(
+            drift=drift, window=window, sample=sample
+        )
         # The gate's first condition: the version is whole (objects present, finite,
         # base-shaped); a broken one is rejected without measuring its tasks.
         problems = version_problems(ws, manifest)
-    futures = (
-        []
-        if problems
-        else [
-            validate_one.submit(bundle, record.version, t.name, evaluator, scale)
-            for t in manifest.tasks
-        ]
-    )
+        decisions: list[Decision] = (
+            [] if problems else plan(ws, manifest, policy, everything=everything)
+        )
+    futures = [
+        validate_one.submit(bundle, record.version, d.task, evaluator, scale)
+        for d in decisions
+        if d.measured
+    ]
     report = ValidationReport(
-        bundle, record.version, threshold, [f.result() for f in futures], problems
+        bundle,
+        record.version,
+        threshold,
+        [f.result() for f in futures],
+        problems,
+        decisions,
+        None if everything else policy,
     )
     status = record_validation(report)
     key = f"{bundle}-validation".lower().replace("_", "-").replace(".", "-")
+    measured = {t.task: t for t in report.tasks}
     create_table_artifact(
         key=key,
-        table=[t.row() for t in report.tasks],
-        description=f"{bundle} version {record.version}: {status}",
+        table=[_artifact_row(d, measured.get(d.task)) for d in decisions],
+        description=f"{bundle} version {record.version}: {status}, measured "
+        f"{len(report.tasks)} of {len(decisions)} tasks",
     )
     create_markdown_artifact(key=f"{key}-summary", markdown=report_markdown(report))
-    get_run_logger().info("%s version %d: %s", bundle, record.version, status)
+    logger = get_run_logger()
+    logger.info(
+        "%s version %d: %s; measured %d of %d tasks (%s)",
+        bundle,
+        record.version,
+        status,
+        len(report.tasks),
+        len(decisions),
+        ", ".join(f"{reason} {n}" for reason, n in Counter(d.reason for d in decisions).items())
+        or "none",
+    )
     return report
+
+
+def _artifact_row(decision: Decision, measured: TaskValidation | None) -> dict[str, Any]:
+    """One task of the version: why it was (not) measured, and what it measured."""
+    row: dict[str, Any] = {
+        "task": decision.task,
+        "measured": decision.measured,
+        "reason": decision.reason,
+        "why": decision.detail,
+        "interference": decision.interference,
+        "last_validated": decision.last_version,
+    }
+    # the same columns on every row (a skipped task's measurements empty)
+    values = measured.row() if measured is not None else {}
+    row |= {f.name: values.get(f.name) for f in fields(TaskValidation) if f.name != "task"}
+    return row
 
 
 @flow(name="ingest", log_prints=True)
@@ -166,12 +222,18 @@ def ingest_flow(
     evaluator: str | None = None,
     run_validation: bool = True,
     group: str | None = None,
+    validate_all: bool = False,
+    drift: float | None = None,
+    window: int | None = None,
+    sample: int | None = None,
 ) -> dict[str, Any]:
     """Fold every checkpoint under ``source`` that the ledger does not hold yet.
 
     With ``group`` (and ``bundle`` None), each checkpoint is placed in the group's
     member with room for it (storage.groups), and every member that changed is
-    validated.
+    validated. Validation measures what each bundle's policy selects (every checkpoint
+    folded now is new, so always measured); ``validate_all`` and ``drift`` / ``window``
+    / ``sample`` are `validate_flow`'s.
     """
     if (bundle is None) == (group is None):
         raise RandesError("ingest needs exactly one of a bundle and a group")
@@ -208,7 +270,14 @@ def ingest_flow(
             "already folded" if outcome.skipped else f"version {outcome.version}",
         )
     heads = {o.bundle: o.version for o in folded}  # the last new version of each bundle
-    reports = [validate_flow(b, v, evaluator) for b, v in heads.items()] if run_validation else []
+    reports = (
+        [
+            validate_flow(b, v, evaluator, None, validate_all, drift, window, sample)
+            for b, v in heads.items()
+        ]
+        if run_validation
+        else []
+    )
     folded_names = [o.task for o in folded]
     summary: dict[str, Any] = {
         "bundle": bundle,
@@ -222,6 +291,14 @@ def ingest_flow(
         else ("validated" if all(r.passed for r in reports) else "rejected"),
         "refused": refused,
         "placed": {o.task: f"{o.bundle}@{o.version}" for o in [*folded, *skipped]},
+        "validation": {
+            r.bundle: {
+                "version": r.version,
+                "measured": [t.task for t in r.tasks],
+                "skipped": [d.task for d in r.decisions if not d.measured],
+            }
+            for r in reports
+        },
     }
     create_markdown_artifact(
         key=f"{target}-ingest".lower().replace("_", "-").replace(".", "-"),
@@ -229,6 +306,11 @@ def ingest_flow(
             f"# Ingest into {target}\n\nfound {len(candidates)}, folded {len(folded)} "
             f"({', '.join(folded_names) or '-'}), already present {len(skipped)}; "
             f"head version {summary['version']}, status {summary['status']}"
+            + "".join(
+                f"\n- {r.bundle} version {r.version}: measured {len(r.tasks)} of "
+                f"{len(r.decisions)} tasks"
+                for r in reports
+            )
             + "".join(f"\n- refused {line}" for line in refused)
         ),
     )

@@ -19,9 +19,9 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 from randes.errors import RandesError
+from storage.redact import url_for_humans
 
 STARTUP_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 DEFAULT_STARTUP_TIMEOUT_S = 180
@@ -143,16 +143,11 @@ def _is_transport_error(exc: BaseException) -> bool:
 
 def _api_url_for_humans() -> str:
     """PREFECT_API_URL without any user info (a URL may carry credentials)."""
-    url = os.environ.get("PREFECT_API_URL", "")
-    if not url:
-        return "the temporary server"
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "PREFECT_API_URL"
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    return url_for_humans(
+        os.environ.get("PREFECT_API_URL"),
+        empty="the temporary server",
+        unparsable="PREFECT_API_URL",
+    )
 
 
 def _mute_prefect_console_handlers() -> dict[logging.Handler, int]:

@@ -1,4 +1,9 @@
-"""Validation of a bundle version: retrieve every task and measure it.
+"""Validation of a bundle version: retrieve the tasks its policy selects and measure them.
+
+Which tasks: randes.validation_policy (new ones, those whose predicted interference
+moved, a rotating sample of the rest; every task with ``everything``). `plan` reads what
+that choice needs (the version's manifest, the base norms, the registry's last checks);
+the report says for every task whether it was measured and why.
 
 Two measurements, both optional by what is at hand:
 
@@ -22,20 +27,19 @@ import importlib
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from randes.checkpoint import CheckpointReader
-from randes.digests import source_digests
 from randes.errors import RandesError
 from randes.fold import check_compatible
-from randes.manifest import TaskEntry
+from randes.manifest import BundleManifest, TaskEntry
 from randes.retrieve import retrieve
 from randes.source import TensorSource
+from randes.validation_policy import Decision, ValidationPolicy, select, task_states
 from storage.cache import integrity_context, version_context
-from storage.sources import resolve_source
+from storage.readers import open_task_source
 from storage.workspace import Workspace
 
 Evaluator = Callable[[Mapping[str, torch.Tensor], str], Mapping[str, float]]
@@ -74,6 +78,10 @@ class ValidationReport:
     tasks: list[TaskValidation]
     problems: list[str] = field(default_factory=list)
     """Broken bundle-level invariants (storage.invariants): any one rejects the version."""
+    decisions: list[Decision] = field(default_factory=list)
+    """Every task of the version, measured or skipped, and why (`plan`)."""
+    policy: ValidationPolicy | None = None
+    """The policy the decisions followed (the bundle's, with this run's overrides)."""
 
     @property
     def passed(self) -> bool:
@@ -88,6 +96,28 @@ class ValidationReport:
         if self.threshold is None:
             return []
         return [t.task for t in self.tasks if t.score is None or t.score < self.threshold]
+
+
+def plan(
+    ws: Workspace,
+    manifest: BundleManifest,
+    policy: ValidationPolicy,
+    *,
+    everything: bool = False,
+) -> list[Decision]:
+    """Which tasks of ``manifest``'s version to measure: reads JSON and registry rows only.
+
+    Predicted interference comes from the norms the manifests store (the version's and
+    its base's), the history from the registry's checks at versions <= this one."""
+    base_norms = ws.base_manifest(manifest.base.name).norms
+    history = {} if everything else ws.registry.last_checks(manifest.bundle, up_to=manifest.version)
+    return select(
+        manifest.version,
+        task_states(manifest, base_norms),
+        history,
+        policy,
+        everything=everything,
+    )
 
 
 def load_evaluator(spec: str) -> Evaluator:
@@ -182,20 +212,12 @@ def _validate_task(
 
 
 def _open_source(ws: Workspace, entry: TaskEntry) -> CheckpointReader | None:
-    """The task's source checkpoint when it can be fetched and still has its sha256."""
+    """The task's source checkpoint when it can be fetched and still has its sha256
+    (unreachable, vanished or changed: measured without it)."""
     try:
-        resolved = resolve_source(entry.source_uri, settings=ws.settings)
-        reader = resolved.open()
+        return open_task_source(entry, ws.settings)
     except RandesError:
         return None
-    try:
-        matches = entry.source_sha256 in source_digests(reader).all
-    except RandesError:  # the source vanished or became unreadable meanwhile
-        matches = False
-    if not matches:
-        reader.close()
-        return None
-    return reader
 
 
 def _measure(
@@ -238,12 +260,17 @@ def _first_metric(result: Mapping[str, float], task: str) -> tuple[str, float]:
 
 
 def report_markdown(report: ValidationReport) -> str:
+    """The gate's verdict, every measured task with why it was measured, and what was
+    skipped and why (what `randes validate` prints and the flow's artifact holds)."""
     if report.passed:
         verdict = "validated"
     elif report.problems:
         verdict = f"rejected (broken invariants: {'; '.join(report.problems)})"
     else:
         verdict = f"rejected (below gate: {', '.join(report.failing)})"
+    why = {d.task: f"{d.reason}: {d.detail}" for d in report.decisions}
+    skipped = [d for d in report.decisions if not d.measured]
+    policy = f" (policy: {_policy_words(report.policy)})" if report.policy is not None else ""
     lines = [
         f"# {report.bundle} version {report.version}: {verdict}",
         "",
@@ -251,20 +278,39 @@ def report_markdown(report: ValidationReport) -> str:
         "",
         f"Measured on: {', '.join(sorted({t.served for t in report.tasks})) or 'no tasks'}",
         "",
-        "| task | metric | retrieved | fine-tuned | normalized | delta cosine | delta rel. error |",
-        "|---|---|---|---|---|---|---|",
+        *(
+            [
+                f"Measured {len(report.tasks)} of {len(report.decisions)} tasks"
+                + (f"; skipped {len(skipped)}" if skipped else "")
+                + policy,
+                "",
+            ]
+            if report.decisions
+            else []
+        ),
+        "| task | why | metric | retrieved | fine-tuned | normalized | delta cosine "
+        "| delta rel. error |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for t in report.tasks:
         lines.append(
-            f"| {t.task} | {t.metric or ''} | {_fmt(t.value)} | {_fmt(t.reference)} | "
-            f"{_fmt(t.normalized)} | {_fmt(t.delta_cosine)} | {_fmt(t.delta_rel_error)} |"
+            f"| {t.task} | {why.get(t.task, '')} | {t.metric or ''} | {_fmt(t.value)} | "
+            f"{_fmt(t.reference)} | {_fmt(t.normalized)} | {_fmt(t.delta_cosine)} | "
+            f"{_fmt(t.delta_rel_error)} |"
         )
+    if skipped:
+        lines += ["", f"Skipped ({len(skipped)}):", "", "| task | why not |", "|---|---|"]
+        lines += [f"| {d.task} | {d.detail} |" for d in skipped]
     return "\n".join(lines)
+
+
+def _policy_words(policy: ValidationPolicy) -> str:
+    sample = "auto" if policy.sample is None else str(policy.sample)
+    return (
+        f"new tasks, interference moved > {100 * policy.drift:g}%, rotation every "
+        f"{policy.window} versions, sample {sample}"
+    )
 
 
 def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
-
-
-def write_report(path: Path, report: ValidationReport) -> None:
-    path.write_text(report_markdown(report), encoding="utf-8")

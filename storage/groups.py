@@ -38,26 +38,27 @@ directly (``randes fold g-2 ...``) bypasses all of this.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from randes import capacity
-from randes.checkpoint import CheckpointReader
 from randes.config import TransformConfig, stored_config
 from randes.digests import source_digests
-from randes.errors import IntegrityError, RandesError
+from randes.errors import RandesError
 from randes.fold import check_compatible
 from randes.layout import superposed_names
+from randes.manifest import BundleManifest
 from randes.names import validate_name
 from randes.scaling import Norms, data_free_scale, noise_gain
 from storage.cache import integrity_context, version_context
+from storage.folding import ledger_hit
 from storage.localfs import check_destination, reports_full_disk, staged_directory
-from storage.pulled import pointer_json, pulled_shards
+from storage.pull import pull_versions
+from storage.pulled import pointer_json
 from storage.registry import (
     AliasNotFoundError,
     BundleRecord,
@@ -190,30 +191,26 @@ def create_group(
     )
 
 
-@contextlib.contextmanager
-def open_base(ws: Workspace, base: str) -> Iterator[CheckpointReader]:
-    """A verified local reader of a registered base (its shards through the cache)."""
-    manifest = ws.base_manifest(base)
-    paths = [ws.cache.fetch(ref, context=f"base {base}") for ref in manifest.shards]
-    with CheckpointReader.from_files(paths) as reader:
-        yield reader
-
-
 def member_norms(ws: Workspace, bundle: str) -> dict[str, Norms]:
     """Delta norms of every task at the member's head ({} before its first version)."""
     head = ws.registry.head(bundle)
-    if head is None:
-        return {}
-    return {t.name: t.delta_norms for t in ws.manifest(head).tasks}
+    return {} if head is None else _norms(ws.manifest(head))
 
 
-def find_checkpoint(ws: Workspace, group: str, digest: str) -> FoldOutcome | None:
-    """Where the group already holds that checkpoint (its ledger in any member), or None."""
-    for member in ws.registry.group_members(group):
-        hit = ws.registry.ledger_lookup(member.name, digest)
+def find_checkpoint(
+    ws: Workspace, members: Sequence[BundleRecord], digests: Sequence[str], attempt: int = 1
+) -> FoldOutcome | None:
+    """Where the group already holds that checkpoint (its ledger in any member, under
+    any of its digests), or None."""
+    for member in members:
+        hit = ledger_hit(ws.registry, member.name, digests)
         if hit is not None:
-            return FoldOutcome(member.name, hit[0], hit[1], skipped=True)
+            return FoldOutcome(member.name, hit[0], hit[1], skipped=True, attempts=attempt)
     return None
+
+
+def _norms(manifest: BundleManifest) -> dict[str, Norms]:
+    return {t.name: t.delta_norms for t in manifest.tasks}
 
 
 # --------------------------------------------------------------- placement
@@ -236,13 +233,12 @@ def place(
     g = ws.registry.get_group(group)
     config = stored_config(g.transform)
     resolved = resolve_source(source, settings=ws.settings)
-    with resolved.open() as checkpoint, open_base(ws, g.base_name) as base:
+    with resolved.open() as checkpoint, ws.open_base(g.base_name) as base:
         check_compatible(base, checkpoint)  # headers first: a refusal is never hashed
         digests = source_digests(checkpoint)
         digest = digests.content
-        for known in digests.all:
-            if (found := find_checkpoint(ws, group, known)) is not None:
-                return Placement(group, found)
+        if found := find_checkpoint(ws, ws.registry.group_members(group), digests.all):
+            return Placement(group, found)
         names = superposed_names(base, config)
         norms = capacity.measure_delta_norms(base, checkpoint, config)
     base_norms = ws.base_manifest(g.base_name).norms
@@ -250,11 +246,9 @@ def place(
     for attempt in range(1, MAX_PLACEMENT_ATTEMPTS + 1):
         members = ws.registry.group_members(group)
         snapshot: list[dict[str, Norms]] = []
+        if (found := find_checkpoint(ws, members, [digest], attempt)) is not None:
+            return Placement(group, found, attempts=attempt)
         for member in members:
-            hit = ws.registry.ledger_lookup(member.name, digest)
-            if hit is not None:
-                outcome = FoldOutcome(member.name, hit[0], hit[1], skipped=True, attempts=attempt)
-                return Placement(group, outcome, attempts=attempt)
             tasks = member_norms(ws, member.name)
             if task in tasks:
                 raise GroupTaskExistsError(group, task, member.name)
@@ -303,10 +297,8 @@ def place(
 def _member_interference(
     ws: Workspace, bundle: str, version: int, names: Sequence[str], base_norms: Norms
 ) -> float:
-    manifest = ws.manifest(ws.registry.get_version(bundle, version))
-    loads = capacity.interference(
-        {t.name: t.delta_norms for t in manifest.tasks}, base_norms, names
-    )
+    _, manifest = ws.resolve(bundle, str(version))
+    loads = capacity.interference(_norms(manifest), base_norms, names)
     return max(loads.values(), default=0.0)
 
 
@@ -320,7 +312,7 @@ def show(ws: Workspace, group: str) -> tuple[GroupRecord, list[MemberLoad]]:
     if not any(head is not None for _, head in heads):
         return g, [MemberLoad(m.name, None) for m, _ in heads]
     config = stored_config(g.transform)
-    with open_base(ws, g.base_name) as base:
+    with ws.open_base(g.base_name) as base:
         names = superposed_names(base, config)
     base_norms = ws.base_manifest(g.base_name).norms
     loads = []
@@ -329,7 +321,7 @@ def show(ws: Workspace, group: str) -> tuple[GroupRecord, list[MemberLoad]]:
             loads.append(MemberLoad(member.name, None))
             continue
         manifest = ws.manifest(head)
-        norms = {t.name: t.delta_norms for t in manifest.tasks}
+        norms = _norms(manifest)
         r = capacity.interference(norms, base_norms, names)
         tasks = [
             TaskLoad(
@@ -427,27 +419,12 @@ def pull(
         raise GroupRefNotFoundError(group, ref)
     check_destination(dest)
     with staged_directory(dest) as staging:
-        wanted: dict[str, tuple[str, str]] = {}  # key -> (sha256, what it belongs to)
-        pointers: dict[str, str] = {}
+        manifests = pull_versions(ws, chosen, staging, master=master)
+        (staging / "bundles").mkdir()
         listing = []
-        for record in chosen:
-            context = version_context(record.bundle, record.version)
-            with integrity_context(context):
-                manifest = ws.manifest(record)
-            for obj in pulled_shards(manifest, master=master):
-                wanted.setdefault(obj.key, (obj.sha256, context))
-            wanted[record.manifest_key] = (record.manifest_sha256, context)
-            base = ws.base_manifest(manifest.base.name)
-            if base.sha256 != manifest.base.sha256:
-                raise IntegrityError(
-                    f"base {base.name!r} in the registry is not the base bundle "
-                    f"{record.bundle!r} was built on"
-                )
-            base_context = f"base {base.name}"
-            for obj in [*base.shards, *base.files.values()]:
-                wanted.setdefault(obj.key, (obj.sha256, base_context))
-            wanted[manifest.base.manifest_key] = (manifest.base.manifest_sha256, base_context)
-            pointers[record.bundle] = pointer_json(record.bundle, record, manifest, master=master)
+        for record, manifest in zip(chosen, manifests, strict=True):
+            pointer = pointer_json(record.bundle, record, manifest, master=master)
+            (staging / "bundles" / f"{record.bundle}.json").write_text(pointer, encoding="utf-8")
             listing.append(
                 {
                     "bundle": record.bundle,
@@ -456,12 +433,6 @@ def pull(
                     "tasks": [t.name for t in manifest.tasks],
                 }
             )
-        for key, (sha, context) in wanted.items():
-            with integrity_context(context):
-                ws.store.get_file(key, staging / key, sha256=sha)
-        (staging / "bundles").mkdir()
-        for bundle, pointer in pointers.items():
-            (staging / "bundles" / f"{bundle}.json").write_text(pointer, encoding="utf-8")
         summary = {
             "group": g.name,
             "base": g.base_name,

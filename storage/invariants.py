@@ -26,13 +26,14 @@ from randes.manifest import BundleManifest, ShardRef
 from randes.source import TensorSource
 from storage.cache import version_context
 from storage.errors import ObjectNotFoundError
-from storage.workspace import Workspace
+from storage.readers import open_base, open_refs, open_served, open_superposition
+from storage.wiring import Wiring
 
 MAX_PROBLEMS = 20
 """Problems reported per version (the first ones; the rest are counted)."""
 
 
-def version_problems(ws: Workspace, manifest: BundleManifest) -> list[str]:
+def version_problems(ws: Wiring, manifest: BundleManifest) -> list[str]:
     """Every broken invariant of ``manifest``'s version, one short line each ([] if whole)."""
     problems: list[str] = []
     base = ws.base_manifest(manifest.base.name)
@@ -43,8 +44,9 @@ def version_problems(ws: Workspace, manifest: BundleManifest) -> list[str]:
     context = version_context(manifest.bundle, manifest.version)
     # A damaged object (sha256 mismatch) is not caught here: it fails the command with
     # the one line naming its key and this version, as every other reader does.
-    with ws._base_reader_for(manifest) as base_reader:
-        with ws._superposition_reader(manifest) as master:
+    files = ws.files
+    with open_base(files, ws.base_of(manifest)) as base_reader:
+        with open_superposition(files, manifest) as master:
             if master is not None:
                 try:
                     check_superposition(
@@ -54,17 +56,17 @@ def version_problems(ws: Workspace, manifest: BundleManifest) -> list[str]:
                     problems.append(f"master superposition: {exc}")
                 problems += _non_finite("master slot", master)
         if manifest.serving is not None:
-            with ws._served_reader(manifest, base_reader, master=False) as served:
+            with open_served(files, manifest, base_reader, master=False) as served:
                 if served is not None:
                     problems += _non_finite("serving copy of slot", served)
     for entry in manifest.tasks:
-        with ws._open_refs(entry.private, context) as private:
+        with open_refs(files, entry.private, context) as private:
             if private is not None:
                 problems += _non_finite(f"task {entry.name!r} private tensor", private)
     return _capped(problems)
 
 
-def _missing_objects(ws: Workspace, refs: Iterable[ShardRef]) -> list[str]:
+def _missing_objects(ws: Wiring, refs: Iterable[ShardRef]) -> list[str]:
     problems = []
     for ref in {r.key: r for r in refs}.values():
         try:

@@ -1,6 +1,6 @@
 """A directory written by `randes pull`, read offline: no registry, no store server.
 
-`Workspace.pull` lays a version out like the store (``objects/``, ``manifests/``) plus a
+`storage.pull` lays a version out like the store (``objects/``, ``manifests/``) plus a
 ``bundle.json`` pointer; this module rebuilds a task from it, so a pulled bundle is a
 deployable artifact on a machine that reaches neither the database nor the bucket.
 Every object is checked against the sha256 its manifest records before it is read,
@@ -11,16 +11,14 @@ of such a directory says so in one line.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from randes.checkpoint import CheckpointReader
 from randes.errors import IntegrityError, RandesError
-from randes.layout import superposition_metas
 from randes.manifest import (
     BaseManifest,
     BundleManifest,
@@ -28,12 +26,9 @@ from randes.manifest import (
     load_base_manifest,
     load_bundle_manifest,
 )
-from randes.retrieve import materialize as materialize_model
-from randes.scaling import manifest_task_scale
-from randes.serving import QuantizedReader
-from randes.source import TensorSource
 from storage.cache import file_sha256, integrity_context, version_context
 from storage.localfs import staged_directory
+from storage.readers import open_task, write_task
 from storage.registry import TaskNotFoundError, VersionRecord
 from storage.store.base import validate_key
 from storage.store.local import LocalStore
@@ -90,22 +85,6 @@ class PulledVersion:
             )
         return path
 
-    @contextlib.contextmanager
-    def _reader(self, refs: Sequence[ShardRef], links: Path) -> Iterator[CheckpointReader | None]:
-        """Safetensors readers open files by suffix; objects are named by sha256 alone, so
-        each is read through a ``<sha256>.safetensors`` link in a scratch directory."""
-        if not refs:
-            yield None
-            return
-        paths = []
-        for ref in refs:
-            link = links / f"{ref.sha256}.safetensors"
-            if not link.exists():
-                link.symlink_to(self.verified(ref).resolve())
-            paths.append(link)
-        with CheckpointReader.from_files(paths) as reader:
-            yield reader
-
     def materialize(
         self,
         task: str,
@@ -120,52 +99,51 @@ class PulledVersion:
         """
         manifest = self.manifest
         try:
-            entry = manifest.task(task)
+            manifest.task(task)
         except KeyError:
             raise TaskNotFoundError(manifest.bundle, task) from None
-        serving = None if master else manifest.serving
-        if serving is None and not self.has_master:
+        if (master or manifest.serving is None) and not self.has_master:
             raise PulledVersionError(
                 f"{self.root}: the master superposition was not pulled (pull with --master)"
             )
-        side = {name: self.verified(ref) for name, ref in entry.files.items()}
         links = Path(tempfile.mkdtemp(prefix=".randes-links-"))
         try:
             with (
-                self._reader(self.base.shards, links) as base,
-                self._reader(
-                    serving.shards if serving is not None else manifest.superposition, links
-                ) as sup,
-                self._reader(entry.private, links) as private,
+                open_task(
+                    PulledFiles(self, links), manifest, self.base, task, master=master
+                ) as opened,
                 staged_directory(Path(dest)) as staging,
             ):
-                assert base is not None
-                superposition: TensorSource | None = sup
-                if serving is not None and sup is not None:
-                    metas = superposition_metas(base, manifest.transform)
-                    superposition = QuantizedReader(sup, serving.scheme, metas)
-                materialize_model(
-                    base=base,
-                    superposition=superposition,
-                    private=private,
-                    seed=entry.seed,
-                    key_map=entry.key_map,
-                    config=manifest.transform,
-                    scale=scale
-                    if scale is not None
-                    else manifest_task_scale(manifest, entry, base, self.base.norms),
-                    out_dir=staging,
-                    side_files=side,
-                    progress=progress,
-                    weights_dir=entry.weights_dir,
-                )
+                write_task(opened, manifest, self.base, staging, scale=scale, progress=progress)
         finally:
             shutil.rmtree(links, ignore_errors=True)
         return Path(dest)
 
 
+@dataclass(frozen=True)
+class PulledFiles:
+    """The objects of a pulled directory, each verified before it is read
+    (`storage.readers.ObjectFiles`).
+
+    Safetensors readers open files by suffix; objects are named by sha256 alone, so each
+    is read through a ``<sha256>.safetensors`` link in the scratch directory ``links``.
+    """
+
+    pulled: PulledVersion
+    links: Path
+
+    def tensor_file(self, ref: ShardRef, context: str) -> Path:
+        link = self.links / f"{ref.sha256}.safetensors"
+        if not link.exists():
+            link.symlink_to(self.pulled.verified(ref).resolve())
+        return link
+
+    def side_file(self, ref: ShardRef, context: str) -> Path:
+        return self.pulled.verified(ref)
+
+
 def pulled_shards(manifest: BundleManifest, *, master: bool) -> list[ShardRef]:
-    """The objects of ``manifest`` that `Workspace.pull` copies: all of them, except the
+    """The objects of ``manifest`` that `storage.pull` copies: all of them, except the
     fp32 master superposition of a version that serves a quantized copy (unless
     ``master``)."""
     refs = list(manifest.shards())

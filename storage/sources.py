@@ -8,8 +8,6 @@ commit it resolved to, and every source is checked against its sha256 on re-fetc
 from __future__ import annotations
 
 import hashlib
-import logging
-import os
 import re
 import shutil
 import tempfile
@@ -21,6 +19,7 @@ from urllib.request import url2pathname
 
 from randes.checkpoint import PICKLE_SUFFIXES, CheckpointReader
 from randes.errors import CheckpointError, UnsafeCheckpointError
+from storage.redact import redact_s3_debug_logs
 from storage.settings import Settings
 
 if TYPE_CHECKING:
@@ -105,64 +104,6 @@ def _resolve_hf(source: str) -> ResolvedSource:
     return ResolvedSource(uri=f"hf://{repo_id}@{commit}", path=local, root=local.parent.parent)
 
 
-class RedactS3Credentials(logging.Filter):
-    """Hides S3 credentials in what botocore logs at DEBUG.
-
-    botocore's wire log (``botocore.endpoint``, "Sending http request") prints every
-    request's headers, and the SigV4 ``Authorization`` header names the access key id
-    (``Credential=AKIA.../...``); error bodies of some servers quote it too. Whoever
-    turns DEBUG on for botocore (a handler on the root logger is enough) would copy it
-    into their logs. The filter rewrites such records: every ``Credential=``,
-    ``X-Amz-Credential=``, security token header and ``<AWSAccessKeyId>`` value, and
-    any literal value of the ``AWS_*`` credential variables, becomes ``***``.
-    """
-
-    _PATTERNS = (
-        re.compile(r"((?:X-Amz-)?Credential=)[^/\s'\",&]+", re.IGNORECASE),
-        re.compile(r"(X-Amz-Security-Token['\"]?\s*[:=]\s*b?['\"]?)[^'\"\s,&]+", re.IGNORECASE),
-        re.compile(r"(<AWSAccessKeyId>)[^<]+", re.IGNORECASE),
-    )
-    _ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # noqa: BLE001 - a broken record is logging's problem, not ours
-            return True
-        redacted = message
-        for pattern in self._PATTERNS:
-            redacted = pattern.sub(r"\1***", redacted)
-        for name in self._ENV:
-            value = os.environ.get(name)
-            if value and len(value) >= 4:
-                redacted = redacted.replace(value, "***")
-        if redacted != message:
-            record.msg, record.args = redacted, None
-        return True
-
-
-# Logger filters apply to records created at that very logger, not to its children's.
-_REDACTED_LOGGERS = (
-    "botocore.endpoint",
-    "botocore.parsers",
-    "botocore.auth",
-    "botocore.hooks",
-    "botocore.httpsession",
-    "botocore.retryhandler",
-    "botocore.credentials",
-    "botocore.utils",
-    "botocore.client",
-)
-
-
-def redact_s3_debug_logs() -> None:
-    """Install `RedactS3Credentials` on botocore's loggers (idempotent)."""
-    for name in _REDACTED_LOGGERS:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, RedactS3Credentials) for f in logger.filters):
-            logger.addFilter(RedactS3Credentials())
-
-
 def open_configured_store(url: str, settings: Settings) -> ObjectStore:
     """The store at ``url`` with the S3 options of ``settings`` (endpoint, region, retries)."""
     from storage.store import S3Store, open_store
@@ -172,7 +113,7 @@ def open_configured_store(url: str, settings: Settings) -> ObjectStore:
 
     store = open_store(url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
     if settings.s3_retry_seconds is not None and isinstance(store, S3Store):
-        store.retry_timeout = settings.s3_retry_seconds  # read at each operation
+        store.retry_timeout = settings.s3_retry_seconds  # rebuilds its botocore retry config
     return store
 
 

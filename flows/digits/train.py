@@ -26,8 +26,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,6 +44,12 @@ from flows.digits.model import (
     load_pretrained,
     save_pretrained,
     set_head,
+)
+from flows.training import (
+    batches,
+    fit_probe,
+    train_steps,
+    training_threads,
 )
 from randes.atomic import write_atomic
 
@@ -77,32 +82,6 @@ class Recipe:
         return data
 
 
-TRAIN_THREADS = 1
-"""torch threads used for training (see the module docstring: part of determinism)."""
-
-
-@contextmanager
-def _training_threads() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(TRAIN_THREADS)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _batches(n: int, batch: int, steps: int, gen: torch.Generator) -> Iterable[Tensor]:
-    """`steps` minibatch index sets, reshuffled every epoch, drawn from `gen` only."""
-    done = 0
-    while done < steps:
-        perm = torch.randperm(n, generator=gen)
-        for start in range(0, n - batch + 1, batch):
-            yield perm[start : start + batch]
-            done += 1
-            if done >= steps:
-                return
-
-
 def _augment_shift(images: Tensor, gen: torch.Generator) -> Tensor:
     """Random +-1 pixel translation per image (zero padded), for pretraining only."""
     padded = F.pad(images, (1, 1, 1, 1))
@@ -116,7 +95,7 @@ def _augment_shift(images: Tensor, gen: torch.Generator) -> Tensor:
 
 def pretrain(recipe: Recipe) -> DigitsViT:
     """Train the backbone on upright digit classification; return it without its head."""
-    with _training_threads():
+    with training_threads():
         return _pretrain(recipe)
 
 
@@ -133,20 +112,21 @@ def _pretrain(recipe: Recipe) -> DigitsViT:
         opt, max_lr=recipe.pretrain_lr, total_steps=recipe.pretrain_steps, pct_start=0.1
     )
     model.train()
-    for idx in _batches(len(labels), recipe.batch_size, recipe.pretrain_steps, gen):
+
+    def loss_of(idx: Tensor) -> Tensor:
         x = _augment_shift(images[idx], gen) if recipe.pretrain_augment else images[idx]
-        loss = F.cross_entropy(model(x), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        return F.cross_entropy(model(x), labels[idx])
+
+    train_steps(
+        loss_of, batches(len(labels), recipe.batch_size, recipe.pretrain_steps, gen), opt, sched
+    )
     model.head = None
     return model.eval()
 
 
 def finetune(base: DigitsViT, task: str, recipe: Recipe, seed: int | None = None) -> DigitsViT:
     """LP-FT of a copy of `base` on one task; the base is left untouched."""
-    with _training_threads():
+    with training_threads():
         return _finetune(base, task, recipe, seed)
 
 
@@ -168,11 +148,7 @@ def _finetune(base: DigitsViT, task: str, recipe: Recipe, seed: int | None) -> D
     with torch.no_grad():
         feats = model.features(images)
     probe = torch.optim.Adam(model.head.parameters(), lr=recipe.probe_lr)
-    for _ in range(recipe.probe_steps):
-        loss = F.cross_entropy(model.head(feats), labels)
-        probe.zero_grad(set_to_none=True)
-        loss.backward()
-        probe.step()
+    fit_probe(model.head, feats, labels, probe, recipe.probe_steps)
 
     # Full fine-tune at a small learning rate: the delta stays small, as in real fine-tunes.
     head_params = list(model.head.parameters())
@@ -187,12 +163,12 @@ def _finetune(base: DigitsViT, task: str, recipe: Recipe, seed: int | None) -> D
     )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, recipe.finetune_steps))
     model.train()
-    for idx in _batches(len(labels), recipe.batch_size, recipe.finetune_steps, gen):
-        loss = F.cross_entropy(model(images[idx]), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+    train_steps(
+        lambda idx: F.cross_entropy(model(images[idx]), labels[idx]),
+        batches(len(labels), recipe.batch_size, recipe.finetune_steps, gen),
+        opt,
+        sched,
+    )
     return model.eval()
 
 
@@ -202,17 +178,6 @@ def accuracy(model: DigitsViT, task: str, split: str = "test") -> float:
     images, labels = task_split(task, split)
     model.eval()
     return float((model(images).argmax(dim=-1) == labels).float().mean())
-
-
-def relative_delta_norm(base: Mapping[str, Tensor], tuned: Mapping[str, Tensor]) -> float:
-    """||theta_t - theta_base|| / ||theta_base|| over the tensors both have (heads excluded)."""
-    num = 0.0
-    den = 0.0
-    for name, w in base.items():
-        d = tuned[name].float() - w.float()
-        num += float(d.pow(2).sum())
-        den += float(w.float().pow(2).sum())
-    return (num / den) ** 0.5
 
 
 STAMP_FILE = "recipe.json"

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from sqlalchemy import Engine
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import (
     ArgumentError,
     DBAPIError,
@@ -25,6 +25,7 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.orm import Session, sessionmaker
 
+from storage.redact import database_url_for_humans, database_url_secrets, redact_text
 from storage.registry.engine import make_engine, write_options
 from storage.registry.errors import (
     DatabaseUnavailableError,
@@ -107,7 +108,7 @@ class RegistryCore:
     @property
     def url(self) -> str:
         """The database URL with its password hidden (safe to log)."""
-        return _redacted(self._url).render_as_string(hide_password=True)
+        return database_url_for_humans(self._url)
 
     @property
     def backend(self) -> str:
@@ -169,9 +170,7 @@ class RegistryCore:
         (unreachable, locked, schema missing), or None for one the caller must handle."""
         if isinstance(exc, IntegrityError):
             return None
-        detail = _first_line(exc)
-        for secret in _secrets(self._url):
-            detail = detail.replace(secret, "***")
+        detail = redact_text(_first_line(exc), database_url_secrets(self._url))
         sqlstate = getattr(exc.orig, "sqlstate", None)
         lowered = detail.lower()
         if sqlstate in _PG_UNDEFINED or any(m in lowered for m in _SQLITE_UNDEFINED):
@@ -217,23 +216,3 @@ class RegistryCore:
 
         with self._translating(), self._engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
-
-
-_SECRET_QUERY_KEYS = frozenset({"password", "passfile", "sslpassword"})
-
-
-def _secrets(url: URL) -> list[str]:
-    """Every secret a URL carries: the user-info password and password-like query keys."""
-    found = [str(url.password)] if url.password else []
-    for key, value in url.query.items():
-        if key.lower() in _SECRET_QUERY_KEYS:
-            values = value if isinstance(value, tuple) else (value,)
-            found.extend(v for v in values if v)
-    return found
-
-
-def _redacted(url: URL) -> URL:
-    """``url`` with password-like query values replaced by ``***`` (user info is left to
-    SQLAlchemy's ``hide_password``)."""
-    hidden = {k: "***" for k in url.query if k.lower() in _SECRET_QUERY_KEYS}
-    return url.update_query_dict(hidden) if hidden else url

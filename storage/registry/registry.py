@@ -26,6 +26,8 @@ but each concept is its own module under 500 lines, composed here:
 - `tasks.TasksMixin`: `commit_version`, tasks and the ingestion ledger;
 - `evaluations.EvaluationsMixin`: evaluations;
 - `leases.LeasesMixin`: referenced keys and object leases (gc support);
+- `validation.ValidationMixin`: what validations measured and why, and each bundle's
+  validation policy;
 - `rows`: the lookups, record conversion and checks they all share.
 """
 
@@ -37,6 +39,7 @@ from storage.registry.groups import GroupsMixin
 from storage.registry.leases import LeasesMixin
 from storage.registry.rows import GROUP_NAME_MAX, INT32_MAX
 from storage.registry.tasks import TasksMixin
+from storage.registry.validation import ValidationMixin
 from storage.registry.versions import VersionsMixin
 
 __all__ = ["GROUP_NAME_MAX", "INT32_MAX", "Registry", "migrations_dir"]
@@ -48,6 +51,7 @@ class Registry(
     TasksMixin,
     EvaluationsMixin,
     LeasesMixin,
+    ValidationMixin,
 ):
     """Typed access to the registry database (SQLite or PostgreSQL through psycopg 3).
 

@@ -142,7 +142,8 @@ class VersionsMixin(RegistryCore):
     def delete_versions(self, bundle: str, versions: Sequence[int]) -> None:
         """Delete version rows (with their object keys and evaluations), for retention/gc.
 
-        Refuses (VersionInUseError, nothing deleted) a version an alias names, and the
+        Refuses (VersionInUseError, nothing deleted) a version an alias names, a
+        published one (its row locked, so a concurrent publish is seen), and the
         head: its number must stay taken, or the next fold would reuse it. Tasks and
         ledger rows stay: they are the bundle's history, not the version's.
         """
@@ -154,7 +155,9 @@ class VersionsMixin(RegistryCore):
             aliased = _aliased(s, b)
             ids = []
             for v in dict.fromkeys(versions):
-                row = version_row(s, b, v)
+                row = version_row(s, b, v, lock=True)
+                if row.status == "published":
+                    raise VersionInUseError(bundle, row.version, "it is published")
                 if row.version in aliased:
                     raise VersionInUseError(
                         bundle, row.version, f"alias {aliased[row.version]!r} names it"

@@ -284,11 +284,6 @@ class ObjectStore(ABC):
         """Whole object in memory (manifests, small files), verified if ``sha256`` given."""
 
     @abstractmethod
-    def get_range(self, key: str, start: int, length: int) -> bytes:
-        """Bytes ``[start, start + length)``, truncated at the end of the object
-        (``b""`` when ``start`` is at or past the end), like an HTTP range request."""
-
-    @abstractmethod
     def exists(self, key: str) -> bool:
         """Whether ``key`` holds an object."""
 

@@ -273,19 +273,6 @@ class LocalStore(ObjectStore):
             raise self._missing(key) from None
         return verify_bytes(data, sha256, key, self.url)
 
-    def get_range(self, key: str, start: int, length: int) -> bytes:
-        if start < 0 or length < 0:
-            raise ValueError(f"invalid range start={start} length={length}")
-        path = self._path(key)
-        try:
-            with open(path, "rb") as src:
-                if length == 0:
-                    return b""
-                src.seek(start)
-                return src.read(length)
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            raise self._missing(key) from None
-
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 

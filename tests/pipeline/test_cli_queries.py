@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from randes.config import TransformConfig
+from storage.readers import open_base
 from storage.workspace import Workspace
 from tests.cli_run import cli
 from tests.factories import make_base, make_finetune
@@ -154,7 +155,8 @@ def check_bundle_show(populated: Workspace) -> None:
     assert [t["name"] for t in summary["tasks"]] == ["a", "b"]
     assert all(set(t) == SHOW_TASK_KEYS for t in summary["tasks"])
     _, manifest = populated.resolve(BUNDLE, "2")
-    with populated._base_reader_for(manifest) as base:  # the lambda by the other path
+    # the lambda by the other path
+    with open_base(populated.files, populated.base_of(manifest)) as base:
         for shown, entry in zip(summary["tasks"], manifest.tasks, strict=True):
             assert shown["seed"] == entry.seed
             assert shown["lambda"] == pytest.approx(populated.task_scale(manifest, entry, base))

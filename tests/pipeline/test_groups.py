@@ -119,7 +119,7 @@ def test_large_deltas_get_their_own_member_small_ones_share(world: World) -> Non
 
         # the prediction that kept big2 out of g-1: together they would break the limit
         config = TransformConfig()
-        with groups.open_base(ws, BASE) as base:
+        with ws.open_base(BASE) as base:
             names = superposed_names(base, config)
         pair = groups.member_norms(ws, "g-1") | groups.member_norms(ws, "g-3")
         pair_load = capacity.interference(pair, ws.base_manifest(BASE).norms, names)

@@ -30,6 +30,7 @@ from randes.config import DEFAULT_MAP, LEGACY_MAP, TransformConfig, stored_confi
 from randes.manifest import load_bundle_manifest
 from randes.retrieve import retrieve
 from storage.pulled import PulledVersion
+from storage.readers import open_superposition
 from storage.settings import Settings
 from storage.workspace import Workspace
 from tests.factories import make_base, make_finetune
@@ -93,7 +94,7 @@ def test_old_registry_row_keeps_folding_column_flips(ws: Workspace, tmp_path: Pa
     entry = manifest.task("a")
     dest = ws.materialize("old", None, "a", tmp_path / "out", master=True)
     got = load_file(str(dest / "model.safetensors"))
-    with ws._superposition_reader(manifest) as sup, CheckpointReader.open(base_dir) as base:
+    with open_superposition(ws.files, manifest) as sup, CheckpointReader.open(base_dir) as base:
 
         def retrieved(config: TransformConfig) -> dict[str, torch.Tensor]:
             return dict(

@@ -97,13 +97,13 @@ _CTX.set_forkserver_preload(
 # ---------------------------------------------------------------- child arming
 # hook name -> (module, attribute path, before|after, default N)
 HOOKS: dict[str, tuple[str, str, str, int]] = {
-    "compute-start": ("storage.workspace", "fold", "before", 1),
+    "compute-start": ("storage.folding", "fold", "before", 1),
     "after-lease": ("storage.registry", "Registry.lease", "after", 1),
     "after-manifest-lease": ("storage.registry", "Registry.lease", "after", 2),
     "mid-store-write": ("storage.store.local", "publish_no_replace", "before", 1),
     "after-first-upload": ("storage.store.local", "LocalStore.put_file", "after", 1),
     "after-first-upload-s3": ("storage.store.s3", "S3Store.put_file", "after", 1),
-    "before-manifest": ("storage.workspace", "Workspace._put_manifest", "before", 1),
+    "before-manifest": ("storage.commit", "put_manifest", "before", 1),
     "before-commit": ("storage.registry", "Registry.commit_version", "before", 1),
     "after-commit": ("storage.registry", "Registry.commit_version", "after", 1),
     "after-release": ("storage.registry", "Registry.release", "after", 1),
@@ -111,7 +111,7 @@ HOOKS: dict[str, tuple[str, str, str, int]] = {
     "gc-list": ("storage.store.local", "LocalStore.list", "before", 1),
     "gc-after-delete": ("storage.store.local", "LocalStore.delete", "after", 1),
     "s3-get-file": ("storage.store.s3", "S3Store.get_file", "after", 1),
-    "s3-upload-part": ("storage.store.s3", "S3Store._upload_part", "after", 1),
+    "s3-upload-part": ("storage.store.s3", "S3Store._part_uploaded", "after", 1),
 }
 SPECIAL = ("mid-compute", "mid-commit", "mid-cache-copy")
 
@@ -159,9 +159,9 @@ def _wrap(module: str, path: str, when: str, nth: int, action: str) -> None:
 
 def _arm_special(hook: str, action: str) -> None:
     if hook == "mid-compute":  # half the tensors computed, shards half written
-        import storage.workspace as workspace
+        import storage.folding as folding
 
-        core_fold = workspace.fold
+        core_fold = folding.fold
 
         def fold_then_act(*args: Any, **kwargs: Any) -> Any:
             fired = [False]
@@ -174,7 +174,7 @@ def _arm_special(hook: str, action: str) -> None:
             kwargs["progress"] = progress
             return core_fold(*args, **kwargs)
 
-        workspace.fold = fold_then_act  # type: ignore[assignment]
+        folding.fold = fold_then_act  # type: ignore[assignment]
     elif hook == "mid-commit":  # inside the registry transaction, rows half inserted
         from sqlalchemy import event
         from sqlalchemy.engine import Engine

@@ -20,6 +20,7 @@ from randes.checkpoint import CheckpointReader
 from randes.digests import source_digests
 from randes.fold import fold as core_fold
 from randes.layout import superposition_dtype
+from storage.readers import open_superposition
 from storage.settings import Settings
 from storage.sources import resolve_source
 from storage.workspace import Workspace
@@ -41,8 +42,8 @@ def recompute_drift(
             manifest = ws.manifest(record)
             with (
                 tempfile.TemporaryDirectory() as scratch,
-                ws._base_reader(bundle_rec) as base,
-                ws._superposition_reader(manifest) as stored,
+                ws.open_base(bundle_rec.base_name) as base,
+                open_superposition(ws.files, manifest) as stored,
             ):
                 expected = _recompute(ws, base, manifest, Path(scratch))
                 if stored is None:

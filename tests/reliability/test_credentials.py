@@ -20,7 +20,7 @@ key, an unknown access key id, a wrong database password (`DatabaseUnavailableEr
 and failed flow runs for each.
 
 botocore's DEBUG wire log prints each request's ``Authorization`` header, which names
-the access key id: `storage.sources.RedactS3Credentials` rewrites it, and a test checks
+the access key id: `storage.redact.RedactS3Credentials` rewrites it, and a test checks
 that the wire log was captured (so the grep saw it) and shows ``Credential=***``.
 """
 

@@ -464,6 +464,7 @@ def _commit_tampered(settings: Settings, slot_value: float) -> int:
     in one slot (stored under its true sha256: only the invariant check can see it)."""
     import uuid
 
+    from storage.commit import Upload, commit_manifest, release, upload
     from storage.workspace import Workspace
 
     with Workspace(settings) as ws:
@@ -479,7 +480,7 @@ def _commit_tampered(settings: Settings, slot_value: float) -> int:
         bad = settings.home.parent / "tampered.safetensors"
         save_file(tensors, str(bad))
         owner = uuid.uuid4().hex
-        new_ref = ws._upload_file(bad, sorted(tensors))
+        new_ref = upload(ws.store, Upload.of_file(bad, tensors=sorted(tensors)))
         tampered = manifest.model_copy(
             update={
                 "version": head.version + 1,
@@ -488,8 +489,8 @@ def _commit_tampered(settings: Settings, slot_value: float) -> int:
                 "serving": None,
             }
         )
-        ws._commit(BUNDLE, tampered, owner)
-        ws._release(owner)
+        commit_manifest(ws.store, ws.registry, tampered, owner)
+        release(ws.registry, owner)
         return head.version + 1
 
 

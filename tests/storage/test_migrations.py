@@ -21,7 +21,7 @@ from storage.registry.registry import migrations_dir
 
 REPO = Path(__file__).resolve().parents[2]
 REGISTRY_TABLES = set(Base.metadata.tables)
-HEAD = "0002"  # the newest migration (0002: bundle groups)
+HEAD = "0003"  # the newest migration (0003: validation checks and policies)
 
 
 def _tables(url: str) -> set[str]:

@@ -110,7 +110,7 @@ def test_migration_0002_up_and_down_with_data(registry_url: str) -> None:
         assert "bundle_groups" not in _tables(registry_url)
         reg.add_base("tiny", "file:///base", "0" * 64, "manifests/b.json", "1" * 64, [])
         reg.create_bundle("plain", "tiny", {})
-        reg.upgrade()
+        reg.upgrade("0002")
         assert reg.schema_revision() == "0002"
         assert {"bundle_groups", "bundle_group_members"} <= _tables(registry_url)
         reg.create_group("g", "tiny", TRANSFORM, max_interference=0.05)

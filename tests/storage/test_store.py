@@ -121,10 +121,6 @@ def test_multipart_roundtrip(store: ObjectStore, tmp_path: Path, big_blob: bytes
     store.get_file("objects/big", dest, sha256=digest)
     assert sha(dest.read_bytes()) == digest
     assert store.get_bytes("objects/big", sha256=digest) == big_blob
-    boundary = 5 * MiB
-    assert (
-        store.get_range("objects/big", boundary - 10, 20) == big_blob[boundary - 10 : boundary + 10]
-    )
 
 
 def test_concurrent_puts_of_one_key_write_once(
@@ -154,22 +150,6 @@ def test_concurrent_puts_of_one_key_write_once(
         assert sorted(results) == [False, False, True]
     assert store.get_bytes("objects/race", sha256=sha(big_blob)) == big_blob
     assert [i.key for i in store.list()] == ["objects/race"]
-
-
-# ------------------------------------------------------------------- ranges
-def test_ranged_reads(store: ObjectStore) -> None:
-    data = bytes(range(256)) * 4
-    store.put_bytes("r", data)
-    assert store.get_range("r", 0, 8) == data[:8]
-    assert store.get_range("r", 100, 50) == data[100:150]
-    assert store.get_range("r", 1000, 100) == data[1000:]  # truncated at the end
-    assert store.get_range("r", len(data), 10) == b""
-    assert store.get_range("r", len(data) + 5, 10) == b""
-    assert store.get_range("r", 3, 0) == b""
-    with pytest.raises(ValueError):
-        store.get_range("r", -1, 4)
-    with pytest.raises(ObjectNotFoundError):
-        store.get_range("absent", 0, 4)
 
 
 # ---------------------------------------------------------------- integrity
@@ -469,7 +449,7 @@ def test_interrupted_download_resumes(outage_server: SeaweedServer, tmp_path: Pa
             restarter[0].start()
 
     try:
-        assert store._stream_range("objects/big", 0, None, sink) == len(data)
+        assert store._stream("objects/big", sink) == len(data)
     finally:
         for timer in restarter:
             timer.join()
