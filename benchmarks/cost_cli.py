@@ -30,8 +30,9 @@ Method:
 
     .venv/bin/python -m benchmarks.cost --parts fold_cli [--cli-old /path/to/old/checkout]
 
-Disk: (2 + repeats) checkpoints plus, per variant, about 2 x (2 + repeats) x 1.4 GB of
-store and cache; all under the run's scratch directory, removed at the end.
+Disk: (2 + repeats) checkpoints plus, per variant, about 4 x 1.4 GB of store and cache
+(after each fold, untimed, ``randes gc --keep-last 1`` and a prune of the cache keep one
+version); all under the run's scratch directory, removed at the end.
 """
 
 from __future__ import annotations
@@ -108,6 +109,17 @@ def _randes(code: Path, home: Path, *args: str) -> dict[str, float]:
     return run | {"peak_rss": int(peak.read_text())}
 
 
+def _reclaim(code: Path, home: Path) -> None:
+    """Untimed, after each fold: drop every version but the head (``randes gc
+    --keep-last 1``) and the cached copies of objects the store no longer holds, so
+    the disk holds one bundle version per variant, not one per repeat."""
+    _randes(code, home, "gc", "--grace", "0", "--keep-last", "1")
+    stored = {p.name for p in (home / "store").rglob("*") if p.is_file()}
+    for cached in (home / "cache" / "objects").glob("*"):
+        if cached.name.split(".", 1)[0] not in stored:
+            cached.unlink()
+
+
 def measure_cli(
     spec: ModelSpec, repeats: int, work: Path, log: Callable[[str], None], old: Path | None
 ) -> dict[str, Any]:
@@ -145,6 +157,7 @@ def measure_cli(
                 run = _randes(
                     variants[name], homes[name], "fold", "b", ck_dir, "--task", f"t{task}"
                 )
+                _reclaim(variants[name], homes[name])
             runs[name].append(run)
             log(
                 f"fold_cli: repeat {r + 1} {name}: "
