@@ -15,6 +15,12 @@ A cached copy that verified is trusted for what it is: bytes whose sha256 the ma
 records. So commands that read through the cache (fold, materialize, validate) may
 succeed while the store's copy of an object they have cached is damaged; `randes pull`
 reads every object from the store and is the command that checks the store itself.
+
+A fold's own new shards enter the cache without a download (`ObjectCache.adopt`: a hard
+link to the file it wrote and hashed), so the next fold reads its parent straight away;
+that copy is verified by every later process like a downloaded one. On a local store
+the stored object is the same file (``put_file(move=True)``): damage to it is damage to
+both, and is reported as the store object's.
 """
 
 from __future__ import annotations
