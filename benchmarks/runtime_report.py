@@ -15,7 +15,7 @@ def report(res: dict[str, Any], spec: ModelSpec) -> str:
         "Method: see the docstring of `benchmarks/runtime.py`. Model: the GPT-2-shaped "
         f"cost model ({spec.layers} x {spec.d}, vocab {spec.vocab}, "
         f"{spec.params() / 1e6:.1f}M parameters, fp32, default TransformConfig: int4-g64 "
-        "serving copy, column sign flips + layer shuffling, rank-1 tensors private), "
+        "serving copy, elementwise signs + layer shuffling, rank-1 tensors flipped), "
         "tasks folded through a real workspace and pulled (benchmarks/runtime_build.py).",
         "",
         "**Verdicts**",
@@ -77,16 +77,21 @@ def report(res: dict[str, Any], spec: ModelSpec) -> str:
             f"{m[sw_key] / mixed:.1f}x the throughput of {sw_key}; "
             f"{mixed / floor:.2f}x the time of one plain pass."
         )
-    lines += ["", "**Reading the numbers**", "", *READING]
+    slots = res["mixed"][-1]["slot_bytes"]
+    lines += ["", "**Reading the numbers**", "", *READING, MIXED_SLOTS if slots else MIXED_FALLBACK]
     lines += [
         "",
         "### 2. Task switch (s, median)",
         "",
-        "| method | median | vs warm reload |",
-        "|---|---:|---:|",
+        "| method | median | vs warm reload | thread CPU s | CPU vs warm reload |",
+        "|---|---:|---:|---:|---:|",
     ]
+    cpu = res["switch"].get("cpu", {})
+    cpu_base = cpu.get("warm load_file + load_state_dict")
     for k, v in sw.items():
-        lines.append(f"| {k} | {v:.3f} | {v / base:.2f}x |")
+        c = cpu.get(k)
+        tail = f" {c:.3f} | {c / cpu_base:.2f}x |" if c is not None and cpu_base else " - | - |"
+        lines.append(f"| {k} | {v:.3f} | {v / base:.2f}x |{tail}")
     lines += [
         "",
         f"Model bytes {sw_bytes(res) / MB:.0f} MB; held by the runtime (the int4 "
@@ -109,11 +114,15 @@ def report(res: dict[str, Any], spec: ModelSpec) -> str:
             lines.append(f"| {k} | {v:.3f} | {row['rows'] / v:.1f} | {v / mixed:.2f}x |")
         lines.append("")
     extra = res["mixed"][-1]
+    held = (
+        f"the dequantized superposition slots ({extra['slot_bytes'] / MB:.0f} MB, one "
+        "model's size) and "
+        if extra["slot_bytes"]
+        else "no shared slots (every superposed weight fell back to per-task tensors) and "
+    )
     lines.append(
-        f"The mixed model holds the dequantized superposition slots "
-        f"({extra['slot_bytes'] / MB:.0f} MB, one model's size) and "
-        f"{extra['per_task_bytes'] / MB:.1f} MB of per-task tensors; the base is the "
-        "runtime's, shared."
+        f"The mixed model holds {held}{extra['per_task_bytes'] / MB:.1f} MB of per-task "
+        "tensors; the base is the runtime's, shared."
     )
     lines += [
         "",
@@ -135,31 +144,46 @@ READING = [
     "- Switch. A warm reload and `from_pretrained` hand over bytes that already are a "
     "finished model in the page cache: `load_file` + `load_state_dict` copy them once, and "
     "transformers' `from_pretrained` maps the file and does not even copy. A switch computes "
-    "the model: per superposed tensor it unpacks the int4 codes into float32, scales them, "
-    "undoes the task's signs and adds the result to the base inside the module's storage, "
-    "with the same eager PyTorch ops as materialize (about six passes over the model's "
-    "bytes, plus fresh pages for each dequantized tensor). It is far ahead of what changing "
-    "task costs without the runtime (materialize + load, last row) and needs no per-task "
-    "files. Reaching the reload's speed needs one fused dequantize-unflip-add kernel, a "
-    "second implementation of the retrieval math: not done, so that served and "
-    "materialized models stay identical by construction.",
+    "the model: it reads the base into the module's storage (the same copy a reload makes), "
+    "then per chunk of 2^19 entries (randes.retrieve, reused work buffers, so the chunk's "
+    "passes stay in the CPU cache and no page is freshly faulted) it unpacks the int4 codes "
+    "to int8 with contiguous int16 ops, applies the task's signs to the int8 codes, converts "
+    "and scales them and adds them to the base, with the same eager PyTorch ops as "
+    "materialize (one implementation: materialize runs the same chunked code). Under the "
+    "default elementwise map it also draws 15.5 MB of SHAKE-256 sign stream per switch. The "
+    "floor of that design is the reload's copy plus about five cache-resident passes; "
+    "reaching the reload's speed would need one fused dequantize-unflip-add kernel (a second "
+    "implementation of the retrieval math) or mapping the base instead of copying it.",
     "- Memory. On the CPU the runtime holds the int4 superposition and the working model; "
     "the base is read from its verified files each time a tensor is computed, so it lives "
     "in the page cache, like the file `from_pretrained` maps (which counts in that "
     "process's RSS: column `file`). Machine-wide the runtime needs the base's pages + one "
     "model + the int4 copy for any number of tasks, where one `from_pretrained` per task "
-    "needs N models. The peak sits above the end state by about the largest tensor's "
-    "dequantized slot (the 154 MB embedding: retrieval computes a tensor whole), which is "
-    "what keeps it over 1.4x here; the rest is the int4 copy and transformers' own "
-    "overhead of building a model (~130 MB, paid by `from_pretrained` too). With the base "
+    "needs N models. Retrieval computes a tensor in bounded chunks, so the peak is the end "
+    "state (no tensor-sized dequantized slot); what it holds above `from_pretrained` is the "
+    "int4 copy and transformers' own overhead of building a model (~130 MB, paid by "
+    "`from_pretrained` too). With the base "
     "resident in the process (the GPU layout, or `base_resident=True`) the RSS carries the "
     "base once more (last row).",
+]
+
+MIXED_SLOTS = (
     "- Mixed batches. One pass costs one base matmul over the whole batch plus one slot "
     "matmul per group of rows of a task: about twice a plain pass, plus row gathers. With "
     "one request per task it beats switching (eight switches cost more than the extra "
     "matmuls); with eight requests per task the switches are amortized and per-task passes "
-    "with switches win; N resident per-task models (N x the memory) beat both on time.",
-]
+    "with switches win; N resident per-task models (N x the memory) beat both on time."
+)
+MIXED_FALLBACK = (
+    "- Mixed batches. Under the default elementwise map no weight factors into row and "
+    "column signs, so every superposed leaf falls back to per-task tensors (README, "
+    "'Mixed-task batches'): the mixed model holds one weight copy per task (the per-task "
+    "bytes below, N models' worth, none of it int4) and runs each leaf once per group of "
+    "rows. It is then N resident per-task models in one module: far ahead of switching "
+    "when a batch mixes tasks, level with N per-task passes, and its memory is what the "
+    "runtime exists to avoid. The shared-matmul path (one base matmul + one slot matmul per "
+    "group, the slots at one model's size for any N) needs the column or two-sided map."
+)
 
 
 def memory_verdict(mem: dict[str, Any]) -> str:

@@ -23,11 +23,15 @@ manifest's `QuantScheme` and the base's header, never guessed from the data.
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+from randes.buffers import WorkBuffers
 
 QuantBits = Literal[8, 4, 3]
 
@@ -162,12 +166,59 @@ def _quantize_chunked(x: torch.Tensor, scheme: QuantScheme, group: int) -> Quant
 def dequantize(q: QuantizedTensor, shape: tuple[int, ...], scheme: QuantScheme) -> torch.Tensor:
     """The float32 tensor of ``shape`` that ``q`` encodes."""
     numel = math.prod(shape)
+    n_values = q.scales.numel() * scheme.group_of(shape)
+    if q.codes.dim() != 1 or q.codes.numel() != _packed_bytes(n_values, scheme.bits):
+        _unpack(q.codes, scheme.bits, n_values)  # raises the dtype / size error
+    return dequantize_range(q, shape, scheme, 0, numel).reshape(shape)
+
+
+def chunk_alignment(scheme: QuantScheme, shape: tuple[int, ...]) -> int:
+    """Flat offsets where a `dequantize_range` may start: whole scale groups and whole
+    code bytes (8 values fill whole bytes at 8, 4 and 3 bits)."""
+    return math.lcm(scheme.group_of(shape), 8)
+
+
+def dequantize_range(
+    q: QuantizedTensor,
+    shape: tuple[int, ...],
+    scheme: QuantScheme,
+    lo: int,
+    hi: int,
+    buffers: WorkBuffers | None = None,
+    signs: Callable[[torch.Tensor, int], object] | None = None,
+) -> torch.Tensor:
+    """Flat elements ``[lo, hi)`` of ``dequantize(q, shape, scheme)``, bit for bit: the
+    same codes times the same group scales, computed for those groups only.
+
+    ``lo`` must be a multiple of `chunk_alignment` (or 0). With ``buffers`` the result is
+    a view of a reused work buffer (valid until the next call with the same buffers):
+    what lets retrieval stream a tensor through bounded memory without fresh pages.
+    ``signs(codes, lo)``, when given, flips the signed integer codes of the range in
+    place (int8, before they are scaled): the result is then the flipped values, bit for
+    bit (negating a factor negates a rounded product exactly), at a quarter of the
+    memory traffic of flipping float32 values.
+    """
+    numel = math.prod(shape)
     group = scheme.group_of(shape)
     n_groups = q.scales.numel()
-    qmax = _qmax(scheme.bits)
-    rows = _unpack_float(q.codes, scheme.bits, n_groups * group).sub_(qmax).view(n_groups, group)
-    rows.mul_(q.scales.to(torch.float32)[:, None])
-    return rows.reshape(-1)[:numel].reshape(shape)
+    if not 0 <= lo <= hi <= numel or lo % group or (lo * scheme.bits) % 8:
+        raise ValueError(f"range [{lo}, {hi}) is not an aligned range of {numel} values")
+    g0, g1 = lo // group, min(n_groups, -(-hi // group))
+    n_values = max(0, g1 - g0) * group  # whole groups (the last one zero-padded)
+    start = lo * scheme.bits // 8
+    packed = q.codes[start : start + _packed_bytes(n_values, scheme.bits)]
+    codes = _unpack_codes(packed, scheme.bits, n_values, buffers).view(torch.int8)
+    codes.sub_(_qmax(scheme.bits))  # q in [-qmax, qmax]: exact in int8
+    if signs is not None:
+        signs(codes[: hi - lo], lo)
+    out = (
+        torch.empty(n_values, dtype=torch.float32, device=packed.device)
+        if buffers is None
+        else buffers.take("values", n_values, torch.float32, packed.device)
+    )
+    rows = out.copy_(codes).view(-1, group)
+    rows.mul_(q.scales[g0:g1].to(torch.float32)[:, None])
+    return out[: hi - lo]
 
 
 def fake_quantize(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
@@ -197,18 +248,32 @@ def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     raise ValueError(f"unsupported bit width {bits}")
 
 
-def _unpack_float(packed: torch.Tensor, bits: int, n_values: int) -> torch.Tensor:
-    """The codes of ``_unpack`` as float32, values identical. For int4 (the default) each
-    nibble is converted straight into its place in the output: 2-4x faster than unpacking
-    to uint8 first, which is what a serving runtime's task switch spends most time on."""
-    if bits != 4 or packed.dtype != torch.uint8 or packed.dim() != 1:
-        return _unpack(packed, bits, n_values).to(torch.float32)
+def _unpack_codes(
+    packed: torch.Tensor, bits: int, n_values: int, buffers: WorkBuffers | None
+) -> torch.Tensor:
+    """The codes of ``_unpack`` (uint8, values identical) in memory the caller may write
+    (a reused buffer when ``buffers`` is given). For int4 (the default) the bytes are
+    widened to int16 and each one's high nibble moved to the high byte, which on a
+    little-endian machine puts every code in its place with contiguous vectorized ops:
+    6x faster than two strided nibble writes, which is what a serving runtime's task
+    switch spent most time on."""
+
+    def take(role: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+        if buffers is None:
+            return torch.empty(n, dtype=dtype, device=packed.device)
+        return buffers.take(role, n, dtype, packed.device)
+
+    if bits != 4 or packed.dtype != torch.uint8 or packed.dim() != 1 or sys.byteorder != "little":
+        codes = _unpack(packed, bits, n_values)
+        return take("codes", n_values, torch.uint8).copy_(codes)  # never the stored codes
     if packed.numel() != _packed_bytes(n_values, bits):
         _unpack(packed, bits, n_values)  # raises the size error
-    out = torch.empty((packed.numel(), 2), dtype=torch.float32, device=packed.device)
-    out[:, 0].copy_(packed & 0x0F)
-    out[:, 1].copy_(packed >> 4)
-    return out.view(-1)[:n_values]
+    words = take("codes", 2 * packed.numel(), torch.uint8).view(torch.int16)
+    high = take("high-nibbles", packed.numel(), torch.int16)
+    words.copy_(packed)
+    torch.bitwise_left_shift(words, 4, out=high).bitwise_and_(0x0F00)
+    words.bitwise_and_(0x000F).bitwise_or_(high)
+    return words.view(torch.uint8)[:n_values]
 
 
 def _unpack(packed: torch.Tensor, bits: int, n_values: int) -> torch.Tensor:

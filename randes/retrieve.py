@@ -13,13 +13,17 @@ did.
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from randes.atomic import replacing, write_atomic
+from randes.buffers import WorkBuffers
 from randes.config import TransformConfig
 from randes.errors import IncompatibleCheckpointError, RandesError
 from randes.header import DTYPES
@@ -43,6 +47,35 @@ def _scale_for(scale: float | Mapping[str, float], name: str) -> float:
     raise ValueError(f"no scale for tensor {name!r} and no {DEFAULT_SCALE_KEY!r} default")
 
 
+CHUNK_ELEMENTS = 1 << 19
+"""Entries computed per step of a tensor's retrieval (2 MiB as float32, a core's L2):
+large enough that each chunk's few torch ops cost little, small enough that a chunk's
+passes (unpack, sign, convert, scale, add) stay in the CPU's cache instead of each
+crossing memory."""
+
+
+@runtime_checkable
+class RangeSource(TensorSource, Protocol):
+    """A source that computes an aligned range of a tensor's flat entries on its own
+    (`randes.serving.QuantizedReader`): retrieval then never holds a whole slot."""
+
+    def alignment(self, name: str) -> int:
+        """Flat offsets a range of ``name`` may start at are multiples of this."""
+        ...
+
+    def get_range(
+        self,
+        name: str,
+        lo: int,
+        hi: int,
+        buffers: WorkBuffers | None = None,
+        signs: Callable[[torch.Tensor, int], object] | None = None,
+    ) -> torch.Tensor:
+        """Flat entries ``[lo, hi)`` of ``get(name)``, possibly a view of ``buffers``,
+        flipped by ``signs(x, lo)`` (in place, at whatever stage is cheapest) if given."""
+        ...
+
+
 class _Retrieval:
     """One task's output tensors: all planned from the headers, each computed on demand."""
 
@@ -56,8 +89,11 @@ class _Retrieval:
         key_map: KeyMap,
         config: TransformConfig,
         scale: float | Mapping[str, float],
+        buffers: WorkBuffers | None = None,
     ) -> None:
         layout = layout_of(base, config)
+        self.buffers = buffers if buffers is not None else WorkBuffers()
+        self._ranged = isinstance(superposition, RangeSource)  # checked once: it is slow
         if superposition is not None:
             check_superposition(base, superposition, layout)
         self.base = base
@@ -95,7 +131,15 @@ class _Retrieval:
         return [TensorSpec.of(ck_name, meta) for ck_name, (_, meta) in self.plan.items()]
 
     def tensor(self, ck_name: str) -> torch.Tensor:
-        """Compute one output tensor: reads one base tensor and one slot (or a private one)."""
+        """Compute one output tensor: reads one base tensor and one slot (or a private one).
+
+        theta + lambda * T^-1(slot) is computed in place in the base tensor ``get``
+        returned, one chunk of about CHUNK_ELEMENTS entries at a time (dequantize, undo
+        the signs, add), through reused work buffers: the extra memory is a few chunks
+        whatever the tensor's size, and the chunk's passes stay in the CPU cache. Every
+        entry gets the very operations a whole-tensor computation gives it, so the
+        result does not depend on the chunking (tests/core, tests/runtime).
+        """
         name, meta = self.plan[ck_name]
         if name is None:
             assert self.private is not None
@@ -104,11 +148,31 @@ class _Retrieval:
         if name in self.layout.non_float or self.superposition is None:
             return theta.to(meta.dtype)
         slot = self.transform.slot_of(name)
-        delta = self.transform.unscramble_one(
-            name, self.superposition.get(slot).to(torch.float32), inplace=True
-        )
-        value = theta.to(torch.float32).add_(delta, alpha=_scale_for(self.scale, name))
-        del delta
+        value = theta.to(torch.float32, memory_format=torch.contiguous_format)
+        flat = value.view(-1)
+        signs = self.transform.signs(name, tuple(value.shape))
+        alpha = _scale_for(self.scale, name)
+        sup = self.superposition
+        whole: torch.Tensor | None = None
+        align = signs.alignment if signs is not None else 1
+        ranged: RangeSource = sup  # type: ignore[assignment]
+        if self._ranged:
+            align = math.lcm(align, ranged.alignment(slot))
+        else:  # a source read whole (the fp32 master): chunks are views of its copy
+            whole = sup.get(slot).to(torch.float32, memory_format=torch.contiguous_format)
+            whole = whole.view(-1)
+        step = align * max(1, CHUNK_ELEMENTS // align)
+        for lo in range(0, flat.numel(), step):
+            hi = min(lo + step, flat.numel())
+            if whole is None:
+                flips = partial(signs.apply_, buffers=self.buffers) if signs else None
+                delta = ranged.get_range(slot, lo, hi, self.buffers, flips).to(torch.float32)
+            else:
+                delta = whole[lo:hi]
+                if signs is not None:
+                    signs.apply_(delta, lo, self.buffers)
+            flat[lo:hi].add_(delta, alpha=alpha)
+        del whole
         return value.to(meta.dtype)
 
 

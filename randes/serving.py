@@ -19,18 +19,21 @@ before anything is read, so a serving copy that does not fit the base fails in o
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
+from randes.buffers import WorkBuffers
 from randes.errors import IncompatibleCheckpointError, NonFiniteTensorError
 from randes.quantize import (
     CODES_SUFFIX,
     SCALES_SUFFIX,
     QuantizedTensor,
     QuantScheme,
+    chunk_alignment,
     dequantize,
+    dequantize_range,
     quantize,
 )
 from randes.source import ClosableSource, Closing, TensorMeta, TensorSource
@@ -143,6 +146,7 @@ class QuantizedReader(Closing):
         self._inner = inner
         _check_layout(inner, scheme, slots)
         self._metas = {slot: slots[slot] for slot in sorted(slots)}
+        self._held: tuple[str, QuantizedTensor] | None = None
 
     def keys(self) -> list[str]:
         """Slot names, sorted (the master's)."""
@@ -165,10 +169,39 @@ class QuantizedReader(Closing):
 
     def get(self, name: str) -> torch.Tensor:
         meta = self._metas[name]
-        q = QuantizedTensor(self._inner.get(codes_name(name)), self._inner.get(scales_name(name)))
-        return dequantize(q, meta.shape, self.scheme).to(meta.dtype)
+        return dequantize(self._quantized(name), meta.shape, self.scheme).to(meta.dtype)
+
+    def alignment(self, name: str) -> int:
+        """Ranges of ``name`` start at multiples of this (whole groups, whole bytes)."""
+        return chunk_alignment(self.scheme, self._metas[name].shape)
+
+    def get_range(
+        self,
+        name: str,
+        lo: int,
+        hi: int,
+        buffers: WorkBuffers | None = None,
+        signs: Callable[[torch.Tensor, int], object] | None = None,
+    ) -> torch.Tensor:
+        """Flat entries ``[lo, hi)`` of ``get(name)``, bit for bit, dequantized from those
+        groups' codes only (in ``buffers`` when given, a view valid until their next use);
+        ``signs(x, lo)`` flips them in place (applied to the integer codes)."""
+        meta = self._metas[name]
+        q = self._quantized(name)
+        values = dequantize_range(q, meta.shape, self.scheme, lo, hi, buffers, signs)
+        return values.to(meta.dtype)
+
+    def _quantized(self, name: str) -> QuantizedTensor:
+        """The codes and scales of ``name``, kept for the next ranges of the same slot
+        (one slot's codes: an eighth of its float32 size at int4)."""
+        if self._held is None or self._held[0] != name:
+            self._held = None
+            codes, scales = self._inner.get(codes_name(name)), self._inner.get(scales_name(name))
+            self._held = (name, QuantizedTensor(codes, scales))
+        return self._held[1]
 
     def close(self) -> None:
+        self._held = None
         self._inner.close()
 
     def __repr__(self) -> str:

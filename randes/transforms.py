@@ -41,6 +41,7 @@ from collections.abc import Mapping
 
 import torch
 
+from randes.buffers import WorkBuffers
 from randes.config import MapName
 from randes.layout import Layout
 from randes.rng import (
@@ -59,23 +60,139 @@ def _check(x: torch.Tensor) -> None:
         raise ValueError("sign maps need a contiguous tensor")
 
 
+class SignMap:
+    """The signs of one tensor under one map, applied to any aligned chunk of its entries.
+
+    The one implementation of every sign map: ``flip_``, ``two_sided_flip_`` and
+    ``element_flip_`` apply it to a whole tensor, retrieval to one chunk of a tensor's
+    flat entries at a time (``apply_(chunk, lo)``), so that a chunked retrieval flips
+    exactly what the whole-tensor maps flip. Signs are drawn on the CPU (randes.rng) and
+    moved to the chunk's device.
+
+    ``alignment``: chunks must start at, and (but the last) span, multiples of it: whole
+    rows for the maps acting on rows and columns, whole sign bytes for the elementwise
+    stream.
+    """
+
+    def __init__(self, kind: MapName, seed: int, name: str, shape: tuple[int, ...]) -> None:
+        if kind not in _MAP_KINDS:
+            raise ValueError(f"unknown sign map {kind!r}")
+        self.kind, self.seed, self.name = kind, seed, name
+        self.numel = math.prod(shape)
+        self._cols: torch.Tensor | None = None
+        self._rows: torch.Tensor | None = None
+        self._moved: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+        self._stream: tuple[int, torch.Tensor] | None = None  # (chunk index, packed signs)
+        self._unpacked: tuple[int, torch.Tensor] | None = None  # (chunk index, int8 signs)
+        self._words: torch.Tensor | None = None
+        self.alignment = 1
+        if self.numel == 0 or kind == "elementwise":
+            self.alignment = 8
+        elif len(shape) <= 1:  # rank-0/1: element-wise signs from sign_vector
+            self._cols = sign_vector(seed, name, self.numel)
+        else:
+            self.alignment = self.numel // shape[0]
+            self._cols = sign_vector(seed, name, self.alignment)
+            if kind == "two-sided":
+                self._rows = row_sign_vector(seed, name, shape[0])
+
+    def apply_(
+        self, x: torch.Tensor, lo: int = 0, buffers: WorkBuffers | None = None
+    ) -> torch.Tensor:
+        """Flip ``x`` in place: flat entries ``[lo, lo + x.numel())`` of the tensor.
+
+        ``x`` may be a float tensor (the values) or int8 (the integer codes of a
+        quantized slot, flipped before they are scaled): the same signs either way."""
+        n = x.numel()
+        if n == 0:
+            return x
+        if x.dim() != 1 or not x.is_contiguous() or lo % self.alignment:
+            raise ValueError("a sign map chunk must be a contiguous, aligned 1-D view")
+        if self.kind == "elementwise":
+            return self._element_(x, lo, buffers)
+        cols = self._on("cols", x)
+        if self._rows is None and self.alignment == 1:  # rank-0/1
+            return x.mul_(cols[lo : lo + n])
+        width = self.alignment
+        if n % width:
+            raise ValueError("a sign map chunk must hold whole rows")
+        rows = x.view(n // width, width).mul_(cols)
+        if self._rows is not None:
+            r0 = lo // width
+            rows.mul_(self._on("rows", x)[r0 : r0 + n // width].unsqueeze(1))
+        return x
+
+    def _on(self, which: str, x: torch.Tensor) -> torch.Tensor:
+        key = (which, x.device, x.dtype)
+        moved = self._moved.get(key)
+        if moved is None:
+            signs = self._cols if which == "cols" else self._rows
+            assert signs is not None
+            moved = self._moved[key] = signs.to(device=x.device, dtype=x.dtype)
+        return moved
+
+    def _packed(self, chunk: int) -> torch.Tensor:
+        """The packed signs of stream chunk ``chunk`` (drawn once, kept for the next
+        aligned pieces of the same chunk)."""
+        if self._stream is None or self._stream[0] != chunk:
+            n = min(ELEMENT_CHUNK, self.numel - chunk * ELEMENT_CHUNK)
+            raw = bytearray(element_sign_bytes(self.seed, self.name, chunk, n))
+            self._stream = (chunk, torch.frombuffer(raw, dtype=torch.uint8))
+        return self._stream[1]
+
+    def _element_(self, x: torch.Tensor, lo: int, buffers: WorkBuffers | None) -> torch.Tensor:
+        """Entry i gets sign i of the elementwise stream, drawn one stream chunk
+        (ELEMENT_CHUNK entries) at a time, so the extra memory is bounded whatever the
+        tensor's size. Float chunks take float signs unpacked per piece; the int8 codes
+        of a quantized slot take int8 signs, unpacked once per stream chunk (one table
+        word per 8 signs, SIGN_WORDS, from the same table) and sliced by every chunk."""
+        pos, end = lo, lo + x.numel()
+        while pos < end:
+            chunk, off = divmod(pos, ELEMENT_CHUNK)
+            n = min(end - pos, ELEMENT_CHUNK - off)
+            if x.is_floating_point():
+                signs = self._float_signs(chunk, off, n, buffers or WorkBuffers())
+            else:
+                signs = self._int8_signs(chunk)[off : off + n]
+            x[pos - lo : pos - lo + n].mul_(signs.to(x.device, x.dtype))
+            pos += n
+        return x
+
+    def _float_signs(self, chunk: int, off: int, n: int, bufs: WorkBuffers) -> torch.Tensor:
+        octets = self._packed(chunk)[off // 8 : (off + n + 7) // 8]
+        cpu = torch.device("cpu")
+        index = bufs.take("sign-index", octets.numel(), torch.int32, cpu)
+        signs = bufs.take("signs", 8 * octets.numel(), torch.float32, cpu).view(-1, 8)
+        # Unpacked in pieces below torch's parallel grain (32768 elements), so they run
+        # on the calling thread: on a busy machine each parallel op can wait for a
+        # descheduled OpenMP thread, and this leaves one parallel op per piece (the
+        # mul_), as few as the column map runs per tensor.
+        for a in range(0, octets.numel(), _UNPACK):
+            b = min(a + _UNPACK, octets.numel())
+            index[a:b].copy_(octets[a:b])
+            torch.index_select(SIGN_TABLE, 0, index[a:b], out=signs[a:b])
+        return signs.view(-1)[:n]
+
+    def _int8_signs(self, chunk: int) -> torch.Tensor:
+        """int8 +1/-1 of every entry of stream chunk ``chunk`` (this map's own buffer,
+        at most ELEMENT_CHUNK bytes, refilled per stream chunk)."""
+        if self._unpacked is None or self._unpacked[0] != chunk:
+            octets = self._packed(chunk)
+            words = self._words
+            if words is None or words.numel() < octets.numel():
+                words = self._words = torch.empty(octets.numel(), dtype=torch.int64)
+            torch.index_select(SIGN_WORDS, 0, octets.to(torch.int32), out=words[: octets.numel()])
+            self._unpacked = (chunk, words.view(torch.int8))
+        return self._unpacked[1]
+
+
 def flip_(seed: int, name: str, x: torch.Tensor) -> torch.Tensor:
     """In-place column sign flip keyed by (seed, name): x viewed (shape[0], -1) times r.
 
     Rank-0/1 tensors are flipped element-wise. Exact in any float dtype (signs only).
     Self-inverse. Returns x.
     """
-    if x.numel() == 0:
-        return x
-    _check(x)
-    if x.dim() <= 1:
-        r = sign_vector(seed, name, x.numel()).to(device=x.device, dtype=x.dtype)
-        x.view(-1).mul_(r)
-        return x
-    cols = x.numel() // x.shape[0]
-    r = sign_vector(seed, name, cols).to(device=x.device, dtype=x.dtype)
-    x.view(x.shape[0], cols).mul_(r)
-    return x
+    return _whole("columns", seed, name, x)
 
 
 def two_sided_flip_(seed: int, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -84,18 +201,15 @@ def two_sided_flip_(seed: int, name: str, x: torch.Tensor) -> torch.Tensor:
     D_c is flip_'s column signs, D_r independent row signs. Rank-0/1 tensors are flipped
     element-wise exactly as flip_ does. Self-inverse. Returns x.
     """
-    if x.numel() == 0 or x.dim() <= 1:
-        return flip_(seed, name, x)
-    _check(x)
-    rows, cols = x.shape[0], x.numel() // x.shape[0]
-    flip_(seed, name, x)
-    r = row_sign_vector(seed, name, rows).to(device=x.device, dtype=x.dtype)
-    x.view(rows, cols).mul_(r.unsqueeze(1))
-    return x
+    return _whole("two-sided", seed, name, x)
 
 
 _UNPACK = 4096
 """Packed bytes unpacked per piece: 4096 bytes = 32768 signs, torch's parallel grain."""
+
+SIGN_WORDS = SIGN_TABLE.to(torch.int8).view(torch.int64).view(-1)
+"""SIGN_TABLE as int8 +1/-1, the 8 signs of byte b packed in word b: the signs of the int8
+codes of a quantized slot are one gather of one word per 8 entries."""
 
 
 def element_flip_(seed: int, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -105,34 +219,19 @@ def element_flip_(seed: int, name: str, x: torch.Tensor) -> torch.Tensor:
     drawn one chunk (ELEMENT_CHUNK entries, 4 MiB as float32) at a time and dropped, so
     the extra memory is one chunk whatever the tensor's size. Self-inverse. Returns x.
     """
+    return _whole("elementwise", seed, name, x)
+
+
+def _whole(kind: MapName, seed: int, name: str, x: torch.Tensor) -> torch.Tensor:
     if x.numel() == 0:
         return x
     _check(x)
-    flat = x.view(-1)
-    size = min(ELEMENT_CHUNK, flat.numel())
-    # Two buffers reused for every chunk (no allocation per chunk): the packed bytes as
-    # int32 indices, and the unpacked signs (element_signs, written in place).
-    index = torch.empty((size + 7) // 8, dtype=torch.int32)
-    signs = torch.empty(index.numel(), 8, dtype=torch.float32)
-    for chunk, start in enumerate(range(0, flat.numel(), ELEMENT_CHUNK)):
-        part = flat[start : start + ELEMENT_CHUNK]
-        n = part.numel()
-        octets = torch.frombuffer(
-            bytearray(element_sign_bytes(seed, name, chunk, n)), dtype=torch.uint8
-        )
-        # Unpacked in pieces below torch's parallel grain (32768 elements), so they run on
-        # the calling thread: on a busy machine each parallel op can wait for a descheduled
-        # OpenMP thread, and this leaves one parallel op per chunk (the mul_), as few as
-        # the column map runs per tensor.
-        for lo in range(0, octets.numel(), _UNPACK):
-            hi = min(lo + _UNPACK, octets.numel())
-            index[lo:hi].copy_(octets[lo:hi])
-            torch.index_select(SIGN_TABLE, 0, index[lo:hi], out=signs[lo:hi])
-        part.mul_(signs.view(-1)[:n].to(x.device, x.dtype))
+    SignMap(kind, seed, name, tuple(x.shape)).apply_(x.view(-1))
     return x
 
 
 _SIGN_MAPS = {"columns": flip_, "two-sided": two_sided_flip_, "elementwise": element_flip_}
+_MAP_KINDS = frozenset(_SIGN_MAPS)
 
 
 def apply_map_(kind: MapName, seed: int, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -195,6 +294,12 @@ class TaskTransform:
     def source_of(self, slot: str) -> str:
         """The base tensor whose delta this task stores in ``slot``."""
         return self._source_of.get(slot, slot)
+
+    def signs(self, source: str, shape: tuple[int, ...]) -> SignMap | None:
+        """The sign part of T_t for ``source`` as a chunkable map (None: not flipped)."""
+        if source not in self.layout.flipped:
+            return None
+        return SignMap(self.layout.config.map, self.seed, source, shape)
 
     def scramble_one(
         self, source: str, delta: torch.Tensor, *, inplace: bool = False

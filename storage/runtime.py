@@ -36,18 +36,18 @@ import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from randes.buffers import WorkBuffers
 from randes.checkpoint import CheckpointReader
 from randes.layout import superposition_metas
 from randes.manifest import BundleManifest, TaskEntry
 from randes.retrieve import TaskRetrieval
 from randes.scaling import manifest_task_scale
 from randes.serving import QuantizedReader
-from randes.source import TensorSource
+from randes.source import Closing, TensorSource
 from storage.registry import TaskNotFoundError
 from storage.runtime_readers import FileBaseReader, ResidentReader
 from storage.runtime_sources import BundleRuntimeError, RuntimeSource, open_source
@@ -75,7 +75,7 @@ def _device(device: str | torch.device) -> torch.device:
     return dev
 
 
-class BundleRuntime:
+class BundleRuntime(Closing):
     """One bundle version served from memory (see the module docstring)."""
 
     def __init__(
@@ -108,6 +108,8 @@ class BundleRuntime:
         self.quantized = quantized
         self._private: dict[str, CheckpointReader | None] = {}
         self._plans: dict[str, TaskRetrieval] = {}
+        self._buffers = WorkBuffers()
+        """Work buffers every task's retrieval reuses (a few chunks, any number of tasks)."""
         self._holding: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
         self.tasks: list[TaskInfo] = [
             TaskInfo(
@@ -159,17 +161,6 @@ class BundleRuntime:
         self.base.close()
         self._source.close()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     # ------------------------------------------------------------------ queries
     @property
     def task_names(self) -> list[str]:
@@ -208,6 +199,7 @@ class BundleRuntime:
                 key_map=entry.key_map,
                 config=self.manifest.transform,
                 scale=self.info(task).scale,
+                buffers=self._buffers,
             )
         return plan
 

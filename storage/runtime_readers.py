@@ -1,8 +1,9 @@
 """Readers a `BundleRuntime` serves from: tensors held in memory, or the base read from
 its verified files; both can lend one read to the module being switched (`_Lending`).
 
-Both are `CheckpointReader` subclasses, so the retrieval plan materialize runs takes
-them where it takes a file reader, without a line of it changing.
+Both are `randes.source.TensorSource`s (the resident one by composition: names, headers
+and tensors of a dict; the file one a `CheckpointReader`), so the retrieval plan
+materialize runs takes them where it takes a file reader, without a line of it changing.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from randes.checkpoint import CheckpointReader, TensorMeta, read_exact_into
+from randes.checkpoint import CheckpointReader, read_exact_into
+from randes.source import Closing, TensorMeta, TensorSource
 
 
 class _Lending:
@@ -51,37 +53,44 @@ class _Lending:
             self._lent = None
 
 
-class ResidentReader(_Lending, CheckpointReader):
-    """A `CheckpointReader` over tensors held in memory (on any device).
+class ResidentReader(_Lending, Closing):
+    """A `randes.source.TensorSource` over tensors held in memory (on any device).
 
     ``get`` hands out a copy, as a file reader hands out a fresh tensor: retrieval
     adds into what it gets, and the resident tensors must never change.
     """
 
-    def __init__(
-        self, tensors: dict[str, torch.Tensor], source: CheckpointReader, *, copies: bool = True
-    ) -> None:
-        # No super().__init__: there is no file to parse, only the source's headers.
-        self.files = list(source.files)
-        self.side_files = {}
-        self._tensors = tensors
-        self._metas = {n: TensorMeta(t.dtype, tuple(t.shape)) for n, t in sorted(tensors.items())}
-        self._file_of = {n: source.file_of(n) for n in self._metas}
-        self._handles = {}
-        self._offset = {}
+    def __init__(self, tensors: dict[str, torch.Tensor], *, copies: bool = True) -> None:
+        self._tensors = dict(sorted(tensors.items()))
+        self._metas = {n: TensorMeta(t.dtype, tuple(t.shape)) for n, t in self._tensors.items()}
         self._copies = copies
 
     @classmethod
     def load(
-        cls, reader: CheckpointReader, device: torch.device, *, copies: bool = True
+        cls, reader: TensorSource, device: torch.device, *, copies: bool = True
     ) -> ResidentReader:
         """Read every tensor of ``reader`` onto ``device``, one at a time.
 
         ``copies=False`` hands out the resident tensors themselves: only for readers
         whose consumer never writes what it gets (the codes and scales a
         `QuantizedReader` dequantizes into a new tensor)."""
-        tensors = {name: reader.get(name).to(device) for name in reader}
-        return cls(tensors, reader, copies=copies)
+        tensors = {name: reader.get(name).to(device) for name in reader.keys()}  # noqa: SIM118
+        return cls(tensors, copies=copies)
+
+    def keys(self) -> list[str]:
+        return list(self._metas)
+
+    def meta(self, name: str) -> TensorMeta:
+        return self._metas[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._metas
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._metas)
+
+    def __len__(self) -> int:
+        return len(self._metas)
 
     def _fits(self, name: str, target: torch.Tensor) -> bool:
         mine = self._tensors.get(name)

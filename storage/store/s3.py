@@ -168,7 +168,11 @@ class S3Store(ObjectStore):
     def retry_timeout(self, seconds: float) -> None:
         self._retry_timeout = seconds
         self._errors.max_attempts = attempts = attempts_for(seconds)
-        config = Config(retries={"mode": "standard", "max_attempts": attempts}, **self._config_args)
+        # total_max_attempts counts the first request; botocore's older max_attempts
+        # counts retries only (one more request than the budget and the log say).
+        config = Config(
+            retries={"mode": "standard", "total_max_attempts": attempts}, **self._config_args
+        )
         try:
             client: Any = self._session.client("s3", config=config, **self._client_args)
         except ValueError:  # botocore: "Invalid endpoint: ..." (it would quote secrets)
