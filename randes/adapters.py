@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +35,7 @@ import torch
 from randes.checkpoint import CheckpointReader
 from randes.errors import CheckpointError, IncompatibleCheckpointError
 from randes.keymap import detect_key_map
-from randes.source import TensorMeta, TensorSource
+from randes.source import NamedView, TensorMeta, TensorSource
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -107,7 +107,7 @@ class _Target:
     scaling: float
 
 
-class LoraDense:
+class LoraDense(NamedView):
     """The merged model of one LoRA adapter over one base, as a tensor source.
 
     Names are the adapter's model's (``base_model.model.`` stripped); the base's names
@@ -189,9 +189,6 @@ class LoraDense:
     def _strip(name: str) -> str:
         return name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
 
-    def keys(self) -> list[str]:
-        return sorted(self.names)
-
     def meta(self, name: str) -> TensorMeta:
         if name in self.full:
             return self.adapter.meta(self.full[name])
@@ -222,15 +219,6 @@ class LoraDense:
         if target.embedding or self.config.get("fan_in_fan_out"):
             delta = delta.T.contiguous()
         return delta
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.names
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.keys())
-
-    def __len__(self) -> int:
-        return len(self.names)
 
 
 def task_side_files(reader: CheckpointReader) -> tuple[SourceKind, dict[str, Path]]:

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,7 @@ import torch
 from randes.errors import IncompatibleCheckpointError
 from randes.header import DTYPE_NAMES
 from randes.manifest import KeyMap
-from randes.source import TensorMeta, TensorSource
+from randes.source import NamedView, TensorMeta, TensorSource
 
 MIN_MATCHED_FRACTION = 0.5
 """Share of the base's parameters a fine-tune must match for the base to be its base."""
@@ -72,18 +72,15 @@ _OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight", "decoder.weight", "e
 _INPUT_EMBEDDINGS = ("embed_tokens.weight", "shared.weight", "wte.weight", "word_embeddings.weight")
 
 
-class Renamed:
+class Renamed(NamedView):
     """A tensor source under other names (``names`` maps new -> inner name)."""
 
     def __init__(self, inner: TensorSource, names: Mapping[str, str]) -> None:
         self.inner = inner
-        self.names = dict(names)
+        self.names: dict[str, str] = dict(names)
         self.forced_private: frozenset[str] = frozenset(
             new for new, old in self.names.items() if old in _forced(inner)
         )
-
-    def keys(self) -> list[str]:
-        return sorted(self.names)
 
     def meta(self, name: str) -> TensorMeta:
         return self.inner.meta(self.names[name])
@@ -93,15 +90,6 @@ class Renamed:
 
     def get(self, name: str) -> torch.Tensor:
         return self.inner.get(self.names[name])
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.names
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.keys())
-
-    def __len__(self) -> int:
-        return len(self.names)
 
 
 def _forced(source: object) -> frozenset[str]:

@@ -16,6 +16,7 @@ into it): a source never returns memory it reads again.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, Self
@@ -93,6 +94,25 @@ class Closing:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class NamedView:
+    """Keys, membership and length of a tensor source whose tensors are the keys of
+    ``self.names`` (a renamed or a computed view of other sources): defined once here."""
+
+    names: Mapping[str, object]
+
+    def keys(self) -> list[str]:
+        return sorted(self.names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def metas_of(source: TensorSource) -> dict[str, TensorMeta]:

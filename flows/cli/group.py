@@ -23,7 +23,6 @@ import typer
 import flows.cli.grouped as grouped
 from flows.cli.common import open_workspace, print_json
 from flows.cli.options import (
-    MASTER_HELP,
     DType,
     DTypeOption,
     GateOption,
@@ -31,6 +30,8 @@ from flows.cli.options import (
     JsonFlag,
     LayerShuffleOption,
     MapOption,
+    MasterFlag,
+    PullMasterFlag,
     Rank1Option,
     ScaleOption,
     ServingOption,
@@ -228,7 +229,7 @@ def group_materialize(
     task: Annotated[str, typer.Argument()],
     dest: Annotated[Path, typer.Argument(help="New (or empty) directory for the model.")],
     scale: ScaleOption = None,
-    master: Annotated[bool, typer.Option("--master", help=MASTER_HELP)] = False,
+    master: MasterFlag = False,
 ) -> None:
     """Write one task's standalone model from the member that holds it.
 
@@ -241,10 +242,7 @@ def group_materialize(
 def group_pull(
     spec: Annotated[str, typer.Argument(metavar="GROUP[@ALIAS]")],
     dest: Annotated[Path, typer.Argument()],
-    master: Annotated[
-        bool,
-        typer.Option("--master", help="Also download the fp32 master superpositions."),
-    ] = False,
+    master: PullMasterFlag = False,
 ) -> None:
     """Download every member's head (or ALIAS) into one local store, sha256 verified."""
     grouped.pull(spec, dest, master=master)

@@ -78,7 +78,15 @@ def finite(value: float | None) -> float | None:
     return value
 
 
-MASTER_HELP = "Use the fp32 master superposition instead of the quantized serving copy."
+MasterFlag = Annotated[
+    bool,
+    typer.Option(
+        "--master", help="Use the fp32 master superposition instead of the quantized serving copy."
+    ),
+]
+PullMasterFlag = Annotated[
+    bool, typer.Option("--master", help="Also download the fp32 master superposition(s).")
+]
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 ScaleOption = Annotated[

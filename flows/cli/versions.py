@@ -21,7 +21,7 @@ from flows.cli.common import (
     require,
     split_ref,
 )
-from flows.cli.options import MASTER_HELP, GroupFlag, ScaleOption, positive_scale
+from flows.cli.options import GroupFlag, MasterFlag, PullMasterFlag, ScaleOption, positive_scale
 from flows.console import out, progress_bar
 from storage.redact import database_url_for_humans
 
@@ -106,7 +106,7 @@ def materialize(
     task: Annotated[str, typer.Argument()],
     dest: Annotated[Path, typer.Argument(help="New (or empty) directory for the model.")],
     scale: ScaleOption = None,
-    master: Annotated[bool, typer.Option("--master", help=MASTER_HELP)] = False,
+    master: MasterFlag = False,
     group: GroupFlag = False,
 ) -> None:
     """Write one task's standalone model (model.safetensors + config.json).
@@ -135,10 +135,7 @@ def materialize(
 def pull(
     spec: Annotated[str, typer.Argument(metavar="BUNDLE[@VERSION|@ALIAS]")],
     dest: Annotated[Path, typer.Argument()],
-    master: Annotated[
-        bool,
-        typer.Option("--master", help="Also download the fp32 master superposition."),
-    ] = False,
+    master: PullMasterFlag = False,
     group: GroupFlag = False,
 ) -> None:
     """Download one version with every object it needs; every sha256 is verified.

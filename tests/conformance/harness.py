@@ -175,3 +175,14 @@ def run_case(
     )
     RESULTS.append(result)
     return result
+
+
+def run_adapter_among_dense(case: m.Case, pipe: Pipeline, root: Path, **lora: Any) -> Result:
+    """``run_case`` with a peft adapter of ``case`` (``lora``: its LoraConfig) as task t0
+    and two dense fine-tunes after it: the adapter folded alone and among dense ones."""
+
+    def sources(base_dir: Path) -> list[Source]:
+        adapter = adapter_source(case, base_dir, root, **lora)
+        return [adapter, *dense_sources(case, base_dir, root, 2)]
+
+    return run_case(case, pipe, root, sources=sources, notes=["+2 dense fine-tunes"])

@@ -18,7 +18,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,92 +26,19 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from tests.hf_models import VOCAB, config_of
+
 transformers.utils.logging.set_verbosity_error()
 torch.set_num_threads(1)  # tiny models: threads only add overhead (and the CI box has 2 cores)
 transformers.utils.logging.disable_progress_bar()
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=UserWarning)
 
-VOCAB = 64
 SEQ = 8
 BATCH = 4
 STEPS = 3
 LR = 3e-4
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
-
-
-def _text_configs() -> dict[str, Callable[..., Any]]:
-    t = transformers
-    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
-    heads = {"num_attention_heads": 2}
-    return {
-        "bert": lambda **kw: t.BertConfig(
-            vocab_size=VOCAB, max_position_embeddings=32, **small, **heads, **kw
-        ),
-        "roberta": lambda **kw: t.RobertaConfig(
-            vocab_size=VOCAB, max_position_embeddings=40, pad_token_id=1, **small, **heads, **kw
-        ),
-        "gpt2": lambda **kw: t.GPT2Config(
-            vocab_size=VOCAB,
-            n_embd=32,
-            n_layer=2,
-            n_head=2,
-            n_positions=32,
-            pad_token_id=0,
-            **kw,
-        ),
-        "llama": lambda **kw: t.LlamaConfig(
-            vocab_size=VOCAB,
-            num_key_value_heads=1,
-            pad_token_id=0,
-            **small,
-            **heads,
-            **({"tie_word_embeddings": False} | kw),
-        ),
-        "qwen2": lambda **kw: t.Qwen2Config(
-            vocab_size=VOCAB,
-            num_key_value_heads=1,
-            pad_token_id=0,
-            **small,
-            **heads,
-            **({"tie_word_embeddings": True} | kw),
-        ),
-        "t5": lambda **kw: t.T5Config(
-            vocab_size=VOCAB,
-            d_model=32,
-            d_ff=64,
-            num_layers=2,
-            num_decoder_layers=2,
-            num_heads=2,
-            d_kv=16,
-            decoder_start_token_id=0,
-            pad_token_id=0,
-            **kw,
-        ),
-        "vit": lambda **kw: t.ViTConfig(
-            image_size=16, patch_size=8, num_channels=3, **small, **heads, **kw
-        ),
-        "clip": lambda **kw: t.CLIPConfig(
-            text_config={
-                "vocab_size": VOCAB,
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 2,
-                "max_position_embeddings": 16,
-            },
-            vision_config={
-                "image_size": 16,
-                "patch_size": 8,
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 2,
-            },
-            projection_dim=16,
-            **kw,
-        ),
-    }
 
 
 def inputs(arch: str, seed: int, batch: int = BATCH) -> dict[str, torch.Tensor]:
@@ -190,10 +116,6 @@ class Case:
     config: dict[str, Any] = field(default_factory=dict)
     """Config overrides of the fine-tunes (tie_word_embeddings, num_labels...)."""
     base_config: dict[str, Any] = field(default_factory=dict)
-
-
-def config_of(arch: str, **overrides: Any) -> Any:
-    return _text_configs()[arch](**overrides)
 
 
 def build_base(case: Case, directory: Path) -> Path:

@@ -251,21 +251,17 @@ def test_lora_adapter_alone_and_among_dense(pipe: h.Pipeline, tmp_path: Path) ->
         "peft-lora (rsLoRA)",
     )
 
-    def sources(base_dir: Path) -> list[h.Source]:
-        adapter = h.adapter_source(
-            case,
-            base_dir,
-            tmp_path,
-            r=4,
-            lora_alpha=4,
-            use_rslora=True,
-            target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
-            rank_pattern={"down_proj": 2},
-            alpha_pattern={"v_proj": 8},
-        )
-        return [adapter, *h.dense_sources(case, base_dir, tmp_path, 2)]
-
-    result = h.run_case(case, pipe, tmp_path, sources=sources, notes=["+2 dense fine-tunes"])
+    result = h.run_adapter_among_dense(
+        case,
+        pipe,
+        tmp_path,
+        r=4,
+        lora_alpha=4,
+        use_rslora=True,
+        target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+        rank_pattern={"down_proj": 2},
+        alpha_pattern={"v_proj": 8},
+    )
     _check(result)
     entry = pipe.entry(f"{h.slug(case.id)}-one", "t0")
     assert entry.source_kind == "peft-lora"
@@ -290,19 +286,17 @@ def test_lora_fan_in_fan_out_gpt2(pipe: h.Pipeline, tmp_path: Path) -> None:
         "peft-lora (fan_in_fan_out)",
     )
 
-    def sources(base_dir: Path) -> list[h.Source]:
-        adapter = h.adapter_source(
+    _check(
+        h.run_adapter_among_dense(
             case,
-            base_dir,
+            pipe,
             tmp_path,
             r=2,
             lora_alpha=4,
             fan_in_fan_out=True,
             target_modules=["c_attn", "c_fc"],
         )
-        return [adapter, *h.dense_sources(case, base_dir, tmp_path, 2)]
-
-    _check(h.run_case(case, pipe, tmp_path, sources=sources, notes=["+2 dense fine-tunes"]))
+    )
 
 
 def test_lora_modules_to_save_over_bare_base(pipe: h.Pipeline, tmp_path: Path) -> None:
@@ -318,10 +312,10 @@ def test_lora_modules_to_save_over_bare_base(pipe: h.Pipeline, tmp_path: Path) -
         config=N3,
     )
 
-    def sources(base_dir: Path) -> list[h.Source]:
-        adapter = h.adapter_source(
+    _check(
+        h.run_adapter_among_dense(
             case,
-            base_dir,
+            pipe,
             tmp_path,
             r=4,
             lora_alpha=8,
@@ -329,9 +323,7 @@ def test_lora_modules_to_save_over_bare_base(pipe: h.Pipeline, tmp_path: Path) -
             modules_to_save=["score"],
             task_type="SEQ_CLS",
         )
-        return [adapter, *h.dense_sources(case, base_dir, tmp_path, 2)]
-
-    _check(h.run_case(case, pipe, tmp_path, sources=sources, notes=["+2 dense fine-tunes"]))
+    )
     private = {t for ref in pipe.entry(f"{h.slug(case.id)}-one", "t0").private for t in ref.tensors}
     assert "score.weight" in private
 

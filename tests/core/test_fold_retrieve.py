@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,7 @@ def _retrieved(
     superposition: CheckpointReader | None,
     seed: int,
     config: TransformConfig,
-    scale: float = 1.0,
+    scale: float | Mapping[str, float] = 1.0,
 ) -> dict[str, torch.Tensor]:
     out = dict(
         retrieve(
@@ -318,17 +319,7 @@ def test_retrieve_reads_base_and_superposition_once(
     results, _ = _fold_n(tmp_path, plain_base, base_model, config, [1, 2])
     base = CountingReader.open(tmp_path / "b.safetensors")
     sup = CountingReader.from_files([s.path for s in results[1].superposition])
-    list(
-        retrieve(
-            base=base,
-            superposition=sup,
-            private=_reader(results[0].private),
-            seed=1,
-            key_map=results[0].key_map,
-            config=config,
-            scale=0.5,
-        )
-    )
+    _retrieved(base, results[0], sup, 1, config, scale=0.5)
     assert set(sup.reads.values()) == {1} and set(sup.reads) == set(sup.keys())
     assert set(base.reads.values()) == {1}
 
@@ -349,31 +340,12 @@ def test_scale_and_per_tensor_scale(tmp_path: Path, base_model: dict[str, torch.
     half = _retrieved(base, result, sup, 1, config, scale=0.5)
     expected = base_model["wte.weight"] + 0.5 * (tuned["wte.weight"] - base_model["wte.weight"])
     assert torch.allclose(half["wte.weight"], expected, atol=1e-6)
-    per = dict(
-        retrieve(
-            base=base,
-            superposition=sup,
-            private=None,
-            seed=1,
-            key_map=result.key_map,
-            config=config,
-            scale={"wte.weight": 0.0, "*": 1.0},
-        )
-    )
+    assert not result.private  # rank-1 tensors superposed: nothing stored per task
+    per = _retrieved(base, result, sup, 1, config, scale={"wte.weight": 0.0, "*": 1.0})
     assert torch.equal(per["wte.weight"], base_model["wte.weight"])
     assert torch.allclose(per["wpe.weight"], tuned["wpe.weight"], atol=1e-6)
     with pytest.raises(ValueError, match="no scale"):
-        list(
-            retrieve(
-                base=base,
-                superposition=sup,
-                private=None,
-                seed=1,
-                key_map=result.key_map,
-                config=config,
-                scale={"wte.weight": 1.0},
-            )
-        )
+        _retrieved(base, result, sup, 1, config, scale={"wte.weight": 1.0})
     empty = dict(
         retrieve(
             base=base,
@@ -469,17 +441,7 @@ def _fold_pair(
 
 def _retrieve_one(tmp_path: Path, base_model: dict[str, torch.Tensor], result: FoldResult):
     base = CheckpointReader.open(tmp_path / "b.safetensors")
-    return dict(
-        retrieve(
-            base=base,
-            superposition=_reader(result.superposition),
-            private=_reader(result.private) if result.private else None,
-            seed=1,
-            key_map=result.key_map,
-            config=TransformConfig(),
-            scale=1.0,
-        )
-    )
+    return _retrieved(base, result, _reader(result.superposition), 1, TransformConfig())
 
 
 def test_missing_tensor_recorded_absent(

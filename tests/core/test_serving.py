@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -90,22 +91,9 @@ def test_remove_rederives_the_serving_copy_from_the_master(tmp_path: Path, world
     v1 = fold(
         base=base, checkpoint=tuned[0], parent=None, seed=1, config=config, out_dir=tmp_path / "1"
     )
-    v2 = fold(
-        base=base,
-        checkpoint=tuned[1],
-        parent=_reader(v1.superposition),
-        seed=2,
-        config=config,
-        out_dir=tmp_path / "2",
-    )
-    v3 = unfold(
-        base=base,
-        checkpoint=tuned[1],
-        parent=_reader(v2.superposition),
-        seed=2,
-        config=config,
-        out_dir=tmp_path / "3",
-    )
+    task_2: dict[str, Any] = {"base": base, "checkpoint": tuned[1], "seed": 2, "config": config}
+    v2 = fold(**task_2, parent=_reader(v1.superposition), out_dir=tmp_path / "2")
+    v3 = unfold(**task_2, parent=_reader(v2.superposition), out_dir=tmp_path / "3")  # out again
     master, served = _reader(v3.superposition), _served(base, v3, config)
     for slot in master:
         assert torch.equal(served.get(slot), fake_quantize(master.get(slot), config.serving))

@@ -22,6 +22,7 @@ itself rather than in interpreter start-up; the outage test runs the `randes` sc
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import multiprocessing
 import os
@@ -234,27 +235,22 @@ def _check_fold_step(
     with (
         CheckpointReader.open(models.base) as base,
         CheckpointReader.open(models.tasks[entry.name]) as checkpoint,
-    ):
-        if parent is None:
-            result = core_fold(
-                base=base,
-                checkpoint=checkpoint,
-                parent=None,
-                seed=entry.seed,
-                config=manifest.transform,
-                out_dir=out,
+        (
+            contextlib.nullcontext()
+            if parent is None
+            else CheckpointReader.from_files(
+                [ws.cache.fetch(r, context=context) for r in parent.superposition]
             )
-        else:
-            files = [ws.cache.fetch(r, context=context) for r in parent.superposition]
-            with CheckpointReader.from_files(files) as parent_reader:
-                result = core_fold(
-                    base=base,
-                    checkpoint=checkpoint,
-                    parent=parent_reader,
-                    seed=entry.seed,
-                    config=manifest.transform,
-                    out_dir=out,
-                )
+        ) as parent_reader,
+    ):
+        result = core_fold(
+            base=base,
+            checkpoint=checkpoint,
+            parent=parent_reader,
+            seed=entry.seed,
+            config=manifest.transform,
+            out_dir=out,
+        )
     assert [s.sha256 for s in result.superposition] == [r.sha256 for r in manifest.superposition]
     assert [s.sha256 for s in result.private] == [r.sha256 for r in entry.private]
     shutil.rmtree(out)
@@ -402,13 +398,18 @@ def _local_tmp_files(ws: Workspace) -> int:
 
 
 # ------------------------------------------------------- SIGKILL, local default
-@pytest.fixture(scope="module")
-def local_template(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A RANDES_HOME (SQLite + local store) holding version 1 with task t0."""
-    home = tmp_path_factory.mktemp("template") / "home"
+def version_1_home(root: Path, models: Models) -> Path:
+    """A RANDES_HOME (SQLite + local store) under ``root`` holding version 1 with task t0:
+    the template that SIGKILL tests copy, one copy a run."""
+    home = root / "home"
     with Workspace(_settings(home)) as ws:
         _setup(ws, models, "t0")
     return home
+
+
+@pytest.fixture(scope="module")
+def local_template(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return version_1_home(tmp_path_factory.mktemp("template"), models)
 
 
 @pytest.fixture(scope="module")
@@ -481,6 +482,21 @@ def _s3_settings(
     )
 
 
+def _s3_version_1(
+    models: Models, server: Any, database_url: str, tmp_path: Path, bucket: str, retry_s: float
+) -> Settings:
+    """Settings of a fresh bucket of ``server`` (started if a test stopped it) and
+    ``database_url``, holding bundle b version 1 (task t0)."""
+    if not server.running:
+        server.start()
+    settings = _s3_settings(
+        tmp_path / "home", server, server.new_bucket(bucket), database_url, retry_s
+    )
+    with Workspace(settings) as ws:
+        _setup(ws, models, "t0")
+    return settings
+
+
 def _child_env(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
     env["RANDES_HOME"] = str(settings.home)
@@ -496,14 +512,8 @@ def _child_env(settings: Settings) -> dict[str, str]:
 def test_sigkill_leaves_no_partial_version_s3_postgres(
     models: Models, s3_server: Any, postgres_url: str, tmp_path: Path
 ) -> None:
-    if not s3_server.running:
-        s3_server.start()
-    settings = _s3_settings(
-        tmp_path / "home", s3_server, s3_server.new_bucket("kill"), postgres_url, 10
-    )
+    settings = _s3_version_1(models, s3_server, postgres_url, tmp_path, "kill", retry_s=10)
     env = _child_env(settings)
-    with Workspace(settings) as ws:
-        _setup(ws, models, "t0")
 
     # One uninterrupted run measures the fold (t1 -> version 2) ...
     log = tmp_path / "measure.log"
@@ -553,13 +563,7 @@ def _wait_for_lease(proc: subprocess.Popen[bytes], database_url: str, timeout: f
 def test_s3_stopped_mid_fold_errors_cleanly_and_the_retry_completes(
     models: Models, s3_server: Any, postgres_url: str, tmp_path: Path
 ) -> None:
-    if not s3_server.running:
-        s3_server.start()
-    settings = _s3_settings(
-        tmp_path / "home", s3_server, s3_server.new_bucket("outage"), postgres_url, 1.0
-    )
-    with Workspace(settings) as ws:
-        _setup(ws, models, "t0")
+    settings = _s3_version_1(models, s3_server, postgres_url, tmp_path, "outage", retry_s=1.0)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RANDES_")} | _child_env(
         settings
     )

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,9 +32,9 @@ from randes.manifest import load_bundle_manifest
 from randes.retrieve import retrieve
 from storage.pulled import PulledVersion
 from storage.readers import open_superposition
-from storage.settings import Settings
 from storage.workspace import Workspace
 from tests.factories import make_base, make_finetune
+from tests.workspaces import open_workspace
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "legacy_columns"
 
@@ -72,11 +73,9 @@ def test_stored_configs_without_map_are_columns() -> None:
 
 
 @pytest.fixture
-def ws(tmp_path: Path) -> Workspace:
-    workspace = Workspace(Settings(home=tmp_path / "home"))
-    workspace.init()
-    yield workspace
-    workspace.close()
+def ws(tmp_path: Path) -> Iterator[Workspace]:
+    with open_workspace(tmp_path / "home") as workspace:
+        yield workspace
 
 
 def test_old_registry_row_keeps_folding_column_flips(ws: Workspace, tmp_path: Path) -> None:

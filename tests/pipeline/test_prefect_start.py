@@ -38,13 +38,9 @@ def closed_port() -> int:
 
 
 @pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def home(randes_home: Path, tmp_path: Path) -> Path:
     """A RANDES home with a base, bundle ``cold`` at version 1 and group ``coldgroup``."""
-    for name in list(os.environ):
-        if name.startswith("RANDES_"):
-            monkeypatch.delenv(name)
-    home = tmp_path / "home"
-    monkeypatch.setenv("RANDES_HOME", str(home))
+    home = randes_home
     base = make_base(tmp_path / "models" / "base")
     first = make_finetune(base, tmp_path / "models" / "first", 1)
     make_finetune(base, tmp_path / "incoming" / "second", 2)

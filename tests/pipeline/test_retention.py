@@ -22,45 +22,35 @@ from safetensors.torch import load_file
 from randes.config import TransformConfig
 from storage.gc import Retention, plan_retention, protected_versions
 from storage.pulled import PulledVersion, pulled_shards
-from storage.registry import InvalidValueError, Registry, VersionInUseError, VersionNotFoundError
-from storage.settings import Settings
+from storage.registry import InvalidValueError, VersionInUseError, VersionNotFoundError
 from storage.workspace import Workspace
 from tests.cli_run import cli
-from tests.factories import make_base, make_finetune
+from tests.workspaces import BACKENDS, backend, make_models, open_workspace, workspace_on
 
 TASKS = ("alpha", "beta", "gamma", "delta")
 
 
-@pytest.fixture(params=["local+sqlite", "s3+postgresql"])
+@pytest.fixture(params=BACKENDS)
 def url_and_store(request: pytest.FixtureRequest) -> tuple[str, Any]:
-    store_kind, registry_kind = request.param.split("+")
-    store = request.getfixturevalue(f"{store_kind}_store")
-    url = request.getfixturevalue("sqlite_url" if registry_kind == "sqlite" else "postgres_url")
-    return url, store
+    return backend(request)
 
 
 def _open(tmp_path: Path, name: str, url_and_store: tuple[str, Any]) -> Workspace:
     """A workspace of its own (home, cache) on the shared store and registry: another
     process as far as caches go."""
     url, store = url_and_store
-    return Workspace(Settings(home=tmp_path / name), store=store, registry=Registry(url))
+    return workspace_on(tmp_path / name, url, store)
 
 
 @pytest.fixture
 def ws(tmp_path: Path, url_and_store: tuple[str, Any]) -> Iterator[Workspace]:
-    workspace = _open(tmp_path, "home", url_and_store)
-    workspace.init()
-    yield workspace
-    workspace.close()
+    with open_workspace(tmp_path / "home", *url_and_store) as workspace:
+        yield workspace
 
 
 @pytest.fixture
 def models(tmp_path: Path) -> dict[str, Path]:
-    base = make_base(tmp_path / "models" / "base")
-    found = {"base": base}
-    for seed, task in enumerate(TASKS, start=1):
-        found[task] = make_finetune(base, tmp_path / "models" / task, seed)
-    return found
+    return make_models(tmp_path / "models", TASKS)
 
 
 def _history(ws: Workspace, models: dict[str, Path]) -> None:

@@ -31,32 +31,22 @@ from randes.quantize import QuantScheme
 from randes.retrieve import retrieve
 from storage.cache import version_context
 from storage.pulled import PulledVersion, PulledVersionError
-from storage.registry import Registry
-from storage.settings import Settings
 from storage.workspace import Workspace
 from tests.factories import make_base, make_finetune
+from tests.workspaces import BACKENDS, backend, make_models, open_workspace
 
 
-@pytest.fixture(params=["local+sqlite", "s3+postgresql"])
+@pytest.fixture(params=BACKENDS)
 def ws(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Workspace]:
-    store_kind, registry_kind = request.param.split("+")
-    store = request.getfixturevalue(f"{store_kind}_store")
-    url = request.getfixturevalue("sqlite_url" if registry_kind == "sqlite" else "postgres_url")
-    workspace = Workspace(Settings(home=tmp_path / "home"), store=store, registry=Registry(url))
-    workspace.init()
-    yield workspace
-    workspace.close()
+    url, store = backend(request)
+    with open_workspace(tmp_path / "home", url, store) as workspace:
+        yield workspace
 
 
 @pytest.fixture
 def models(tmp_path: Path) -> dict[str, Path]:
-    base = make_base(tmp_path / "models" / "base")
-    return {
-        "base": base,
-        "alpha": make_finetune(base, tmp_path / "models" / "alpha", 1),
-        "beta": make_finetune(base, tmp_path / "models" / "beta", 2),
-        "gamma": make_finetune(base, tmp_path / "models" / "gamma", 3, prefix="transformer."),
-    }
+    tasks = ("alpha", "beta", "gamma")
+    return make_models(tmp_path / "models", tasks, prefixes={"gamma": "transformer."})
 
 
 def _bundle(ws: Workspace, models: dict[str, Path], **config: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,28 +13,20 @@ from safetensors.torch import load_file
 from randes.config import TransformConfig
 from randes.errors import CheckpointError, InvalidNameError
 from storage.registry import TaskExistsError
-from storage.settings import Settings
 from storage.workspace import Workspace
-from tests.factories import make_base, make_finetune
+from tests.workspaces import make_models, open_workspace
 
 
 @pytest.fixture
-def ws(tmp_path: Path) -> Workspace:
-    workspace = Workspace(Settings(home=tmp_path / "home"))
-    workspace.init()
-    yield workspace
-    workspace.close()
+def ws(tmp_path: Path) -> Iterator[Workspace]:
+    with open_workspace(tmp_path / "home") as workspace:
+        yield workspace
 
 
 @pytest.fixture
 def models(tmp_path: Path) -> dict[str, Path]:
-    base = make_base(tmp_path / "models" / "base")
-    return {
-        "base": base,
-        "alpha": make_finetune(base, tmp_path / "models" / "alpha", 1),
-        "beta": make_finetune(base, tmp_path / "models" / "beta", 2),
-        "gamma": make_finetune(base, tmp_path / "models" / "gamma", 3, prefix="transformer."),
-    }
+    tasks = ("alpha", "beta", "gamma")
+    return make_models(tmp_path / "models", tasks, prefixes={"gamma": "transformer."})
 
 
 def _bundle(ws: Workspace, models: dict[str, Path], **config: object) -> None:

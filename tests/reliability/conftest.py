@@ -55,7 +55,9 @@ from tests.pipeline.test_faults import (
     _settings,
     _setup,
     _stored_keys,
+    _warm_forkserver,
     build_models,
+    version_1_home,
 )
 
 __all__ = [
@@ -68,11 +70,14 @@ __all__ = [
     "make_settings",
     "setup_bundle",
     "stored_keys",
+    "version_1_home",
+    "warm_forkserver",
 ]
 
 check_visible = _check_visible
 expire_leases = _expire_leases
 make_settings = _settings
+warm_forkserver = _warm_forkserver  # a process has one forkserver, whoever starts it
 setup_bundle = _setup
 stored_keys = _stored_keys
 
@@ -316,17 +321,6 @@ def run_cli(
     child = start_cli(env, argv, logdir, point)
     child.join(timeout)
     return child
-
-
-def _noop() -> None:
-    pass
-
-
-def warm_forkserver() -> None:
-    """Start the forkserver (it imports torch and the pipeline once) before timing anything."""
-    proc = _CTX.Process(target=_noop, daemon=True)
-    proc.start()
-    proc.join(300)
 
 
 def fold_argv(models: Models, task: str) -> list[str]:

@@ -26,7 +26,6 @@ script that a task exists which does not. Either way nothing changes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -41,11 +40,10 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from sqlalchemy import MetaData, select
 
-from storage.registry.engine import make_engine
 from tests.cli_run import Result, cli
 from tests.factories import make_base, make_finetune, write_model
+from tests.reliability.test_data_loss import snapshot_registry_and_store
 
 BUNDLE = "b"
 BASE = "tiny"
@@ -113,24 +111,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 def snapshot(world: World) -> dict[str, Any]:
     """Everything a refusal must leave as it was: registry rows, store objects, work dirs."""
-    engine = make_engine(f"sqlite:///{world.home / 'registry.db'}")
-    try:
-        meta = MetaData()
-        meta.reflect(engine)
-        with engine.connect() as conn:
-            tables = {
-                name: sorted(repr(tuple(row)) for row in conn.execute(select(table)))
-                for name, table in sorted(meta.tables.items())
-            }
-    finally:
-        engine.dispose()
-    objects = sorted(
-        (str(p.relative_to(world.store)), hashlib.sha256(p.read_bytes()).hexdigest())
-        for p in world.store.rglob("*")
-        if p.is_file()
-    )
     work = sorted(p.name for p in world.work.iterdir()) if world.work.exists() else []
-    return {"tables": tables, "objects": objects, "work": work}
+    return {**snapshot_registry_and_store(world.home), "work": work}
 
 
 def assert_refused(result: Result, *needles: str, code: int | None = None) -> str:

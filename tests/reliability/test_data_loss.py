@@ -9,10 +9,12 @@ version's superposition recomputed from its tasks' sources finds no difference.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,6 +148,15 @@ def snapshot_registry_and_store(home: Path) -> dict[str, Any]:
         if p.is_file()
     )
     return {"tables": tables, "objects": objects}
+
+
+@contextlib.contextmanager
+def leaves_registry_and_store(home: Path) -> Iterator[None]:
+    """Asserts that the block (refusals) leaves every registry row and stored object of
+    the embedded default under ``home`` as it found them."""
+    before = snapshot_registry_and_store(home)
+    yield
+    assert snapshot_registry_and_store(home) == before
 
 
 def _digest(path: Path) -> str:

@@ -157,6 +157,15 @@ def _pg_settings(home: Path, url: str) -> Settings:
     return make_settings(home, database_url=url)
 
 
+def _pg_version_1(pg: Postgres, models: Models, tmp_path: Path) -> tuple[str, Settings]:
+    """A fresh database of ``pg`` holding bundle b version 1 (task t0), and its settings."""
+    url = pg.new_database()
+    settings = _pg_settings(tmp_path / "home", url)
+    with Workspace(settings) as ws:
+        setup_bundle(ws, models, "t0")
+    return url, settings
+
+
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
     """Every file under ``root`` (temp files included) with its size and mtime."""
     if not root.exists():
@@ -235,10 +244,7 @@ CASES = {
 def test_database_lost_in_the_middle_of_a_commit(
     fault: str, point: str, pg_up: Postgres, models: Models, tmp_path: Path, trials: Trials
 ) -> None:
-    url = pg_up.new_database()
-    settings = _pg_settings(tmp_path / "home", url)
-    with Workspace(settings) as ws:
-        setup_bundle(ws, models, "t0")
+    url, settings = _pg_version_1(pg_up, models, tmp_path)
 
     child = start_cli(
         child_env(settings), fold_argv(models, "t1"), tmp_path / "logs", f"stop@{point}"
@@ -286,10 +292,7 @@ def test_database_lost_in_the_middle_of_a_commit(
 def test_database_lost_during_gc_deletes_nothing(
     pg_up: Postgres, models: Models, tmp_path: Path, trials: Trials
 ) -> None:
-    url = pg_up.new_database()
-    settings = _pg_settings(tmp_path / "home", url)
-    with Workspace(settings) as ws:
-        setup_bundle(ws, models, "t0")
+    url, settings = _pg_version_1(pg_up, models, tmp_path)
     dead = run_cli(
         child_env(settings), fold_argv(models, "t1"), tmp_path / "logs", "die@before-commit"
     )

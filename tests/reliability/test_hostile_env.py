@@ -34,9 +34,9 @@ from tests.reliability.test_data_loss import (
     _setup,
     _tasks,
     cli,
+    leaves_registry_and_store,
     ok,
     refused,
-    snapshot_registry_and_store,
 )
 from tests.reliability.test_data_loss import env as env  # noqa: F401 - fixture
 from tests.reliability.test_data_loss import local as local  # noqa: F401 - fixture
@@ -68,10 +68,9 @@ def test_side_file_linked_out_of_the_checkpoint_is_refused(
     ckpt = _copy(models.tasks["b"], tmp_path / "ckpt")
     (ckpt / "config.json").unlink()
     (ckpt / "config.json").symlink_to(_secret_file(tmp_path))
-    before = snapshot_registry_and_store(local.home)
-    refused("fold", BUNDLE, str(ckpt), "--task", "b", needle="outside the checkpoint directory")
-    refused("base", "add", "other", str(ckpt), needle="outside the checkpoint directory")
-    assert snapshot_registry_and_store(local.home) == before
+    with leaves_registry_and_store(local.home):
+        refused("fold", BUNDLE, str(ckpt), "--task", "b", needle="outside the checkpoint directory")
+        refused("base", "add", "other", str(ckpt), needle="outside the checkpoint directory")
     assert not any(b"TOP-SECRET" in p.read_bytes() for p in local.home.rglob("*") if p.is_file())
 
 
@@ -91,11 +90,10 @@ def test_shard_linked_out_of_the_checkpoint_is_refused(
     moved.parent.mkdir()
     shard.rename(moved)
     shard.symlink_to(moved)
-    before = snapshot_registry_and_store(local.home)
-    refused("fold", BUNDLE, str(ckpt), "--task", "b", needle="outside the checkpoint directory")
-    (ckpt / "model.safetensors.index.json").rename(tmp_path / "index.json")  # no index:
-    refused("fold", BUNDLE, str(ckpt), "--task", "b", needle="outside the checkpoint directory")
-    assert snapshot_registry_and_store(local.home) == before
+    with leaves_registry_and_store(local.home):
+        refused("fold", BUNDLE, str(ckpt), "--task", "b", needle="outside the checkpoint directory")
+        (ckpt / "model.safetensors.index.json").rename(tmp_path / "index.json")  # no index:
+        refused("fold", BUNDLE, str(ckpt), "--task", "b", needle="outside the checkpoint directory")
 
 
 def test_weights_linked_out_of_the_checkpoint_are_refused(
@@ -107,9 +105,8 @@ def test_weights_linked_out_of_the_checkpoint_are_refused(
     ckpt = tmp_path / "linked"
     ckpt.mkdir()
     (ckpt / "model.safetensors").symlink_to(models.tasks["b"] / "model.safetensors")
-    before = snapshot_registry_and_store(local.home)
-    refused("fold", BUNDLE, str(ckpt), "--task", "b", needle="outside the checkpoint directory")
-    assert snapshot_registry_and_store(local.home) == before
+    with leaves_registry_and_store(local.home):
+        refused("fold", BUNDLE, str(ckpt), "--task", "b", needle="outside the checkpoint directory")
 
 
 def test_links_inside_the_checkpoint_and_a_linked_source_are_followed(
@@ -178,14 +175,13 @@ def _bundle_ready(models: Models) -> None:  # noqa: F811
 
 def test_version_numbers_past_int64_are_one_line(local: Env, models: Models) -> None:  # noqa: F811
     _bundle_ready(models)
-    before = snapshot_registry_and_store(local.home)
     dest = local.home.parent / "dest"
-    for ref in (str(2**64), str(2**31), "9" * 40):
-        refused("materialize", f"{BUNDLE}@{ref}", "a", str(dest), needle="no version")
-        refused("pull", f"{BUNDLE}@{ref}", str(dest), needle="no version")
-        refused("validate", BUNDLE, "--version", ref, needle="no version")
-        refused("publish", BUNDLE, "--version", ref, needle="no version")
-    assert snapshot_registry_and_store(local.home) == before
+    with leaves_registry_and_store(local.home):
+        for ref in (str(2**64), str(2**31), "9" * 40):
+            refused("materialize", f"{BUNDLE}@{ref}", "a", str(dest), needle="no version")
+            refused("pull", f"{BUNDLE}@{ref}", str(dest), needle="no version")
+            refused("validate", BUNDLE, "--version", ref, needle="no version")
+            refused("publish", BUNDLE, "--version", ref, needle="no version")
     assert not dest.exists()
 
 
@@ -310,18 +306,17 @@ def test_float8_tensors_fold_and_materialize(local: Env, models: Models) -> None
 
 def test_absurd_scale_is_refused_before_anything_runs(local: Env, models: Models) -> None:  # noqa: F811
     _bundle_ready(models)
-    before = snapshot_registry_and_store(local.home)
     out = str(local.home.parent / "out")
-    for value in ("1e300", "1e4", "inf"):
-        for argv in (
-            ["fold", BUNDLE, str(models.tasks["b"]), "--task", "b", "--scale", value],
-            ["materialize", BUNDLE, "a", out, "--scale", value],
-            ["bundle", "create", "other", "--base", BASE, "--scale", value],
-        ):
-            result = cli(*argv)
-            assert result.code == 2, (argv, result)
-            assert len(result.err.splitlines()) == 1 and "--scale" in result.err, result
-    assert snapshot_registry_and_store(local.home) == before
+    with leaves_registry_and_store(local.home):
+        for value in ("1e300", "1e4", "inf"):
+            for argv in (
+                ["fold", BUNDLE, str(models.tasks["b"]), "--task", "b", "--scale", value],
+                ["materialize", BUNDLE, "a", out, "--scale", value],
+                ["bundle", "create", "other", "--base", BASE, "--scale", value],
+            ):
+                result = cli(*argv)
+                assert result.code == 2, (argv, result)
+                assert len(result.err.splitlines()) == 1 and "--scale" in result.err, result
 
 
 def test_read_only_store_is_one_line(
@@ -339,9 +334,8 @@ def test_read_only_store_is_one_line(
         subprocess.run(
             ["mount", "-o", "remount,bind,ro", str(store)], check=True, capture_output=True
         )
-        before = snapshot_registry_and_store(local.home)
-        refused("fold", BUNDLE, str(models.tasks["b"]), "--task", "b", needle="Read-only")
-        assert snapshot_registry_and_store(local.home) == before
+        with leaves_registry_and_store(local.home):
+            refused("fold", BUNDLE, str(models.tasks["b"]), "--task", "b", needle="Read-only")
     finally:
         subprocess.run(["umount", str(store)], check=False, capture_output=True)
     ok("fold", BUNDLE, str(models.tasks["b"]), "--task", "b")

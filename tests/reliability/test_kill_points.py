@@ -33,10 +33,12 @@ import shutil
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from storage.registry import BaseNotFoundError
+from storage.settings import Settings
 from storage.store.base import lock_while_writing
 from storage.workspace import Workspace
 from tests.reliability.conftest import (
@@ -45,6 +47,7 @@ from tests.reliability.conftest import (
     CONFIG,
     STAMPS_ENV,
     Models,
+    Recovery,
     Trials,
     check_visible,
     child_env,
@@ -52,10 +55,10 @@ from tests.reliability.conftest import (
     make_settings,
     recover_and_check,
     run_cli,
-    setup_bundle,
     start_cli,
     stored_keys,
     tmp_files,
+    version_1_home,
     warm_forkserver,
 )
 
@@ -86,11 +89,7 @@ BASE_POINTS = ("after-lease", "after-first-upload", "before-add-base")
 
 @pytest.fixture(scope="module")
 def template(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A RANDES_HOME (SQLite + local store) holding version 1 with task t0."""
-    home = tmp_path_factory.mktemp("kill-template") / "home"
-    with Workspace(make_settings(home)) as ws:
-        setup_bundle(ws, models, "t0")
-    return home
+    return version_1_home(tmp_path_factory.mktemp("kill-template"), models)
 
 
 STAMPS = "stamp@compute-start,stamp@after-lease,stamp@before-commit,stamp@after-release"
@@ -135,6 +134,19 @@ def fold_seconds(models: Models, template: Path, tmp_path_factory: pytest.TempPa
 _RECOMPUTED: set[str] = set()  # manifests (by sha256) already recomputed byte for byte
 
 
+def _recover_t1(settings: Settings, models: Models, tmp_path: Path, **options: Any) -> Recovery:
+    """``recover_and_check`` after a fold of task t1 on top of version 1 was interrupted."""
+    return recover_and_check(
+        settings=settings,
+        models=models,
+        task="t1",
+        head_before=1,
+        scratch=tmp_path / "scratch",
+        recomputed=_RECOMPUTED,
+        **options,
+    )
+
+
 def _fold_killed(
     home: Path, models: Models, tmp_path: Path, *, point: str = "", delay: float | None = None
 ) -> tuple[int | None, str]:
@@ -173,14 +185,7 @@ def test_fold_killed_at_a_random_moment(
     shutil.copytree(template, home)
     delay = fold_seconds * fraction
     code, phase = _fold_killed(home, models, tmp_path, delay=delay)
-    result = recover_and_check(
-        settings=make_settings(home),
-        models=models,
-        task="t1",
-        head_before=1,
-        scratch=tmp_path / "scratch",
-        recomputed=_RECOMPUTED,
-    )
+    result = _recover_t1(make_settings(home), models, tmp_path)
     print(f"\nkill at {delay:.3f}s of {fold_seconds:.3f}s ({phase}): exit {code}, {result}")
     trials.record("SIGKILL: fold, random moment (local + SQLite)", phase)
 
@@ -198,14 +203,7 @@ def test_fold_killed_at_a_protocol_point(
     if point in ("mid-store-write", "mid-cache-copy"):
         root = home / ("store" if point == "mid-store-write" else "cache")
         assert tmp_files(root), f"{point}: expected a temp file left by the dead writer"
-    result = recover_and_check(
-        settings=make_settings(home),
-        models=models,
-        task="t1",
-        head_before=1,
-        scratch=tmp_path / "scratch",
-        recomputed=_RECOMPUTED,
-    )
+    result = _recover_t1(make_settings(home), models, tmp_path)
     print(f"\n{point}: {result}")
     assert result.committed == PROTOCOL_POINTS[point]
     if point in ("after-first-upload", "before-manifest", "before-commit", "mid-commit"):
@@ -277,15 +275,7 @@ def test_gc_killed_mid_delete(
         assert announced, "the dead gc's announcement should outlive it (until its TTL)"
     # The announcement lasts GC_INTENT_TTL_S; a retry touching those keys waits it out.
     expire_leases(settings.resolved_database_url)
-    result = recover_and_check(
-        settings=settings,
-        models=models,
-        task="t1",
-        head_before=1,
-        scratch=tmp_path / "scratch",
-        recomputed=_RECOMPUTED,
-        leased_orphans=False,
-    )
+    result = _recover_t1(settings, models, tmp_path, leased_orphans=False)
     print(f"\ngc killed after 1 of {len(orphans)} deletions: {result}")
     trials.record("SIGKILL: gc mid-delete (local + SQLite)", "after first delete")
 

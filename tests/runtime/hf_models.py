@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from tests.hf_models import config_of
+
 VOCAB = 96
 SEQ = 12
 
@@ -21,26 +23,9 @@ def _configs(arch: str) -> tuple[Any, type, type]:
     import transformers as tf
 
     if arch == "bert":
-        cfg = tf.BertConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=32,
-        )
-        return cfg, tf.BertModel, tf.BertForSequenceClassification
+        return config_of("bert", vocab_size=VOCAB), tf.BertModel, tf.BertForSequenceClassification
     if arch == "gpt2":
-        cfg = tf.GPT2Config(
-            vocab_size=VOCAB,
-            n_embd=32,
-            n_layer=2,
-            n_head=2,
-            n_positions=32,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=1,
-        )
+        cfg = config_of("gpt2", vocab_size=VOCAB, bos_token_id=1, eos_token_id=1)
         return cfg, tf.GPT2Model, tf.GPT2ForSequenceClassification
     raise ValueError(arch)
 

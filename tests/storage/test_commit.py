@@ -30,29 +30,19 @@ from storage.commit import (
     commit,
 )
 from storage.readers import open_superposition
-from storage.registry import Registry
-from storage.settings import Settings
 from storage.workspace import Workspace
-from tests.factories import make_base, make_finetune
+from tests.workspaces import make_models, open_workspace
 
 
 @pytest.fixture
 def ws(tmp_path: Path, local_store: Any, sqlite_url: str) -> Iterator[Workspace]:
-    workspace = Workspace(
-        Settings(home=tmp_path / "home"), store=local_store, registry=Registry(sqlite_url)
-    )
-    workspace.init()
-    yield workspace
-    workspace.close()
+    with open_workspace(tmp_path / "home", sqlite_url, local_store) as workspace:
+        yield workspace
 
 
 @pytest.fixture
 def models(tmp_path: Path) -> dict[str, Path]:
-    base = make_base(tmp_path / "models" / "base")
-    return {
-        "base": base,
-        **{t: make_finetune(base, tmp_path / "models" / t, s) for s, t in enumerate("abc", 1)},
-    }
+    return make_models(tmp_path / "models", "abc")
 
 
 def _setup(ws: Workspace, models: dict[str, Path], *bundles: str) -> None:

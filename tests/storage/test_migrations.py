@@ -12,24 +12,16 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect
 
 from storage.registry import MigrationError, Registry, SchemaNotInitializedError
 from storage.registry.engine import make_engine
 from storage.registry.models import Base
 from storage.registry.registry import migrations_dir
+from tests.storage.registries import table_names
 
 REPO = Path(__file__).resolve().parents[2]
 REGISTRY_TABLES = set(Base.metadata.tables)
 HEAD = "0003"  # the newest migration (0003: validation checks and policies)
-
-
-def _tables(url: str) -> set[str]:
-    engine = make_engine(url)
-    try:
-        return set(inspect(engine).get_table_names())
-    finally:
-        engine.dispose()
 
 
 def _schema_diff(url: str) -> list[object]:
@@ -59,11 +51,11 @@ def test_upgrade_from_empty_then_downgrade_to_base(registry_url: str) -> None:
         assert reg.schema_revision() is None
         reg.upgrade()
         assert reg.schema_revision() == HEAD
-        assert _tables(registry_url) >= REGISTRY_TABLES
+        assert table_names(registry_url) >= REGISTRY_TABLES
 
         reg.downgrade("base")
         assert reg.schema_revision() is None
-        assert _tables(registry_url) & REGISTRY_TABLES == set()
+        assert table_names(registry_url) & REGISTRY_TABLES == set()
 
         reg.upgrade()  # and back up, to a working registry
         reg.add_base("base", "file:///base", "0" * 64, "bases/base.json", "1" * 64, [])
@@ -92,7 +84,7 @@ def test_alembic_command_line(sqlite_url: str) -> None:
             [*base, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
         )
         assert result.returncode == 0, result.stderr
-    assert _tables(sqlite_url) & REGISTRY_TABLES == set()
+    assert table_names(sqlite_url) & REGISTRY_TABLES == set()
 
 
 def test_failed_migration_changes_nothing(registry_url: str) -> None:
@@ -105,7 +97,7 @@ def test_failed_migration_changes_nothing(registry_url: str) -> None:
     try:
         with pytest.raises(MigrationError, match="aliases"):
             reg.upgrade()
-        assert _tables(registry_url) == {"aliases"}
+        assert table_names(registry_url) == {"aliases"}
         assert reg.schema_revision() is None
     finally:
         reg.close()

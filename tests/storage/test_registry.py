@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -32,6 +33,7 @@ from storage.registry import (
     VersionInUseError,
     VersionNotFoundError,
 )
+from tests.storage.registries import upgraded_registry
 
 
 def sha(label: str) -> str:
@@ -43,12 +45,8 @@ def sha(label: str) -> str:
 
 @pytest.fixture
 def registry(registry_url: str) -> Iterator[Registry]:
-    reg = Registry(registry_url)
-    reg.upgrade()
-    try:
+    with upgraded_registry(registry_url) as reg:
         yield reg
-    finally:
-        reg.close()
 
 
 @pytest.fixture
@@ -67,19 +65,22 @@ def commit(
     removed: list[str] | None = None,
     keys: list[str] | None = None,
     bundle: str = "b",
+    parent: int | None | Literal["previous"] = "previous",
+    ledger: list[tuple[str, str]] | None = None,
 ) -> None:
-    """Commit `version` on top of version - 1, with a ledger row per added task."""
+    """Commit `version` on top of `parent` (by default version - 1), with a ledger row
+    per added task unless `ledger` says which rows."""
     added = added or []
     reg.commit_version(
         bundle,
         version=version,
-        parent_version=version - 1 if version > 1 else None,
+        parent_version=(version - 1 if version > 1 else None) if parent == "previous" else parent,
         manifest_key=f"manifests/{bundle}/{version}.json",
         manifest_sha256=sha(f"manifest {bundle} {version}"),
         object_keys=keys if keys is not None else [f"shards/{bundle}-{version}"],
         added=added,
         removed=removed or [],
-        ledger=[(t.source_sha256, t.name) for t in added],
+        ledger=ledger if ledger is not None else [(t.source_sha256, t.name) for t in added],
     )
 
 
@@ -178,14 +179,7 @@ def test_versions_and_resolve(registry: Registry, bundle: str) -> None:
 
 
 def test_first_version_may_be_zero(registry: Registry, bundle: str) -> None:
-    registry.commit_version(
-        bundle,
-        version=0,
-        parent_version=None,
-        manifest_key="m0",
-        manifest_sha256=sha("0"),
-        object_keys=[],
-    )
+    commit(registry, 0, keys=[])
     commit(registry, 1, added=[task("t", 1)])
     assert [v.version for v in registry.list_versions(bundle)] == [0, 1]
 
@@ -200,14 +194,7 @@ def test_commit_version_checks_the_head(registry: Registry, bundle: str) -> None
     with pytest.raises(VersionConflictError):
         commit(registry, 3, added=[task("t2", 2)])  # a stale writer cannot skip 2
     with pytest.raises(VersionNotFoundError):
-        registry.commit_version(
-            bundle,
-            version=2,
-            parent_version=9,
-            manifest_key="m",
-            manifest_sha256=sha("m"),
-            object_keys=[],
-        )
+        commit(registry, 2, parent=9, keys=[])
     with pytest.raises(InvalidValueError):
         commit(registry, -1)
     with pytest.raises(BundleNotFoundError):
@@ -290,39 +277,15 @@ def test_ledger(registry: Registry, bundle: str) -> None:
     assert registry.ledger_lookup(bundle, t1.source_sha256) == ("t1", 1)
     assert registry.ledger_lookup(bundle, sha("unknown")) is None
     with pytest.raises(AlreadyIngestedError) as err:
-        registry.commit_version(
-            bundle,
-            version=2,
-            parent_version=1,
-            manifest_key="m2",
-            manifest_sha256=sha("m2"),
-            object_keys=[],
-            added=[task("t1-again", 5)],
-            ledger=[(t1.source_sha256, "t1-again")],
-        )
+        again = task("t1-again", 5)
+        commit(registry, 2, added=[again], keys=[], ledger=[(t1.source_sha256, "t1-again")])
     assert (err.value.task_name, err.value.version) == ("t1", 1)
     assert err.value.source_sha256 == t1.source_sha256
     # The ledger is checked before the version number: a duplicate is a no-op, not a retry.
     with pytest.raises(AlreadyIngestedError):
-        registry.commit_version(
-            bundle,
-            version=1,
-            parent_version=None,
-            manifest_key="m",
-            manifest_sha256=sha("m"),
-            object_keys=[],
-            ledger=[(t1.source_sha256, "t1")],
-        )
+        commit(registry, 1, keys=[], ledger=[(t1.source_sha256, "t1")])
     with pytest.raises(InvalidValueError):
-        registry.commit_version(
-            bundle,
-            version=2,
-            parent_version=1,
-            manifest_key="m",
-            manifest_sha256=sha("m"),
-            object_keys=[],
-            ledger=[(sha("z"), "z"), (sha("z"), "z2")],
-        )
+        commit(registry, 2, keys=[], ledger=[(sha("z"), "z"), (sha("z"), "z2")])
     # Ledgers are per bundle.
     registry.create_bundle("other", "base", {})
     commit(registry, 1, added=[t1], bundle="other")
@@ -335,17 +298,7 @@ def test_commit_version_is_atomic(registry: Registry, bundle: str) -> None:
     before = registry.referenced_keys()
     new_x, new_y = task("x", 7), task("y", 7)  # same seed twice: only the database sees it
     with pytest.raises(SeedConflictError) as err:
-        registry.commit_version(
-            bundle,
-            version=2,
-            parent_version=1,
-            manifest_key="manifests/b/2.json",
-            manifest_sha256=sha("m2"),
-            object_keys=["shards/two", "shards/one"],
-            added=[new_x, new_y],
-            removed=["a"],
-            ledger=[(new_x.source_sha256, "x"), (new_y.source_sha256, "y")],
-        )
+        commit(registry, 2, added=[new_x, new_y], removed=["a"], keys=["shards/two", "shards/one"])
     assert err.value.seed == 7
     assert [v.version for v in registry.list_versions(bundle)] == [1]
     assert registry.referenced_keys() == before

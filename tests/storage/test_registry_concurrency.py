@@ -23,6 +23,7 @@ from storage.registry import (
 )
 from storage.registry.engine import make_engine, write_options
 from storage.registry.models import BundleVersion, IngestionLedger
+from tests.storage.registries import upgraded_registry
 
 BUNDLE = "b"
 TIMEOUT_S = 120
@@ -34,14 +35,10 @@ def sha(label: str) -> str:
 
 @pytest.fixture
 def registry(registry_url: str) -> Iterator[Registry]:
-    reg = Registry(registry_url)
-    reg.upgrade()
-    reg.add_base("base", "file:///base", sha("base"), "bases/base.json", sha("bm"), [])
-    reg.create_bundle(BUNDLE, "base", {"maps": ["sign"]})
-    try:
+    with upgraded_registry(registry_url) as reg:
+        reg.add_base("base", "file:///base", sha("base"), "bases/base.json", sha("bm"), [])
+        reg.create_bundle(BUNDLE, "base", {"maps": ["sign"]})
         yield reg
-    finally:
-        reg.close()
 
 
 def _commit(reg: Registry, version: int, name: str, seed: int, source: str) -> None:

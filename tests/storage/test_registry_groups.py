@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import inspect
 
 from randes.errors import InvalidNameError
 from storage.registry import (
@@ -26,20 +25,13 @@ from storage.registry import (
     InvalidValueError,
     Registry,
 )
-from storage.registry.engine import make_engine
-
-TRANSFORM = {"sign_flip": True, "layer_shuffle": True}
+from tests.storage.registries import TRANSFORM, add_tiny_base, table_names, upgraded_registry
 
 
 @pytest.fixture
 def reg(registry_url: str) -> Iterator[Registry]:
-    registry = Registry(registry_url)
-    registry.upgrade()
-    registry.add_base("tiny", "file:///base", "0" * 64, "manifests/b.json", "1" * 64, [])
-    try:
+    with upgraded_registry(registry_url, tiny_base=True) as registry:
         yield registry
-    finally:
-        registry.close()
 
 
 def test_create_get_list_groups(reg: Registry) -> None:
@@ -95,30 +87,22 @@ def test_members_take_consecutive_positions_once(reg: Registry) -> None:
         reg.create_group_member("g", 0)
 
 
-def _tables(url: str) -> set[str]:
-    engine = make_engine(url)
-    try:
-        return set(inspect(engine).get_table_names())
-    finally:
-        engine.dispose()
-
-
 def test_migration_0002_up_and_down_with_data(registry_url: str) -> None:
     reg = Registry(registry_url)
     try:
         reg.upgrade("0001")
-        assert "bundle_groups" not in _tables(registry_url)
-        reg.add_base("tiny", "file:///base", "0" * 64, "manifests/b.json", "1" * 64, [])
+        assert "bundle_groups" not in table_names(registry_url)
+        add_tiny_base(reg)
         reg.create_bundle("plain", "tiny", {})
         reg.upgrade("0002")
         assert reg.schema_revision() == "0002"
-        assert {"bundle_groups", "bundle_group_members"} <= _tables(registry_url)
+        assert {"bundle_groups", "bundle_group_members"} <= table_names(registry_url)
         reg.create_group("g", "tiny", TRANSFORM, max_interference=0.05)
         reg.create_group_member("g", 1)
 
         reg.downgrade("0001")
         assert reg.schema_revision() == "0001"
-        assert not {"bundle_groups", "bundle_group_members"} & _tables(registry_url)
+        assert not {"bundle_groups", "bundle_group_members"} & table_names(registry_url)
         assert [b.name for b in reg.list_bundles()] == ["g-1", "plain"]  # members stay
 
         reg.upgrade()

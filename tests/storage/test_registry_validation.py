@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import inspect
 
 from randes.validation_policy import Decision, LastCheck, ValidationPolicy
 from storage.registry import (
@@ -23,31 +22,17 @@ from storage.registry import (
     Registry,
     VersionNotFoundError,
 )
-from storage.registry.engine import make_engine
 from storage.registry.validation import CheckRow
-
-TRANSFORM = {"sign_flip": True, "layer_shuffle": True}
+from tests.storage.registries import TRANSFORM, commit_empty, table_names, upgraded_registry
 
 
 @pytest.fixture
 def reg(registry_url: str) -> Iterator[Registry]:
-    registry = Registry(registry_url)
-    registry.upgrade()
-    registry.add_base("tiny", "file:///base", "0" * 64, "manifests/b.json", "1" * 64, [])
-    registry.create_bundle("b", "tiny", TRANSFORM)
-    for v in (1, 2, 3):
-        registry.commit_version(
-            "b",
-            version=v,
-            parent_version=v - 1 if v > 1 else None,
-            manifest_key=f"manifests/b/{v}.json",
-            manifest_sha256=f"{v}" * 64,
-            object_keys=[],
-        )
-    try:
+    with upgraded_registry(registry_url, tiny_base=True) as registry:
+        registry.create_bundle("b", "tiny", TRANSFORM)
+        for v in (1, 2, 3):
+            commit_empty(registry, "b", v, f"manifests/b/{v}.json")
         yield registry
-    finally:
-        registry.close()
 
 
 def _row(
@@ -134,29 +119,17 @@ def test_the_history_outlives_retention(reg: Registry) -> None:
 
 
 def test_migration_0003_up_and_down_with_checks(registry_url: str) -> None:
-    registry = Registry(registry_url)
-    try:
-        registry.upgrade()
-        registry.add_base("tiny", "file:///base", "0" * 64, "manifests/b.json", "1" * 64, [])
+    with upgraded_registry(registry_url, tiny_base=True) as registry:
         registry.create_bundle("b", "tiny", TRANSFORM)
-        registry.commit_version(
-            "b", version=1, parent_version=None, manifest_key="m/1.json",
-            manifest_sha256="1" * 64, object_keys=[],
-        )  # fmt: skip
+        commit_empty(registry, "b", 1, "m/1.json")
         registry.record_checks("b", 1, [_row("a")])
         registry.set_validation_policy("b", window=3)
 
         registry.downgrade("0002")
-        engine = make_engine(registry_url)
-        try:
-            tables = set(inspect(engine).get_table_names())
-        finally:
-            engine.dispose()
+        tables = table_names(registry_url)
         assert not tables & {"validation_checks", "validation_policies"}
         assert registry.get_bundle("b").name == "b"  # the bundle stays
 
         registry.upgrade()
         assert registry.validation_checks("b") == []
         assert registry.validation_policy("b") == ValidationPolicy()
-    finally:
-        registry.close()
