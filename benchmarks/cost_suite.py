@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import cost_batch
+from benchmarks.cost_cli import CLI_MODEL, CLI_QUICK, measure_cli, render_cli
 from benchmarks.cost_measure import run_size, serving
 from benchmarks.cost_models import FULL, GPT2_SMALL, QUICK, ROOT, ModelSpec
 from benchmarks.cost_report import report
@@ -32,6 +33,8 @@ class CostRun:
     work: Path
     keep: bool
     log: Callable[[str], None]
+    quick: bool = False
+    cli_old: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -83,11 +86,18 @@ def measure_batch(run: CostRun) -> dict[str, Any]:
     )
 
 
+def measure_fold_cli(run: CostRun) -> dict[str, Any]:
+    """One `randes fold` end to end per repeat against a plain copy (benchmarks.cost_cli)."""
+    spec = CLI_QUICK if run.quick else CLI_MODEL
+    return measure_cli(spec, run.repeats, run.work / "fold_cli", run.log, run.cli_old)
+
+
 PARTS: dict[str, Part] = {
     p.name: p
     for p in (
         Part("fold_materialize", measure_fold_materialize, render_fold_materialize),
         Part("batch", measure_batch, cost_batch.render),
+        Part("fold_cli", measure_fold_cli, render_cli),
     )
 }
 
@@ -107,6 +117,9 @@ class CostSuite(BaseSuite):
         ap.add_argument(
             "--core", type=Path, default=ROOT, help="checkout whose randes/ is measured"
         )
+        ap.add_argument(
+            "--cli-old", type=Path, default=None, help="fold_cli: also time this checkout"
+        )
 
     def params(self, args: argparse.Namespace, quick: bool) -> dict[str, Any]:
         specs = (QUICK if quick else FULL) + ((GPT2_SMALL,) if args.gpt2_small else ())
@@ -120,6 +133,7 @@ class CostSuite(BaseSuite):
             "repeats": args.repeats or (1 if quick else 3),
             "parts": parts,
             "core": str(Path(args.core).resolve()),
+            "cli_old": str(Path(args.cli_old).resolve()) if args.cli_old else None,
         }
 
     def key(self, params: Mapping[str, Any]) -> str:
@@ -136,6 +150,8 @@ class CostSuite(BaseSuite):
             work=ctx.work,
             keep=bool(ctx.args.keep),
             log=ctx.log,
+            quick=ctx.quick,
+            cli_old=Path(p["cli_old"]) if p.get("cli_old") else None,
         )
         with serving(Path(p["core"])):
             return {name: PARTS[name].measure(run) for name in p["parts"]}

@@ -62,8 +62,7 @@ class ValidationCostSuite(BaseSuite):
                 for r in d["rows"]
             ),
             "",
-            "Oldest measurement in any validated version after the first: "
-            f"{d['oldest']} versions.",
+            f"Oldest measurement in any validated version after the first: {d['oldest']} versions.",
         ]
         return Page(self.title, "\n".join(lines))
 

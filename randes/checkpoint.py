@@ -29,7 +29,7 @@ import hashlib
 import io
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import torch
 
@@ -41,6 +41,7 @@ from randes.checkpoint_files import (
     find_checkpoint_files,
 )
 from randes.errors import CheckpointError, CorruptCheckpointError, SourceChangedError
+from randes.hashio import read_hashing
 from randes.header import DTYPE_NAMES, DTYPES, read_header, read_layout, short_repr
 from randes.source import Closing, TensorMeta, dtype_size
 
@@ -58,13 +59,20 @@ __all__ = [
 
 
 def read_exact_into(
-    handles: dict[Path, io.FileIO], path: Path, offset: int, target: torch.Tensor, name: str
+    handles: dict[Path, io.FileIO],
+    path: Path,
+    offset: int,
+    target: torch.Tensor,
+    name: str,
+    digest: Any = None,
 ) -> memoryview:
     """Read exactly ``target``'s bytes from ``path`` at ``offset`` into its memory.
 
-    One positional read of a header-validated range, through a handle cached in
+    Positional reads of a header-validated range, through a handle cached in
     ``handles``; a file that shrank since its header was read raises
-    CorruptCheckpointError. Returns the bytes' view (for a hash of what was read).
+    CorruptCheckpointError. Returns the bytes' view. With ``digest`` the bytes are fed
+    to it as they arrive, each chunk hashed while the next is read
+    (`randes.hashio.read_hashing`).
     """
     nbytes = target.numel() * target.element_size()
     try:
@@ -73,12 +81,15 @@ def read_exact_into(
             handle = handles[path] = io.FileIO(path, "rb")
         view = target.reshape(-1).view(torch.uint8).numpy().data.cast("B")
         handle.seek(offset)
-        got = 0
-        while got < nbytes:
-            n = handle.readinto(view[got:])
-            if not n:
-                break
-            got += n
+        if digest is not None:
+            got = read_hashing(handle.readinto, view, [digest])
+        else:
+            got = 0
+            while got < nbytes:
+                n = handle.readinto(view[got:])
+                if not n:
+                    break
+                got += n
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read {name!r}: {exc.strerror or exc}") from None
     if got != nbytes:
@@ -194,8 +205,13 @@ class CheckpointReader(Closing):
         nbytes = meta.nbytes
         if nbytes == 0:
             return tensor
-        view = read_exact_into(self._handles, path, self._offset[name], tensor, name)
-        if self._pinned is not None and hashlib.sha256(view).hexdigest() != self._pinned[name]:
+        digest = hashlib.sha256() if self._pinned is not None else None
+        read_exact_into(self._handles, path, self._offset[name], tensor, name, digest)
+        if (
+            digest is not None
+            and self._pinned is not None
+            and digest.hexdigest() != self._pinned[name]
+        ):
             raise SourceChangedError(
                 f"{path}: tensor {short_repr(name)} changed since the checkpoint was hashed "
                 "(rewritten while it was read?); nothing was folded, run it again once "

@@ -7,6 +7,7 @@ between hashing and folding is refused at its first read instead of folded silen
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -15,9 +16,8 @@ from typing import Any
 
 from randes.checkpoint import CheckpointReader
 from randes.errors import CheckpointError, CorruptCheckpointError
+from randes.hashio import stream_hashing
 from randes.header import DTYPE_NAMES
-
-_CHUNK = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,8 @@ def source_digests(reader: CheckpointReader) -> SourceDigests:
     for path in sorted(reader.files, key=lambda p: p.name):
         names = sorted((reader.offset(n), n) for n in reader if reader.file_of(n) == path)
         try:
-            with path.open("rb") as fh:
+            with path.open("rb", buffering=0) as fh:
+                _sequential(fh)
                 size = os.fstat(fh.fileno()).st_size
                 _frame(legacy, b"weights", path.name, size)
                 start = names[0][0] if names else size
@@ -66,21 +67,18 @@ def source_digests(reader: CheckpointReader) -> SourceDigests:
                     one = hashlib.sha256()
                     _copy_into(fh, reader.meta(name).nbytes, path, legacy, one)
                     tensor_sha[name] = one.hexdigest()
-                while chunk := fh.read(_CHUNK):  # bytes past the last tensor: legacy only
-                    legacy.update(chunk)
+                stream_hashing(fh.readinto, [legacy])  # past the last tensor: legacy only
         except OSError as exc:
             raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
     side_sha: dict[str, str] = {}
     for name in sorted(reader.side_files):
         path = reader.side_files[name]
         try:
-            with path.open("rb") as fh:
+            with path.open("rb", buffering=0) as fh:
                 size = os.fstat(fh.fileno()).st_size
                 _frame(legacy, b"side", name, size)
                 one = hashlib.sha256()
-                while chunk := fh.read(_CHUNK):
-                    legacy.update(chunk)
-                    one.update(chunk)
+                stream_hashing(fh.readinto, [legacy, one])
                 side_sha[name] = one.hexdigest()
         except OSError as exc:
             raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
@@ -108,12 +106,17 @@ def _field(digest: Any, text: str) -> None:
 
 
 def _copy_into(fh: Any, nbytes: int, path: Path, *digests: Any) -> None:
-    """Feed the next ``nbytes`` of ``fh`` to every digest (the file must still hold them)."""
-    remaining = nbytes
-    while remaining:
-        chunk = fh.read(min(_CHUNK, remaining))
-        if not chunk:
-            raise CorruptCheckpointError(f"{path}: truncated while it was hashed")
-        for digest in digests:
-            digest.update(chunk)
-        remaining -= len(chunk)
+    """Feed the next ``nbytes`` of ``fh`` to every digest (the file must still hold them).
+
+    Large reads into reused buffers, each chunk hashed (every digest on its own
+    thread) while the next is read (`randes.hashio.stream_hashing`).
+    """
+    if stream_hashing(fh.readinto, digests, limit=nbytes) != nbytes:
+        raise CorruptCheckpointError(f"{path}: truncated while it was hashed")
+
+
+def _sequential(fh: Any) -> None:
+    """Tell the kernel the file is read once, front to back (larger read-ahead)."""
+    if hasattr(os, "posix_fadvise"):
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)

@@ -24,6 +24,7 @@ any process and whatever the order of the plan within a shard.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -38,6 +39,7 @@ from typing import BinaryIO
 import torch
 
 from randes.atomic import fsync_dir, write_atomic
+from randes.hashio import update_while
 from randes.header import DTYPE_NAMES
 from randes.source import TensorMeta, dtype_size
 
@@ -209,8 +211,10 @@ class ShardWriter:
                 self._open(shard)
             assert self._fh is not None
             data = _tensor_bytes(tensor.detach().to("cpu").contiguous())
-            self._fh.write(data)
-            self._digest.update(data)
+            fh = self._fh
+            update_while(
+                [self._digest], data, functools.partial(fh.write, data)
+            )  # hashed as written
             self._size += len(data)
             del data
             self._next += 1

@@ -15,6 +15,12 @@ A cached copy that verified is trusted for what it is: bytes whose sha256 the ma
 records. So commands that read through the cache (fold, materialize, validate) may
 succeed while the store's copy of an object they have cached is damaged; `randes pull`
 reads every object from the store and is the command that checks the store itself.
+
+A fold's own new shards enter the cache without a download (`ObjectCache.adopt`: a hard
+link to the file it wrote and hashed), so the next fold reads its parent straight away;
+that copy is verified by every later process like a downloaded one. On a local store
+the stored object is the same file (``put_file(move=True)``): damage to it is damage to
+both, and is reported as the store object's.
 """
 
 from __future__ import annotations
@@ -27,10 +33,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from randes.errors import IntegrityError
+from randes.hashio import stream_hashing
 from randes.manifest import ShardRef
 from storage.store import ObjectStore
-
-_CHUNK = 1 << 20
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +63,11 @@ def version_context(bundle: str, version: int) -> str:
 
 
 def file_sha256(path: Path) -> str:
+    """sha256 of a file: large reads into reused buffers, each chunk hashed while the
+    next is read (`randes.hashio.stream_hashing`)."""
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
+    with path.open("rb", buffering=0) as handle:
+        stream_hashing(handle.readinto, [digest])
     return digest.hexdigest()
 
 
@@ -103,6 +109,27 @@ class ObjectCache:
         path = self.root / f"{ref.sha256}{suffix}"
         path.unlink(missing_ok=True)
         self._verified.pop(path, None)
+
+    def adopt(self, ref: ShardRef, path: Path, *, suffix: str = ".safetensors") -> None:
+        """Keep ``path``, a file this process wrote and hashed as ``ref`` (a fold's new
+        superposition shard), as the cached copy of ``ref``.
+
+        The next fold reads its parent through the cache: without this it first copied
+        the whole superposition it had just stored out of the store again (a read, a
+        sha256 and a 1 GB write). A hard link costs nothing; it is skipped where the
+        cache lies on another file system or already holds the object. Later processes
+        verify this copy on first use like any other. Where the store linked the same
+        file in (a local store, ``put_file(move=True)``), the cached copy and the stored
+        object are one file: damage to it is reported as the store object's.
+        """
+        dest = self.root / f"{ref.sha256}{suffix}"
+        if dest.exists():
+            return
+        try:
+            os.link(path, dest)
+        except OSError:  # exists by now, another file system, no hard links
+            return
+        self._remember(dest)
 
     def _verify(self, path: Path, ref: ShardRef) -> bool:
         """Whether the cached copy at ``path`` holds exactly ``ref``'s bytes.

@@ -44,7 +44,7 @@ from randes.manifest import (
     load_bundle_manifest,
 )
 from randes.writer import WrittenShard
-from storage.cache import file_sha256, integrity_context, version_context
+from storage.cache import ObjectCache, file_sha256, integrity_context, version_context
 from storage.errors import ObjectNotFoundError
 from storage.keys import blob_key, manifest_key
 from storage.registry import (
@@ -81,6 +81,10 @@ class Upload:
 
     path: Path
     ref: ShardRef
+    own: bool = False
+    """The file is this process's output in the work directory, hashed as it was written
+    (a `WrittenShard`): the store may link it in rather than copy it
+    (``put_file(move=True)``), and the cache keeps it as its copy (`ObjectCache.adopt`)."""
 
     @classmethod
     def of_shard(cls, shard: WrittenShard) -> Upload:
@@ -90,7 +94,7 @@ class Upload:
             size=shard.size,
             tensors=list(shard.tensors),
         )
-        return cls(shard.path, ref)
+        return cls(shard.path, ref, own=True)
 
     @classmethod
     def of_file(cls, path: Path, *, sha: str | None = None, tensors: Sequence[str] = ()) -> Upload:
@@ -185,6 +189,7 @@ def commit(
     *,
     work_root: Path,
     max_attempts: int = MAX_COMMIT_ATTEMPTS,
+    cache: ObjectCache | None = None,
 ) -> Committed:
     """Build a change on the bundle's head and commit it as the next version.
 
@@ -192,6 +197,8 @@ def commit(
     private work directory that lives until the upload is done; it raises to refuse
     (nothing is written) or returns `NoChange`. A lost race for the version number,
     or a ledger row another writer committed meanwhile, calls it again on the new head.
+    With ``cache``, the new shards also become its cached copies (the next fold's
+    parent is then read without a download).
     """
     bundle_rec = registry.get_bundle(bundle)
     config = stored_config(bundle_rec.transform)
@@ -244,6 +251,8 @@ def commit(
                     lease_keys(registry, [u.ref.key for u in change.all_uploads()], owner)
                     for item in change.all_uploads():
                         upload(store, item)
+                        if cache is not None and item.own:
+                            cache.adopt(item.ref, item.path)
                     record = commit_manifest(
                         store,
                         registry,
@@ -343,7 +352,7 @@ def release(registry: Registry, owner: str) -> None:
 
 def upload(store: ObjectStore, item: Upload) -> ShardRef:
     """Store one object under its content address (create-if-absent: idempotent)."""
-    store.put_file(item.ref.key, item.path, sha256=item.ref.sha256)
+    store.put_file(item.ref.key, item.path, sha256=item.ref.sha256, move=item.own)
     return item.ref
 
 

@@ -129,7 +129,7 @@ def fold_checkpoint(
                 uploads=(*private, *side_uploads.values()),
             )
 
-        done = commit(w.store, w.registry, bundle, build, work_root=w.work_root)
+        done = commit(w.store, w.registry, bundle, build, work_root=w.work_root, cache=w.cache)
     return _outcome(bundle, task, done, seeds)
 
 
@@ -172,7 +172,7 @@ def remove_task(
             remove=(task,),
         )
 
-    done = commit(w.store, w.registry, bundle, build, work_root=w.work_root)
+    done = commit(w.store, w.registry, bundle, build, work_root=w.work_root, cache=w.cache)
     return _outcome(bundle, task, done, seeds)
 
 

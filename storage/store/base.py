@@ -251,13 +251,19 @@ class ObjectStore(ABC):
         """Create the root (directory or bucket) if missing; used by ``randes init``."""
 
     @abstractmethod
-    def put_file(self, key: str, path: Path, *, sha256: str) -> bool:
+    def put_file(self, key: str, path: Path, *, sha256: str, move: bool = False) -> bool:
         """Store the file at ``path`` under ``key`` unless the key already exists.
 
         ``sha256`` is checked against the bytes actually sent: a mismatch raises
         `IntegrityError` and stores nothing, so a content-addressed key can never hold
         other content. Returns True if this call wrote the object, False if the key
         existed (content-addressed keys make a second put a no-op).
+
+        ``move=True`` says the file is the caller's own output, handed over: written,
+        fsynced and hashed (``sha256``) by this process from the bytes it wrote, in a
+        private directory, never modified or reused afterwards (a fold's shards). A
+        store on the same file system may then take the file itself (a hard link)
+        instead of copying it; a remote store uploads it as usual.
         """
 
     @abstractmethod

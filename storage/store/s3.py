@@ -154,9 +154,7 @@ class S3Store(ObjectStore):
         self._gates: dict[str, UploadGate] = {}  # full key -> hash of its upload in flight
         self._key_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
-        self._errors = S3Errors(
-            self.url, bucket, _endpoint_for_humans(endpoint_url), self._session
-        )
+        self._errors = S3Errors(self.url, bucket, _endpoint_for_humans(endpoint_url), self._session)
         self.retry_timeout = retry_timeout  # builds the client
         self.endpoint = self._errors.endpoint = _endpoint_for_humans(
             endpoint_url or self._client.meta.endpoint_url
@@ -276,7 +274,7 @@ class S3Store(ObjectStore):
         self._call("put", key, lambda: self._client.put_object(**args))
         return True
 
-    def put_file(self, key: str, path: Path, *, sha256: str) -> bool:
+    def put_file(self, key: str, path: Path, *, sha256: str, move: bool = False) -> bool:
         expected = check_sha256(sha256)
         assert expected is not None
         full = self._full(key)

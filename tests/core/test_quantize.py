@@ -157,3 +157,39 @@ def test_dequantize_is_codes_minus_offset_times_scale_exactly(
     ref = (_unpack(q.codes, scheme.bits, n).to(torch.float32) - _qmax(scheme.bits)).view(-1, group)
     ref = (ref * q.scales[:, None]).reshape(-1)[: x.numel()].reshape(x.shape)
     assert torch.equal(dequantize(q, tuple(x.shape), scheme), ref)
+
+
+def _whole_tensor_quantize(
+    x: torch.Tensor, scheme: QuantScheme
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole-tensor formula the blockwise quantizer must reproduce bit for bit."""
+    from randes.quantize import _pack, _qmax
+
+    group = scheme.group_of(tuple(x.shape))
+    rows = x.reshape(-1).to(torch.float32).view(-1, group)
+    qmax = _qmax(scheme.bits)
+    scales = rows.abs().amax(dim=1) / qmax
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    codes = torch.round(rows / safe[:, None]).clamp_(-qmax, qmax).to(torch.int16) + qmax
+    return _pack(codes.reshape(-1).to(torch.uint8), scheme.bits), scales
+
+
+@pytest.mark.parametrize("bits", [4, 8, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(600, 1000), (3, 64), (2 * 5 * 4096 + 8, 8)])
+def test_blockwise_quantize_equals_the_whole_tensor_formula(
+    bits: int, dtype: torch.dtype, shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tensors of many blocks (600k values against blocks of 2**14: the last one short),
+    zero groups and exact .5 ties included: same codes and scales as the formula."""
+    import randes.quantize as q
+
+    monkeypatch.setattr(q, "_CHUNK_VALUES", 1 << 14)
+    gen = torch.Generator().manual_seed(bits)
+    x = (torch.randn(shape, generator=gen) * 0.02).to(dtype)
+    x.view(-1)[:64] = 0
+    x.view(-1)[-3:] = torch.tensor([0.5, -0.5, 0.25], dtype=dtype) * 0.02
+    for scheme in (QuantScheme(bits=bits), QuantScheme(bits=bits, group_size=None)):  # type: ignore[arg-type]
+        codes, scales = _whole_tensor_quantize(x, scheme)
+        got = quantize(x, scheme)
+        assert torch.equal(got.codes, codes) and torch.equal(got.scales, scales)

@@ -467,3 +467,39 @@ def test_local_key_that_is_also_a_directory(local_store: LocalStore) -> None:
     with pytest.raises(InvalidKeyError, match="directory"):
         local_store.put_bytes("c/d", b"2")
     assert [i.key for i in local_store.list()] == ["a/b", "c"]
+
+
+def test_put_file_move_links_the_callers_file_in(local_store: LocalStore, tmp_path: Path) -> None:
+    """``move=True``: a file handed over is linked into the store (no copy), published
+    under its key like a copy would be, and a second put is the usual no-op."""
+    data = os.urandom(3 * MiB + 17)
+    work = write(local_store.root.parent / "work" / "shard", data)  # same file system
+    assert local_store.put_file("objects/moved", work, sha256=sha(data), move=True) is True
+    stored = local_store.root / "objects" / "moved"
+    assert os.path.samefile(stored, work) and stored.stat().st_nlink == 2
+    work.unlink()  # the work directory goes away; the object stays
+    assert local_store.get_bytes("objects/moved", sha256=sha(data)) == data
+    again = write(tmp_path / "again", data)
+    assert local_store.put_file("objects/moved", again, sha256=sha(data), move=True) is False
+    assert not [p for p in stored.parent.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_cache_adopts_a_written_shard_without_a_download(
+    local_store: LocalStore, tmp_path: Path
+) -> None:
+    from randes.manifest import ShardRef
+    from storage.cache import ObjectCache
+
+    data = os.urandom(MiB)
+    shard = write(tmp_path / "work" / "shard", data)
+    ref = ShardRef(key="objects/s", sha256=sha(data), size=len(data), tensors=[])
+    local_store.put_file(ref.key, shard, sha256=ref.sha256, move=True)
+    cache = ObjectCache(tmp_path / "cache", local_store)
+    cache.adopt(ref, shard)
+    local_store.delete(ref.key)  # a download would now fail: the adopted copy serves
+    path = cache.fetch(ref)
+    assert path.read_bytes() == data
+    # a later process verifies the adopted copy like any other, and heals a damaged one
+    path.write_bytes(b"x" * len(data))
+    local_store.put_bytes(ref.key, data, if_absent=False)
+    assert ObjectCache(tmp_path / "cache", local_store).fetch(ref).read_bytes() == data
