@@ -19,7 +19,7 @@ before anything is read, so a serving copy that does not fit the base fails in o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -36,7 +36,7 @@ from randes.quantize import (
     dequantize_range,
     quantize,
 )
-from randes.source import ClosableSource, Closing, TensorMeta, TensorSource
+from randes.source import ClosableSource, Closing, MetaTable, TensorMeta, TensorSource
 from randes.writer import ShardWriter, TensorSpec, WrittenShard
 
 SERVING_DIR = "serving"
@@ -126,7 +126,7 @@ class ServingWriter:
         self._scales.abort()
 
 
-class QuantizedReader(Closing):
+class QuantizedReader(MetaTable, Closing):
     """A serving copy read as the master superposition it was derived from.
 
     ``slots`` maps each slot name to the master's meta (base shape, superposition
@@ -148,24 +148,9 @@ class QuantizedReader(Closing):
         self._metas = {slot: slots[slot] for slot in sorted(slots)}
         self._held: tuple[str, QuantizedTensor] | None = None
 
-    def keys(self) -> list[str]:
-        """Slot names, sorted (the master's)."""
-        return list(self._metas)
-
     def metas(self) -> dict[str, TensorMeta]:
         return dict(self._metas)
 
-    def meta(self, name: str) -> TensorMeta:
-        return self._metas[name]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._metas
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._metas)
-
-    def __len__(self) -> int:
-        return len(self._metas)
 
     def get(self, name: str) -> torch.Tensor:
         meta = self._metas[name]

@@ -115,6 +115,28 @@ class NamedView:
         return len(self.names)
 
 
+class MetaTable:
+    """Keys, headers, membership and length of a tensor source that holds a table of
+    its tensors' headers (``self._metas``, in key order): defined once here."""
+
+    _metas: Mapping[str, TensorMeta]
+
+    def keys(self) -> list[str]:
+        return list(self._metas)
+
+    def meta(self, name: str) -> TensorMeta:
+        return self._metas[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._metas
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._metas)
+
+    def __len__(self) -> int:
+        return len(self._metas)
+
+
 def metas_of(source: TensorSource) -> dict[str, TensorMeta]:
     """Every tensor's header, in ``keys`` order."""
     return {name: source.meta(name) for name in source.keys()}  # noqa: SIM118

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from randes.checkpoint import CheckpointReader, read_exact_into
-from randes.source import Closing, TensorMeta, TensorSource
+from randes.source import Closing, MetaTable, TensorMeta, TensorSource
 
 
 class _Lending:
@@ -53,7 +53,7 @@ class _Lending:
             self._lent = None
 
 
-class ResidentReader(_Lending, Closing):
+class ResidentReader(MetaTable, _Lending, Closing):
     """A `randes.source.TensorSource` over tensors held in memory (on any device).
 
     ``get`` hands out a copy, as a file reader hands out a fresh tensor: retrieval
@@ -77,20 +77,6 @@ class ResidentReader(_Lending, Closing):
         tensors = {name: reader.get(name).to(device) for name in reader.keys()}  # noqa: SIM118
         return cls(tensors, copies=copies)
 
-    def keys(self) -> list[str]:
-        return list(self._metas)
-
-    def meta(self, name: str) -> TensorMeta:
-        return self._metas[name]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._metas
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._metas)
-
-    def __len__(self) -> int:
-        return len(self._metas)
 
     def _fits(self, name: str, target: torch.Tensor) -> bool:
         mine = self._tensors.get(name)
