@@ -1,5 +1,11 @@
 """Batch fold on the embedded default (local store + SQLite): one version for K
-checkpoints, the registry and manifest K sequential folds give (seeds aside)."""
+checkpoints, the registry and manifest K sequential folds give (seeds aside).
+
+Checkpoints are tiny BERTs saved by transformers' ``save_pretrained``: the base a bare
+``BertModel`` (pooler included), the tasks trained a few steps from it in the shapes
+users have: a sequence classifier in fp32, a token classifier (no pooler: a fine-tune
+lacking base tensors), a sequence classifier saved in bf16 over the fp32 base.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from safetensors.torch import load_file, save_file
 
 import storage.batch
 import storage.folding
@@ -21,22 +26,28 @@ from storage.batch import BatchItem, fold_many
 from storage.registry import Registry, TaskExistsError
 from storage.settings import Settings
 from storage.workspace import Workspace
-from tests.factories import make_base, make_finetune
+from tests.hf_models import save_base, save_finetune
 
 TASKS = ["alpha", "beta", "gamma"]
+SHAPES: dict[str, dict[str, Any]] = {
+    "alpha": {},
+    "beta": {"task": "BertForTokenClassification"},
+    "gamma": {"dtype": "bfloat16"},
+}
 
 
-@pytest.fixture
-def models(tmp_path: Path) -> dict[str, Path]:
-    base = make_base(tmp_path / "models" / "base")
+def _nan(model: Any) -> None:
+    model.bert.encoder.layer[1].intermediate.dense.weight[2, 3] = float("nan")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    base = save_base(root / "base")
     out = {"base": base}
     for k, name in enumerate(TASKS, start=1):
-        out[name] = make_finetune(base, tmp_path / "models" / name, k, prefix="transformer.")
-    bad = make_finetune(base, tmp_path / "models" / "broken", 9)
-    state = load_file(str(bad / "model.safetensors"))
-    state["h.1.mlp.c_fc.weight"][2, 3] = float("nan")
-    save_file(state, str(bad / "model.safetensors"))
-    out["broken"] = bad
+        out[name] = save_finetune(base, root / name, k, **SHAPES[name])
+    out["broken"] = save_finetune(base, root / "broken", 9, edit=_nan)
     return out
 
 
@@ -118,7 +129,7 @@ def test_a_rerun_is_a_no_op_and_bad_sources_never_block_the_others(
             BatchItem(str(models["beta"]), "beta"),
             BatchItem(str(models["alpha"]), "alpha-again"),  # the same bytes twice
             BatchItem(str(models["gamma"]), "gamma-again"),  # already folded as gamma
-            BatchItem(str(make_finetune(models["base"], tmp_path / "d", 4)), "gamma"),  # taken
+            BatchItem(str(save_finetune(models["base"], tmp_path / "d", 4)), "gamma"),  # taken
         ]
         outcome = fold_many(ws, "b", items)
         assert outcome.version == 2
@@ -189,10 +200,9 @@ def test_task_named_twice_is_bad_input(tmp_path: Path, models: dict[str, Path]) 
 def test_heads_of_all_members_are_checked_before_hashing(
     tmp_path: Path, models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A checkpoint the base refuses is never hashed, whatever its size."""
-    other = make_finetune(make_base(tmp_path / "other-base", seed=4), tmp_path / "o", 1)
-    state = load_file(str(other / "model.safetensors"))
-    save_file({k + ".x": v for k, v in state.items()}, str(other / "model.safetensors"))
+    """A checkpoint the base refuses (a GPT-2's fine-tune offered to a BERT base) is
+    never hashed, whatever its size."""
+    other = save_finetune(save_base(tmp_path / "other-base", "gpt2"), tmp_path / "o", 1)
     hashed: list[str] = []
     real = storage.batch.source_digests
 
@@ -227,10 +237,10 @@ def test_the_command_line_folds_several_sources_as_one_version(
 
     # one source: today's command and output; then a batch with a refusal (exit 1, one
     # error line naming it) that still folds the good one
-    delta = make_finetune(models["base"], randes_home.parent / "delta", 4)
+    delta = save_finetune(models["base"], randes_home.parent / "delta", 4)
     one = cli("fold", "b", str(delta), "--task", "delta")
     assert one.code == 0 and "b: version 2 adds task 'delta'" in one.out
-    fresh = make_finetune(models["base"], randes_home.parent / "epsilon", 5)
+    fresh = save_finetune(models["base"], randes_home.parent / "epsilon", 5)
     mixed = cli(
         "fold", "b", str(models["broken"]), str(fresh), str(models["alpha"]),
         "--task", "broken", "--task", "epsilon", "--task", "renamed",
