@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import storage.batch
 import storage.folding
@@ -115,6 +116,30 @@ def test_one_version_holds_what_sequential_folds_give(
         assert rows(bat) == rows(seq)
         for task in bat.registry.tasks("b"):
             assert bat.registry.ledger_lookup("b", task.source_sha256) == (task.name, 1)
+
+
+def test_each_member_materializes_as_its_own_loader_expects(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    """A batch-folded task comes back in its fine-tune's shape: the same tensor names
+    and dtypes (bf16 stays bf16, the token classifier gets no pooler), loadable by its
+    own transformers class."""
+    import transformers
+    from safetensors import safe_open
+
+    def shape(directory: Path) -> dict[str, str]:
+        with safe_open(str(directory / "model.safetensors"), "pt") as f:
+            return {k: str(f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118
+
+    with _workspace(tmp_path / "home", models) as ws:
+        fold_many(ws, "b", [BatchItem(str(models[n]), n) for n in TASKS])
+        for name in TASKS:
+            out = ws.materialize("b", None, name, tmp_path / "out" / name)
+            assert shape(out) == shape(models[name]), name
+            cls = SHAPES[name].get("task", "BertForSequenceClassification")
+            loaded = getattr(transformers, cls).from_pretrained(out, dtype="auto")
+            want = SHAPES[name].get("dtype", "float32")
+            assert loaded.dtype == getattr(torch, want), name
 
 
 def test_a_rerun_is_a_no_op_and_bad_sources_never_block_the_others(
