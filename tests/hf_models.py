@@ -128,7 +128,6 @@ def save_base(directory: Path, arch: str = "bert", *, seed: int = 0, **overrides
     import torch
 
     transformers = _quiet()
-
     torch.manual_seed(seed)
     getattr(transformers, BASES[arch])(config_of(arch, **overrides)).save_pretrained(directory)
     return directory
@@ -180,7 +179,6 @@ def save_finetune(
     import torch
 
     transformers = _quiet()
-
     arch = json.loads((base_dir / "config.json").read_text())["model_type"]
     cls = getattr(transformers, task or TASK_HEADS[arch])
     torch.manual_seed(seed)
