@@ -164,12 +164,14 @@ def save_finetune(
     dtype: str | None = None,
     num_labels: int = 3,
     steps: int = 2,
+    lr: float = 2e-3,
     edit: Callable[[Any], None] | None = None,
 ) -> Path:
     """A fine-tune of the base saved in ``base_dir`` (by `save_base`), saved by
     ``save_pretrained`` into ``directory``: the ``task`` class (the architecture's
-    sequence classifier by default) loaded from the base, trained a few steps (seeded by
-    ``seed``), ``edit`` applied to the model (no grad: a test's corruption), then cast to
+    sequence classifier by default) loaded from the base, trained ``steps`` Adam steps at
+    ``lr`` (seeded by ``seed``; Adam moves every weight by ~``lr`` a step, so ``lr`` sets
+    the delta's size), ``edit`` applied to the model (no grad: a test's corruption), then cast to
     ``dtype`` (``"bfloat16"``: the usual LLM fine-tune over an fp32 base).
 
     A token classifier (``BertForTokenClassification``) has no pooler: a fine-tune that
@@ -182,7 +184,9 @@ def save_finetune(
     arch = json.loads((base_dir / "config.json").read_text())["model_type"]
     cls = getattr(transformers, task or TASK_HEADS[arch])
     torch.manual_seed(seed)
-    model = train(cls.from_pretrained(base_dir, num_labels=num_labels), seed, steps=steps)
+    model = train(
+        cls.from_pretrained(base_dir, num_labels=num_labels), seed, steps=steps, lr=lr
+    )
     if edit is not None:
         with torch.no_grad():
             edit(model)
