@@ -184,9 +184,7 @@ def save_finetune(
     arch = json.loads((base_dir / "config.json").read_text())["model_type"]
     cls = getattr(transformers, task or TASK_HEADS[arch])
     torch.manual_seed(seed)
-    model = train(
-        cls.from_pretrained(base_dir, num_labels=num_labels), seed, steps=steps, lr=lr
-    )
+    model = train(cls.from_pretrained(base_dir, num_labels=num_labels), seed, steps=steps, lr=lr)
     if edit is not None:
         with torch.no_grad():
             edit(model)
