@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Self
@@ -218,6 +219,21 @@ class CheckpointReader(Closing):
                 "the file is stable"
             )
         return tensor
+
+    def read_range_into(self, name: str, lo: int, out: torch.Tensor) -> bool:
+        """Flat entries ``[lo, lo + out.numel())`` of ``name`` read into ``out`` (a
+        contiguous CPU tensor of its dtype): one positional read of part of the
+        validated range. False (nothing read) for a pinned reader, whose bytes are
+        checked whole tensor by whole tensor: use `get` then."""
+        meta = self._metas[name]
+        if self._pinned is not None or out.dtype != meta.dtype or not out.is_contiguous():
+            return False
+        if not 0 <= lo <= lo + out.numel() <= math.prod(meta.shape):
+            raise ValueError(f"range [{lo}, {lo + out.numel()}) outside {name!r}")
+        if out.numel():
+            offset = self._offset[name] + lo * out.element_size()
+            read_exact_into(self._handles, self._file_of[name], offset, out, name)
+        return True
 
     def pin(self, tensor_sha256: dict[str, str]) -> None:
         """From now on every `get` checks its bytes against ``tensor_sha256``: what is

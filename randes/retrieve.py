@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from randes import kernels
 from randes.atomic import replacing, write_atomic
 from randes.buffers import WorkBuffers
 from randes.config import TransformConfig
@@ -29,6 +32,8 @@ from randes.errors import IncompatibleCheckpointError, RandesError
 from randes.header import DTYPES
 from randes.layout import check_superposition, layout_of
 from randes.manifest import KeyMap
+from randes.quantize import chunk_alignment as quant_alignment
+from randes.serving import QuantizedReader
 from randes.source import TensorMeta, TensorSource
 from randes.transforms import TaskTransform
 from randes.writer import ShardWriter, TensorSpec, WrittenShard
@@ -76,6 +81,22 @@ class RangeSource(TensorSource, Protocol):
         ...
 
 
+FUSED_CHUNK = 1 << 18
+"""Entries per call of the fused kernel (1 MiB of float32, a core's L2): the base chunk
+is read into the output and the kernel adds into it while it is still in cache."""
+
+
+@runtime_checkable
+class RangeReader(Protocol):
+    """A base source that reads part of a tensor into given memory (a file reader's
+    positional read, a resident tensor's slice): fused retrieval then writes each
+    output tensor once instead of copying the whole base tensor first."""
+
+    def read_range_into(self, name: str, lo: int, out: torch.Tensor) -> bool:
+        """Flat entries ``[lo, lo + out.numel())`` into ``out``; False: not possible here."""
+        ...
+
+
 class _Retrieval:
     """One task's output tensors: all planned from the headers, each computed on demand."""
 
@@ -94,6 +115,8 @@ class _Retrieval:
         layout = layout_of(base, config)
         self.buffers = buffers if buffers is not None else WorkBuffers()
         self._ranged = isinstance(superposition, RangeSource)  # checked once: it is slow
+        self._base_ranges = isinstance(base, RangeReader)
+        self._fused = isinstance(superposition, QuantizedReader) and kernels.available()
         if superposition is not None:
             check_superposition(base, superposition, layout)
         self.base = base
@@ -130,8 +153,142 @@ class _Retrieval:
     def specs(self) -> list[TensorSpec]:
         return [TensorSpec.of(ck_name, meta) for ck_name, (_, meta) in self.plan.items()]
 
-    def tensor(self, ck_name: str) -> torch.Tensor:
+    def tensor(self, ck_name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """Compute one output tensor: reads one base tensor and one slot (or a private one).
+
+        theta + lambda * T^-1(slot), in the fine-tune's dtype; written into ``out`` (a
+        tensor of the output's shape and dtype: a module's own parameter) and returned
+        when given. From a quantized serving copy on the CPU this is the fused kernel
+        (`randes.kernels`), a chunk of FUSED_CHUNK entries at a time: the base chunk is
+        read straight into the output, then the dequantized codes, unflipped and times
+        lambda, are added into it in one pass. Otherwise (CUDA, the fp32 master, no
+        numba) the eager torch path `_torch_tensor`. Both give the same bits
+        (tests/core/test_kernels.py).
+        """
+        return self._compute(ck_name, out, None, None)
+
+    def tensors(
+        self,
+        names: Iterable[str],
+        outs: Mapping[str, torch.Tensor] | None = None,
+        lend: Callable[[str, torch.Tensor], AbstractContextManager[object]] | None = None,
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, `tensor`) for each of ``names`` in order, into ``outs[name]`` where
+        given. The elementwise sign stream of the next tensor (SHAKE-256, a tenth to a
+        third of the work) is drawn by a helper thread while this one computes: the
+        kernel and the positional reads release the GIL. ``lend(base name, out)``, when
+        given, wraps each torch-path computation (a runtime lends the base read to the
+        module's storage, `storage.runtime_readers`)."""
+        order = list(names)
+        outs = outs or {}
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="randes-signs") as pool:
+            ahead: Future[dict[str, Any]] | None = None
+            for i, ck_name in enumerate(order):
+                signs = ahead.result() if ahead is not None else None
+                ahead = None
+                nxt = order[i + 1] if i + 1 < len(order) else None
+                if nxt is not None and self._fusable(nxt):
+                    ahead = pool.submit(self._kernel_signs, nxt)
+                yield ck_name, self._compute(ck_name, outs.get(ck_name), signs, lend)
+
+    # ------------------------------------------------------------------ internals
+    def _fusable(self, ck_name: str) -> bool:
+        """Whether the kernel computes ``ck_name``: a float output from a float32 slot
+        of a quantized copy (its codes' device is checked when they are read)."""
+        name, meta = self.plan[ck_name]
+        if not self._fused or name is None or name in self.layout.non_float:
+            return False
+        slot = self.transform.slot_of(name)
+        assert self.superposition is not None
+        return (
+            self.superposition.meta(slot).dtype == torch.float32
+            and meta.dtype.is_floating_point
+        )
+
+    def _kernel_signs(self, ck_name: str) -> dict[str, Any]:
+        name, meta = self.plan[ck_name]
+        assert name is not None
+        signs = self.transform.signs(name, meta.shape)
+        return signs.kernel_signs() if signs is not None else {}
+
+    def _compute(
+        self,
+        ck_name: str,
+        out: torch.Tensor | None,
+        signs: dict[str, Any] | None,
+        lend: Callable[[str, torch.Tensor], AbstractContextManager[object]] | None,
+    ) -> torch.Tensor:
+        fits = out is None or (out.device.type == "cpu" and out.is_contiguous())
+        value = self._fused_tensor(ck_name, out, signs) if fits and self._fusable(ck_name) else None
+        if value is not None:
+            return value
+        if out is None:
+            return self._torch_tensor(ck_name)
+        with lend(self.plan[ck_name][0] or "", out) if lend is not None else nullcontext():
+            value = self._torch_tensor(ck_name)
+        if value.data_ptr() != out.data_ptr():  # a lent base read is computed in place
+            out.copy_(value)
+        return out
+
+    def _fused_tensor(
+        self, ck_name: str, out: torch.Tensor | None, signs: dict[str, Any] | None
+    ) -> torch.Tensor | None:
+        """`tensor` by the kernel; None when the slot's codes are not on the CPU."""
+        name, meta = self.plan[ck_name]
+        assert name is not None and isinstance(self.superposition, QuantizedReader)
+        slot = self.transform.slot_of(name)
+        sup = self.superposition
+        q = sup.quantized(slot)
+        if q.codes.device.type != "cpu" or q.scales.device.type != "cpu":
+            return None
+        scheme = sup.scheme
+        shape = meta.shape
+        numel = math.prod(shape)
+        target = out if out is not None else torch.empty(shape, dtype=meta.dtype)
+        if signs is None:
+            signs = self._kernel_signs(ck_name)
+        base_meta = self.base.meta(name)
+        direct = (
+            self._base_ranges and base_meta.dtype == torch.float32 and meta.dtype == torch.float32
+        )
+        if direct:
+            work = target.view(-1)
+        else:  # another dtype on either side: compute in float32, convert once at the end
+            work = self.base.get(name).to(torch.float32, memory_format=torch.contiguous_format)
+            work = work.view(-1)
+        group = scheme.group_of(shape)
+        bits = scheme.bits
+        codes, scales = q.codes.numpy(), q.scales.numpy()
+        alpha = _scale_for(self.scale, name)
+        align = quant_alignment(scheme, shape)  # whole groups and code bytes (and sign bytes)
+        step = align * max(1, FUSED_CHUNK // align)
+        base: RangeReader = self.base  # type: ignore[assignment]
+        arr = work.numpy()
+        ebits = signs.get("ebits")
+        for lo in range(0, numel, step):
+            hi = min(lo + step, numel)
+            if direct and not base.read_range_into(name, lo, work[lo:hi]):
+                direct = False  # this reader cannot read ranges: read it whole, once
+                work[lo:].copy_(self.base.get(name).view(-1)[lo:])
+            kernels.dequant_add_(
+                arr[lo:hi],
+                codes[lo * bits // 8 :],
+                bits,
+                scales[lo // group :],
+                group,
+                alpha,
+                lo=lo,
+                ebits=ebits[lo // 8 :] if ebits is not None else None,
+                cols=signs.get("cols"),
+                rows=signs.get("rows"),
+                width=int(signs.get("width", 1)),
+            )
+        if work.data_ptr() != target.data_ptr():
+            target.view(-1).copy_(work)  # to the fine-tune's dtype, as .to(meta.dtype)
+        return target
+
+    def _torch_tensor(self, ck_name: str) -> torch.Tensor:
+        """The eager torch path of `tensor` (the reference the kernel is checked against).
 
         theta + lambda * T^-1(slot) is computed in place in the base tensor ``get``
         returned, one chunk of about CHUNK_ELEMENTS entries at a time (dequantize, undo
@@ -209,8 +366,7 @@ def retrieve(
         config=config,
         scale=scale,
     )
-    for ck_name in plan.plan:
-        yield ck_name, plan.tensor(ck_name)
+    yield from plan.tensors(plan.plan)
 
 
 def materialize(
@@ -253,8 +409,8 @@ def materialize(
     weights = out_dir.joinpath(*_relative_parts(weights_dir)) if weights_dir else out_dir
     with ShardWriter(weights, max_shard_bytes=max_shard_bytes, plan=plan.specs()) as writer:
         total = len(writer.order)
-        for done, ck_name in enumerate(writer.order, start=1):
-            writer.add(ck_name, plan.tensor(ck_name))
+        for done, (ck_name, value) in enumerate(plan.tensors(writer.order), start=1):
+            writer.add(ck_name, value)
             if progress is not None:
                 progress(done, total)
         shards = writer.finish(hf_index=True)

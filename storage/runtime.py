@@ -212,7 +212,8 @@ class BundleRuntime(Closing):
         """Every tensor of ``task`` under the fine-tune's names, on the runtime's device:
         bit for bit what `randes materialize` writes."""
         plan = self.plan(task)
-        return {spec.name: plan.tensor(spec.name).to(self.device) for spec in plan.specs()}
+        names = [spec.name for spec in plan.specs()]
+        return {name: value.to(self.device) for name, value in plan.tensors(names)}
 
     def switch(self, module: torch.nn.Module, task: str) -> torch.nn.Module:
         """Turn ``module`` (holding any task of this bundle) into ``task`` in place.
@@ -227,13 +228,10 @@ class BundleRuntime(Closing):
         targets = module.state_dict(keep_vars=True)
         _check_targets(task, specs, targets)
         self._holding.pop(module, None)  # a failure below leaves it half switched
+        outs = {spec.name: targets[spec.name].data for spec in specs}
         with torch.no_grad():
-            for spec in specs:
-                target = targets[spec.name]
-                with self.base.lend(plan.plan[spec.name][0] or "", target.data):
-                    value = plan.tensor(spec.name)
-                if value.data_ptr() != target.data_ptr():
-                    target.copy_(value)
+            for _ in plan.tensors(outs, outs, lend=self.base.lend):
+                pass  # each tensor is computed into the module's own storage
         self._holding[module] = task
         return module
 

@@ -96,6 +96,15 @@ class ResidentReader(MetaTable, _Lending, Closing):
             return lent
         return self._tensors[name].clone() if self._copies else self._tensors[name]
 
+    def read_range_into(self, name: str, lo: int, out: torch.Tensor) -> bool:
+        """Flat entries ``[lo, lo + out.numel())`` of ``name`` copied into ``out`` (the
+        per-chunk read of fused retrieval); False when ``out`` does not fit."""
+        mine = self._tensors[name]
+        if mine.device != out.device or mine.dtype != out.dtype or not mine.is_contiguous():
+            return False
+        out.copy_(mine.view(-1)[lo : lo + out.numel()])
+        return True
+
     def view(self, name: str) -> torch.Tensor:
         """The resident tensor itself, read-only by contract (no copy)."""
         return self._tensors[name]
