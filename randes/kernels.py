@@ -32,6 +32,9 @@ compile in a fresh environment costs a few seconds, once.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -83,10 +86,12 @@ def dequant_add_(
     cols: np.ndarray | None = None,
     rows: np.ndarray | None = None,
     width: int = 1,
+    base: np.ndarray | None = None,
 ) -> None:
-    """``out[k] = fma(float32(q(k) * sign(lo + k)) * scales[k // group], alpha, out[k])``.
+    """``out[k] = fma(float32(q(k) * sign(lo + k)) * scales[k // group], alpha, base[k])``.
 
-    ``out``: float32, on entry the base entries ``[lo, lo + len(out))`` of the tensor;
+    ``base``: float32, the base entries ``[lo, lo + len(out))`` of the tensor (default:
+    ``out`` itself, which then holds them on entry: computed in place); ``out``: float32;
     ``codes``: the packed codes from entry ``lo`` on (``lo * bits`` a multiple of 8);
     ``scales``: float32, from the group of entry ``lo`` (``lo`` a multiple of
     ``group``). Signs: ``ebits``, the packed elementwise stream from entry ``lo`` on
@@ -103,6 +108,7 @@ def dequant_add_(
         mode = MODE_SIDES
     kernel(
         out,
+        out if base is None else base,
         codes,
         bits,
         scales,
@@ -115,3 +121,81 @@ def dequant_add_(
         width,
         lo,
     )
+
+
+UNMAP_ENTRIES = 1 << 21
+"""Entries (8 MiB of float32) a lent base range may span before its pages are dropped
+from the process: one ``madvise`` per 8 MiB instead of one per chunk."""
+
+
+@dataclass
+class FusedJob:
+    """One tensor's fused retrieval, a chunk of ``step`` entries at a time.
+
+    ``out``: the float32 output (flat); the base comes from ``map_range(lo, hi)`` (a
+    read-only array lent in place, then ``unmap_range``), else ``read_range(lo, hi)``
+    fills ``out[lo:hi]`` with it, else ``out`` already holds it. ``signs``: the keyword
+    arguments of `dequant_add_` for the signs (SignMap.kernel_signs).
+    """
+
+    out: np.ndarray
+    codes: np.ndarray
+    bits: int
+    scales: np.ndarray
+    group: int
+    alpha: float
+    signs: dict[str, Any]
+    step: int
+    map_range: Callable[[int, int], np.ndarray | None] | None = None
+    unmap_range: Callable[[int, int], None] | None = None
+    read_range: Callable[[int, int], None] | None = None
+
+    def run(self, lo0: int, hi0: int) -> None:
+        """Entries ``[lo0, hi0)`` (``lo0`` a multiple of ``step``); releases the GIL in
+        the kernel and in the reads, so two threads can run two halves."""
+        ebits = self.signs.get("ebits")
+        cols, rows = self.signs.get("cols"), self.signs.get("rows")
+        width = int(self.signs.get("width", 1))
+        lent_from: int | None = None
+        for lo in range(lo0, hi0, self.step):
+            hi = min(lo + self.step, hi0)
+            src = self.map_range(lo, hi) if self.map_range is not None else None
+            if src is None and self.read_range is not None:
+                self.read_range(lo, hi)
+            dequant_add_(
+                self.out[lo:hi],
+                self.codes[lo * self.bits // 8 :],
+                self.bits,
+                self.scales[lo // self.group :],
+                self.group,
+                self.alpha,
+                lo=lo,
+                ebits=ebits[lo // 8 :] if ebits is not None else None,
+                cols=cols,
+                rows=rows,
+                width=width,
+                base=src,
+            )
+            if src is not None:
+                del src
+                lent_from = lo if lent_from is None else lent_from
+                if hi - lent_from >= UNMAP_ENTRIES and self.unmap_range is not None:
+                    self.unmap_range(lent_from, hi)
+                    lent_from = None
+        if lent_from is not None and self.unmap_range is not None:
+            self.unmap_range(lent_from, hi0)
+
+    def run_all(self, helper: ThreadPoolExecutor | None = None) -> None:
+        """The whole tensor; with a ``helper`` thread its second half runs there while
+        this thread computes the first (tensors of two chunks or more)."""
+        n = self.out.shape[0]
+        chunks = -(-n // self.step)
+        if helper is None or chunks < 2:
+            self.run(0, n)
+            return
+        mid = min(n, (chunks + 1) // 2 * self.step)
+        second = helper.submit(self.run, mid, n)
+        try:
+            self.run(0, mid)
+        finally:
+            second.result()

@@ -116,6 +116,7 @@ def _flip_sides(q: Any, cols: Any, rows: Any, width: int, pos: int, n: int) -> N
 @_cached()
 def dequant_add(
     out: Any,
+    base: Any,
     codes: Any,
     bits: int,
     scales: Any,
@@ -144,7 +145,8 @@ def dequant_add(
             e = min(m, (g + 1) * group - b0)
             s = scales[g]
             o = out[b0 + k : b0 + e]
+            t = base[b0 + k : b0 + e]
             qs = q[k:e]
             for j in range(e - k):
-                o[j] = fma32(np.float32(qs[j]) * s, alpha, o[j])
+                o[j] = fma32(np.float32(qs[j]) * s, alpha, t[j])
             k = e

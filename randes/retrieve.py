@@ -86,6 +86,16 @@ FUSED_CHUNK = 1 << 18
 is read into the output and the kernel adds into it while it is still in cache."""
 
 
+FUSED_THREADS = 2
+"""Threads computing one tensor by the fused kernel in `tensors` (each a half of it;
+plus the thread drawing the signs ahead). 1: the calling thread alone."""
+
+SIGNS_AHEAD = 1 << 26
+"""Entries whose packed signs are drawn ahead of the tensor computed (8 MiB of stream
+at most: the largest tensor's signs, the embeddings', are drawn while the tensors
+before it are computed)."""
+
+
 @runtime_checkable
 class RangeReader(Protocol):
     """A base source that reads part of a tensor into given memory (a file reader's
@@ -94,6 +104,20 @@ class RangeReader(Protocol):
 
     def read_range_into(self, name: str, lo: int, out: torch.Tensor) -> bool:
         """Flat entries ``[lo, lo + out.numel())`` into ``out``; False: not possible here."""
+        ...
+
+
+@runtime_checkable
+class MappedReader(Protocol):
+    """A base source that lends part of a float32 tensor in place (a mapping of its
+    file, a resident tensor): the fused kernel then reads the base without a copy."""
+
+    def map_range(self, name: str, lo: int, hi: int) -> Any:
+        """Flat entries ``[lo, hi)`` as a read-only float32 numpy array, or None."""
+        ...
+
+    def unmap_range(self, name: str, lo: int, hi: int) -> None:
+        """Done with the range `map_range` lent (drop its pages from the process)."""
         ...
 
 
@@ -116,6 +140,7 @@ class _Retrieval:
         self.buffers = buffers if buffers is not None else WorkBuffers()
         self._ranged = isinstance(superposition, RangeSource)  # checked once: it is slow
         self._base_ranges = isinstance(base, RangeReader)
+        self._base_maps = isinstance(base, MappedReader)
         self._fused = isinstance(superposition, QuantizedReader) and kernels.available()
         if superposition is not None:
             check_superposition(base, superposition, layout)
@@ -172,6 +197,7 @@ class _Retrieval:
         names: Iterable[str],
         outs: Mapping[str, torch.Tensor] | None = None,
         lend: Callable[[str, torch.Tensor], AbstractContextManager[object]] | None = None,
+        threads: int | None = None,
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, `tensor`) for each of ``names`` in order, into ``outs[name]`` where
         given. The elementwise sign stream of the next tensor (SHAKE-256, a tenth to a
@@ -181,15 +207,29 @@ class _Retrieval:
         module's storage, `storage.runtime_readers`)."""
         order = list(names)
         outs = outs or {}
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="randes-signs") as pool:
-            ahead: Future[dict[str, Any]] | None = None
-            for i, ck_name in enumerate(order):
-                signs = ahead.result() if ahead is not None else None
-                ahead = None
-                nxt = order[i + 1] if i + 1 < len(order) else None
-                if nxt is not None and self._fusable(nxt):
-                    ahead = pool.submit(self._kernel_signs, nxt)
-                yield ck_name, self._compute(ck_name, outs.get(ck_name), signs, lend)
+        fused = [n for n in order if self._fusable(n)]
+        threads = FUSED_THREADS if threads is None else threads
+        with (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="randes-signs") as pool,
+            ThreadPoolExecutor(max_workers=max(1, threads - 1), thread_name_prefix="randes") as more,
+        ):
+            helper = more if threads > 1 else None
+            ahead: dict[str, Future[dict[str, Any]]] = {}
+            queued = 0  # entries whose signs are drawn or being drawn, not yet used
+            nxt = 0
+            for ck_name in order:
+                while nxt < len(fused) and (queued < SIGNS_AHEAD or not ahead):
+                    ahead[fused[nxt]] = pool.submit(self._kernel_signs, fused[nxt])
+                    queued += self._numel(fused[nxt])
+                    nxt += 1
+                future = ahead.pop(ck_name, None)
+                if future is not None:
+                    queued -= self._numel(ck_name)
+                signs = future.result() if future is not None else None
+                yield ck_name, self._compute(ck_name, outs.get(ck_name), signs, lend, helper)
+
+    def _numel(self, ck_name: str) -> int:
+        return math.prod(self.plan[ck_name][1].shape)
 
     # ------------------------------------------------------------------ internals
     def _fusable(self, ck_name: str) -> bool:
@@ -217,9 +257,11 @@ class _Retrieval:
         out: torch.Tensor | None,
         signs: dict[str, Any] | None,
         lend: Callable[[str, torch.Tensor], AbstractContextManager[object]] | None,
+        helper: ThreadPoolExecutor | None = None,
     ) -> torch.Tensor:
         fits = out is None or (out.device.type == "cpu" and out.is_contiguous())
-        value = self._fused_tensor(ck_name, out, signs) if fits and self._fusable(ck_name) else None
+        fused = fits and self._fusable(ck_name)
+        value = self._fused_tensor(ck_name, out, signs, helper) if fused else None
         if value is not None:
             return value
         if out is None:
@@ -231,7 +273,11 @@ class _Retrieval:
         return out
 
     def _fused_tensor(
-        self, ck_name: str, out: torch.Tensor | None, signs: dict[str, Any] | None
+        self,
+        ck_name: str,
+        out: torch.Tensor | None,
+        signs: dict[str, Any] | None,
+        helper: ThreadPoolExecutor | None,
     ) -> torch.Tensor | None:
         """`tensor` by the kernel; None when the slot's codes are not on the CPU."""
         name, meta = self.plan[ck_name]
@@ -251,40 +297,34 @@ class _Retrieval:
         direct = (
             self._base_ranges and base_meta.dtype == torch.float32 and meta.dtype == torch.float32
         )
+        flat = target.view(-1)
+        if direct and numel and not self.base.read_range_into(name, 0, flat[:0]):  # type: ignore[attr-defined]
+            direct = False  # a pinned reader: its tensors are read (and checked) whole
         if direct:
-            work = target.view(-1)
+            work = flat
         else:  # another dtype on either side: compute in float32, convert once at the end
             work = self.base.get(name).to(torch.float32, memory_format=torch.contiguous_format)
             work = work.view(-1)
-        group = scheme.group_of(shape)
-        bits = scheme.bits
-        codes, scales = q.codes.numpy(), q.scales.numpy()
-        alpha = _scale_for(self.scale, name)
         align = quant_alignment(scheme, shape)  # whole groups and code bytes (and sign bytes)
-        step = align * max(1, FUSED_CHUNK // align)
-        base: RangeReader = self.base  # type: ignore[assignment]
-        arr = work.numpy()
-        ebits = signs.get("ebits")
-        for lo in range(0, numel, step):
-            hi = min(lo + step, numel)
-            if direct and not base.read_range_into(name, lo, work[lo:hi]):
-                direct = False  # this reader cannot read ranges: read it whole, once
-                work[lo:].copy_(self.base.get(name).view(-1)[lo:])
-            kernels.dequant_add_(
-                arr[lo:hi],
-                codes[lo * bits // 8 :],
-                bits,
-                scales[lo // group :],
-                group,
-                alpha,
-                lo=lo,
-                ebits=ebits[lo // 8 :] if ebits is not None else None,
-                cols=signs.get("cols"),
-                rows=signs.get("rows"),
-                width=int(signs.get("width", 1)),
-            )
+        job = kernels.FusedJob(
+            out=work.numpy(),
+            codes=q.codes.numpy(),
+            bits=scheme.bits,
+            scales=q.scales.numpy(),
+            group=scheme.group_of(shape),
+            alpha=_scale_for(self.scale, name),
+            signs=signs,
+            step=align * max(1, FUSED_CHUNK // align),
+        )
+        if direct:
+            base: Any = self.base  # a RangeReader, maybe a MappedReader
+            if self._base_maps:
+                job.map_range = partial(base.map_range, name)
+                job.unmap_range = partial(base.unmap_range, name)
+            job.read_range = lambda lo, hi: _read_or_fail(base, name, lo, work[lo:hi])
+        job.run_all(helper)
         if work.data_ptr() != target.data_ptr():
-            target.view(-1).copy_(work)  # to the fine-tune's dtype, as .to(meta.dtype)
+            flat.copy_(work)  # to the fine-tune's dtype, as .to(meta.dtype) does
         return target
 
     def _torch_tensor(self, ck_name: str) -> torch.Tensor:
@@ -419,6 +459,11 @@ def materialize(
         dst.parent.mkdir(parents=True, exist_ok=True)
         _copy_atomic(Path(src), dst)
     return shards
+
+
+def _read_or_fail(base: Any, name: str, lo: int, out: torch.Tensor) -> None:
+    if not base.read_range_into(name, lo, out):
+        raise RandesError(f"base tensor {name!r}: range read refused")  # probed: cannot happen
 
 
 def _relative_parts(name: str) -> list[str]:
