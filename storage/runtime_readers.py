@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -150,6 +151,7 @@ class FileBaseReader(_Lending, CheckpointReader):
         super().__init__(files)
         self.device = device
         self._maps: dict[Path, mmap.mmap] = {}
+        self._map_lock = threading.Lock()
 
     mapped = True
     """Whether `map_range` lends mapped pages (False: every chunk is a positional read)."""
@@ -169,10 +171,12 @@ class FileBaseReader(_Lending, CheckpointReader):
         if offset % 4:
             return None
         path = self._file_of[name]
-        mapped = self._maps.get(path)
-        if mapped is None:
-            with open(path, "rb") as fh:
-                mapped = self._maps[path] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        with self._map_lock:  # two threads may ask for the first range of a file at once
+            mapped = self._maps.get(path)
+            if mapped is None:
+                with open(path, "rb") as fh:
+                    mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                self._maps[path] = mapped
         if offset + 4 * (hi - lo) > len(mapped):
             return None  # the file shrank since its header was read: the read will say so
         return np.frombuffer(mapped, dtype=np.float32, count=hi - lo, offset=offset)
