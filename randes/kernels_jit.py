@@ -148,5 +148,5 @@ def dequant_add(
             t = base[b0 + k : b0 + e]
             qs = q[k:e]
             for j in range(e - k):
-                o[j] = fma32(np.float32(qs[j]) * s, alpha, t[j])
+                o[j] = fma32(np.float32(qs[j]) * s, alpha, t[j])  # type: ignore[call-arg]
             k = e

@@ -211,7 +211,7 @@ class _Retrieval:
         threads = FUSED_THREADS if threads is None else threads
         with (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="randes-signs") as pool,
-            ThreadPoolExecutor(max_workers=max(1, threads - 1), thread_name_prefix="randes") as more,
+            ThreadPoolExecutor(max(1, threads - 1), thread_name_prefix="randes") as more,
         ):
             helper = more if threads > 1 else None
             ahead: dict[str, Future[dict[str, Any]]] = {}

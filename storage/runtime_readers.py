@@ -20,7 +20,6 @@ import torch
 from randes.checkpoint import CheckpointReader, read_exact_into
 from randes.source import Closing, MetaTable, TensorMeta, TensorSource
 
-
 _DONTNEED: int | None = getattr(mmap, "MADV_DONTNEED", None)
 
 

@@ -65,8 +65,12 @@ def _kernel_range(base, q, shape, scheme, kind, lo, hi, alpha, in_place):  # typ
 @pytest.mark.parametrize("kind", [None, "columns", "two-sided", "elementwise"])
 @pytest.mark.parametrize(
     "scheme",
-    [QuantScheme(bits=4, group_size=64), QuantScheme(bits=3, group_size=24),
-     QuantScheme(bits=8, group_size=None), QuantScheme(bits=4, group_size=None)],
+    [
+        QuantScheme(bits=4, group_size=64),
+        QuantScheme(bits=3, group_size=24),
+        QuantScheme(bits=8, group_size=None),
+        QuantScheme(bits=4, group_size=None),
+    ],
     ids=lambda s: s.name,
 )
 @pytest.mark.parametrize("shape", [(37, 51), (1001,), (5, 7, 9), (3, 1), (24, 64)], ids=str)
@@ -126,7 +130,9 @@ CASES = [
 ]
 
 
-def _plans(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case) -> tuple[TaskRetrieval, TaskRetrieval]:  # type: ignore[no-untyped-def]
+def _plans(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case
+) -> tuple[TaskRetrieval, TaskRetrieval]:  # type: ignore[no-untyped-def]
     kind, scheme, shuffle, dtype = case
     base_model = gpt2_like(n_layer=3, d=13, vocab=29, n_pos=11)  # sizes off every group
     tuned = {
@@ -136,7 +142,9 @@ def _plans(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case) -> tuple[TaskR
     base = open_dict(tmp_path / "base.safetensors", base_model)
     ckpt = open_dict(tmp_path / "ft.safetensors", tuned)
     config = TransformConfig(map=kind, layer_shuffle=shuffle, rank1="flip", serving=scheme)
-    result = fold(base=base, checkpoint=ckpt, parent=None, seed=5, config=config, out_dir=tmp_path / "v")
+    result = fold(
+        base=base, checkpoint=ckpt, parent=None, seed=5, config=config, out_dir=tmp_path / "v"
+    )
     metas = superposition_metas(base, config)
 
     def plan() -> TaskRetrieval:
@@ -144,8 +152,13 @@ def _plans(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case) -> tuple[TaskR
             CheckpointReader.from_files([s.path for s in result.serving]), scheme, metas
         )
         return TaskRetrieval(
-            base=base, superposition=served, private=None, seed=5,
-            key_map=result.key_map, config=config, scale=0.7,
+            base=base,
+            superposition=served,
+            private=None,
+            seed=5,
+            key_map=result.key_map,
+            config=config,
+            scale=0.7,
         )
 
     monkeypatch.setenv("RANDES_NO_KERNELS", "1")
@@ -156,7 +169,9 @@ def _plans(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case) -> tuple[TaskR
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1].name}-{c[2]}-{c[3]}")
 def test_retrieval_kernel_equals_torch_path(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    case,  # type: ignore[no-untyped-def]
 ) -> None:
     monkeypatch.setattr(retrieve_mod, "FUSED_CHUNK", 64)  # many chunks: threads split them
     reference, fused = _plans(tmp_path, monkeypatch, case)
@@ -168,8 +183,12 @@ def test_retrieval_kernel_equals_torch_path(
         for name in names:
             assert got[name].dtype == want[name].dtype
             assert torch.equal(got[name], want[name]), (name, threads)
-    outs = {n: torch.full_like(want[n], float("nan")) if want[n].is_floating_point()
-            else torch.zeros_like(want[n]) for n in names}
+    outs = {
+        n: torch.full_like(want[n], float("nan"))
+        if want[n].is_floating_point()
+        else torch.zeros_like(want[n])
+        for n in names
+    }
     for name, value in fused.tensors(names, outs):
         assert value.data_ptr() == outs[name].data_ptr()
         assert torch.equal(outs[name], want[name]), name
@@ -186,7 +205,5 @@ def test_without_numba_retrieval_takes_the_torch_path(tmp_path: Path) -> None:
         "assert not kernels.available()\n"
         "print('ok')\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"
