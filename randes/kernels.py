@@ -70,7 +70,19 @@ def _kernel() -> Any:
 
 
 _EMPTY_U8 = np.empty(0, dtype=np.uint8)
+_EMPTY_U8.flags.writeable = False
 _EMPTY_I8 = np.empty(0, dtype=np.int8)
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    """``a`` as a read-only view: numba compiles one specialization per writability, so
+    the inputs that come either way (a mapped base or the output itself, a sign
+    stream or none) are always passed read-only: one compile, not four."""
+    if not a.flags.writeable:
+        return a
+    view = a.view()
+    view.flags.writeable = False
+    return view
 
 
 def dequant_add_(
@@ -108,14 +120,14 @@ def dequant_add_(
         mode = MODE_SIDES
     kernel(
         out,
-        out if base is None else base,
+        _read_only(out if base is None else base),
         codes,
         bits,
         scales,
         group,
         np.float32(alpha),
         mode,
-        ebits if ebits is not None else _EMPTY_U8,
+        _read_only(ebits) if ebits is not None else _EMPTY_U8,
         cols if cols is not None else _EMPTY_I8,
         rows if rows is not None else _EMPTY_I8,
         width,

@@ -207,3 +207,19 @@ def test_without_numba_retrieval_takes_the_torch_path(tmp_path: Path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"
+
+
+def test_kernel_compiles_in_memory_when_no_cache_location_is_writable() -> None:
+    """numba finds no cache location (read-only package, home and NUMBA_CACHE_DIR):
+    the kernel compiles in memory instead of failing the import."""
+    code = (
+        "import numba.core.caching as c\n"
+        "c.CacheImpl._locator_classes = []\n"
+        "import numpy as np\n"
+        "from randes import kernels\n"
+        "out = np.zeros(16, np.float32)\n"
+        "kernels.dequant_add_(out, np.full(8, 0x98, np.uint8), 4, np.ones(1, np.float32), 16, 0.5)\n"
+        "print(out[:2].tolist())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[0.5, 1.0]"  # codes 8 and 9: q = 1 and 2
