@@ -60,6 +60,18 @@ def available() -> bool:
     return _kernel() is not None
 
 
+def warm() -> bool:
+    """Compile (or load from the cache) the kernel now, and release the compiler's pages
+    (`_release_compiler_pages`): a runtime does it when it opens, while its memory is
+    small, so the compiler's transient memory never adds to the peak of a switch.
+    False when the kernel is unavailable."""
+    if not available():
+        return False
+    out = np.zeros(8, dtype=np.float32)
+    dequant_add_(out, np.zeros(4, dtype=np.uint8), 4, np.ones(1, dtype=np.float32), 8, 1.0)
+    return True
+
+
 def _kernel() -> Any:
     if "kernel" not in _state:
         try:
@@ -174,9 +186,9 @@ def dequant_add_(
         _state["released"] = _release_compiler_pages()
 
 
-UNMAP_ENTRIES = 1 << 20
-"""Entries (4 MiB of float32) a lent base range may span before its pages are dropped
-from the process: one ``madvise`` per 4 MiB instead of one per chunk."""
+UNMAP_ENTRIES = 1 << 19
+"""Entries (2 MiB of float32) a lent base range may span before its pages are dropped
+from the process: one ``madvise`` per 2 MiB instead of one per chunk."""
 
 
 @dataclass

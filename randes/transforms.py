@@ -132,13 +132,13 @@ class SignMap:
         if self.numel == 0:
             return {}
         if self.kind == "elementwise":
-            parts = [
-                element_sign_bytes(
-                    self.seed, self.name, c, min(ELEMENT_CHUNK, self.numel - c * ELEMENT_CHUNK)
-                )
-                for c in range(-(-self.numel // ELEMENT_CHUNK))
-            ]
-            return {"ebits": np.frombuffer(b"".join(parts), dtype=np.uint8)}
+            stream = np.empty(-(-self.numel // 8), dtype=np.uint8)
+            for c in range(-(-self.numel // ELEMENT_CHUNK)):
+                n = min(ELEMENT_CHUNK, self.numel - c * ELEMENT_CHUNK)
+                raw = element_sign_bytes(self.seed, self.name, c, n)
+                start = c * (ELEMENT_CHUNK // 8)
+                stream[start : start + len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+            return {"ebits": stream}
         assert self._cols is not None
         out: dict[str, Any] = {
             "cols": self._cols.to(torch.int8).numpy(),

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from randes import kernels
 from randes.buffers import WorkBuffers
 from randes.checkpoint import CheckpointReader
 from randes.layout import superposition_metas
@@ -106,6 +107,8 @@ class BundleRuntime(Closing):
             metas = superposition_metas(self.base, self.manifest.transform)
             self.superposition = QuantizedReader(resident, self.manifest.serving.scheme, metas)
         self.quantized = quantized
+        if quantized and device.type == "cpu":
+            kernels.warm()  # JIT now, while the process is small (see randes.kernels)
         self._private: dict[str, CheckpointReader | None] = {}
         self._plans: dict[str, TaskRetrieval] = {}
         self._buffers = WorkBuffers()
