@@ -218,7 +218,8 @@ def test_kernel_compiles_in_memory_when_no_cache_location_is_writable() -> None:
         "import numpy as np\n"
         "from randes import kernels\n"
         "out = np.zeros(16, np.float32)\n"
-        "kernels.dequant_add_(out, np.full(8, 0x98, np.uint8), 4, np.ones(1, np.float32), 16, 0.5)\n"
+        "codes, scales = np.full(8, 0x98, np.uint8), np.ones(1, np.float32)\n"
+        "kernels.dequant_add_(out, codes, 4, scales, 16, 0.5)\n"
         "print(out[:2].tolist())\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
