@@ -21,6 +21,8 @@ from randes.checkpoint import CheckpointReader, read_exact_into
 from randes.source import Closing, MetaTable, TensorMeta, TensorSource
 
 _DONTNEED: int | None = getattr(mmap, "MADV_DONTNEED", None)
+_FAULT_AROUND = 64 * 1024
+"""Linux's default fault_around_bytes: what one page fault of a file mapping maps."""
 
 
 class _Lending:
@@ -186,8 +188,11 @@ class FileBaseReader(_Lending, CheckpointReader):
         mapped = self._maps.get(self._file_of[name])
         if mapped is None or _DONTNEED is None:
             return
-        start = (self._offset[name] + 4 * lo) // mmap.PAGESIZE * mmap.PAGESIZE
-        end = min(len(mapped), self._offset[name] + 4 * hi)
+        # the kernel's fault-around maps up to 64 KiB of neighbouring pages with each
+        # fault: drop those too, or they pile up tensor after tensor
+        first = max(0, self._offset[name] + 4 * lo - _FAULT_AROUND)
+        start = first // mmap.PAGESIZE * mmap.PAGESIZE
+        end = min(len(mapped), self._offset[name] + 4 * hi + _FAULT_AROUND)
         if end > start:
             mapped.madvise(_DONTNEED, start, end - start)
 
