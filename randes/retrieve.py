@@ -207,7 +207,11 @@ class _Retrieval:
         module's storage, `storage.runtime_readers`)."""
         order = list(names)
         outs = outs or {}
-        fused = [n for n in order if self._fusable(n)]
+        fused = [  # whose signs the helper thread draws ahead for the kernel
+            n
+            for n in order
+            if self._fusable(n) and (n not in outs or outs[n].device.type == "cpu")
+        ]
         threads = FUSED_THREADS if threads is None else threads
         with (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="randes-signs") as pool,
@@ -286,6 +290,7 @@ class _Retrieval:
         sup = self.superposition
         q = sup.quantized(slot)
         if q.codes.device.type != "cpu" or q.scales.device.type != "cpu":
+            self._fused = False  # a superposition resident on a GPU: the torch path
             return None
         scheme = sup.scheme
         shape = meta.shape
