@@ -186,6 +186,10 @@ def dequant_add_(
         _state["released"] = _release_compiler_pages()
 
 
+SPLIT_ENTRIES = 1 << 17
+"""A tensor is split over two threads from twice this size on (smaller ones are not
+worth the hand-over)."""
+
 UNMAP_ENTRIES = 1 << 19
 """Entries (2 MiB of float32) a lent base range may span before its pages are dropped
 from the process: one ``madvise`` per 2 MiB instead of one per chunk."""
@@ -209,12 +213,14 @@ class FusedJob:
     alpha: float
     signs: dict[str, Any]
     step: int
+    align: int
+    """Ranges start at multiples of this (whole scale groups, code and sign bytes)."""
     map_range: Callable[[int, int], np.ndarray | None] | None = None
     unmap_range: Callable[[int, int], None] | None = None
     read_range: Callable[[int, int], None] | None = None
 
     def run(self, lo0: int, hi0: int) -> None:
-        """Entries ``[lo0, hi0)`` (``lo0`` a multiple of ``step``); releases the GIL in
+        """Entries ``[lo0, hi0)`` (``lo0`` a multiple of ``align``); releases the GIL in
         the kernel and in the reads, so two threads can run two halves."""
         ebits = self.signs.get("ebits")
         cols, rows = self.signs.get("cols"), self.signs.get("rows")
@@ -250,13 +256,12 @@ class FusedJob:
 
     def run_all(self, helper: ThreadPoolExecutor | None = None) -> None:
         """The whole tensor; with a ``helper`` thread its second half runs there while
-        this thread computes the first (tensors of two chunks or more)."""
+        this thread computes the first."""
         n = self.out.shape[0]
-        chunks = -(-n // self.step)
-        if helper is None or chunks < 2:
+        if helper is None or n < 2 * SPLIT_ENTRIES:
             self.run(0, n)
             return
-        mid = min(n, (chunks + 1) // 2 * self.step)
+        mid = -(-n // (2 * self.align)) * self.align  # the middle, rounded to an aligned start
         second = helper.submit(self.run, mid, n)
         try:
             self.run(0, mid)

@@ -82,8 +82,9 @@ class RangeSource(TensorSource, Protocol):
 
 
 FUSED_CHUNK = 1 << 18
-"""Entries per call of the fused kernel (1 MiB of float32, a core's L2): the base chunk
-is read into the output and the kernel adds into it while it is still in cache."""
+"""Entries per call of the fused kernel (1 MiB of float32, a core's L2). A base lent in
+place (a mapping, a resident tensor) is read by the kernel itself; one read into the
+output (a file reader's ``pread``) is still in cache when the kernel adds into it."""
 
 
 FUSED_THREADS = 2
@@ -320,6 +321,7 @@ class _Retrieval:
             alpha=_scale_for(self.scale, name),
             signs=signs,
             step=align * max(1, FUSED_CHUNK // align),
+            align=align,
         )
         if direct:
             base: Any = self.base  # a RangeReader, maybe a MappedReader

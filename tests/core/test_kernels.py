@@ -173,7 +173,8 @@ def test_retrieval_kernel_equals_torch_path(
     monkeypatch: pytest.MonkeyPatch,
     case,  # type: ignore[no-untyped-def]
 ) -> None:
-    monkeypatch.setattr(retrieve_mod, "FUSED_CHUNK", 64)  # many chunks: threads split them
+    monkeypatch.setattr(retrieve_mod, "FUSED_CHUNK", 64)  # many chunks
+    monkeypatch.setattr(kernels, "SPLIT_ENTRIES", 16)  # two threads split every tensor
     reference, fused = _plans(tmp_path, monkeypatch, case)
     names = list(reference.plan)
     want = dict(reference.tensors(names))
