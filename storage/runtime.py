@@ -13,8 +13,9 @@ task from them in memory:
 Memory is the quantized superposition + the base + the working model the caller holds,
 whatever the number of tasks. On the CPU the base is read from its verified files each
 time a tensor is computed (`FileBaseReader`): its bytes stay in the page cache, shared
-by every process on the machine and outside each one's RSS, at the cost of one copy,
-the same as copying a resident tensor. On a GPU it is resident on the device. Each
+by every process on the machine and outside each one's RSS; the fused kernel
+(randes.kernels) reads them through a mapping, a chunk at a time, dropping each chunk's
+pages from the process after use. On a GPU it is resident on the device. Each
 task's private tensors (its head, its norms under the default rank-1 policy) are read
 from their verified files when needed.
 

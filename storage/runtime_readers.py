@@ -142,10 +142,12 @@ class FileBaseReader(_Lending, CheckpointReader):
     """The base read from its verified local files each time a tensor is computed.
 
     Its bytes then live in the page cache, not in the process: shared by every server
-    on the machine, reclaimable, and outside the RSS of each. Reading from the page
-    cache costs one copy, the same as copying a resident tensor, and a lent read lands
-    straight in the module's storage (``readinto``), so a switch is as fast either way.
-    The files were checked against their sha256 when the runtime opened them.
+    on the machine, reclaimable, and outside the RSS of each. The fused kernel reads
+    them in place through `map_range` (a mapping, pages dropped after each chunk); the
+    torch path (CUDA, no numba) gets a lent read straight in the module's storage
+    (``readinto``). The files were checked against their sha256 when the runtime opened
+    them; like any mapped file (``from_pretrained`` maps its own) a base truncated by
+    someone else while a switch reads it would end the process with SIGBUS.
     """
 
     def __init__(self, files: list[Path], device: torch.device) -> None:
