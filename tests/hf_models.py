@@ -133,9 +133,19 @@ def save_base(directory: Path, arch: str = "bert", *, seed: int = 0, **overrides
     return directory
 
 
-def train(model: Any, seed: int, *, steps: int = 2, lr: float = 2e-3) -> Any:
-    """``steps`` Adam steps on random token ids and labels (seeded), so every weight the
-    loss reaches moves: a real, if small, fine-tune delta."""
+def train(
+    model: Any,
+    seed: int,
+    *,
+    steps: int = 2,
+    lr: float = 2e-3,
+    labels: Callable[[Any], Any] | None = None,
+) -> Any:
+    """``steps`` Adam steps on random token ids (seeded), so every weight the loss
+    reaches moves: a real, if small, fine-tune delta. The labels are random, or
+    ``labels(ids)`` (a task the model can learn, e.g. ``ids % 3`` per token: a model
+    trained hard on random labels collapses to one class, one trained on a task
+    does not)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -146,8 +156,11 @@ def train(model: Any, seed: int, *, steps: int = 2, lr: float = 2e-3) -> Any:
     for _ in range(steps):
         ids = torch.randint(2, vocab, (4, 8), generator=gen)
         shape = (4, 8) if per_token else (4,)
-        labels = torch.randint(0, model.config.num_labels, shape, generator=gen)
-        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
+        if labels is None:
+            target = torch.randint(0, model.config.num_labels, shape, generator=gen)
+        else:
+            target = labels(ids)
+        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=target).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -164,13 +177,17 @@ def save_finetune(
     dtype: str | None = None,
     num_labels: int = 3,
     steps: int = 2,
+    lr: float = 2e-3,
+    labels: Callable[[Any], Any] | None = None,
     edit: Callable[[Any], None] | None = None,
 ) -> Path:
     """A fine-tune of the base saved in ``base_dir`` (by `save_base`), saved by
     ``save_pretrained`` into ``directory``: the ``task`` class (the architecture's
-    sequence classifier by default) loaded from the base, trained a few steps (seeded by
-    ``seed``), ``edit`` applied to the model (no grad: a test's corruption), then cast to
-    ``dtype`` (``"bfloat16"``: the usual LLM fine-tune over an fp32 base).
+    sequence classifier by default) loaded from the base, trained ``steps`` Adam steps at
+    ``lr`` (seeded by ``seed``; Adam moves every weight by ~``lr`` a step, so ``lr`` sets
+    the delta's size; ``labels`` as `train`'s), ``edit`` applied to the model (no grad:
+    a test's corruption), then cast to ``dtype`` (``"bfloat16"``: the usual LLM
+    fine-tune over an fp32 base).
 
     A token classifier (``BertForTokenClassification``) has no pooler: a fine-tune that
     lacks tensors its base has, as real ones do."""
@@ -182,7 +199,13 @@ def save_finetune(
     arch = json.loads((base_dir / "config.json").read_text())["model_type"]
     cls = getattr(transformers, task or TASK_HEADS[arch])
     torch.manual_seed(seed)
-    model = train(cls.from_pretrained(base_dir, num_labels=num_labels), seed, steps=steps)
+    model = train(
+        cls.from_pretrained(base_dir, num_labels=num_labels),
+        seed,
+        steps=steps,
+        lr=lr,
+        labels=labels,
+    )
     if edit is not None:
         with torch.no_grad():
             edit(model)

@@ -16,7 +16,7 @@ import pytest
 
 from randes.config import TransformConfig
 from storage.workspace import Workspace
-from tests.factories import make_base
+from tests.hf_models import save_base
 
 BASE = "tiny"
 
@@ -45,7 +45,8 @@ def randes_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def base_dir(tmp_path: Path) -> Path:
-    return make_base(tmp_path / "models" / "base")
+    """The base `new_bundle` registers: a tiny bare BertModel saved by transformers."""
+    return save_base(tmp_path / "models" / "base")
 
 
 @pytest.fixture

@@ -3,10 +3,15 @@
 A real Prefect server (``prefect server start``, SQLite, its own PREFECT_HOME) is started
 for this module on a free loopback port. The test deploys ``scheduled-ingest`` from the
 repository's ``prefect.yaml`` with ``prefect deploy`` (parameters overridden to point at a
-temporary registry and a directory of two fine-tunes), triggers a run with
+temporary registry and an S3 prefix of two fine-tunes), triggers a run with
 ``prefect deployment run``, executes it with ``prefect worker start --run-once`` started
 *outside* the repository (so the deployment's pull step is what puts the flow run in the
 project directory), and finally reads the registry: two tasks, head version validated.
+
+The fine-tunes are what a user's training jobs leave behind: tiny BERT classifiers saved
+by transformers' ``save_pretrained`` (one in fp32, one in bf16 over the fp32 base),
+uploaded with boto3 to ``s3://<bucket>/incoming/<task>/`` on the test SeaweedFS; the
+worker reaches that server with the usual AWS variables and ``RANDES_S3_ENDPOINT_URL``.
 
 Every command runs as a subprocess with an explicit environment: no PREFECT_* or RANDES_*
 setting of the calling shell leaks in, analytics are off, and prompts are disabled.
@@ -37,7 +42,8 @@ from randes.config import TransformConfig
 from storage.registry import Registry
 from storage.settings import Settings
 from storage.workspace import Workspace
-from tests.factories import make_base, make_finetune
+from tests.hf_models import save_base, save_finetune
+from tests.services.seaweed import SeaweedServer
 
 pytestmark = pytest.mark.slow
 
@@ -239,30 +245,44 @@ def _prefect(
     return done.stdout
 
 
-def _prepare_registry(root: Path) -> tuple[Path, Path]:
-    """A RANDES_HOME with a base and an empty bundle, and a source of two task folders."""
+def _upload(s3: SeaweedServer, bucket: str, prefix: str, folder: Path) -> None:
+    """Every file of ``folder`` under ``prefix/``, as ``aws s3 cp --recursive`` would."""
+    client = s3.client()
+    for path in sorted(folder.iterdir()):
+        client.upload_file(str(path), bucket, f"{prefix}/{path.name}")
+
+
+def _prepare_registry(root: Path, s3: SeaweedServer) -> tuple[Path, str]:
+    """A RANDES_HOME with a base and an empty bundle, and an S3 source of two task
+    folders (the fine-tunes as saved by transformers, uploaded with boto3)."""
     models = root / "models"
-    base = make_base(models / "base")
-    incoming = root / "incoming"
-    make_finetune(base, incoming / "alpha", 1)
-    make_finetune(base, incoming / "beta", 2)
+    base = save_base(models / "base")
+    trained = {
+        "alpha": save_finetune(base, models / "alpha", 1),
+        "beta": save_finetune(base, models / "beta", 2, dtype="bfloat16"),
+    }
+    bucket = s3.new_bucket("e2e-src")
+    for task, folder in trained.items():
+        _upload(s3, bucket, f"incoming/{task}", folder)
     home = root / "randes-home"
     settings = Settings(home=home, database_url=None, store_url=None, cache_dir=None)
     with Workspace(settings) as ws:
         ws.init()
         ws.add_base("tiny", str(base))
         ws.create_bundle(BUNDLE, "tiny", TransformConfig())  # no gate: validated if it retrieves
-    return home, incoming
+    return home, f"s3://{bucket}/incoming"
 
 
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
 def test_scheduled_ingest_deployment_runs_on_a_real_worker(
-    prefect_server: PrefectServer, tmp_path: Path
+    prefect_server: PrefectServer, s3_server: SeaweedServer, tmp_path: Path
 ) -> None:
     started = time.monotonic()
-    randes_home, incoming = _prepare_registry(tmp_path)
+    if not s3_server.running:  # a previous test stopped it and failed before restarting
+        s3_server.start()
+    randes_home, incoming = _prepare_registry(tmp_path, s3_server)
 
     # 1. the work pool the deployments of prefect.yaml name
     _prefect(prefect_server, "work-pool", "create", POOL, "--type", "process", cwd=tmp_path)
@@ -284,7 +304,7 @@ def test_scheduled_ingest_deployment_runs_on_a_real_worker(
     assert deployment["work_pool_name"] == POOL
     assert deployment["entrypoint"] == "flows/pipeline.py:ingest_flow"
     assert deployment["parameters"]["bundle"] == BUNDLE
-    assert deployment["parameters"]["source"] == str(incoming)
+    assert deployment["parameters"]["source"] == incoming
     assert deployment["parameters"].get("evaluator") is None
     crons = [s["schedule"].get("cron") for s in deployment["schedules"]]
     assert len(crons) == 1 and crons[0], deployment["schedules"]
@@ -299,11 +319,15 @@ def test_scheduled_ingest_deployment_runs_on_a_real_worker(
     assert match, output
     run_id = match.group(1)
 
-    # 4. a real process worker, started outside the repository with the registry settings
-    #    in its environment (a flow run inherits the worker's environment)
+    # 4. a real process worker, started outside the repository with the registry and S3
+    #    settings in its environment (a flow run inherits the worker's environment)
     worker_cwd = tmp_path / "worker"
     worker_cwd.mkdir()
-    worker_env = prefect_server.env | {"RANDES_HOME": str(randes_home)}
+    worker_env = (
+        prefect_server.env
+        | s3_server.env()
+        | {"RANDES_HOME": str(randes_home), "RANDES_S3_ENDPOINT_URL": s3_server.endpoint_url}
+    )
     state: dict[str, Any] = {}
     worker_logs = []
     for _ in range(3):  # a poll can come back empty on a slow machine: start it again
@@ -340,6 +364,7 @@ def test_scheduled_ingest_deployment_runs_on_a_real_worker(
         tasks = registry.tasks(BUNDLE)
         assert sorted(t.name for t in tasks) == ["alpha", "beta"]
         assert len({t.seed for t in tasks}) == 2
+        assert all(t.source_uri.startswith(f"{incoming}/{t.name}") for t in tasks), tasks
         head = registry.head(BUNDLE)
         assert head is not None and head.version == 1  # the run's checkpoints: one batch
         assert head.status == "validated"  # no gate on the bundle: validated

@@ -15,6 +15,10 @@
   exactly the referenced objects (every orphan gone, every version still complete when
   read back from the store through an empty cache) and no stale work directory.
 
+The checkpoints are BERTs saved by transformers' ``save_pretrained`` (a bare
+``BertModel`` base, sequence classifiers trained two steps from it, encoder under
+``bert.``), sized so that a fold takes a moment.
+
 Folds that get killed run `flows.cli.main([...])` in processes forked from a forkserver
 that has torch and the pipeline already imported, so a kill delay lands in the fold
 itself rather than in interpreter start-up; the outage test runs the `randes` script.
@@ -52,13 +56,14 @@ from storage.registry.engine import make_engine
 from storage.registry.models import ObjectLease
 from storage.settings import Settings
 from storage.workspace import Workspace
-from tests.factories import gpt2_state, make_finetune, write_model
+from tests.hf_models import save_base, save_finetune
 
 BUNDLE = "b"
 BASE = "base"
 # Big enough that a fold takes a moment and writes several 1 MiB shards, so that kills
-# land in every phase: hashing the source, computing, uploading, committing.
-N_LAYER, D_MODEL = 4, 160
+# land in every phase: hashing the source, computing, uploading, committing (~1.3M
+# parameters, as the GPT-2-shaped state dicts these tests used before).
+SIZES = {"hidden_size": 160, "intermediate_size": 640, "num_hidden_layers": 4}
 CONFIG = TransformConfig(max_shard_bytes=1024 * 1024)
 KILL_FRACTIONS = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85)
 KILL_POINTS = ("mid-upload", "before-commit", "after-commit")
@@ -155,9 +160,8 @@ class Models:
 
 def build_models(root: Path) -> Models:
     """A base and four fine-tunes big enough for a fold to take a measurable moment."""
-    state = gpt2_state(0, n_layer=N_LAYER, d=D_MODEL)
-    base = write_model(root / "base", state, {"model_type": "gpt2", "n_layer": N_LAYER})
-    tasks = {f"t{i}": make_finetune(base, root / f"t{i}", i) for i in range(4)}
+    base = save_base(root / "base", **SIZES)
+    tasks = {f"t{i}": save_finetune(base, root / f"t{i}", i) for i in range(4)}
     digests = {}
     for name, path in tasks.items():
         with CheckpointReader.open(path) as reader:
@@ -264,7 +268,7 @@ def _check_materialized(ws: Workspace, version: int, task: str, models: Models, 
     for name, tensor in want.items():
         assert (got[name].dtype, got[name].shape) == (tensor.dtype, tensor.shape), name
         rank1 = tensor.dim() <= 1 and private_rank1
-        if rank1 or not tensor.is_floating_point() or name.startswith("score."):
+        if rank1 or not tensor.is_floating_point() or name.startswith("classifier."):
             assert torch.equal(got[name], tensor), name  # private or equal to the base
         else:
             assert bool(torch.isfinite(got[name]).all()), name

@@ -6,6 +6,11 @@
   rejected and cannot be published, and the alias stays where it was;
 - a transient store outage (SeaweedFS stopped, restarted a few seconds later) is
   retried by the task and the run completes.
+
+The checkpoints are tiny BERT classifiers saved by transformers' ``save_pretrained``,
+trained a few steps from the bare ``BertModel`` base of the ``base_dir`` fixture; the
+gate's are token classifiers (per-token predictions on random ids vary, where a tiny
+sequence classifier's are mostly one class), scored by their own transformers class.
 """
 
 from __future__ import annotations
@@ -25,41 +30,60 @@ from safetensors.torch import load_file, save_file
 from flows.pipeline import IngestRefusedError, ingest_flow, publish_flow, validate_flow
 from storage.registry import RejectedVersionError
 from storage.workspace import Workspace
-from tests.factories import D_MODEL, make_finetune
+from tests.hf_models import config_of, save_finetune
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 N_PROBES = 256
+PROBE_LEN = 8
 EVALUATOR = f"{__name__}:probe_accuracy"
 
 
 # ------------------------------------------------------------------ evaluator
 def add_probe(model_dir: Path, seed: int) -> Path:
-    """Give a fine-tune a tiny labelled test set: private tensors the base lacks.
+    """Give a token classifier a tiny labelled test set: private tensors the base lacks.
 
-    The labels are the fine-tune's own predictions, so the fine-tuned model scores
-    1.0 and a retrieved model scores the share of predictions it preserves.
+    The inputs are random token ids; the labels are the fine-tune's own per-token
+    predictions (its transformers class, with the weights as saved), so the fine-tuned
+    model scores 1.0 and a retrieved model scores the share of predictions it preserves.
     """
     path = model_dir / "model.safetensors"
     state = load_file(str(path))
     gen = torch.Generator().manual_seed(seed)
-    state["probe.inputs"] = torch.randn(N_PROBES, D_MODEL, generator=gen)
+    vocab = config_of("bert").vocab_size
+    state["probe.inputs"] = torch.randint(2, vocab, (N_PROBES, PROBE_LEN), generator=gen)
     state["probe.labels"] = _predict(state)
-    save_file(state, str(path))
+    save_file(state, str(path), metadata={"format": "pt"})
     return model_dir
 
 
 def _predict(state: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    x = state["probe.inputs"].double()
-    hidden = torch.tanh(x @ state["h.0.attn.c_proj.weight"].double())
-    hidden = torch.tanh(hidden @ state["h.1.attn.c_proj.weight"].double())
-    return (hidden @ state["score.weight"].double().T).argmax(-1)
+    """Per-token predictions on ``probe.inputs`` of a BertForTokenClassification of the
+    tiny config (3 labels) holding ``state``'s weights (every one: strict), in fp32."""
+    import transformers
+
+    model = transformers.BertForTokenClassification(config_of("bert", num_labels=3))
+    weights = {k: v.float() for k, v in state.items() if not k.startswith("probe.")}
+    model.load_state_dict(weights, strict=True)
+    model.eval()
+    ids = state["probe.inputs"]
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.argmax(-1)
 
 
 def probe_accuracy(state: Mapping[str, torch.Tensor], task: str) -> dict[str, float]:
     """Evaluator entry point (``module:function``) used by the validation flow."""
     hits = _predict(state) == state["probe.labels"]
     return {"accuracy": float(hits.double().mean())}
+
+
+def _token_mod_3(ids: torch.Tensor) -> torch.Tensor:
+    """A task a token classifier can learn: each token's id modulo 3."""
+    return ids % 3
+
+
+def _nan(model: Any) -> None:
+    model.bert.encoder.layer[0].attention.self.query.weight[0, 0] = float("nan")
 
 
 # ---------------------------------------------------------------------- tests
@@ -69,11 +93,8 @@ def test_a_refused_checkpoint_does_not_starve_the_others(
     """A bad checkpoint sorted first is refused; the ones after it are still folded."""
     new_bundle("b")
     source = tmp_path / "incoming"
-    bad = make_finetune(base_dir, source / "aaa-broken", 1)
-    state = load_file(str(bad / "model.safetensors"))
-    state["h.0.attn.c_attn.weight"][0, 0] = float("nan")
-    save_file(state, str(bad / "model.safetensors"))
-    make_finetune(base_dir, source / "beta", 2)
+    save_finetune(base_dir, source / "aaa-broken", 1, edit=_nan)
+    save_finetune(base_dir, source / "beta", 2)
 
     with pytest.raises(IngestRefusedError, match="aaa-broken"):
         ingest_flow("b", str(source))
@@ -88,8 +109,8 @@ def test_second_ingest_of_the_same_source_folds_nothing(
 ) -> None:
     new_bundle("b")
     source = tmp_path / "incoming"
-    make_finetune(base_dir, source / "alpha", 1)
-    make_finetune(base_dir, source / "beta", 2)
+    save_finetune(base_dir, source / "alpha", 1)
+    save_finetune(base_dir, source / "beta", 2)
 
     first = ingest_flow("b", str(source))
     assert first["found"] == 2
@@ -113,15 +134,20 @@ def test_version_under_the_gate_is_rejected_and_the_alias_stays(
     # lambda fixed at 1: the data-free lambda would shrink the loud cross-talk away
     new_bundle("gated", gate_threshold=0.8, scale=1.0)
     source = tmp_path / "incoming"
-    add_probe(make_finetune(base_dir, source / "alpha", 1), seed=1)
+    token = "BertForTokenClassification"
+    add_probe(save_finetune(base_dir, source / "alpha", 1, task=token), seed=1)
 
     first = ingest_flow("gated", str(source), evaluator=EVALUATOR)
     assert first["folded"] == ["alpha"] and first["status"] == "validated"
     assert publish_flow("gated", 1) == {"bundle": "gated", "alias": "production", "version": 1}
 
-    # A fine-tune whose delta dwarfs the weights: once superposed, its cross-talk
-    # drowns alpha's small delta, and alpha's retrieval falls under the gate.
-    add_probe(make_finetune(base_dir, source / "loud", 2, rel_delta=30.0), seed=2)
+    # A fine-tune whose delta dwarfs the weights (10 Adam steps at lr 0.02 on a task it
+    # learns: r ~ 0.4, where alpha's is ~0.001): once superposed, its cross-talk drowns
+    # alpha's small delta, and alpha's retrieval falls under the gate.
+    loud = save_finetune(
+        base_dir, source / "loud", 2, task=token, lr=0.02, steps=10, labels=_token_mod_3
+    )
+    add_probe(loud, seed=2)
     second = ingest_flow("gated", str(source), evaluator=EVALUATOR)
     assert second["folded"] == ["loud"] and second["skipped"] == ["alpha"]
     assert second["version"] == 2 and second["status"] == "rejected"
@@ -164,7 +190,7 @@ def test_transient_store_outage_is_retried_and_the_run_completes(
     monkeypatch.setenv("RANDES_S3_RETRY_SECONDS", "1")
     new_bundle("remote")
     source = tmp_path / "incoming"
-    make_finetune(base_dir, source / "alpha", 1)
+    save_finetune(base_dir, source / "alpha", 1)
 
     # Stop the server, and start it again a few seconds after the run first hits the
     # outage (the store logs each failed attempt), whatever the machine's load.

@@ -1,9 +1,12 @@
 """Bundle groups end to end: placement by capacity, queries and pulls across members.
 
 Real files, the local store and a real registry (SQLite; PostgreSQL too for the race).
-Interference is controlled by the size of the deltas: a fine-tune at ``rel_delta`` 0.2
-makes every other task of its bundle hear r ~ 0.026 (over the groups' limit of 0.01),
-one at 0.02 only r ~ 0.0003, so the expected placement is known in advance:
+The checkpoints are tiny BERT classifiers saved by transformers' ``save_pretrained``,
+trained two Adam steps from a bare ``BertModel`` base. Interference is controlled by the
+size of the deltas, set by the learning rate (Adam moves every weight by ~lr a step): a
+fine-tune at lr 1e-2 makes every other task of its bundle hear r ~ 0.023 (over the
+groups' limit of 0.01), one at 1e-3 only r ~ 0.00025, so the expected placement is known
+in advance:
 
 - large deltas each get a member of their own, small ones share one; every member's
   largest r_t stays within the limit;
@@ -41,12 +44,12 @@ from storage.registry import GroupNotFoundError, Registry
 from storage.settings import Settings
 from storage.workspace import Workspace
 from tests.cli_run import cli
-from tests.factories import make_base, make_finetune
+from tests.hf_models import save_base, save_finetune
 
 BASE = "tiny"
 GROUP = "g"
 LIMIT = 0.01
-LARGE, SMALL = 0.2, 0.02
+LARGE, SMALL = 1e-2, 1e-3  # learning rates of the fine-tunes
 # placement order -> where each task must land
 ORDER = ["big1", "small1", "big2", "small2", "small3"]
 EXPECTED = {"g-1": ["big1"], "g-2": ["small1", "small2", "small3"], "g-3": ["big2"]}
@@ -63,12 +66,13 @@ class World:
 
 
 def _models(root: Path, names: dict[str, float], first_seed: int = 1) -> dict[str, Path]:
+    """``{name: fine-tune trained at names[name]}`` under ``root/in``, base in ``root/base``."""
     base = root / "base"
     if not base.exists():
-        make_base(base)
+        save_base(base)
     return {
-        name: make_finetune(base, root / "in" / name, first_seed + i, rel_delta=delta)
-        for i, (name, delta) in enumerate(names.items())
+        name: save_finetune(base, root / "in" / name, first_seed + i, lr=lr)
+        for i, (name, lr) in enumerate(names.items())
     }
 
 

@@ -1,4 +1,10 @@
-"""The bundle lifecycle on the embedded default: local store + SQLite, real files."""
+"""The bundle lifecycle on the embedded default: local store + SQLite, real files.
+
+The checkpoints are tiny BERTs saved by transformers' ``save_pretrained``: a bare
+``BertModel`` base, and fine-tunes trained a few steps from it whose encoder sits under
+``bert.``: ``alpha`` a sequence classifier in fp32, ``beta`` one saved in bf16, ``gamma``
+a token classifier (no pooler).
+"""
 
 from __future__ import annotations
 
@@ -23,10 +29,11 @@ def ws(tmp_path: Path) -> Iterator[Workspace]:
         yield workspace
 
 
-@pytest.fixture
-def models(tmp_path: Path) -> dict[str, Path]:
-    tasks = ("alpha", "beta", "gamma")
-    return make_models(tmp_path / "models", tasks, prefixes={"gamma": "transformer."})
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Saved once for the module: no test writes into them."""
+    shapes = {"beta": {"dtype": "bfloat16"}, "gamma": {"task": "BertForTokenClassification"}}
+    return make_models(tmp_path_factory.mktemp("models"), ("alpha", "beta", "gamma"), shapes=shapes)
 
 
 def _bundle(ws: Workspace, models: dict[str, Path], **config: object) -> None:
@@ -50,20 +57,22 @@ def test_one_task_comes_back_exactly(ws: Workspace, models, tmp_path: Path, rank
     assert got.keys() == want.keys()
     for name, tensor in want.items():
         assert got[name].dtype == tensor.dtype
-        if name.startswith("score.") or not tensor.is_floating_point():
+        if name.startswith("classifier.") or not tensor.is_floating_point():
             assert torch.equal(got[name], tensor), name
         else:
             assert _max_rel_error(got[name], tensor) < 1e-5, name
-    assert json.loads((dest / "config.json").read_text())["task_seed"] == 1
+    want_config = json.loads((models["alpha"] / "config.json").read_text())
+    assert json.loads((dest / "config.json").read_text()) == want_config
 
 
 def test_prefixed_checkpoint_materializes_with_its_own_names(ws, models, tmp_path) -> None:
     _bundle(ws, models)
     ws.fold("b", str(models["gamma"]), "gamma", scale=1.0)
     got = load_file(str(ws.materialize("b", "1", "gamma", tmp_path / "g") / "model.safetensors"))
-    assert "transformer.h.0.attn.c_attn.weight" in got and "score.weight" in got
+    assert "bert.encoder.layer.0.attention.self.query.weight" in got and "classifier.weight" in got
+    assert not any("pooler" in name for name in got)  # the token classifier has none
     manifest = ws.resolve("b")[1]
-    assert manifest.task("gamma").key_map.checkpoint_prefix == "transformer."
+    assert manifest.task("gamma").key_map.checkpoint_prefix == "bert."
 
 
 def test_versions_chain_and_same_bytes_fold_once(ws, models) -> None:
