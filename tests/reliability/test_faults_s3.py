@@ -34,7 +34,6 @@ import torch
 from storage.store import S3Store
 from storage.workspace import Workspace
 from tests.factories import gpt2_state, write_model
-from tests.pipeline.test_faults import D_MODEL, N_LAYER
 from tests.reliability.conftest import (
     BASE,
     BUNDLE,
@@ -57,6 +56,8 @@ from tests.reliability.conftest import (
 pytestmark = pytest.mark.usefixtures("no_randes_env")
 
 MiB = 1024 * 1024
+# The GPT-2-shaped state the multipart test builds its ~22 MiB base around.
+N_LAYER, D_MODEL = 4, 160
 
 
 @pytest.fixture
