@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Self
@@ -97,6 +98,10 @@ def read_exact_into(
     return view
 
 
+def _stamp(stat: os.stat_result) -> tuple[int, ...]:
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
 class CheckpointReader(Closing):
     """Tensors of one checkpoint, possibly sharded, opened on demand.
 
@@ -116,14 +121,17 @@ class CheckpointReader(Closing):
         self.side_sha256: dict[str, str] = {}
         """sha256 of each side file's bytes, once `source_digests` hashed them."""
         self._pinned: dict[str, str] | None = None  # tensor -> sha256 of its bytes
+        self._recording = False  # pinned grows: a first read records, a later one checks
         self.weights_dir = ""
         """Subfolder of the source directory holding the weights ('' for its root)."""
         self._metas: dict[str, TensorMeta] = {}
         self._file_of: dict[str, Path] = {}
         self._offset: dict[str, int] = {}
         self._handles: dict[Path, io.FileIO] = {}
+        self._stamps: dict[Path, tuple[int, ...]] = {}
         for path in self.files:
             check_weight_file(path)
+            self._stamps[path] = _stamp(os.stat(path))  # before its header is read
             layout = read_layout(path)
             for name, meta in layout.metas.items():
                 if name in self._metas:
@@ -205,24 +213,60 @@ class CheckpointReader(Closing):
         nbytes = meta.nbytes
         if nbytes == 0:
             return tensor
-        digest = hashlib.sha256() if self._pinned is not None else None
+        pinned = self._pinned
+        digest = hashlib.sha256() if pinned is not None else None
         read_exact_into(self._handles, path, self._offset[name], tensor, name, digest)
-        if (
-            digest is not None
-            and self._pinned is not None
-            and digest.hexdigest() != self._pinned[name]
-        ):
-            raise SourceChangedError(
-                f"{path}: tensor {short_repr(name)} changed since the checkpoint was hashed "
-                "(rewritten while it was read?); nothing was folded, run it again once "
-                "the file is stable"
-            )
+        if digest is not None and pinned is not None:
+            want = pinned.get(name)
+            if want is None and self._recording:
+                pinned[name] = digest.hexdigest()
+            elif digest.hexdigest() != want:
+                raise SourceChangedError(
+                    f"{path}: tensor {short_repr(name)} changed since the checkpoint was "
+                    "hashed (rewritten while it was read?); nothing was folded, run it again "
+                    "once the file is stable"
+                )
         return tensor
 
     def pin(self, tensor_sha256: dict[str, str]) -> None:
         """From now on every `get` checks its bytes against ``tensor_sha256``: what is
         folded is what was hashed (`randes.digests.source_digests` pins the reader it hashes)."""
         self._pinned = dict(tensor_sha256)
+        self._recording = False
+
+    def record(self) -> None:
+        """Hash while reading: from now on the first `get` of a tensor records the
+        sha256 of its bytes and every later one must match it (`randes.digests.
+        read_digests` then derives the checkpoint's digest from what the fold read:
+        one pass over its bytes for folding and hashing). Tensors pinned already stay."""
+        if self._pinned is None:
+            self._pinned = {}
+        self._recording = True
+
+    @property
+    def recorded(self) -> dict[str, str]:
+        """tensor -> sha256 of the bytes read so far (pinned or recorded)."""
+        return dict(self._pinned or {})
+
+    def check_unchanged(self) -> None:
+        """SourceChangedError unless every weight file is the one whose header was
+        read: same device, inode, size, mtime and ctime. A write in place, a truncation
+        or a replaced file between opening and the last read changes them, so bytes
+        hashed while folding cannot mix two versions of a file unnoticed."""
+        for path, stamp in self._stamps.items():
+            try:
+                now = [_stamp(os.stat(path))]
+                handle = self._handles.get(path)
+                if handle is not None:
+                    now.append(_stamp(os.fstat(handle.fileno())))
+            except OSError as exc:
+                raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+            if any(s != stamp for s in now):
+                raise SourceChangedError(
+                    f"{path}: changed since the checkpoint was hashed and opened (rewritten "
+                    "while it was folded?); nothing was folded, run it again once the file "
+                    "is stable"
+                )
 
     def close(self) -> None:
         handles, self._handles = self._handles, {}

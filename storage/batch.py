@@ -131,7 +131,9 @@ def fold_many(
                 return NoChange("", parent.version)
             return _build(w, bundle_rec, parent, work, todo, outcome, folded, progress)
 
-        done = commit(w.store, w.registry, bundle, build, work_root=w.work_root)
+        done = commit(
+            w.store, w.registry, bundle, build, work_root=w.work_root, cache=w.cache
+        )
     outcome.attempts = done.attempts
     if done.record is not None:
         version = done.record.version
