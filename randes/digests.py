@@ -124,9 +124,9 @@ def _hash_pass(
             with path.open("rb", buffering=0) as fh:
                 if file_digest is not None:
                     _frame(file_digest, b"side", name, os.fstat(fh.fileno()).st_size)
-                one = hashlib.sha256()
-                stream_hashing(fh.readinto, [*whole, one])
-                side_sha[name] = one.hexdigest()
+                side = hashlib.sha256()
+                stream_hashing(fh.readinto, [*whole, side])
+                side_sha[name] = side.hexdigest()
         except OSError as exc:
             raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
     return (file_digest.hexdigest() if file_digest is not None else None), tensor_sha, side_sha

@@ -194,13 +194,17 @@ def test_heads_of_all_members_are_checked_before_hashing(
     state = load_file(str(other / "model.safetensors"))
     save_file({k + ".x": v for k, v in state.items()}, str(other / "model.safetensors"))
     hashed: list[str] = []
-    real = storage.batch.source_digests
 
-    def counting(reader: Any) -> Any:
-        hashed.append(str(reader.files[0]))
-        return real(reader)
+    def counting(real: Any) -> Any:
+        def hashing(reader: Any, **kwargs: Any) -> Any:
+            hashed.append(str(reader.files[0]))
+            return real(reader, **kwargs)
 
-    monkeypatch.setattr(storage.batch, "source_digests", counting)
+        return hashing
+
+    # hashed alone (a task name taken) or as the pass reads it
+    for name in ("source_digests", "read_digests"):
+        monkeypatch.setattr(storage.batch, name, counting(getattr(storage.batch, name)))
     with _workspace(tmp_path / "home", models) as ws:
         outcome = fold_many(
             ws, "b", [BatchItem(str(other), "other"), BatchItem(str(models["alpha"]), "alpha")]
