@@ -69,25 +69,32 @@ def read_exact_into(
 ) -> memoryview:
     """Read exactly ``target``'s bytes from ``path`` at ``offset`` into its memory.
 
-    Positional reads of a header-validated range, through a handle cached in
-    ``handles``; a file that shrank since its header was read raises
-    CorruptCheckpointError. Returns the bytes' view. With ``digest`` the bytes are fed
-    to it as they arrive, each chunk hashed while the next is read
-    (`randes.hashio.read_hashing`).
+    Positional reads (``preadv``: threads may read through one handle) of a
+    header-validated range, through a handle cached in ``handles``; a file that shrank
+    since its header was read raises CorruptCheckpointError. Returns the bytes' view.
+    With ``digest`` the bytes are fed to it as they arrive, each chunk hashed while the
+    next is read (`randes.hashio.read_hashing`).
     """
     nbytes = target.numel() * target.element_size()
     try:
         handle = handles.get(path)
         if handle is None:
-            handle = handles[path] = io.FileIO(path, "rb")
+            handle = handles.setdefault(path, io.FileIO(path, "rb"))
         view = target.reshape(-1).view(torch.uint8).numpy().data.cast("B")
-        handle.seek(offset)
+        fd = handle.fileno()
+        at = [offset]
+
+        def readinto(buffer: memoryview) -> int:  # positional: threads may share the handle
+            n = os.preadv(fd, [buffer], at[0])
+            at[0] += n
+            return n
+
         if digest is not None:
-            got = read_hashing(handle.readinto, view, [digest])
+            got = read_hashing(readinto, view, [digest])
         else:
             got = 0
             while got < nbytes:
-                n = handle.readinto(view[got:])
+                n = readinto(view[got:])
                 if not n:
                     break
                 got += n

@@ -35,6 +35,7 @@ from randes.adapters import as_dense
 from randes.checkpoint import CheckpointReader
 from randes.config import TransformConfig
 from randes.errors import NonFiniteTensorError
+from randes.hashio import ahead
 from randes.keymap import Reconciled, read_config, reconcile
 from randes.layout import check_superposition, layout_of, superposition_dtype
 from randes.manifest import KeyMap
@@ -105,14 +106,21 @@ def _delta(name: str, tuned: torch.Tensor, theta: torch.Tensor) -> tuple[torch.T
 
 
 def owned_delta(
-    checkpoint: TensorSource, ck_name: str, theta: torch.Tensor
+    checkpoint: TensorSource,
+    ck_name: str,
+    theta: torch.Tensor,
+    tuned: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float]:
-    """_delta of a checkpoint tensor, computed in the memory of the tensor read.
+    """_delta of a checkpoint tensor, computed in the memory of the tensor read
+    (``tuned``: that tensor, read already; the caller gives it up).
 
     Holds two tensors (the fine-tuned one, turned into the delta, and the base's), not
     three; the caller owns the result.
     """
-    delta = checkpoint.get(ck_name).to(torch.float32).sub_(theta.to(torch.float32))
+    if tuned is None:
+        tuned = checkpoint.get(ck_name)
+    delta = tuned.to(torch.float32).sub_(theta.to(torch.float32))
+    del tuned
     norm = l2_norm(delta)
     if not math.isfinite(norm):
         del delta
@@ -239,14 +247,24 @@ def fold(
         else None
     )
 
+    def read(slot: str) -> torch.Tensor | None:
+        source = transform.source_of(slot)
+        return None if source in absent else tuned.get(key_map.to_checkpoint(source))
+
+    # each checkpoint tensor read (and hashed) while the previous slot is folded
+    reads = ahead(read, sup_writer.order)
     try:
         for slot in sup_writer.order:
+            read_ahead = next(reads)
             source = transform.source_of(slot)
-            if source in absent:  # no delta: this task leaves the slot as it was
+            if read_ahead is None:  # no delta: this task leaves the slot as it was
                 value = torch.zeros(base.meta(slot).shape, dtype=torch.float32)
             else:
                 ck_name = key_map.to_checkpoint(source)
-                value, delta_norms[source] = owned_delta(tuned, ck_name, base.get(source))
+                value, delta_norms[source] = owned_delta(
+                    tuned, ck_name, base.get(source), read_ahead
+                )
+                del read_ahead
                 value = transform.scramble_one(source, value, inplace=True)
             if direction == -1:
                 value = value.neg_()
@@ -260,6 +278,7 @@ def fold(
                 serving_writer.add(slot, stored)
             del stored
             tick()
+        reads.close()
 
         # unfold writes no private tensors, but still checks them and records their norms
         for ck_name in priv_writer.order if priv_writer is not None else list(private_of):
@@ -279,6 +298,7 @@ def fold(
         serving = serving_writer.finish() if serving_writer is not None else []
         private = priv_writer.finish() if priv_writer is not None else []
     except BaseException:
+        reads.close()  # the read under way finishes first
         sup_writer.abort()
         if serving_writer is not None:
             serving_writer.abort()
