@@ -37,7 +37,7 @@ from randes.config import TransformConfig
 from randes.errors import NonFiniteTensorError
 from randes.hashio import ahead
 from randes.keymap import Reconciled, read_config, reconcile
-from randes.layout import check_superposition, layout_of, superposition_dtype
+from randes.layout import Layout, check_superposition, layout_of, superposition_dtype
 from randes.manifest import KeyMap
 from randes.serving import SERVING_DIR, ServingWriter
 from randes.source import TensorSource, metas_of
@@ -166,6 +166,31 @@ def check_written(slot: str, stored: torch.Tensor) -> None:
         )
 
 
+def open_writers(
+    base: TensorSource, layout: Layout, config: TransformConfig, out_dir: Path
+) -> tuple[ShardWriter, ServingWriter | None]:
+    """The writers of a new superposition: the master (``out_dir/superposition``, in
+    the bundle dtype) and, when ``config.serving`` is set, its quantized copy
+    (``out_dir/serving``), to be fed the same slots in the master writer's order."""
+    sup_writer = ShardWriter(
+        out_dir / SUPERPOSITION_DIR,
+        max_shard_bytes=config.max_shard_bytes,
+        plan=[
+            TensorSpec(slot, superposition_dtype(config), base.meta(slot).shape)
+            for slot in layout.superposed
+        ],
+    )
+    if config.serving is None:
+        return sup_writer, None
+    serving_writer = ServingWriter(
+        out_dir / SERVING_DIR,
+        scheme=config.serving,
+        slots=[(slot, tuple(base.meta(slot).shape)) for slot in sup_writer.order],
+        max_shard_bytes=config.max_shard_bytes,
+    )
+    return sup_writer, serving_writer
+
+
 def fold(
     *,
     base: TensorSource,
@@ -222,21 +247,7 @@ def fold(
     private_of.update(dict.fromkeys(rec.extras))
 
     delta_norms: dict[str, float] = {}
-    sup_writer = ShardWriter(
-        out_dir / SUPERPOSITION_DIR,
-        max_shard_bytes=config.max_shard_bytes,
-        plan=[TensorSpec(slot, dtype, base.meta(slot).shape) for slot in layout.superposed],
-    )
-    serving_writer = (
-        ServingWriter(
-            out_dir / SERVING_DIR,
-            scheme=config.serving,
-            slots=[(slot, tuple(base.meta(slot).shape)) for slot in sup_writer.order],
-            max_shard_bytes=config.max_shard_bytes,
-        )
-        if config.serving is not None
-        else None
-    )
+    sup_writer, serving_writer = open_writers(base, layout, config, out_dir)
     priv_writer = (
         ShardWriter(
             out_dir / PRIVATE_DIR,

@@ -41,11 +41,11 @@ from randes.config import TransformConfig
 from randes.errors import CheckpointError
 from randes.fold import (
     PRIVATE_DIR,
-    SUPERPOSITION_DIR,
     Progress,
     all_finite,
     check_compatible,
     check_written,
+    open_writers,
 )
 from randes.fold_members import (
     BASE_CACHE_BYTES,
@@ -62,7 +62,7 @@ from randes.fold_members import (
 from randes.hashio import ahead
 from randes.keymap import Reconciled
 from randes.layout import Layout, check_superposition, layout_of, superposition_dtype
-from randes.serving import SERVING_DIR, ServingWriter
+from randes.serving import ServingWriter
 from randes.source import TensorSource
 from randes.writer import ShardWriter, TensorSpec, WrittenShard
 
@@ -314,21 +314,7 @@ def _one_pass(
     for member in members:
         member.plan_private(bases, layout)
     ticks = Ticks(len(layout.superposed) + sum(len(m.private_of) for m in members), progress)
-    sup_writer = ShardWriter(
-        out_dir / SUPERPOSITION_DIR,
-        max_shard_bytes=config.max_shard_bytes,
-        plan=[TensorSpec(slot, dtype, base.meta(slot).shape) for slot in layout.superposed],
-    )
-    serving_writer = (
-        ServingWriter(
-            out_dir / SERVING_DIR,
-            scheme=config.serving,
-            slots=[(slot, tuple(base.meta(slot).shape)) for slot in sup_writer.order],
-            max_shard_bytes=config.max_shard_bytes,
-        )
-        if config.serving is not None
-        else None
-    )
+    sup_writer, serving_writer = open_writers(base, layout, config, out_dir)
     writers: list[ShardWriter | ServingWriter] = [sup_writer]
     if serving_writer is not None:
         writers.append(serving_writer)
