@@ -64,10 +64,9 @@ def ahead(fn: Callable[[T], R], items: Iterable[T]) -> Generator[R, None, None]:
     pending: Future[R] | None = None
     try:
         for item in items:
-            future = pool.submit(fn, item)
-            if pending is not None:
-                yield pending.result()
-            pending = future
+            previous, pending = pending, pool.submit(fn, item)
+            if previous is not None:
+                yield previous.result()
         if pending is not None:
             done, pending = pending, None
             yield done.result()
