@@ -35,7 +35,6 @@ from randes.adapters import as_dense
 from randes.checkpoint import CheckpointReader
 from randes.config import TransformConfig
 from randes.errors import NonFiniteTensorError
-from randes.hashio import ahead
 from randes.keymap import Reconciled, read_config, reconcile
 from randes.layout import Layout, check_superposition, layout_of, superposition_dtype
 from randes.manifest import KeyMap
@@ -258,24 +257,17 @@ def fold(
         else None
     )
 
-    def read(slot: str) -> torch.Tensor | None:
-        source = transform.source_of(slot)
-        return None if source in absent else tuned.get(key_map.to_checkpoint(source))
-
-    # each checkpoint tensor read (and hashed) while the previous slot is folded
-    reads = ahead(read, sup_writer.order)
+    # No read-ahead here (randes.fold_batch has one): a tensor read on another thread
+    # comes from that thread's malloc arena, and the peak then varies by one tensor
+    # from run to run; the checkpoint is hashed as it is read either way.
     try:
         for slot in sup_writer.order:
-            read_ahead = next(reads)
             source = transform.source_of(slot)
-            if read_ahead is None:  # no delta: this task leaves the slot as it was
+            if source in absent:  # no delta: this task leaves the slot as it was
                 value = torch.zeros(base.meta(slot).shape, dtype=torch.float32)
             else:
                 ck_name = key_map.to_checkpoint(source)
-                value, delta_norms[source] = owned_delta(
-                    tuned, ck_name, base.get(source), read_ahead
-                )
-                del read_ahead
+                value, delta_norms[source] = owned_delta(tuned, ck_name, base.get(source))
                 value = transform.scramble_one(source, value, inplace=True)
             if direction == -1:
                 value = value.neg_()
@@ -289,7 +281,6 @@ def fold(
                 serving_writer.add(slot, stored)
             del stored
             tick()
-        reads.close()
 
         # unfold writes no private tensors, but still checks them and records their norms
         for ck_name in priv_writer.order if priv_writer is not None else list(private_of):
@@ -309,7 +300,6 @@ def fold(
         serving = serving_writer.finish() if serving_writer is not None else []
         private = priv_writer.finish() if priv_writer is not None else []
     except BaseException:
-        reads.close()  # the read under way finishes first
         sup_writer.abort()
         if serving_writer is not None:
             serving_writer.abort()
