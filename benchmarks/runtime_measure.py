@@ -167,19 +167,24 @@ def switch_times(pulled: Path, tmp: Path, tasks: list[str], repeats: int) -> dic
         }
         times: dict[str, list[float]] = {k: [] for k in methods}
         cpu: dict[str, list[float]] = {k: [] for k in methods}
+        process: dict[str, list[float]] = {k: [] for k in methods}
         for rep in range(repeats + 1):
             for name, fn in methods.items():
-                t0, c0 = time.perf_counter(), time.thread_time()
+                t0, c0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
                 fn()
                 if rep:  # the first round is the warm-up
                     times[name].append(time.perf_counter() - t0)
                     cpu[name].append(time.thread_time() - c0)
+                    process[name].append(time.process_time() - p0)
         nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         out: dict[str, Any] = {
             "median": {k: _median(v) for k, v in times.items()},
             # CPU time of the calling thread (1 torch thread): what the machine's load
             # does not inflate, read next to the wall-clock medians
             "cpu": {k: _median(v) for k, v in cpu.items()},
+            # every thread of the process: a switch also runs a sign-stream thread and a
+            # second compute thread (randes.retrieve.FUSED_THREADS)
+            "process_cpu": {k: _median(v) for k, v in process.items()},
             "all": times,
             "nbytes": nbytes,
             "resident": rt.resident_bytes,

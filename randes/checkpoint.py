@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -107,6 +108,17 @@ def read_exact_into(
 
 def _stamp(stat: os.stat_result) -> tuple[int, ...]:
     return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+def _pread_exact(handle: io.FileIO, offset: int, target: torch.Tensor, name: str) -> None:
+    """``target``'s bytes from ``offset``: positional reads, no shared file position."""
+    view = target.reshape(-1).view(torch.uint8).numpy().data.cast("B")
+    got = 0
+    while got < len(view):
+        n = os.preadv(handle.fileno(), [view[got:]], offset + got)
+        if not n:
+            raise CorruptCheckpointError(f"{handle.name}: truncated while reading {name!r}")
+        got += n
 
 
 class CheckpointReader(Closing):
@@ -234,6 +246,28 @@ class CheckpointReader(Closing):
                     "once the file is stable"
                 )
         return tensor
+
+    def read_range_into(self, name: str, lo: int, out: torch.Tensor) -> bool:
+        """Flat entries ``[lo, lo + out.numel())`` of ``name`` read into ``out`` (a
+        contiguous CPU tensor of its dtype): one positional read (``pread``: threads
+        may read ranges of one file at once) of part of the validated range. False
+        (nothing read) for a pinned reader, whose bytes are checked whole tensor by
+        whole tensor: use `get` then."""
+        meta = self._metas[name]
+        if self._pinned is not None or out.dtype != meta.dtype or not out.is_contiguous():
+            return False
+        if not 0 <= lo <= lo + out.numel() <= math.prod(meta.shape):
+            raise ValueError(f"range [{lo}, {lo + out.numel()}) outside {name!r}")
+        if out.numel():
+            offset = self._offset[name] + lo * out.element_size()
+            _pread_exact(self._handle(self._file_of[name]), offset, out, name)
+        return True
+
+    def _handle(self, path: Path) -> io.FileIO:
+        handle = self._handles.get(path)
+        if handle is None:
+            handle = self._handles[path] = io.FileIO(path, "rb")
+        return handle
 
     def pin(self, tensor_sha256: dict[str, str]) -> None:
         """From now on every `get` checks its bytes against ``tensor_sha256``: what is

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from randes import kernels
 from randes.atomic import replacing, write_atomic
 from randes.buffers import WorkBuffers
 from randes.config import TransformConfig
@@ -29,6 +32,8 @@ from randes.errors import IncompatibleCheckpointError, RandesError
 from randes.header import DTYPES
 from randes.layout import check_superposition, layout_of
 from randes.manifest import KeyMap
+from randes.quantize import chunk_alignment as quant_alignment
+from randes.serving import QuantizedReader
 from randes.source import TensorMeta, TensorSource
 from randes.transforms import TaskTransform
 from randes.writer import ShardWriter, TensorSpec, WrittenShard
@@ -76,6 +81,47 @@ class RangeSource(TensorSource, Protocol):
         ...
 
 
+FUSED_CHUNK = 1 << 18
+"""Entries per call of the fused kernel (1 MiB of float32, a core's L2). A base lent in
+place (a mapping, a resident tensor) is read by the kernel itself; one read into the
+output (a file reader's ``pread``) is still in cache when the kernel adds into it."""
+
+
+FUSED_THREADS = 2
+"""Threads computing one tensor by the fused kernel in `tensors` (each a half of it;
+plus the thread drawing the signs ahead). 1: the calling thread alone."""
+
+SIGNS_AHEAD = 1 << 26
+"""Entries whose packed signs are drawn ahead of the tensor computed (8 MiB of stream
+at most: the largest tensor's signs, the embeddings', are drawn while the tensors
+before it are computed)."""
+
+
+@runtime_checkable
+class RangeReader(Protocol):
+    """A base source that reads part of a tensor into given memory (a file reader's
+    positional read, a resident tensor's slice): fused retrieval then writes each
+    output tensor once instead of copying the whole base tensor first."""
+
+    def read_range_into(self, name: str, lo: int, out: torch.Tensor) -> bool:
+        """Flat entries ``[lo, lo + out.numel())`` into ``out``; False: not possible here."""
+        ...
+
+
+@runtime_checkable
+class MappedReader(Protocol):
+    """A base source that lends part of a float32 tensor in place (a mapping of its
+    file, a resident tensor): the fused kernel then reads the base without a copy."""
+
+    def map_range(self, name: str, lo: int, hi: int) -> Any:
+        """Flat entries ``[lo, hi)`` as a read-only float32 numpy array, or None."""
+        ...
+
+    def unmap_range(self, name: str, lo: int, hi: int) -> None:
+        """Done with the range `map_range` lent (drop its pages from the process)."""
+        ...
+
+
 class _Retrieval:
     """One task's output tensors: all planned from the headers, each computed on demand."""
 
@@ -94,6 +140,9 @@ class _Retrieval:
         layout = layout_of(base, config)
         self.buffers = buffers if buffers is not None else WorkBuffers()
         self._ranged = isinstance(superposition, RangeSource)  # checked once: it is slow
+        self._base_ranges = isinstance(base, RangeReader)
+        self._base_maps = isinstance(base, MappedReader)
+        self._fused = isinstance(superposition, QuantizedReader) and kernels.available()
         if superposition is not None:
             check_superposition(base, superposition, layout)
         self.base = base
@@ -130,8 +179,163 @@ class _Retrieval:
     def specs(self) -> list[TensorSpec]:
         return [TensorSpec.of(ck_name, meta) for ck_name, (_, meta) in self.plan.items()]
 
-    def tensor(self, ck_name: str) -> torch.Tensor:
+    def tensor(self, ck_name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """Compute one output tensor: reads one base tensor and one slot (or a private one).
+
+        theta + lambda * T^-1(slot), in the fine-tune's dtype; written into ``out`` (a
+        tensor of the output's shape and dtype: a module's own parameter) and returned
+        when given. From a quantized serving copy on the CPU this is the fused kernel
+        (`randes.kernels`), a chunk of FUSED_CHUNK entries at a time: the base chunk is
+        read straight into the output, then the dequantized codes, unflipped and times
+        lambda, are added into it in one pass. Otherwise (CUDA, the fp32 master, no
+        numba) the eager torch path `_torch_tensor`. Both give the same bits
+        (tests/core/test_kernels.py).
+        """
+        return self._compute(ck_name, out, None, None)
+
+    def tensors(
+        self,
+        names: Iterable[str],
+        outs: Mapping[str, torch.Tensor] | None = None,
+        lend: Callable[[str, torch.Tensor], AbstractContextManager[object]] | None = None,
+        threads: int | None = None,
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, `tensor`) for each of ``names`` in order, into ``outs[name]`` where
+        given. The elementwise sign stream of the next tensor (SHAKE-256, a tenth to a
+        third of the work) is drawn by a helper thread while this one computes: the
+        kernel and the positional reads release the GIL. ``lend(base name, out)``, when
+        given, wraps each torch-path computation (a runtime lends the base read to the
+        module's storage, `storage.runtime_readers`)."""
+        order = list(names)
+        outs = outs or {}
+        fused = [  # whose signs the helper thread draws ahead for the kernel
+            n
+            for n in order
+            if self._fusable(n) and (n not in outs or outs[n].device.type == "cpu")
+        ]
+        threads = FUSED_THREADS if threads is None else threads
+        with (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="randes-signs") as pool,
+            ThreadPoolExecutor(max(1, threads - 1), thread_name_prefix="randes") as more,
+        ):
+            helper = more if threads > 1 else None
+            ahead: dict[str, Future[dict[str, Any]]] = {}
+            queued = 0  # entries whose signs are drawn or being drawn, not yet used
+            nxt = 0
+            for ck_name in order:
+                while nxt < len(fused) and (queued < SIGNS_AHEAD or not ahead):
+                    ahead[fused[nxt]] = pool.submit(self._kernel_signs, fused[nxt])
+                    queued += self._numel(fused[nxt])
+                    nxt += 1
+                future = ahead.pop(ck_name, None)
+                if future is not None:
+                    queued -= self._numel(ck_name)
+                signs = future.result() if future is not None else None
+                yield ck_name, self._compute(ck_name, outs.get(ck_name), signs, lend, helper)
+
+    def _numel(self, ck_name: str) -> int:
+        return math.prod(self.plan[ck_name][1].shape)
+
+    # ------------------------------------------------------------------ internals
+    def _fusable(self, ck_name: str) -> bool:
+        """Whether the kernel computes ``ck_name``: a float output from a float32 slot
+        of a quantized copy (its codes' device is checked when they are read)."""
+        name, meta = self.plan[ck_name]
+        if not self._fused or name is None or name in self.layout.non_float:
+            return False
+        slot = self.transform.slot_of(name)
+        assert self.superposition is not None
+        return (
+            self.superposition.meta(slot).dtype == torch.float32
+            and meta.dtype.is_floating_point
+        )
+
+    def _kernel_signs(self, ck_name: str) -> dict[str, Any]:
+        name, meta = self.plan[ck_name]
+        assert name is not None
+        signs = self.transform.signs(name, meta.shape)
+        return signs.kernel_signs() if signs is not None else {}
+
+    def _compute(
+        self,
+        ck_name: str,
+        out: torch.Tensor | None,
+        signs: dict[str, Any] | None,
+        lend: Callable[[str, torch.Tensor], AbstractContextManager[object]] | None,
+        helper: ThreadPoolExecutor | None = None,
+    ) -> torch.Tensor:
+        fits = out is None or (out.device.type == "cpu" and out.is_contiguous())
+        fused = fits and self._fusable(ck_name)
+        value = self._fused_tensor(ck_name, out, signs, helper) if fused else None
+        if value is not None:
+            return value
+        if out is None:
+            return self._torch_tensor(ck_name)
+        with lend(self.plan[ck_name][0] or "", out) if lend is not None else nullcontext():
+            value = self._torch_tensor(ck_name)
+        if value.data_ptr() != out.data_ptr():  # a lent base read is computed in place
+            out.copy_(value)
+        return out
+
+    def _fused_tensor(
+        self,
+        ck_name: str,
+        out: torch.Tensor | None,
+        signs: dict[str, Any] | None,
+        helper: ThreadPoolExecutor | None,
+    ) -> torch.Tensor | None:
+        """`tensor` by the kernel; None when the slot's codes are not on the CPU."""
+        name, meta = self.plan[ck_name]
+        assert name is not None and isinstance(self.superposition, QuantizedReader)
+        slot = self.transform.slot_of(name)
+        sup = self.superposition
+        q = sup.quantized(slot)
+        if q.codes.device.type != "cpu" or q.scales.device.type != "cpu":
+            self._fused = False  # a superposition resident on a GPU: the torch path
+            return None
+        scheme = sup.scheme
+        shape = meta.shape
+        numel = math.prod(shape)
+        target = out if out is not None else torch.empty(shape, dtype=meta.dtype)
+        if signs is None:
+            signs = self._kernel_signs(ck_name)
+        base_meta = self.base.meta(name)
+        direct = (
+            self._base_ranges and base_meta.dtype == torch.float32 and meta.dtype == torch.float32
+        )
+        flat = target.view(-1)
+        if direct and numel and not self.base.read_range_into(name, 0, flat[:0]):  # type: ignore[attr-defined]
+            direct = False  # a pinned reader: its tensors are read (and checked) whole
+        if direct:
+            work = flat
+        else:  # another dtype on either side: compute in float32, convert once at the end
+            work = self.base.get(name).to(torch.float32, memory_format=torch.contiguous_format)
+            work = work.view(-1)
+        align = quant_alignment(scheme, shape)  # whole groups and code bytes (and sign bytes)
+        job = kernels.FusedJob(
+            out=work.numpy(),
+            codes=q.codes.numpy(),
+            bits=scheme.bits,
+            scales=q.scales.numpy(),
+            group=scheme.group_of(shape),
+            alpha=_scale_for(self.scale, name),
+            signs=signs,
+            step=align * max(1, FUSED_CHUNK // align),
+            align=align,
+        )
+        if direct:
+            base: Any = self.base  # a RangeReader, maybe a MappedReader
+            if self._base_maps:
+                job.map_range = partial(base.map_range, name)
+                job.unmap_range = partial(base.unmap_range, name)
+            job.read_range = lambda lo, hi: _read_or_fail(base, name, lo, work[lo:hi])
+        job.run_all(helper)
+        if work.data_ptr() != target.data_ptr():
+            flat.copy_(work)  # to the fine-tune's dtype, as .to(meta.dtype) does
+        return target
+
+    def _torch_tensor(self, ck_name: str) -> torch.Tensor:
+        """The eager torch path of `tensor` (the reference the kernel is checked against).
 
         theta + lambda * T^-1(slot) is computed in place in the base tensor ``get``
         returned, one chunk of about CHUNK_ELEMENTS entries at a time (dequantize, undo
@@ -209,8 +413,7 @@ def retrieve(
         config=config,
         scale=scale,
     )
-    for ck_name in plan.plan:
-        yield ck_name, plan.tensor(ck_name)
+    yield from plan.tensors(plan.plan)
 
 
 def materialize(
@@ -253,8 +456,8 @@ def materialize(
     weights = out_dir.joinpath(*_relative_parts(weights_dir)) if weights_dir else out_dir
     with ShardWriter(weights, max_shard_bytes=max_shard_bytes, plan=plan.specs()) as writer:
         total = len(writer.order)
-        for done, ck_name in enumerate(writer.order, start=1):
-            writer.add(ck_name, plan.tensor(ck_name))
+        for done, (ck_name, value) in enumerate(plan.tensors(writer.order), start=1):
+            writer.add(ck_name, value)
             if progress is not None:
                 progress(done, total)
         shards = writer.finish(hf_index=True)
@@ -263,6 +466,11 @@ def materialize(
         dst.parent.mkdir(parents=True, exist_ok=True)
         _copy_atomic(Path(src), dst)
     return shards
+
+
+def _read_or_fail(base: Any, name: str, lo: int, out: torch.Tensor) -> None:
+    if not base.read_range_into(name, lo, out):
+        raise RandesError(f"base tensor {name!r}: range read refused")  # probed: cannot happen
 
 
 def _relative_parts(name: str) -> list[str]:

@@ -175,6 +175,11 @@ class QuantizedReader(MetaTable, Closing):
         values = dequantize_range(q, meta.shape, self.scheme, lo, hi, buffers, signs)
         return values.to(meta.dtype)
 
+    def quantized(self, name: str) -> QuantizedTensor:
+        """The stored codes and scales of slot ``name`` (read-only by contract): what
+        the fused retrieval kernel (randes.kernels) dequantizes itself."""
+        return self._quantized(name)
+
     def _quantized(self, name: str) -> QuantizedTensor:
         """The codes and scales of ``name``, kept for the next ranges of the same slot
         (one slot's codes: an eighth of its float32 size at int4)."""

@@ -38,7 +38,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
+import numpy as np
 import torch
 
 from randes.buffers import WorkBuffers
@@ -121,6 +123,30 @@ class SignMap:
             r0 = lo // width
             rows.mul_(self._on("rows", x)[r0 : r0 + n // width].unsqueeze(1))
         return x
+
+    def kernel_signs(self) -> dict[str, Any]:
+        """These signs as `randes.kernels.dequant_add_` takes them: the whole packed
+        elementwise stream (``ebits``: the stream chunks' bytes back to back, one bit
+        per entry, since ELEMENT_CHUNK is a multiple of 8), or int8 column (and row)
+        signs with the row ``width`` (rank-0/1: one column sign per entry)."""
+        if self.numel == 0:
+            return {}
+        if self.kind == "elementwise":
+            stream = np.empty(-(-self.numel // 8), dtype=np.uint8)
+            for c in range(-(-self.numel // ELEMENT_CHUNK)):
+                n = min(ELEMENT_CHUNK, self.numel - c * ELEMENT_CHUNK)
+                raw = element_sign_bytes(self.seed, self.name, c, n)
+                start = c * (ELEMENT_CHUNK // 8)
+                stream[start : start + len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+            return {"ebits": stream}
+        assert self._cols is not None
+        out: dict[str, Any] = {
+            "cols": self._cols.to(torch.int8).numpy(),
+            "width": self._cols.numel(),  # a row's width; rank-0/1: every entry
+        }
+        if self._rows is not None:
+            out["rows"] = self._rows.to(torch.int8).numpy()
+        return out
 
     def _on(self, which: str, x: torch.Tensor) -> torch.Tensor:
         key = (which, x.device, x.dtype)

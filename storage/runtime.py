@@ -13,8 +13,9 @@ task from them in memory:
 Memory is the quantized superposition + the base + the working model the caller holds,
 whatever the number of tasks. On the CPU the base is read from its verified files each
 time a tensor is computed (`FileBaseReader`): its bytes stay in the page cache, shared
-by every process on the machine and outside each one's RSS, at the cost of one copy,
-the same as copying a resident tensor. On a GPU it is resident on the device. Each
+by every process on the machine and outside each one's RSS; the fused kernel
+(randes.kernels) reads them through a mapping, a chunk at a time, dropping each chunk's
+pages from the process after use. On a GPU it is resident on the device. Each
 task's private tensors (its head, its norms under the default rank-1 policy) are read
 from their verified files when needed.
 
@@ -40,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from randes import kernels
 from randes.buffers import WorkBuffers
 from randes.checkpoint import CheckpointReader
 from randes.layout import superposition_metas
@@ -106,6 +108,8 @@ class BundleRuntime(Closing):
             metas = superposition_metas(self.base, self.manifest.transform)
             self.superposition = QuantizedReader(resident, self.manifest.serving.scheme, metas)
         self.quantized = quantized
+        if quantized and device.type == "cpu":
+            kernels.warm()  # JIT now, while the process is small (see randes.kernels)
         self._private: dict[str, CheckpointReader | None] = {}
         self._plans: dict[str, TaskRetrieval] = {}
         self._buffers = WorkBuffers()
@@ -212,7 +216,8 @@ class BundleRuntime(Closing):
         """Every tensor of ``task`` under the fine-tune's names, on the runtime's device:
         bit for bit what `randes materialize` writes."""
         plan = self.plan(task)
-        return {spec.name: plan.tensor(spec.name).to(self.device) for spec in plan.specs()}
+        names = [spec.name for spec in plan.specs()]
+        return {name: value.to(self.device) for name, value in plan.tensors(names)}
 
     def switch(self, module: torch.nn.Module, task: str) -> torch.nn.Module:
         """Turn ``module`` (holding any task of this bundle) into ``task`` in place.
@@ -227,13 +232,10 @@ class BundleRuntime(Closing):
         targets = module.state_dict(keep_vars=True)
         _check_targets(task, specs, targets)
         self._holding.pop(module, None)  # a failure below leaves it half switched
+        outs = {spec.name: targets[spec.name].data for spec in specs}
         with torch.no_grad():
-            for spec in specs:
-                target = targets[spec.name]
-                with self.base.lend(plan.plan[spec.name][0] or "", target.data):
-                    value = plan.tensor(spec.name)
-                if value.data_ptr() != target.data_ptr():
-                    target.copy_(value)
+            for _ in plan.tensors(outs, outs, lend=self.base.lend):
+                pass  # each tensor is computed into the module's own storage
         self._holding[module] = task
         return module
 

@@ -4,11 +4,17 @@ Weights cannot be downloaded here, so every model a test folds or serves is buil
 one of these configs: a few hundred K parameters at most, with the architecture's real
 parameter names and shapes. The conformance suite and the serving-runtime tests build
 from the same table, so a change of size lands in both at once.
+
+`save_base` and `save_finetune` write checkpoints the way users get them (the bare
+backbone as published, a task model trained a few steps, saved by ``save_pretrained``,
+in fp32 or bf16, with or without a pooler): the pipeline tests fold these rather than
+hand-made state dicts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 VOCAB = 64
@@ -92,3 +98,95 @@ def _configs() -> dict[str, Callable[..., Any]]:
 def config_of(arch: str, **overrides: Any) -> Any:
     """The tiny config of ``arch`` (``bert``, ``gpt2``, ``llama``...), with ``overrides``."""
     return _configs()[arch](**overrides)
+
+
+# ------------------------------------------------------------ saved checkpoints
+BASES = {"bert": "BertModel", "gpt2": "GPT2Model", "llama": "LlamaModel"}
+"""The bare backbone of an architecture, as its base is published on the hub."""
+
+TASK_HEADS = {
+    "bert": "BertForSequenceClassification",
+    "gpt2": "GPT2ForSequenceClassification",
+    "llama": "LlamaForSequenceClassification",
+}
+"""The fine-tune class a test gets unless it names another (backbone under a prefix,
+plus a head the base lacks)."""
+
+
+def _quiet() -> Any:
+    """transformers, without its load reports and progress bars (one per model saved)."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def save_base(directory: Path, arch: str = "bert", *, seed: int = 0, **overrides: Any) -> Path:
+    """The tiny bare backbone of ``arch``, random init, saved by ``save_pretrained``
+    (fp32, the base's ``config.json`` next to ``model.safetensors``)."""
+    import torch
+
+    transformers = _quiet()
+    torch.manual_seed(seed)
+    getattr(transformers, BASES[arch])(config_of(arch, **overrides)).save_pretrained(directory)
+    return directory
+
+
+def train(model: Any, seed: int, *, steps: int = 2, lr: float = 2e-3) -> Any:
+    """``steps`` Adam steps on random token ids and labels (seeded), so every weight the
+    loss reaches moves: a real, if small, fine-tune delta."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    per_token = type(model).__name__.endswith("ForTokenClassification")
+    model.train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        ids = torch.randint(2, vocab, (4, 8), generator=gen)
+        shape = (4, 8) if per_token else (4,)
+        labels = torch.randint(0, model.config.num_labels, shape, generator=gen)
+        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return model
+
+
+def save_finetune(
+    base_dir: Path,
+    directory: Path,
+    seed: int,
+    *,
+    task: str | None = None,
+    dtype: str | None = None,
+    num_labels: int = 3,
+    steps: int = 2,
+    edit: Callable[[Any], None] | None = None,
+) -> Path:
+    """A fine-tune of the base saved in ``base_dir`` (by `save_base`), saved by
+    ``save_pretrained`` into ``directory``: the ``task`` class (the architecture's
+    sequence classifier by default) loaded from the base, trained a few steps (seeded by
+    ``seed``), ``edit`` applied to the model (no grad: a test's corruption), then cast to
+    ``dtype`` (``"bfloat16"``: the usual LLM fine-tune over an fp32 base).
+
+    A token classifier (``BertForTokenClassification``) has no pooler: a fine-tune that
+    lacks tensors its base has, as real ones do."""
+    import json
+
+    import torch
+
+    transformers = _quiet()
+    arch = json.loads((base_dir / "config.json").read_text())["model_type"]
+    cls = getattr(transformers, task or TASK_HEADS[arch])
+    torch.manual_seed(seed)
+    model = train(cls.from_pretrained(base_dir, num_labels=num_labels), seed, steps=steps)
+    if edit is not None:
+        with torch.no_grad():
+            edit(model)
+    if dtype is not None:
+        model.to(getattr(torch, dtype))
+    model.save_pretrained(directory)
+    return directory

@@ -47,10 +47,26 @@ def open_workspace(home: Path, url: str | None = None, store: Any = None) -> Ite
 
 
 def make_models(
-    root: Path, tasks: Iterable[str], prefixes: Mapping[str, str] | None = None
+    root: Path,
+    tasks: Iterable[str],
+    prefixes: Mapping[str, str] | None = None,
+    *,
+    shapes: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Path]:
     """``{"base": dir, task: dir, ...}`` under ``root``: the tiny base and one fine-tune of
-    it per task, seeded 1, 2, ... in order (``prefixes`` names a task's key prefix)."""
+    it per task, seeded 1, 2, ... in order (``prefixes`` names a task's key prefix).
+
+    With ``shapes`` every model is saved by transformers instead (`tests.hf_models`): a
+    bare BertModel base and, per task, `save_finetune` with ``shapes[task]`` (absent: an
+    fp32 sequence classifier), e.g. ``{"dtype": "bfloat16"}``."""
+    if shapes is not None:
+        from tests.hf_models import save_base, save_finetune
+
+        base = save_base(root / "base")
+        saved = {"base": base}
+        for seed, task in enumerate(tasks, start=1):
+            saved[task] = save_finetune(base, root / task, seed, **shapes.get(task, {}))
+        return saved
     prefixes = prefixes or {}
     base = make_base(root / "base")
     found = {"base": base}

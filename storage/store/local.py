@@ -259,8 +259,8 @@ class LocalStore(ObjectStore):
                     actual, _ = copy_hashing(src, out)
                     if expected is not None and actual != expected:
                         raise integrity_error(key, self.url, expected, actual)
+                    out.flush()  # every byte in the file before it becomes ``dest``
                     if self.durable_downloads:
-                        out.flush()
                         os.fsync(out.fileno())
                     os.replace(tmp, dest)
             finally:

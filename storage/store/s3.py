@@ -396,8 +396,8 @@ class S3Store(ObjectStore):
                 if digest is not None and digest.hexdigest() != expected:
                     assert expected is not None
                     raise integrity_error(key, self.url, expected, digest.hexdigest())
+                out.flush()  # every byte in the file before it becomes ``dest``
                 if self.durable_downloads:
-                    out.flush()
                     os.fsync(out.fileno())
                 os.replace(tmp, dest)
         except OSError as exc:

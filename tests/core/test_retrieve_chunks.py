@@ -72,10 +72,19 @@ def _dequantized(codes: CheckpointReader, slot: str, shape: tuple[int, ...], s: 
     ids=lambda s: s.name,
 )
 @pytest.mark.parametrize("chunk", [1, 1 << 19])
+@pytest.mark.parametrize("path", ["kernel", "torch"])
 def test_chunked_retrieval_is_the_whole_tensor_formula_bit_for_bit(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, scheme: QuantScheme, chunk: int
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+    scheme: QuantScheme,
+    chunk: int,
+    path: str,
 ) -> None:
     monkeypatch.setattr(retrieve_mod, "CHUNK_ELEMENTS", chunk)  # 1: the smallest aligned chunks
+    monkeypatch.setattr(retrieve_mod, "FUSED_CHUNK", chunk)  # the fused kernel's chunks
+    if path == "torch":  # the eager torch path (else the fused kernel, where numba is)
+        monkeypatch.setenv("RANDES_NO_KERNELS", "1")
     base_model = gpt2_like(n_layer=3, d=24)
     base = open_dict(tmp_path / "base.safetensors", base_model)
     tuned = open_dict(tmp_path / "ft" / "model.safetensors", finetune(base_model, seed=1))

@@ -1,5 +1,11 @@
 """Batch fold on the embedded default (local store + SQLite): one version for K
-checkpoints, the registry and manifest K sequential folds give (seeds aside)."""
+checkpoints, the registry and manifest K sequential folds give (seeds aside).
+
+Checkpoints are tiny BERTs saved by transformers' ``save_pretrained``: the base a bare
+``BertModel`` (pooler included), the tasks trained a few steps from it in the shapes
+users have: a sequence classifier in fp32, a token classifier (no pooler: a fine-tune
+lacking base tensors), a sequence classifier saved in bf16 over the fp32 base.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from safetensors.torch import load_file, save_file
+import torch
 
 import storage.batch
 import storage.folding
@@ -21,22 +27,28 @@ from storage.batch import BatchItem, fold_many
 from storage.registry import Registry, TaskExistsError
 from storage.settings import Settings
 from storage.workspace import Workspace
-from tests.factories import make_base, make_finetune
+from tests.hf_models import save_base, save_finetune
 
 TASKS = ["alpha", "beta", "gamma"]
+SHAPES: dict[str, dict[str, Any]] = {
+    "alpha": {},
+    "beta": {"task": "BertForTokenClassification"},
+    "gamma": {"dtype": "bfloat16"},
+}
 
 
-@pytest.fixture
-def models(tmp_path: Path) -> dict[str, Path]:
-    base = make_base(tmp_path / "models" / "base")
+def _nan(model: Any) -> None:
+    model.bert.encoder.layer[1].intermediate.dense.weight[2, 3] = float("nan")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    base = save_base(root / "base")
     out = {"base": base}
     for k, name in enumerate(TASKS, start=1):
-        out[name] = make_finetune(base, tmp_path / "models" / name, k, prefix="transformer.")
-    bad = make_finetune(base, tmp_path / "models" / "broken", 9)
-    state = load_file(str(bad / "model.safetensors"))
-    state["h.1.mlp.c_fc.weight"][2, 3] = float("nan")
-    save_file(state, str(bad / "model.safetensors"))
-    out["broken"] = bad
+        out[name] = save_finetune(base, root / name, k, **SHAPES[name])
+    out["broken"] = save_finetune(base, root / "broken", 9, edit=_nan)
     return out
 
 
@@ -106,6 +118,30 @@ def test_one_version_holds_what_sequential_folds_give(
             assert bat.registry.ledger_lookup("b", task.source_sha256) == (task.name, 1)
 
 
+def test_each_member_materializes_as_its_own_loader_expects(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    """A batch-folded task comes back in its fine-tune's shape: the same tensor names
+    and dtypes (bf16 stays bf16, the token classifier gets no pooler), loadable by its
+    own transformers class."""
+    import transformers
+    from safetensors import safe_open
+
+    def shape(directory: Path) -> dict[str, str]:
+        with safe_open(str(directory / "model.safetensors"), "pt") as f:
+            return {k: str(f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118
+
+    with _workspace(tmp_path / "home", models) as ws:
+        fold_many(ws, "b", [BatchItem(str(models[n]), n) for n in TASKS])
+        for name in TASKS:
+            out = ws.materialize("b", None, name, tmp_path / "out" / name)
+            assert shape(out) == shape(models[name]), name
+            cls = SHAPES[name].get("task", "BertForSequenceClassification")
+            loaded = getattr(transformers, cls).from_pretrained(out, dtype="auto")
+            want = SHAPES[name].get("dtype", "float32")
+            assert loaded.dtype == getattr(torch, want), name
+
+
 def test_a_rerun_is_a_no_op_and_bad_sources_never_block_the_others(
     tmp_path: Path, models: dict[str, Path]
 ) -> None:
@@ -118,7 +154,7 @@ def test_a_rerun_is_a_no_op_and_bad_sources_never_block_the_others(
             BatchItem(str(models["beta"]), "beta"),
             BatchItem(str(models["alpha"]), "alpha-again"),  # the same bytes twice
             BatchItem(str(models["gamma"]), "gamma-again"),  # already folded as gamma
-            BatchItem(str(make_finetune(models["base"], tmp_path / "d", 4)), "gamma"),  # taken
+            BatchItem(str(save_finetune(models["base"], tmp_path / "d", 4)), "gamma"),  # taken
         ]
         outcome = fold_many(ws, "b", items)
         assert outcome.version == 2
@@ -189,10 +225,9 @@ def test_task_named_twice_is_bad_input(tmp_path: Path, models: dict[str, Path]) 
 def test_heads_of_all_members_are_checked_before_hashing(
     tmp_path: Path, models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A checkpoint the base refuses is never hashed, whatever its size."""
-    other = make_finetune(make_base(tmp_path / "other-base", seed=4), tmp_path / "o", 1)
-    state = load_file(str(other / "model.safetensors"))
-    save_file({k + ".x": v for k, v in state.items()}, str(other / "model.safetensors"))
+    """A checkpoint the base refuses (a GPT-2's fine-tune offered to a BERT base) is
+    never hashed, whatever its size."""
+    other = save_finetune(save_base(tmp_path / "other-base", "gpt2"), tmp_path / "o", 1)
     hashed: list[str] = []
 
     def counting(real: Any) -> Any:
@@ -231,10 +266,10 @@ def test_the_command_line_folds_several_sources_as_one_version(
 
     # one source: today's command and output; then a batch with a refusal (exit 1, one
     # error line naming it) that still folds the good one
-    delta = make_finetune(models["base"], randes_home.parent / "delta", 4)
+    delta = save_finetune(models["base"], randes_home.parent / "delta", 4)
     one = cli("fold", "b", str(delta), "--task", "delta")
     assert one.code == 0 and "b: version 2 adds task 'delta'" in one.out
-    fresh = make_finetune(models["base"], randes_home.parent / "epsilon", 5)
+    fresh = save_finetune(models["base"], randes_home.parent / "epsilon", 5)
     mixed = cli(
         "fold", "b", str(models["broken"]), str(fresh), str(models["alpha"]),
         "--task", "broken", "--task", "epsilon", "--task", "renamed",

@@ -20,7 +20,7 @@ from randes.config import TransformConfig
 from storage.readers import open_base
 from storage.workspace import Workspace
 from tests.cli_run import cli
-from tests.factories import make_base, make_finetune
+from tests.hf_models import save_base, save_finetune
 
 BUNDLE = "q"
 BASE = "qbase"
@@ -95,13 +95,14 @@ def populated(
     monkeypatch.setenv("RANDES_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("RANDES_DATABASE_URL", registry_url)
     monkeypatch.setenv("COLUMNS", "200")
-    base = make_base(tmp_path / "models" / "base")
+    base = save_base(tmp_path / "models" / "base")  # BERT, by transformers' save_pretrained
     ws = Workspace.open()
     ws.init()
     ws.add_base(BASE, str(base))
     ws.create_bundle(BUNDLE, BASE, TransformConfig())
+    shapes = ({}, {"dtype": "bfloat16"}, {"task": "BertForTokenClassification"})
     for seed, task in enumerate(("a", "b", "c")):
-        src = make_finetune(base, tmp_path / "models" / task, seed, rel_delta=0.1)
+        src = save_finetune(base, tmp_path / "models" / task, seed, **shapes[seed])
         ws.fold(BUNDLE, str(src), task)
     ws.remove(BUNDLE, "c")
     ws.registry.set_status(BUNDLE, 2, "validated")

@@ -1,15 +1,19 @@
 """Ingestion over a real Dask cluster (distributed.LocalCluster, 2 worker processes on
 loopback): the workers scramble, one reduce commits the version a single-process batch
-fold gives, byte for byte, for the same seeds."""
+fold gives, byte for byte, for the same seeds.
+
+The checkpoints are tiny BERTs saved by transformers' ``save_pretrained`` over a bare
+``BertModel`` base: a sequence classifier in fp32, one saved in bf16, a token classifier
+(no pooler), and one whose training diverged (an Inf weight)."""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
-from safetensors.torch import load_file, save_file
 
 import storage.batch
 from flows.pipeline import IngestRefusedError, ingest_flow
@@ -17,11 +21,26 @@ from randes.config import TransformConfig
 from storage.batch import BatchItem, fold_many
 from storage.settings import Settings
 from storage.workspace import Workspace
-from tests.factories import make_finetune
+from tests.hf_models import save_base, save_finetune
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 TASKS = ["alpha", "beta", "gamma"]
+SHAPES: dict[str, dict[str, Any]] = {
+    "alpha": {},
+    "beta": {"dtype": "bfloat16"},
+    "gamma": {"task": "BertForTokenClassification"},
+}
+
+
+@pytest.fixture
+def base_dir(tmp_path: Path) -> Path:
+    """The base `new_bundle` registers: a bare BertModel saved by transformers."""
+    return save_base(tmp_path / "models" / "base")
+
+
+def _inf(model: Any) -> None:
+    model.bert.encoder.layer[0].intermediate.dense.weight[1, 1] = float("inf")
 
 
 def test_ingest_on_a_two_worker_cluster_commits_the_batch_folds_bytes(
@@ -35,11 +54,8 @@ def test_ingest_on_a_two_worker_cluster_commits_the_batch_folds_bytes(
     new_bundle("b")
     source = tmp_path / "incoming"
     for k, name in enumerate(TASKS, start=1):
-        make_finetune(base_dir, source / name, k, prefix="transformer.")
-    broken = make_finetune(base_dir, source / "broken", 9)
-    state = load_file(str(broken / "model.safetensors"))
-    state["h.0.mlp.c_fc.weight"][1, 1] = float("inf")
-    save_file(state, str(broken / "model.safetensors"))
+        save_finetune(base_dir, source / name, k, **SHAPES[name])
+    save_finetune(base_dir, source / "broken", 9, edit=_inf)
 
     def seeds() -> Callable[[], int]:  # the flow draws every seed before the map step
         counter = itertools.count(1)

@@ -10,6 +10,9 @@ snapshot files being relative symlinks to content-named blobs) and runs with
 - ``remove`` fetches the source again by that pinned uri (moving ``main`` afterwards
   changes nothing) and refuses when the cached bytes no longer match their sha256;
 - ``randes ingest`` takes a comma-separated list of ``hf://`` repositories.
+
+What the cache holds is what ``save_pretrained`` writes (config.json, model.safetensors):
+tiny BERT fine-tunes over a bare ``BertModel`` base, fp32, bf16 or without the pooler.
 """
 
 from __future__ import annotations
@@ -18,16 +21,32 @@ import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from safetensors.torch import load_file
 
 from randes.errors import CheckpointError, IntegrityError
 from storage.workspace import Workspace
-from tests.factories import make_finetune
+from tests.hf_models import save_base, save_finetune
 
 ORG = "randes-tests"
 SHA40 = r"[0-9a-f]{40}"
+SHAPES: dict[int, dict[str, Any]] = {
+    2: {"dtype": "bfloat16"},
+    3: {"task": "BertForTokenClassification"},
+}
+"""Fine-tune seed -> how it was saved (others: an fp32 sequence classifier)."""
+
+
+@pytest.fixture
+def base_dir(tmp_path: Path) -> Path:
+    """The base `new_bundle` registers: a bare BertModel saved by transformers."""
+    return save_base(tmp_path / "models" / "base")
+
+
+def make_finetune(base_dir: Path, directory: Path, seed: int) -> Path:
+    return save_finetune(base_dir, directory, seed, **SHAPES.get(seed, {}))
 
 
 # --------------------------------------------------------------- the cache

@@ -7,6 +7,9 @@
   its next versions are retrieved with the column map, never the new default;
 - new bundles record their map in the registry and in every manifest;
 - the command line's --map of `bundle create` / `group create`.
+
+New folds take tiny BERTs saved by transformers' ``save_pretrained`` (a bare base; an
+fp32 and a bf16 sequence classifier).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from randes.retrieve import retrieve
 from storage.pulled import PulledVersion
 from storage.readers import open_superposition
 from storage.workspace import Workspace
-from tests.factories import make_base, make_finetune
+from tests.hf_models import save_base, save_finetune
 from tests.workspaces import open_workspace
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "legacy_columns"
@@ -79,8 +82,11 @@ def ws(tmp_path: Path) -> Iterator[Workspace]:
 
 
 def test_old_registry_row_keeps_folding_column_flips(ws: Workspace, tmp_path: Path) -> None:
-    base_dir = make_base(tmp_path / "models" / "base")
-    tasks = {n: make_finetune(base_dir, tmp_path / "models" / n, i) for i, n in enumerate("ab")}
+    base_dir = save_base(tmp_path / "models" / "base")
+    tasks = {
+        "a": save_finetune(base_dir, tmp_path / "models" / "a", 0),
+        "b": save_finetune(base_dir, tmp_path / "models" / "b", 1, dtype="bfloat16"),
+    }
     ws.add_base("tiny", str(base_dir))
     legacy = TransformConfig(map="columns", rank1="flip").model_dump(mode="json")
     del legacy["map"]  # what `bundle create` stored before the setting existed
@@ -113,15 +119,16 @@ def test_old_registry_row_keeps_folding_column_flips(ws: Workspace, tmp_path: Pa
     assert want.keys() <= got.keys()
     for name, tensor in want.items():
         assert torch.equal(got[name], tensor), name
-    assert not torch.equal(other["h.0.mlp.c_fc.weight"], want["h.0.mlp.c_fc.weight"])
+    weight = "bert.encoder.layer.0.intermediate.dense.weight"
+    assert not torch.equal(other[weight], want[weight])
 
 
 def test_new_bundles_record_their_map(ws: Workspace, tmp_path: Path) -> None:
-    base_dir = make_base(tmp_path / "models" / "base")
+    base_dir = save_base(tmp_path / "models" / "base")
     ws.add_base("tiny", str(base_dir))
     ws.create_bundle("new", "tiny", TransformConfig(map="two-sided"))
     assert ws.registry.get_bundle("new").transform["map"] == "two-sided"
-    ws.fold("new", str(make_finetune(base_dir, tmp_path / "models" / "a", 1)), "a")
+    ws.fold("new", str(save_finetune(base_dir, tmp_path / "models" / "a", 1)), "a")
     record, manifest = ws.resolve("new")
     raw = json.loads(ws.store.get_bytes(record.manifest_key, sha256=record.manifest_sha256))
     assert raw["transform"]["map"] == "two-sided" == manifest.transform.map
@@ -140,7 +147,7 @@ def test_cli_map_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     for name in [n for n in os.environ if n.startswith("RANDES_")]:
         monkeypatch.delenv(name)
     monkeypatch.setenv("RANDES_HOME", str(tmp_path / "home"))
-    base_dir = make_base(tmp_path / "models" / "base")
+    base_dir = save_base(tmp_path / "models" / "base")
     for argv in (["init"], ["base", "add", "tiny", str(base_dir)]):
         assert _cli(*argv)[0] == 0
     assert _cli("bundle", "create", "two", "--base", "tiny", "--map", "two-sided")[0] == 0

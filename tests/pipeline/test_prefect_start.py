@@ -24,7 +24,7 @@ import pytest
 from randes.config import TransformConfig
 from storage.groups import create_group
 from storage.workspace import Workspace
-from tests.factories import make_base, make_finetune
+from tests.hf_models import save_base, save_finetune
 
 BUNDLE = "cold"
 GROUP = "coldgroup"
@@ -41,9 +41,9 @@ def closed_port() -> int:
 def home(randes_home: Path, tmp_path: Path) -> Path:
     """A RANDES home with a base, bundle ``cold`` at version 1 and group ``coldgroup``."""
     home = randes_home
-    base = make_base(tmp_path / "models" / "base")
-    first = make_finetune(base, tmp_path / "models" / "first", 1)
-    make_finetune(base, tmp_path / "incoming" / "second", 2)
+    base = save_base(tmp_path / "models" / "base")  # BERT, by transformers' save_pretrained
+    first = save_finetune(base, tmp_path / "models" / "first", 1)
+    save_finetune(base, tmp_path / "incoming" / "second", 2, dtype="bfloat16")
     with Workspace.open() as ws:
         ws.init()
         ws.add_base("b", str(base))

@@ -50,7 +50,10 @@ def ws(tmp_path: Path, url_and_store: tuple[str, Any]) -> Iterator[Workspace]:
 
 @pytest.fixture
 def models(tmp_path: Path) -> dict[str, Path]:
-    return make_models(tmp_path / "models", TASKS)
+    """A BERT base and four fine-tunes saved by transformers: fp32, bf16 (over the fp32
+    base), a token classifier without the base's pooler, fp32."""
+    shapes = {"beta": {"dtype": "bfloat16"}, "gamma": {"task": "BertForTokenClassification"}}
+    return make_models(tmp_path / "models", TASKS, shapes=shapes)
 
 
 def _history(ws: Workspace, models: dict[str, Path]) -> None:

@@ -13,6 +13,10 @@ version, each version validated by the flow with the default policy:
 
 The `randes` command line then shows and sets the bundle's policy and runs
 ``validate --all``.
+
+The fine-tunes are tiny BERTs saved by transformers' ``save_pretrained`` over a bare
+``BertModel`` base, in turn: a sequence classifier in fp32, one saved in bf16, a token
+classifier (no pooler).
 """
 
 from __future__ import annotations
@@ -30,12 +34,24 @@ from flows.pipeline import ingest_flow, validate_flow
 from randes.validation_policy import DEFAULT_WINDOW
 from storage.workspace import Workspace
 from tests.cli_run import cli
-from tests.factories import make_finetune
+from tests.hf_models import save_base, save_finetune
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 N_TASKS = 32
 BUDGET = 8
+SHAPES: list[dict[str, Any]] = [{}, {"dtype": "bfloat16"}, {"task": "BertForTokenClassification"}]
+
+
+@pytest.fixture
+def base_dir(tmp_path: Path) -> Path:
+    """The base `new_bundle` registers: a bare BertModel saved by transformers."""
+    return save_base(tmp_path / "models" / "base")
+
+
+def make_finetune(base_dir: Path, directory: Path, seed: int) -> Path:
+    """Fine-tune ``seed`` of the base, in the shape ``seed`` picks from `SHAPES`."""
+    return save_finetune(base_dir, directory, seed, **SHAPES[seed % len(SHAPES)])
 
 
 class Retrievals:

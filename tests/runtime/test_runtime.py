@@ -218,3 +218,31 @@ def test_bf16_fine_tunes_over_an_fp32_base_are_served_in_their_own_dtype(tmp_pat
             _assert_same(
                 {k: v for k, v in model.state_dict().items() if k in want}, rt.state_dict("t3")
             )
+
+
+@pytest.mark.parametrize("fixture", ["served_elementwise", "served_flip"])
+@pytest.mark.parametrize("resident", [False, True], ids=["mapped-base", "resident-base"])
+def test_fused_kernel_serves_the_torch_paths_bits(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, fixture: str, resident: bool
+) -> None:
+    """The CPU runtime computes tensors with the fused kernel (randes.kernels) from the
+    base's mapped pages; the eager torch path (RANDES_NO_KERNELS=1) is the reference:
+    state dicts and switched modules agree bit for bit."""
+    from randes import kernels
+
+    if not kernels.available():
+        pytest.skip("numba is not importable")
+    served = request.getfixturevalue(fixture)
+    monkeypatch.setenv("RANDES_NO_KERNELS", "1")
+    with BundleRuntime.open(served.pulled, base_resident=resident) as rt:
+        want = {task: rt.state_dict(task) for task in served.tasks}
+    monkeypatch.delenv("RANDES_NO_KERNELS")
+    with BundleRuntime.open(served.pulled, base_resident=resident) as rt:
+        assert rt.plan("t1")._fused
+        model = rt.model("t1")
+        for task in served.tasks:
+            _assert_same(rt.state_dict(task), want[task])
+        for task in ["t3", "t1", "t3"]:
+            rt.switch(model, task)
+            got = model.state_dict()
+            _assert_same({n: got[n] for n in want[task]}, want[task])

@@ -1,0 +1,269 @@
+"""The fused retrieval kernel: dequantize, unflip, scale and add in one pass (numba).
+
+Retrieval of one tensor from a quantized serving superposition is, per entry ``i``::
+
+    q   = code(i) - qmax                  # int8, exact
+    q   = q * sign(i)                     # int8, exact (the task's sign map)
+    v   = float32(q) * scale[i // group]  # one float32 rounding
+    out = fma(v, float32(lambda), base)   # torch's vectorized add_(v, alpha=lambda)
+
+The eager torch path (randes.quantize.dequantize_range, randes.transforms.SignMap and
+``Tensor.add_``) runs that as five or six passes over work buffers plus Python per
+chunk; a task switch of a 124M model spent most of its time there. `dequant_add_`
+runs it in one compiled pass over the packed codes, the group scales, the signs and
+the base values, writing the result in place. It releases the GIL.
+
+It is a second implementation of the same math, so it must give the same bits: every
+scalar is float32 or a small integer (no float64 promotion), no fast-math
+contraction, and the final add is an explicit fused multiply-add (``llvm.fma``, one
+rounding), which is what torch's vectorized CPU ``add_`` with ``alpha`` computes
+(``vec::fmadd``). tests/core/test_kernels.py checks it against the torch path bit for
+bit for every map kind, bit width, target dtype and odd sizes; retrieval keeps the
+torch path where the kernel does not apply (CUDA, the fp32 master, numba missing,
+``RANDES_NO_KERNELS=1``).
+
+numba is imported on first use, not with this module (the CLI starts fast). Compiled
+code is cached on disk by numba (``cache=True``: next to randes/kernels_jit.py, or
+numba's user-wide cache directory when the package directory is read-only, or
+``NUMBA_CACHE_DIR``); with no writable location it compiles in memory. The first
+compile in a fresh environment costs a few seconds, once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+MODE_NONE = 0
+"""No signs (the tensor is not flipped)."""
+MODE_ELEMENTWISE = 1
+"""One sign per entry: bit ``i`` of a packed stream (LSB first, set bit: -1)."""
+MODE_SIDES = 2
+"""Entry ``i`` of a tensor viewed (rows, width) gets ``cols[i % width] * rows[i // width]``
+(``rows`` empty: column signs only; width = numel: one sign per entry, rank-0/1)."""
+
+_state: dict[str, Any] = {}
+
+
+def available() -> bool:
+    """Whether the fused kernel runs here (numba importable), unless ``RANDES_NO_KERNELS``
+    is set to something other than 0 (then retrieval runs the torch path)."""
+    if os.environ.get("RANDES_NO_KERNELS", "") not in ("", "0"):
+        return False
+    return _kernel() is not None
+
+
+def warm() -> bool:
+    """Compile (or load from the cache) the kernel now, and release the compiler's pages
+    (`_release_compiler_pages`): a runtime does it when it opens, while its memory is
+    small, so the compiler's transient memory never adds to the peak of a switch.
+    False when the kernel is unavailable."""
+    if not available():
+        return False
+    out = np.zeros(8, dtype=np.float32)
+    dequant_add_(out, np.zeros(4, dtype=np.uint8), 4, np.ones(1, dtype=np.float32), 8, 1.0)
+    return True
+
+
+def _kernel() -> Any:
+    if "kernel" not in _state:
+        try:
+            from randes.kernels_jit import dequant_add
+
+            _state["kernel"] = dequant_add
+        except ImportError:  # numba missing or broken: retrieval keeps the torch path
+            _state["kernel"] = None
+    return _state["kernel"]
+
+
+_MADV_PAGEOUT = 21
+"""Linux 5.4+: reclaim these pages now (clean file pages are dropped, anonymous ones kept
+where there is no swap): content is never lost, unlike MADV_DONTNEED on a private map."""
+
+
+def _release_compiler_pages() -> int:
+    """Hand LLVM's code pages back to the kernel once the kernel is compiled or loaded.
+
+    numba maps libllvmlite (about 150 MB of code and tables) and its start-up touches
+    about 90 MB of it, which then sit in the process's RSS although nothing runs them
+    again until something new is compiled: more than a serving runtime's whole memory
+    margin over ``from_pretrained``. Its read-only mappings are paged out (Linux
+    ``madvise(MADV_PAGEOUT)``; a no-op elsewhere or on older kernels); a later compile
+    faults back what it needs. Returns the bytes advised.
+    """
+    if not sys.platform.startswith("linux"):
+        return 0
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        advised = 0
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            for line in maps:
+                parts = line.split()
+                if len(parts) < 6 or "w" in parts[1] or "libllvmlite" not in parts[5]:
+                    continue
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                if madvise(lo, hi - lo, _MADV_PAGEOUT) == 0:
+                    advised += hi - lo
+        return advised
+    except (OSError, AttributeError, ValueError):
+        return 0
+
+
+_EMPTY_U8 = np.empty(0, dtype=np.uint8)
+_EMPTY_U8.flags.writeable = False
+_EMPTY_I8 = np.empty(0, dtype=np.int8)
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    """``a`` as a read-only view: numba compiles one specialization per writability, so
+    the inputs that come either way (a mapped base or the output itself, a sign
+    stream or none) are always passed read-only: one compile, not four."""
+    if not a.flags.writeable:
+        return a
+    view = a.view()
+    view.flags.writeable = False
+    return view
+
+
+def dequant_add_(
+    out: np.ndarray,
+    codes: np.ndarray,
+    bits: int,
+    scales: np.ndarray,
+    group: int,
+    alpha: float,
+    *,
+    lo: int = 0,
+    ebits: np.ndarray | None = None,
+    cols: np.ndarray | None = None,
+    rows: np.ndarray | None = None,
+    width: int = 1,
+    base: np.ndarray | None = None,
+) -> None:
+    """``out[k] = fma(float32(q(k) * sign(lo + k)) * scales[k // group], alpha, base[k])``.
+
+    ``base``: float32, the base entries ``[lo, lo + len(out))`` of the tensor (default:
+    ``out`` itself, which then holds them on entry: computed in place); ``out``: float32;
+    ``codes``: the packed codes from entry ``lo`` on (``lo * bits`` a multiple of 8);
+    ``scales``: float32, from the group of entry ``lo`` (``lo`` a multiple of
+    ``group``). Signs: ``ebits``, the packed elementwise stream from entry ``lo`` on
+    (``lo`` a multiple of 8); or ``cols`` (and ``rows``), int8 +1/-1 over the whole
+    tensor viewed (rows, ``width``), see MODE_SIDES; or none.
+    """
+    kernel = _kernel()
+    if kernel is None:
+        raise RuntimeError("the fused kernel needs numba: check randes.kernels.available()")
+    mode = MODE_NONE
+    if ebits is not None:
+        mode = MODE_ELEMENTWISE
+    elif cols is not None:
+        mode = MODE_SIDES
+    kernel(
+        out,
+        _read_only(out if base is None else base),
+        codes,
+        bits,
+        scales,
+        group,
+        np.float32(alpha),
+        mode,
+        _read_only(ebits) if ebits is not None else _EMPTY_U8,
+        cols if cols is not None else _EMPTY_I8,
+        rows if rows is not None else _EMPTY_I8,
+        width,
+        lo,
+    )
+    if "released" not in _state:
+        _state["released"] = _release_compiler_pages()
+
+
+SPLIT_ENTRIES = 1 << 17
+"""A tensor is split over two threads from twice this size on (smaller ones are not
+worth the hand-over)."""
+
+UNMAP_ENTRIES = 1 << 19
+"""Entries (2 MiB of float32) a lent base range may span before its pages are dropped
+from the process: one ``madvise`` per 2 MiB instead of one per chunk."""
+
+
+@dataclass
+class FusedJob:
+    """One tensor's fused retrieval, a chunk of ``step`` entries at a time.
+
+    ``out``: the float32 output (flat); the base comes from ``map_range(lo, hi)`` (a
+    read-only array lent in place, then ``unmap_range``), else ``read_range(lo, hi)``
+    fills ``out[lo:hi]`` with it, else ``out`` already holds it. ``signs``: the keyword
+    arguments of `dequant_add_` for the signs (SignMap.kernel_signs).
+    """
+
+    out: np.ndarray
+    codes: np.ndarray
+    bits: int
+    scales: np.ndarray
+    group: int
+    alpha: float
+    signs: dict[str, Any]
+    step: int
+    align: int
+    """Ranges start at multiples of this (whole scale groups, code and sign bytes)."""
+    map_range: Callable[[int, int], np.ndarray | None] | None = None
+    unmap_range: Callable[[int, int], None] | None = None
+    read_range: Callable[[int, int], None] | None = None
+
+    def run(self, lo0: int, hi0: int) -> None:
+        """Entries ``[lo0, hi0)`` (``lo0`` a multiple of ``align``); releases the GIL in
+        the kernel and in the reads, so two threads can run two halves."""
+        ebits = self.signs.get("ebits")
+        cols, rows = self.signs.get("cols"), self.signs.get("rows")
+        width = int(self.signs.get("width", 1))
+        lent_from: int | None = None
+        for lo in range(lo0, hi0, self.step):
+            hi = min(lo + self.step, hi0)
+            src = self.map_range(lo, hi) if self.map_range is not None else None
+            if src is None and self.read_range is not None:
+                self.read_range(lo, hi)
+            dequant_add_(
+                self.out[lo:hi],
+                self.codes[lo * self.bits // 8 :],
+                self.bits,
+                self.scales[lo // self.group :],
+                self.group,
+                self.alpha,
+                lo=lo,
+                ebits=ebits[lo // 8 :] if ebits is not None else None,
+                cols=cols,
+                rows=rows,
+                width=width,
+                base=src,
+            )
+            if src is not None:
+                del src
+                lent_from = lo if lent_from is None else lent_from
+                if hi - lent_from >= UNMAP_ENTRIES and self.unmap_range is not None:
+                    self.unmap_range(lent_from, hi)
+                    lent_from = None
+        if lent_from is not None and self.unmap_range is not None:
+            self.unmap_range(lent_from, hi0)
+
+    def run_all(self, helper: ThreadPoolExecutor | None = None) -> None:
+        """The whole tensor; with a ``helper`` thread its second half runs there while
+        this thread computes the first."""
+        n = self.out.shape[0]
+        if helper is None or n < 2 * SPLIT_ENTRIES:
+            self.run(0, n)
+            return
+        mid = -(-n // (2 * self.align)) * self.align  # the middle, rounded to an aligned start
+        second = helper.submit(self.run, mid, n)
+        try:
+            self.run(0, mid)
+        finally:
+            second.result()

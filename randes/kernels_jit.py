@@ -1,0 +1,152 @@
+"""The numba code of `randes.kernels` (imported on first use only: it imports numba).
+
+Every scalar is kept float32 or a small integer on purpose (see randes.kernels): an
+implicit float64 would round differently from the torch path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import llvmlite.ir as ir
+import numpy as np
+from numba import njit, types
+from numba.extending import intrinsic
+
+BLOCK = 4096
+"""Entries decoded per inner step: their int8 codes stay in L1 between the passes."""
+
+_OPTS: dict[str, Any] = {"nogil": True, "fastmath": False, "boundscheck": False}
+
+
+def _cached(**extra: Any) -> Any:
+    def wrap(fn: Any) -> Any:
+        try:
+            return njit(cache=True, **_OPTS, **extra)(fn)
+        except RuntimeError:  # no writable cache location: compile in memory
+            return njit(**_OPTS, **extra)(fn)
+
+    return wrap
+
+
+@intrinsic
+def fma32(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
+    """float32 a * b + c with one rounding (llvm.fma: the instruction, or libm's fmaf)."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        f32 = ir.FloatType()
+        fnty = ir.FunctionType(f32, [f32, f32, f32])
+        fn = builder.module.declare_intrinsic("llvm.fma", [f32], fnty)
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+# Loops below index views from 0 (``x = a[lo:hi]; x[j]``): with offsets in the index
+# (``a[lo + j]``) LLVM does not vectorize them, and they run 5-10x slower.
+
+
+@_cached(inline="always")
+def _decode(codes: Any, bits: int, q: Any, start: int, n: int) -> None:
+    """q[:n] = the signed values of entries start..start+n of the range's packed codes
+    (``start`` a multiple of 8: whole code bytes)."""
+    if bits == 4:
+        c = codes[start >> 1 : (start + n + 1) >> 1]
+        for i in range(n >> 1):
+            b = c[i]
+            q[2 * i] = np.int8(b & 15) - np.int8(7)
+            q[2 * i + 1] = np.int8(b >> 4) - np.int8(7)
+        if n & 1:
+            q[n - 1] = np.int8(c[n >> 1] & 15) - np.int8(7)
+    elif bits == 8:
+        c = codes[start : start + n]
+        for i in range(n):
+            q[i] = np.int8(c[i] - np.uint8(127))
+    else:  # 3 bits: 8 codes in 3 little-endian bytes
+        c = codes[(start >> 3) * 3 :]
+        for u in range(n >> 3):
+            t = 3 * u
+            word = np.int32(c[t]) | (np.int32(c[t + 1]) << 8) | (np.int32(c[t + 2]) << 16)
+            for k in range(8):
+                q[8 * u + k] = np.int8((word >> (3 * k)) & 7) - np.int8(3)
+        for i in range(n & ~7, n):  # the last, partial unit: only its own bytes exist
+            bit = 3 * i
+            t = bit >> 3
+            word = np.int32(c[t])
+            if t + 1 < c.shape[0]:
+                word |= np.int32(c[t + 1]) << 8
+            q[i] = np.int8((word >> (bit & 7)) & 7) - np.int8(3)
+
+
+@_cached(inline="always")
+def _flip_elementwise(q: Any, ebits: Any, start: int, n: int) -> None:
+    """q[:n] *= the stream signs of entries start..start+n (``start`` a multiple of 8)."""
+    e = ebits[start >> 3 :]
+    for u in range(n >> 3):
+        b = e[u]
+        for k in range(8):
+            bit = np.int8((b >> k) & 1)
+            q[8 * u + k] = (q[8 * u + k] ^ -bit) + bit  # negated where the bit is set
+    for i in range(n & ~7, n):
+        bit = np.int8((e[i >> 3] >> (i & 7)) & 1)
+        q[i] = (q[i] ^ -bit) + bit
+
+
+@_cached(inline="always")
+def _flip_sides(q: Any, cols: Any, rows: Any, width: int, pos: int, n: int) -> None:
+    """q[:n] *= cols[i % width] * rows[i // width] for tensor entries i = pos..pos+n."""
+    k = 0
+    while k < n:
+        r = (pos + k) // width
+        c = (pos + k) - r * width
+        m = min(n - k, width - c)
+        qs = q[k : k + m]
+        cs = cols[c : c + m]
+        if rows.shape[0]:
+            rs = rows[r]
+            for u in range(m):
+                qs[u] = qs[u] * cs[u] * rs
+        else:
+            for u in range(m):
+                qs[u] = qs[u] * cs[u]
+        k += m
+
+
+@_cached()
+def dequant_add(
+    out: Any,
+    base: Any,
+    codes: Any,
+    bits: int,
+    scales: Any,
+    group: int,
+    alpha: Any,
+    mode: int,
+    ebits: Any,
+    cols: Any,
+    rows: Any,
+    width: int,
+    lo: int,
+) -> None:
+    """See randes.kernels.dequant_add_."""
+    n = out.shape[0]
+    q = np.empty(BLOCK, dtype=np.int8)
+    for b0 in range(0, n, BLOCK):
+        m = min(BLOCK, n - b0)
+        _decode(codes, bits, q, b0, m)
+        if mode == 1:
+            _flip_elementwise(q, ebits, b0, m)
+        elif mode == 2:
+            _flip_sides(q, cols, rows, width, lo + b0, m)
+        k = 0
+        while k < m:
+            g = (b0 + k) // group
+            e = min(m, (g + 1) * group - b0)
+            s = scales[g]
+            o = out[b0 + k : b0 + e]
+            t = base[b0 + k : b0 + e]
+            qs = q[k:e]
+            for j in range(e - k):
+                o[j] = fma32(np.float32(qs[j]) * s, alpha, t[j])  # type: ignore[call-arg]
+            k = e
