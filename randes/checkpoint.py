@@ -70,25 +70,32 @@ def read_exact_into(
 ) -> memoryview:
     """Read exactly ``target``'s bytes from ``path`` at ``offset`` into its memory.
 
-    Positional reads of a header-validated range, through a handle cached in
-    ``handles``; a file that shrank since its header was read raises
-    CorruptCheckpointError. Returns the bytes' view. With ``digest`` the bytes are fed
-    to it as they arrive, each chunk hashed while the next is read
-    (`randes.hashio.read_hashing`).
+    Positional reads (``preadv``: threads may read through one handle) of a
+    header-validated range, through a handle cached in ``handles``; a file that shrank
+    since its header was read raises CorruptCheckpointError. Returns the bytes' view.
+    With ``digest`` the bytes are fed to it as they arrive, each chunk hashed while the
+    next is read (`randes.hashio.read_hashing`).
     """
     nbytes = target.numel() * target.element_size()
     try:
         handle = handles.get(path)
         if handle is None:
-            handle = handles[path] = io.FileIO(path, "rb")
+            handle = handles.setdefault(path, io.FileIO(path, "rb"))
         view = target.reshape(-1).view(torch.uint8).numpy().data.cast("B")
-        handle.seek(offset)
+        fd = handle.fileno()
+        at = [offset]
+
+        def readinto(buffer: memoryview) -> int:  # positional: threads may share the handle
+            n = os.preadv(fd, [buffer], at[0])
+            at[0] += n
+            return n
+
         if digest is not None:
-            got = read_hashing(handle.readinto, view, [digest])
+            got = read_hashing(readinto, view, [digest])
         else:
             got = 0
             while got < nbytes:
-                n = handle.readinto(view[got:])
+                n = readinto(view[got:])
                 if not n:
                     break
                 got += n
@@ -97,6 +104,10 @@ def read_exact_into(
     if got != nbytes:
         raise CorruptCheckpointError(f"{path}: truncated while reading {name!r}")
     return view
+
+
+def _stamp(stat: os.stat_result) -> tuple[int, ...]:
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
 
 
 def _pread_exact(handle: io.FileIO, offset: int, target: torch.Tensor, name: str) -> None:
@@ -129,14 +140,17 @@ class CheckpointReader(Closing):
         self.side_sha256: dict[str, str] = {}
         """sha256 of each side file's bytes, once `source_digests` hashed them."""
         self._pinned: dict[str, str] | None = None  # tensor -> sha256 of its bytes
+        self._recording = False  # pinned grows: a first read records, a later one checks
         self.weights_dir = ""
         """Subfolder of the source directory holding the weights ('' for its root)."""
         self._metas: dict[str, TensorMeta] = {}
         self._file_of: dict[str, Path] = {}
         self._offset: dict[str, int] = {}
         self._handles: dict[Path, io.FileIO] = {}
+        self._stamps: dict[Path, tuple[int, ...]] = {}
         for path in self.files:
             check_weight_file(path)
+            self._stamps[path] = _stamp(os.stat(path))  # before its header is read
             layout = read_layout(path)
             for name, meta in layout.metas.items():
                 if name in self._metas:
@@ -218,18 +232,19 @@ class CheckpointReader(Closing):
         nbytes = meta.nbytes
         if nbytes == 0:
             return tensor
-        digest = hashlib.sha256() if self._pinned is not None else None
+        pinned = self._pinned
+        digest = hashlib.sha256() if pinned is not None else None
         read_exact_into(self._handles, path, self._offset[name], tensor, name, digest)
-        if (
-            digest is not None
-            and self._pinned is not None
-            and digest.hexdigest() != self._pinned[name]
-        ):
-            raise SourceChangedError(
-                f"{path}: tensor {short_repr(name)} changed since the checkpoint was hashed "
-                "(rewritten while it was read?); nothing was folded, run it again once "
-                "the file is stable"
-            )
+        if digest is not None and pinned is not None:
+            want = pinned.get(name)
+            if want is None and self._recording:
+                pinned[name] = digest.hexdigest()
+            elif digest.hexdigest() != want:
+                raise SourceChangedError(
+                    f"{path}: tensor {short_repr(name)} changed since the checkpoint was "
+                    "hashed (rewritten while it was read?); nothing was folded, run it again "
+                    "once the file is stable"
+                )
         return tensor
 
     def read_range_into(self, name: str, lo: int, out: torch.Tensor) -> bool:
@@ -258,6 +273,41 @@ class CheckpointReader(Closing):
         """From now on every `get` checks its bytes against ``tensor_sha256``: what is
         folded is what was hashed (`randes.digests.source_digests` pins the reader it hashes)."""
         self._pinned = dict(tensor_sha256)
+        self._recording = False
+
+    def record(self) -> None:
+        """Hash while reading: from now on the first `get` of a tensor records the
+        sha256 of its bytes and every later one must match it (`randes.digests.
+        read_digests` then derives the checkpoint's digest from what the fold read:
+        one pass over its bytes for folding and hashing). Tensors pinned already stay."""
+        if self._pinned is None:
+            self._pinned = {}
+        self._recording = True
+
+    @property
+    def recorded(self) -> dict[str, str]:
+        """tensor -> sha256 of the bytes read so far (pinned or recorded)."""
+        return dict(self._pinned or {})
+
+    def check_unchanged(self) -> None:
+        """SourceChangedError unless every weight file is the one whose header was
+        read: same device, inode, size, mtime and ctime. A write in place, a truncation
+        or a replaced file between opening and the last read changes them, so bytes
+        hashed while folding cannot mix two versions of a file unnoticed."""
+        for path, stamp in self._stamps.items():
+            try:
+                now = [_stamp(os.stat(path))]
+                handle = self._handles.get(path)
+                if handle is not None:
+                    now.append(_stamp(os.fstat(handle.fileno())))
+            except OSError as exc:
+                raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+            if any(s != stamp for s in now):
+                raise SourceChangedError(
+                    f"{path}: changed since the checkpoint was hashed and opened (rewritten "
+                    "while it was folded?); nothing was folded, run it again once the file "
+                    "is stable"
+                )
 
     def close(self) -> None:
         handles, self._handles = self._handles, {}

@@ -36,7 +36,7 @@ from randes.checkpoint import CheckpointReader
 from randes.config import TransformConfig
 from randes.errors import NonFiniteTensorError
 from randes.keymap import Reconciled, read_config, reconcile
-from randes.layout import check_superposition, layout_of, superposition_dtype
+from randes.layout import Layout, check_superposition, layout_of, superposition_dtype
 from randes.manifest import KeyMap
 from randes.serving import SERVING_DIR, ServingWriter
 from randes.source import TensorSource, metas_of
@@ -105,14 +105,21 @@ def _delta(name: str, tuned: torch.Tensor, theta: torch.Tensor) -> tuple[torch.T
 
 
 def owned_delta(
-    checkpoint: TensorSource, ck_name: str, theta: torch.Tensor
+    checkpoint: TensorSource,
+    ck_name: str,
+    theta: torch.Tensor,
+    tuned: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float]:
-    """_delta of a checkpoint tensor, computed in the memory of the tensor read.
+    """_delta of a checkpoint tensor, computed in the memory of the tensor read
+    (``tuned``: that tensor, read already; the caller gives it up).
 
     Holds two tensors (the fine-tuned one, turned into the delta, and the base's), not
     three; the caller owns the result.
     """
-    delta = checkpoint.get(ck_name).to(torch.float32).sub_(theta.to(torch.float32))
+    if tuned is None:
+        tuned = checkpoint.get(ck_name)
+    delta = tuned.to(torch.float32).sub_(theta.to(torch.float32))
+    del tuned
     norm = l2_norm(delta)
     if not math.isfinite(norm):
         del delta
@@ -156,6 +163,31 @@ def check_written(slot: str, stored: torch.Tensor) -> None:
             f"{str(stored.dtype).removeprefix('torch.')} (Inf/NaN); checkpoint refused, "
             "the bundle is unchanged"
         )
+
+
+def open_writers(
+    base: TensorSource, layout: Layout, config: TransformConfig, out_dir: Path
+) -> tuple[ShardWriter, ServingWriter | None]:
+    """The writers of a new superposition: the master (``out_dir/superposition``, in
+    the bundle dtype) and, when ``config.serving`` is set, its quantized copy
+    (``out_dir/serving``), to be fed the same slots in the master writer's order."""
+    sup_writer = ShardWriter(
+        out_dir / SUPERPOSITION_DIR,
+        max_shard_bytes=config.max_shard_bytes,
+        plan=[
+            TensorSpec(slot, superposition_dtype(config), base.meta(slot).shape)
+            for slot in layout.superposed
+        ],
+    )
+    if config.serving is None:
+        return sup_writer, None
+    serving_writer = ServingWriter(
+        out_dir / SERVING_DIR,
+        scheme=config.serving,
+        slots=[(slot, tuple(base.meta(slot).shape)) for slot in sup_writer.order],
+        max_shard_bytes=config.max_shard_bytes,
+    )
+    return sup_writer, serving_writer
 
 
 def fold(
@@ -214,21 +246,7 @@ def fold(
     private_of.update(dict.fromkeys(rec.extras))
 
     delta_norms: dict[str, float] = {}
-    sup_writer = ShardWriter(
-        out_dir / SUPERPOSITION_DIR,
-        max_shard_bytes=config.max_shard_bytes,
-        plan=[TensorSpec(slot, dtype, base.meta(slot).shape) for slot in layout.superposed],
-    )
-    serving_writer = (
-        ServingWriter(
-            out_dir / SERVING_DIR,
-            scheme=config.serving,
-            slots=[(slot, tuple(base.meta(slot).shape)) for slot in sup_writer.order],
-            max_shard_bytes=config.max_shard_bytes,
-        )
-        if config.serving is not None
-        else None
-    )
+    sup_writer, serving_writer = open_writers(base, layout, config, out_dir)
     priv_writer = (
         ShardWriter(
             out_dir / PRIVATE_DIR,
@@ -239,6 +257,9 @@ def fold(
         else None
     )
 
+    # No read-ahead here (randes.fold_batch has one): a tensor read on another thread
+    # comes from that thread's malloc arena, and the peak then varies by one tensor
+    # from run to run; the checkpoint is hashed as it is read either way.
     try:
         for slot in sup_writer.order:
             source = transform.source_of(slot)

@@ -39,7 +39,14 @@ import torch
 from randes.checkpoint import CheckpointReader
 from randes.config import TransformConfig
 from randes.errors import CheckpointError
-from randes.fold import PRIVATE_DIR, SUPERPOSITION_DIR, Progress, check_compatible, check_written
+from randes.fold import (
+    PRIVATE_DIR,
+    Progress,
+    all_finite,
+    check_compatible,
+    check_written,
+    open_writers,
+)
 from randes.fold_members import (
     BASE_CACHE_BYTES,
     BaseTensors,
@@ -52,9 +59,10 @@ from randes.fold_members import (
     ScrambledPartial,
     Ticks,
 )
+from randes.hashio import ahead
 from randes.keymap import Reconciled
 from randes.layout import Layout, check_superposition, layout_of, superposition_dtype
-from randes.serving import SERVING_DIR, ServingWriter
+from randes.serving import ServingWriter
 from randes.source import TensorSource
 from randes.writer import ShardWriter, TensorSpec, WrittenShard
 
@@ -172,7 +180,8 @@ def scramble_task(
     private = member.open_writer(out_dir / PRIVATE_DIR, config)
     try:
         for slot in writer.order:
-            writer.add(slot, member.contribution(slot, bases, tuple(base.meta(slot).shape)))
+            shape = tuple(base.meta(slot).shape)
+            writer.add(slot, member.contribution(slot, bases, shape, member.read(slot)))
         member.write_private(bases, layout, Ticks(0, None))
         delta = writer.finish()
         shards = private.finish()
@@ -270,14 +279,19 @@ def _accumulate(
     order, rounding to the bundle dtype after each member (what its fold writes and
     the next one reads back); with ``check``, each partial sum checked as it is."""
     acc = parent.get(slot) if parent is not None else None
-    for contributor in active:
-        value = contributor.contribution(slot, bases, shape)
-        if acc is not None:
-            value = value.add_(acc.to(torch.float32))
-        acc = value.to(dtype)
-        del value
-        if check:
-            contributor.guard(check_written, slot, acc)
+    # each member's tensor read (and hashed) while the previous member is computed
+    reads = ahead(lambda contributor: contributor.read(slot), active)
+    try:
+        for contributor in active:
+            value = contributor.contribution(slot, bases, shape, next(reads))
+            if acc is not None:
+                value = value.add_(acc.to(torch.float32))
+            acc = value.to(dtype)
+            del value
+            if check:
+                contributor.guard(check_written, slot, acc)
+    finally:
+        reads.close()  # the read under way finishes first
     assert acc is not None
     return acc
 
@@ -300,21 +314,7 @@ def _one_pass(
     for member in members:
         member.plan_private(bases, layout)
     ticks = Ticks(len(layout.superposed) + sum(len(m.private_of) for m in members), progress)
-    sup_writer = ShardWriter(
-        out_dir / SUPERPOSITION_DIR,
-        max_shard_bytes=config.max_shard_bytes,
-        plan=[TensorSpec(slot, dtype, base.meta(slot).shape) for slot in layout.superposed],
-    )
-    serving_writer = (
-        ServingWriter(
-            out_dir / SERVING_DIR,
-            scheme=config.serving,
-            slots=[(slot, tuple(base.meta(slot).shape)) for slot in sup_writer.order],
-            max_shard_bytes=config.max_shard_bytes,
-        )
-        if config.serving is not None
-        else None
-    )
+    sup_writer, serving_writer = open_writers(base, layout, config, out_dir)
     writers: list[ShardWriter | ServingWriter] = [sup_writer]
     if serving_writer is not None:
         writers.append(serving_writer)
@@ -324,7 +324,7 @@ def _one_pass(
         for slot in sup_writer.order:
             shape = tuple(base.meta(slot).shape)
             acc = _accumulate(slot, parent, active, bases, shape, dtype, check=False)
-            if not bool(torch.isfinite(acc).all()):
+            if not all_finite(acc):
                 # Inf/NaN never turn finite again under addition, so a finite sum had
                 # finite partial sums; this one did not: again, checking each member,
                 # to refuse the first whose addition overflowed (as its fold would).

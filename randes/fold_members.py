@@ -100,8 +100,16 @@ class Contributor:
     def __init__(self, index: int) -> None:
         self.index = index
 
-    def contribution(self, slot: str, base: BaseTensors, shape: tuple[int, ...]) -> torch.Tensor:
-        """This member's float32 value for ``slot`` (fresh: the caller adds into it)."""
+    def read(self, slot: str) -> torch.Tensor | None:
+        """What `contribution` reads for ``slot`` (run ahead on a helper thread while
+        the previous member is computed; None: nothing to read)."""
+        return None
+
+    def contribution(
+        self, slot: str, base: BaseTensors, shape: tuple[int, ...], read: torch.Tensor | None
+    ) -> torch.Tensor:
+        """This member's float32 value for ``slot`` (fresh: the caller adds into it),
+        from ``read``, what `read` returned for it."""
         raise NotImplementedError
 
     def guard(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
@@ -144,7 +152,17 @@ class Member(Contributor):
         )
         return self.writer
 
-    def contribution(self, slot: str, base: BaseTensors, shape: tuple[int, ...]) -> torch.Tensor:
+    def read(self, slot: str) -> torch.Tensor | None:
+        """The fine-tuned tensor this task's layer shuffle puts at ``slot`` (None where
+        the fine-tune lacks it)."""
+        source = self.transform.source_of(slot)
+        if source in self.rec.absent:
+            return None
+        return self.guard(self.rec.source.get, self.rec.key_map.to_checkpoint(source))
+
+    def contribution(
+        self, slot: str, base: BaseTensors, shape: tuple[int, ...], read: torch.Tensor | None
+    ) -> torch.Tensor:
         """T_t(delta) at ``slot`` in float32: the delta of the source this task's layer
         shuffle puts there, scrambled; zeros where the fine-tune lacks that tensor."""
         source = self.transform.source_of(slot)
@@ -152,7 +170,7 @@ class Member(Contributor):
             return torch.zeros(shape, dtype=torch.float32)
         ck_name = self.rec.key_map.to_checkpoint(source)
         value, self.delta_norms[source] = self.guard(
-            owned_delta, self.rec.source, ck_name, base.get(source)
+            owned_delta, self.rec.source, ck_name, base.get(source), read
         )
         return self.transform.scramble_one(source, value, inplace=True)
 
@@ -184,8 +202,14 @@ class Partial(Contributor):
         super().__init__(index)
         self.partial = partial
 
-    def contribution(self, slot: str, base: BaseTensors, shape: tuple[int, ...]) -> torch.Tensor:
-        value = self.guard(self.partial.delta.get, slot)
+    def read(self, slot: str) -> torch.Tensor | None:
+        return self.guard(self.partial.delta.get, slot)
+
+    def contribution(
+        self, slot: str, base: BaseTensors, shape: tuple[int, ...], read: torch.Tensor | None
+    ) -> torch.Tensor:
+        value = read if read is not None else self.read(slot)
+        assert value is not None
         if value.dtype != torch.float32 or tuple(value.shape) != shape:
             raise MemberFailed(
                 self.index,

@@ -16,11 +16,15 @@ that made them (a forked child makes its own).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 CHUNK = 8 << 20
 """Bytes per read and per hashing step (8 MB: large sequential reads, few syscalls)."""
@@ -36,6 +40,41 @@ def _executor() -> ThreadPoolExecutor:
         if _pool is None or _pool[0] != os.getpid():
             _pool = (os.getpid(), ThreadPoolExecutor(2, thread_name_prefix="randes-hash"))
         return _pool[1]
+
+
+_ahead: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _reader() -> ThreadPoolExecutor:
+    """This process's read-ahead thread (its own: it waits on the hashing threads)."""
+    global _ahead
+    with _lock:
+        if _ahead is None or _ahead[0] != os.getpid():
+            _ahead = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="randes-ahead"))
+        return _ahead[1]
+
+
+def ahead(fn: Callable[[T], R], items: Iterable[T]) -> Generator[R, None, None]:
+    """``fn(item)`` for each item in order, the next one computed on a helper thread
+    while the caller works on the current one (a checkpoint tensor read and hashed
+    while the previous one is folded). Errors surface where their result is taken; when
+    the caller stops early, the read under way finishes before this returns, so nothing
+    reads a file the caller is about to close."""
+    pool = _reader()
+    pending: Future[R] | None = None
+    try:
+        for item in items:
+            previous, pending = pending, pool.submit(fn, item)
+            if previous is not None:
+                yield previous.result()
+        if pending is not None:
+            done, pending = pending, None
+            yield done.result()
+    finally:
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                pending.result()
 
 
 def _update_all(digests: Sequence[Any], data: memoryview) -> list[Future[None]]:

@@ -151,7 +151,6 @@ class QuantizedReader(MetaTable, Closing):
     def metas(self) -> dict[str, TensorMeta]:
         return dict(self._metas)
 
-
     def get(self, name: str) -> torch.Tensor:
         meta = self._metas[name]
         return dequantize(self._quantized(name), meta.shape, self.scheme).to(meta.dtype)

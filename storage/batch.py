@@ -10,6 +10,14 @@ that cannot be resolved or opened, whose headers the base refuses, whose data ho
 NaN/Inf, or whose task name the bundle already holds is refused with its reason; one
 already in the ledger (or twice in the batch) is skipped, as a sequential fold would
 report it. Headers are checked before anything is hashed, as for one fold.
+
+Each checkpoint is read once, as for one fold: it is hashed while the pass folds it
+(`randes.digests.read_digests`), and the ledger and the repeats within the batch are
+checked on those digests afterwards. A checkpoint found there after all (the same bytes
+under a new task name or path) or changed while it was read leaves the batch, and the
+pass is run again without it, its digest known (rare: it costs a second pass). Only a
+checkpoint whose task name the bundle already holds is hashed before, alone: the
+ledger then decides between a no-op and a refusal, and nothing needs folding.
 """
 
 from __future__ import annotations
@@ -25,10 +33,10 @@ from pathlib import Path
 from randes.adapters import SourceKind, task_side_files
 from randes.checkpoint import CheckpointReader
 from randes.config import stored_config
-from randes.digests import SourceDigests, source_digests
+from randes.digests import SourceDigests, read_digests, source_digests
 from randes.errors import RandesError
 from randes.fold import check_compatible
-from randes.fold_batch import BatchMember, MemberFold, fold_batch
+from randes.fold_batch import BatchFoldResult, BatchMember, MemberFold, fold_batch
 from randes.manifest import BaseManifest, TaskEntry
 from randes.names import validate_name
 from randes.rng import new_task_seed
@@ -76,18 +84,21 @@ class BatchOutcome:
     attempts: int = 1
 
 
-@dataclass
+@dataclass(eq=False)
 class _Source:
-    """A checkpoint of the batch, opened, header-checked and hashed."""
+    """A checkpoint of the batch, opened and header-checked; its digests once known."""
 
     item: BatchItem
     resolved: ResolvedSource
     reader: CheckpointReader
-    digest: str
-    digests: tuple[str, ...]
     kind: SourceKind
     side: dict[str, Path]
-    side_shas: dict[Path, str]
+    digests: SourceDigests | None = None
+
+    @property
+    def digest(self) -> str:
+        assert self.digests is not None
+        return self.digests.content
 
 
 def fold_many(
@@ -120,18 +131,38 @@ def fold_many(
 
         def build(parent: Parent, work: Path) -> Change | NoChange:
             outcome.refused = dict(opening)
-            todo, found = _not_yet_folded(w.registry, bundle, sources, outcome)
+            legacy = w.registry.holds_file_digests(bundle)
+            live = {t.name for t in parent.tasks}
+            _hash_alone(
+                [s for s in sources if s.digests is None and s.item.task in live],
+                legacy,
+                outcome.refused,
+            )
+            usable = [s for s in sources if s.item.task not in outcome.refused]
+            todo, found = _not_yet_folded(w.registry, bundle, usable, outcome)
             repeats[:] = found
             folded.clear()
-            live = {t.name for t in parent.tasks}
             for src in [s for s in todo if s.item.task in live]:
                 outcome.refused[src.item.task] = TaskExistsError(bundle, src.item.task)
                 todo.remove(src)
-            if not todo:
-                return NoChange("", parent.version)
-            return _build(w, bundle_rec, parent, work, todo, outcome, folded, progress)
+            seeds = dict(zip(todo, fresh_seeds(w.registry, bundle, len(todo)), strict=True))
+            attempt = 0
+            while True:
+                if not todo:
+                    return NoChange("", parent.version)
+                attempt += 1
+                result = _fold_pass(
+                    w, bundle_rec, parent, work / f"pass{attempt}", todo, seeds, progress
+                )
+                for index, error in result.refused.items():
+                    outcome.refused[todo[index].item.task] = error
+                kept = [todo[i] for i in result.folded]
+                left = _check_after_pass(w.registry, bundle, kept, legacy, outcome, repeats)
+                if left == kept:  # every member folded stays: this pass is the change
+                    return _change(w, bundle_rec, parent, result, todo, seeds, folded)
+                todo = left  # digests known now: the next pass checks them as it reads
 
-        done = commit(w.store, w.registry, bundle, build, work_root=w.work_root)
+        done = commit(w.store, w.registry, bundle, build, work_root=w.work_root, cache=w.cache)
     outcome.attempts = done.attempts
     if done.record is not None:
         version = done.record.version
@@ -153,80 +184,110 @@ def _open_sources(
     stack: contextlib.ExitStack,
     refused: dict[str, RandesError],
 ) -> list[_Source]:
-    """Resolve, open, check the headers of, then hash every item; refusals recorded.
+    """Resolve, open and check the headers of every item; refusals recorded.
 
-    Headers first, for all: a checkpoint they refuse is never hashed (cost: nothing,
-    whatever its size); the hash then pins what the fold reads."""
-    opened: list[tuple[BatchItem, ResolvedSource, CheckpointReader]] = []
+    Headers first, for all: a checkpoint they refuse is never read (cost: nothing,
+    whatever its size)."""
+    sources: list[_Source] = []
     with w.open_base(bundle_rec.base_name) as base:
         for item in items:
             try:
                 resolved = resolve_source(item.source, settings=w.settings)
                 reader = stack.enter_context(resolved.open())
                 check_compatible(base, reader)
+                kind, side = task_side_files(reader)
             except TRANSIENT:
                 raise
             except RandesError as exc:
                 refused[item.task] = exc
                 continue
-            opened.append((item, resolved, reader))
-    # Hashing reads every byte once more (the fold reads them again, checked against
-    # it): the checkpoints are independent, and hashlib and file reads release the GIL.
-    with ThreadPoolExecutor(max_workers=max(1, min(len(opened), os.cpu_count() or 1))) as pool:
-        hashed_all = list(pool.map(_digests_or_error, [reader for _, _, reader in opened]))
-    sources: list[_Source] = []
-    for (item, resolved, reader), digests in zip(opened, hashed_all, strict=True):
-        try:
-            if isinstance(digests, RandesError):
-                raise digests
-            kind, side = task_side_files(reader)
-        except RandesError as exc:
-            refused[item.task] = exc
-            continue
-        hashed = {reader.side_files[n]: sha for n, sha in reader.side_sha256.items()}
-        sources.append(
-            _Source(
-                item=item,
-                resolved=resolved,
-                reader=reader,
-                digest=digests.content,
-                digests=tuple(digests.all),
-                kind=kind,
-                side=side,
-                side_shas={p: hashed.get(p) or file_sha256(p) for p in side.values()},
-            )
-        )
+            sources.append(_Source(item, resolved, reader, kind, side))
     return sources
 
 
-def _digests_or_error(reader: CheckpointReader) -> SourceDigests | RandesError:
+def _hash_alone(sources: list[_Source], legacy: bool, refused: dict[str, RandesError]) -> None:
+    """Hash ``sources`` before any fold (their task names are taken: the ledger alone
+    decides), in parallel threads (hashlib and file reads release the GIL)."""
+    if not sources:
+        return
+    with ThreadPoolExecutor(max_workers=max(1, min(len(sources), os.cpu_count() or 1))) as pool:
+        hashed = list(pool.map(lambda s: _digests_or_error(s.reader, legacy), sources))
+    for src, digests in zip(sources, hashed, strict=True):
+        if isinstance(digests, RandesError):
+            refused[src.item.task] = digests
+        else:
+            src.digests = digests
+
+
+def _digests_or_error(reader: CheckpointReader, legacy: bool) -> SourceDigests | RandesError:
     try:
-        return source_digests(reader)
+        return source_digests(reader, legacy=legacy)
     except TRANSIENT:
         raise
     except RandesError as exc:
         return exc
 
 
+def _check_after_pass(
+    registry: Registry,
+    bundle: str,
+    kept: list[_Source],
+    legacy: bool,
+    outcome: BatchOutcome,
+    repeats: list[tuple[_Source, _Source]],
+) -> list[_Source]:
+    """The members a pass folded that stay in the batch, their digests now known: a
+    member whose files changed while they were read is refused, one the ledger holds
+    is skipped, a repeat of an earlier member skipped as it (`_report_repeats`)."""
+    left: list[_Source] = []
+    first: dict[str, _Source] = {}
+    for src in kept:
+        try:
+            if src.digests is None:
+                src.digests = read_digests(src.reader, legacy=legacy)
+            else:
+                src.reader.check_unchanged()
+        except TRANSIENT:
+            raise
+        except RandesError as exc:
+            outcome.refused[src.item.task] = exc
+            continue
+        hit = ledger_hit(registry, bundle, src.digests.all)
+        if hit is not None:
+            outcome.skipped[src.item.task] = FoldOutcome(bundle, hit[0], hit[1], skipped=True)
+            continue
+        twin = next((first[d] for d in src.digests.all if d in first), None)
+        if twin is not None:
+            repeats.append((src, twin))
+            continue
+        first.update(dict.fromkeys(src.digests.all, src))
+        left.append(src)
+    return left
+
+
 def _not_yet_folded(
     registry: Registry, bundle: str, sources: list[_Source], outcome: BatchOutcome
 ) -> tuple[list[_Source], list[tuple[_Source, _Source]]]:
     """The sources the ledger does not hold, and (repeat, first) pairs of one checkpoint
-    given twice; sources in the ledger recorded as skipped, as a fold reports them."""
+    given twice; sources in the ledger recorded as skipped, as a fold reports them.
+    Sources not hashed yet pass (`_check_after_pass` checks them)."""
     outcome.skipped = {}
     todo: list[_Source] = []
     repeats: list[tuple[_Source, _Source]] = []
     first: dict[str, _Source] = {}
     for src in sources:
-        hit = ledger_hit(registry, bundle, src.digests)
+        if src.digests is None:  # hashed as the pass reads it, checked after it
+            todo.append(src)
+            continue
+        hit = ledger_hit(registry, bundle, src.digests.all)
         if hit is not None:
             outcome.skipped[src.item.task] = FoldOutcome(bundle, hit[0], hit[1], skipped=True)
             continue
-        twin = next((first[d] for d in src.digests if d in first), None)
+        twin = next((first[d] for d in src.digests.all if d in first), None)
         if twin is not None:
             repeats.append((src, twin))
             continue
-        first.update(dict.fromkeys(src.digests, src))
+        first.update(dict.fromkeys(src.digests.all, src))
         todo.append(src)
     return todo, repeats
 
@@ -259,45 +320,55 @@ def fresh_seeds(registry: Registry, bundle: str, n: int) -> list[int]:
     return seeds
 
 
-def _build(
+def _fold_pass(
     w: Wiring,
     bundle_rec: BundleRecord,
     parent: Parent,
     work: Path,
     todo: list[_Source],
-    outcome: BatchOutcome,
-    folded: list[tuple[str, int]],
+    seeds: dict[_Source, int],
     progress: Progress | None,
-) -> Change | NoChange:
-    """One attempt's change: ``todo`` folded on ``parent`` in one pass (members whose
-    data is refused recorded in ``outcome``); NoChange when none is left."""
-    config = stored_config(bundle_rec.transform)
-    seeds = fresh_seeds(w.registry, bundle_rec.name, len(todo))
-    base_manifest = w.base_manifest(bundle_rec.base_name)
+) -> BatchFoldResult:
+    """``todo`` folded on ``parent`` in one pass (randes.fold_batch: members whose data
+    is refused are left out); checkpoints not hashed yet are hashed as they are read."""
+    for src in todo:
+        if src.digests is None:
+            src.reader.record()
     with (
-        open_base(w.files, base_manifest) as base,
+        open_base(w.files, w.base_manifest(bundle_rec.base_name)) as base,
         open_superposition(w.files, parent.manifest) as parent_reader,
     ):
-        result = fold_batch(
+        return fold_batch(
             base=base,
-            members=[BatchMember(s.reader, seed) for s, seed in zip(todo, seeds, strict=True)],
+            members=[BatchMember(s.reader, seeds[s]) for s in todo],
             parent=parent_reader,
-            config=config,
+            config=stored_config(bundle_rec.transform),
             out_dir=work,
             progress=progress,
         )
-    for index, error in result.refused.items():
-        outcome.refused[todo[index].item.task] = error
+
+
+def _change(
+    w: Wiring,
+    bundle_rec: BundleRecord,
+    parent: Parent,
+    result: BatchFoldResult,
+    todo: list[_Source],
+    seeds: dict[_Source, int],
+    folded: list[tuple[str, int]],
+) -> Change | NoChange:
+    """The change of a pass whose members all stay (NoChange when none was folded)."""
     if not result.folded:
         return NoChange("", parent.version)
+    base_manifest = w.base_manifest(bundle_rec.base_name)
     adds: list[AddTask] = []
     uploads: list[Upload] = []
     for index, member in result.folded.items():
         src = todo[index]
-        entry, more = _task_entry(base_manifest, src, member, seeds[index], parent.next_version)
+        entry, more = _task_entry(base_manifest, src, member, seeds[src], parent.next_version)
         adds.append(AddTask(entry, ledger=(src.digest,)))
         uploads += more
-        folded.append((src.item.task, seeds[index]))
+        folded.append((src.item.task, seeds[src]))
     return Change(
         superposition=tuple(Upload.of_shard(s) for s in result.superposition),
         serving=tuple(Upload.of_shard(s) for s in result.serving),
@@ -311,7 +382,9 @@ def _task_entry(
 ) -> tuple[TaskEntry, list[Upload]]:
     """The manifest entry of one folded member, and the objects it references."""
     private = [Upload.of_shard(s) for s in member.private]
-    side = {n: Upload.of_file(p, sha=src.side_shas[p]) for n, p in src.side.items()}
+    reader = src.reader
+    hashed = {reader.side_files[n]: sha for n, sha in reader.side_sha256.items()}
+    side = {n: Upload.of_file(p, sha=hashed.get(p) or file_sha256(p)) for n, p in src.side.items()}
     entry = TaskEntry(
         name=src.item.task,
         seed=seed,

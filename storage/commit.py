@@ -273,6 +273,9 @@ def commit(
             continue
         except AlreadyIngestedError:
             continue  # the build sees the ledger row on the next attempt, and says so
+        finally:
+            if cache is not None:  # the work directory is gone: adopted copies are final
+                cache.settle()
         return Committed(record, attempt, change=change, parent=parent)
     raise FoldContentionError(
         f"bundle {bundle!r}: lost the race for a new version {max_attempts} times"

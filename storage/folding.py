@@ -15,7 +15,7 @@ from pathlib import Path
 
 from randes.adapters import task_side_files
 from randes.config import stored_config
-from randes.digests import source_digests
+from randes.digests import SourceDigests, read_digests, source_digests
 from randes.fold import check_compatible, fold, unfold
 from randes.manifest import TaskEntry
 from randes.names import validate_name
@@ -67,21 +67,29 @@ def fold_checkpoint(
     resolved = resolve_source(source, settings=w.settings)
     with resolved.open() as checkpoint:
         base_manifest = w.base_manifest(bundle_rec.base_name)
-        # Headers first: a checkpoint they refuse is never hashed (cost: nothing,
-        # whatever its size); the hash then pins what the fold reads.
+        # Headers first: a checkpoint they refuse is never read (cost: nothing,
+        # whatever its size).
         with open_base(w.files, base_manifest) as base:
             check_compatible(base, checkpoint)
-        digests = source_digests(checkpoint)
+        known: list[SourceDigests] = []  # the digests, once computed (kept across attempts)
         seeds: list[int] = []
 
         def build(parent: Parent, work: Path) -> Change | NoChange:
-            hit = ledger_hit(w.registry, bundle, digests.all)
-            if hit is not None:
-                return NoChange(*hit)
+            legacy = w.registry.holds_file_digests(bundle)
+            if not known and any(t.name == task for t in parent.tasks):
+                # the name is taken: only the ledger can make this a no-op, and no fold
+                # is needed to tell (the checkpoint is hashed alone, and pinned)
+                known.append(source_digests(checkpoint, legacy=legacy))
+            if known:
+                hit = ledger_hit(w.registry, bundle, known[0].all)
+                if hit is not None:
+                    return NoChange(*hit)
             if any(t.name == task for t in parent.tasks):
                 raise TaskExistsError(bundle, task)
             seed = fresh_seed(w.registry, bundle)
             seeds.append(seed)
+            if not known:
+                checkpoint.record()  # hashed as the fold reads it: one pass for both
             with (
                 open_base(w.files, w.base_manifest(bundle_rec.base_name)) as base,
                 open_superposition(w.files, parent.manifest) as parent_reader,
@@ -95,8 +103,16 @@ def fold_checkpoint(
                     out_dir=work,
                     progress=progress,
                 )
+            if not known:
+                known.append(read_digests(checkpoint, legacy=legacy))
+                hit = ledger_hit(w.registry, bundle, known[0].all)
+                if hit is not None:  # the same bytes under another name or path
+                    return NoChange(*hit)
+            else:
+                checkpoint.check_unchanged()
+            digests = known[0]
             kind, side = task_side_files(checkpoint)
-            hashed = {  # side files hashed by source_digests, in its pass
+            hashed = {  # side files hashed with the checkpoint
                 checkpoint.side_files[n]: sha for n, sha in checkpoint.side_sha256.items()
             }
             side_uploads = {

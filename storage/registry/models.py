@@ -232,6 +232,9 @@ class IngestionLedger(Base):
     task_name: Mapped[str] = mapped_column(String(NAME_LEN))
     version: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    digest_kind: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    """``content`` (randes.digests); NULL in rows written before migration 0004, which
+    may hold the file-bytes digest of the era before content digests."""
 
 
 class Evaluation(Base):

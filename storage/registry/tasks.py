@@ -170,6 +170,7 @@ class TasksMixin(RegistryCore):
                                 "source_sha256": sha,
                                 "task_name": task_name,
                                 "version": version,
+                                "digest_kind": "content",
                             }
                             for sha, task_name in ledger
                         ],
@@ -302,6 +303,23 @@ class TasksMixin(RegistryCore):
                 )
             ).first()
             return None if hit is None else (hit[0], hit[1])
+
+    def holds_file_digests(self, bundle: str) -> bool:
+        """Whether the bundle's ledger may hold file-bytes digests (rows written before
+        content digests, migration 0004): only then must a fold compute that digest of a
+        checkpoint too, to find it in the ledger."""
+        with self._tx() as s:
+            b = bundle_row(s, bundle)
+            hit = s.execute(
+                select(IngestionLedger.id)
+                .where(
+                    IngestionLedger.bundle_id == b.id,
+                    IngestionLedger.digest_kind.is_(None),
+                    ~_task_removed_since(),
+                )
+                .limit(1)
+            ).first()
+            return hit is not None
 
     def used_seeds(self, bundle: str) -> set[int]:
         """Every seed the bundle ever used, removed tasks included (seeds are never reused)."""

@@ -229,13 +229,17 @@ def test_heads_of_all_members_are_checked_before_hashing(
     never hashed, whatever its size."""
     other = save_finetune(save_base(tmp_path / "other-base", "gpt2"), tmp_path / "o", 1)
     hashed: list[str] = []
-    real = storage.batch.source_digests
 
-    def counting(reader: Any) -> Any:
-        hashed.append(str(reader.files[0]))
-        return real(reader)
+    def counting(real: Any) -> Any:
+        def hashing(reader: Any, **kwargs: Any) -> Any:
+            hashed.append(str(reader.files[0]))
+            return real(reader, **kwargs)
 
-    monkeypatch.setattr(storage.batch, "source_digests", counting)
+        return hashing
+
+    # hashed alone (a task name taken) or as the pass reads it
+    for name in ("source_digests", "read_digests"):
+        monkeypatch.setattr(storage.batch, name, counting(getattr(storage.batch, name)))
     with _workspace(tmp_path / "home", models) as ws:
         outcome = fold_many(
             ws, "b", [BatchItem(str(other), "other"), BatchItem(str(models["alpha"]), "alpha")]

@@ -21,7 +21,7 @@ from tests.storage.registries import table_names
 
 REPO = Path(__file__).resolve().parents[2]
 REGISTRY_TABLES = set(Base.metadata.tables)
-HEAD = "0003"  # the newest migration (0003: validation checks and policies)
+HEAD = "0004"  # the newest migration (0004: the ledger's digest kind)
 
 
 def _schema_diff(url: str) -> list[object]:

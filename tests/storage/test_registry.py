@@ -92,9 +92,9 @@ def task(name: str, seed: int) -> NewTask:
 
 
 def test_upgrade_is_idempotent_and_reports_revision(registry: Registry) -> None:
-    assert registry.schema_revision() == "0003"
+    assert registry.schema_revision() == "0004"
     registry.upgrade()
-    assert registry.schema_revision() == "0003"
+    assert registry.schema_revision() == "0004"
     assert registry.backend in ("sqlite", "postgresql")
 
 

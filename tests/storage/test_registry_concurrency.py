@@ -215,7 +215,7 @@ def test_optimistic_fold_loop_loses_nothing_and_applies_nothing_twice(
 
 def test_concurrent_upgrades_all_succeed(registry_url: str) -> None:
     out = _run_processes(_upgrade_worker, registry_url, [(), (), ()])
-    assert [r[1:] for r in out] == [("upgraded", "0003")] * 3
+    assert [r[1:] for r in out] == [("upgraded", "0004")] * 3
     reg = Registry(registry_url)
     try:
         reg.add_base("base", "file:///base", sha("base"), "bases/base.json", sha("bm"), [])
