@@ -98,15 +98,22 @@ class BundleRuntime(Closing):
                 self.base = ResidentReader.load(base_reader, device)
         else:
             self.base = FileBaseReader(source.base_files(), device)
-        with CheckpointReader.from_files(source.files(refs)) as sup_reader:
-            resident = ResidentReader.load(sup_reader, device, copies=not quantized)
-        self._stored = resident
+        stored: ResidentReader | CheckpointReader
+        if quantized and device.type == "cpu" and kernels.available():
+            # The fused kernel reads a slot's codes once per switch: read them slot by
+            # slot from their verified files, like the base (page cache, not this
+            # process's RSS), so the process holds one slot's codes, not the whole copy.
+            stored = CheckpointReader.from_files(source.files(refs))
+        else:
+            with CheckpointReader.from_files(source.files(refs)) as sup_reader:
+                stored = ResidentReader.load(sup_reader, device, copies=not quantized)
+        self._stored = stored
         """The superposition as stored: quantized codes + scales, or the master."""
-        self.superposition: TensorSource = resident
+        self.superposition: TensorSource = stored
         if quantized:
             assert self.manifest.serving is not None
             metas = superposition_metas(self.base, self.manifest.transform)
-            self.superposition = QuantizedReader(resident, self.manifest.serving.scheme, metas)
+            self.superposition = QuantizedReader(stored, self.manifest.serving.scheme, metas)
         self.quantized = quantized
         if quantized and device.type == "cpu":
             kernels.warm()  # JIT now, while the process is small (see randes.kernels)
@@ -163,6 +170,7 @@ class BundleRuntime(Closing):
         self._private.clear()
         self._plans.clear()
         self.base.close()
+        self._stored.close()
         self._source.close()
 
     # ------------------------------------------------------------------ queries
@@ -178,9 +186,9 @@ class BundleRuntime(Closing):
 
     @property
     def resident_bytes(self) -> int:
-        """Bytes the runtime holds: the superposition as stored (quantized or master),
-        plus the base when it is resident."""
-        return self.base.nbytes + self._stored.nbytes
+        """Bytes the runtime holds: the superposition as stored (quantized or master)
+        and the base, each when it is resident (not read from its files)."""
+        return sum(r.nbytes for r in (self.base, self._stored) if isinstance(r, ResidentReader))
 
     def task_of(self, module: torch.nn.Module) -> str | None:
         """The task a module built or switched by this runtime holds (None if unknown)."""
