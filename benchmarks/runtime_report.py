@@ -104,9 +104,9 @@ def report(res: dict[str, Any], spec: ModelSpec) -> str:
         lines.append(f"| {k} | {v:.3f} | {v / base:.2f}x |{tail}")
     lines += [
         "",
-        f"Model bytes {sw_bytes(res) / MB:.0f} MB; held by the runtime (the int4 "
-        f"superposition; the base stays in the page cache) {res['switch']['resident'] / MB:.0f}"
-        " MB, whatever the number of tasks.",
+        f"Model bytes {sw_bytes(res) / MB:.0f} MB; held by the runtime besides the working "
+        "model (on the CPU with the fused kernel, base and int4 codes stay in the page "
+        f"cache) {res['switch']['resident'] / MB:.0f} MB, whatever the number of tasks.",
         "",
     ]
     lines += memory_table(res["memory"])
@@ -154,27 +154,25 @@ READING = [
     "- Switch. A warm reload and `from_pretrained` hand over bytes that already are a "
     "finished model in the page cache: `load_file` + `load_state_dict` copy them once, and "
     "transformers' `from_pretrained` maps the file and does not even copy. A switch computes "
-    "the model: it reads the base into the module's storage (the same copy a reload makes), "
-    "then per chunk of 2^19 entries (randes.retrieve, reused work buffers, so the chunk's "
-    "passes stay in the CPU cache and no page is freshly faulted) it unpacks the int4 codes "
-    "to int8 with contiguous int16 ops, applies the task's signs to the int8 codes, converts "
-    "and scales them and adds them to the base, with the same eager PyTorch ops as "
-    "materialize (one implementation: materialize runs the same chunked code). Under the "
-    "default elementwise map it also draws 15.5 MB of SHAKE-256 sign stream per switch. The "
-    "floor of that design is the reload's copy plus about five cache-resident passes; "
-    "reaching the reload's speed would need one fused dequantize-unflip-add kernel (a second "
-    "implementation of the retrieval math) or mapping the base instead of copying it.",
-    "- Memory. On the CPU the runtime holds the int4 superposition and the working model; "
-    "the base is read from its verified files each time a tensor is computed, so it lives "
-    "in the page cache, like the file `from_pretrained` maps (which counts in that "
-    "process's RSS: column `file`). Machine-wide the runtime needs the base's pages + one "
-    "model + the int4 copy for any number of tasks, where one `from_pretrained` per task "
-    "needs N models. Retrieval computes a tensor in bounded chunks, so the peak is the end "
-    "state (no tensor-sized dequantized slot); what it holds above `from_pretrained` is the "
-    "int4 copy and transformers' own overhead of building a model (~130 MB, paid by "
-    "`from_pretrained` too). With the base "
-    "resident in the process (the GPU layout, or `base_resident=True`) the RSS carries the "
-    "base once more (last row).",
+    "the model: on the CPU each tensor is one pass of the fused kernel (randes.kernels, "
+    "numba) that reads the int4 codes, their scales, the task's signs and the base (through "
+    "a mapping of its verified file, pages dropped after each chunk) and writes the result "
+    "straight into the module's storage, the second half of each tensor on a second "
+    "thread; a third thread draws the SHAKE-256 sign stream ahead (15.5 MB per switch under "
+    "the default elementwise map). Materialize runs the same kernel; the eager torch path "
+    "(CUDA, or no numba) gives the same bits. The kernel moves about what the reload's copy "
+    "moves (base in, module out) plus the codes, so its floor is near the reload's; what is "
+    "left above it is the sign stream, page faults on the mapped base and Python per chunk.",
+    "- Memory. On the CPU the runtime holds the working model only: the base and the int4 "
+    "codes are read from their verified files slot by slot (the page cache, shared by "
+    "every process on the machine, like the file `from_pretrained` maps, which counts in "
+    "that process's RSS: column `file`). Machine-wide the runtime needs the base's and the "
+    "int4 copy's pages + one model for any number of tasks, where one `from_pretrained` per "
+    "task needs N models. Retrieval computes a tensor in bounded chunks, so the peak is the "
+    "end state; what it holds above `from_pretrained` is numba's compiler (~45 MB) and "
+    "transformers' own overhead of building a model (~130 MB, paid by `from_pretrained` "
+    "too). With the base resident in the process (the GPU layout, or `base_resident=True`) "
+    "the RSS carries the base once more (last row).",
 ]
 
 MIXED_SLOTS = (
