@@ -252,17 +252,33 @@ def _check_after_pass(
         except RandesError as exc:
             outcome.refused[src.item.task] = exc
             continue
-        hit = ledger_hit(registry, bundle, src.digests.all)
-        if hit is not None:
-            outcome.skipped[src.item.task] = FoldOutcome(bundle, hit[0], hit[1], skipped=True)
-            continue
-        twin = next((first[d] for d in src.digests.all if d in first), None)
-        if twin is not None:
-            repeats.append((src, twin))
-            continue
-        first.update(dict.fromkeys(src.digests.all, src))
-        left.append(src)
+        if _is_new(registry, bundle, src, first, outcome, repeats):
+            left.append(src)
     return left
+
+
+def _is_new(
+    registry: Registry,
+    bundle: str,
+    src: _Source,
+    first: dict[str, _Source],
+    outcome: BatchOutcome,
+    repeats: list[tuple[_Source, _Source]],
+) -> bool:
+    """Whether a hashed source is neither in the ledger (then recorded as skipped) nor a
+    repeat of an earlier source of this batch (then paired with it in ``repeats``);
+    ``first`` maps the digests seen so far to their source."""
+    assert src.digests is not None
+    hit = ledger_hit(registry, bundle, src.digests.all)
+    if hit is not None:
+        outcome.skipped[src.item.task] = FoldOutcome(bundle, hit[0], hit[1], skipped=True)
+        return False
+    twin = next((first[d] for d in src.digests.all if d in first), None)
+    if twin is not None:
+        repeats.append((src, twin))
+        return False
+    first.update(dict.fromkeys(src.digests.all, src))
+    return True
 
 
 def _not_yet_folded(
@@ -276,19 +292,9 @@ def _not_yet_folded(
     repeats: list[tuple[_Source, _Source]] = []
     first: dict[str, _Source] = {}
     for src in sources:
-        if src.digests is None:  # hashed as the pass reads it, checked after it
+        # a source not hashed yet is hashed as the pass reads it, and checked after it
+        if src.digests is None or _is_new(registry, bundle, src, first, outcome, repeats):
             todo.append(src)
-            continue
-        hit = ledger_hit(registry, bundle, src.digests.all)
-        if hit is not None:
-            outcome.skipped[src.item.task] = FoldOutcome(bundle, hit[0], hit[1], skipped=True)
-            continue
-        twin = next((first[d] for d in src.digests.all if d in first), None)
-        if twin is not None:
-            repeats.append((src, twin))
-            continue
-        first.update(dict.fromkeys(src.digests.all, src))
-        todo.append(src)
     return todo, repeats
 
 
