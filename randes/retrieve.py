@@ -209,9 +209,7 @@ class _Retrieval:
         order = list(names)
         outs = outs or {}
         fused = [  # whose signs the helper thread draws ahead for the kernel
-            n
-            for n in order
-            if self._fusable(n) and (n not in outs or outs[n].device.type == "cpu")
+            n for n in order if self._fusable(n) and (n not in outs or outs[n].device.type == "cpu")
         ]
         threads = FUSED_THREADS if threads is None else threads
         with (
@@ -245,10 +243,7 @@ class _Retrieval:
             return False
         slot = self.transform.slot_of(name)
         assert self.superposition is not None
-        return (
-            self.superposition.meta(slot).dtype == torch.float32
-            and meta.dtype.is_floating_point
-        )
+        return self.superposition.meta(slot).dtype == torch.float32 and meta.dtype.is_floating_point
 
     def _kernel_signs(self, ck_name: str) -> dict[str, Any]:
         name, meta = self.plan[ck_name]

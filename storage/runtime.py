@@ -50,6 +50,7 @@ from randes.retrieve import TaskRetrieval
 from randes.scaling import manifest_task_scale
 from randes.serving import QuantizedReader
 from randes.source import Closing, TensorSource
+from storage.file_maps import MappedCheckpointReader
 from storage.registry import TaskNotFoundError
 from storage.runtime_readers import FileBaseReader, ResidentReader
 from storage.runtime_sources import BundleRuntimeError, RuntimeSource, open_source
@@ -100,10 +101,10 @@ class BundleRuntime(Closing):
             self.base = FileBaseReader(source.base_files(), device)
         stored: ResidentReader | CheckpointReader
         if quantized and device.type == "cpu" and kernels.available():
-            # The fused kernel reads a slot's codes once per switch: read them slot by
-            # slot from their verified files, like the base (page cache, not this
-            # process's RSS), so the process holds one slot's codes, not the whole copy.
-            stored = CheckpointReader.from_files(source.files(refs))
+            # The fused kernel reads a slot's codes once per switch: it reads them in
+            # place from their verified files, like the base (page cache, not this
+            # process's RSS, storage.file_maps), one slot's pages mapped at a time.
+            stored = MappedCheckpointReader.from_files(source.files(refs))
         else:
             with CheckpointReader.from_files(source.files(refs)) as sup_reader:
                 stored = ResidentReader.load(sup_reader, device, copies=not quantized)
