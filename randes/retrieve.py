@@ -229,7 +229,10 @@ class _Retrieval:
                 if future is not None:
                     queued -= self._numel(ck_name)
                 signs = future.result() if future is not None else None
-                yield ck_name, self._compute(ck_name, outs.get(ck_name), signs, lend, helper)
+                value = self._compute(ck_name, outs.get(ck_name), signs, lend, helper)
+                if signs is not None and "borrowed" in signs:
+                    self.buffers.streams.give_back(signs["borrowed"])
+                yield ck_name, value
 
     def _numel(self, ck_name: str) -> int:
         return math.prod(self.plan[ck_name][1].shape)
@@ -249,7 +252,7 @@ class _Retrieval:
         name, meta = self.plan[ck_name]
         assert name is not None
         signs = self.transform.signs(name, meta.shape)
-        return signs.kernel_signs() if signs is not None else {}
+        return signs.kernel_signs(self.buffers.streams) if signs is not None else {}
 
     def _compute(
         self,
@@ -292,8 +295,9 @@ class _Retrieval:
         shape = meta.shape
         numel = math.prod(shape)
         target = out if out is not None else torch.empty(shape, dtype=meta.dtype)
-        if signs is None:
-            signs = self._kernel_signs(ck_name)
+        if signs is None:  # drawn here, not ahead: its stream is not lent from the pool
+            name_signs = self.transform.signs(name, meta.shape)
+            signs = name_signs.kernel_signs() if name_signs is not None else {}
         base_meta = self.base.meta(name)
         direct = (
             self._base_ranges and base_meta.dtype == torch.float32 and meta.dtype == torch.float32
