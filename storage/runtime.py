@@ -55,6 +55,7 @@ from storage.registry import TaskNotFoundError
 from storage.runtime_readers import FileBaseReader, ResidentReader
 from storage.runtime_sources import BundleRuntimeError, RuntimeSource, open_source
 from storage.settings import Settings
+from storage.sign_files import DEFAULT_BUDGET, SignFiles
 
 if TYPE_CHECKING:
     from storage.mixed import MixedBatchModel
@@ -88,6 +89,7 @@ class BundleRuntime(Closing):
         device: torch.device,
         master: bool,
         base_resident: bool | None = None,
+        sign_budget: int = DEFAULT_BUDGET,
     ) -> None:
         self.device = device
         self.manifest: BundleManifest = source.manifest
@@ -120,6 +122,8 @@ class BundleRuntime(Closing):
             kernels.warm()  # JIT now, while the process is small (see randes.kernels)
         self._private: dict[str, CheckpointReader | None] = {}
         self._plans: dict[str, TaskRetrieval] = {}
+        self._sign_files = SignFiles(sign_budget) if sign_budget and kernels.available() else None
+        """The sign streams drawn for each task, kept for its next switches."""
         self._buffers = WorkBuffers()
         """Work buffers every task's retrieval reuses (a few chunks, any number of tasks)."""
         self._holding: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
@@ -145,6 +149,7 @@ class BundleRuntime(Closing):
         master: bool = False,
         base_resident: bool | None = None,
         settings: Settings | None = None,
+        sign_budget: int = DEFAULT_BUDGET,
     ) -> BundleRuntime:
         """Serve a directory written by `randes pull`, or ``BUNDLE[@VERSION|@ALIAS]``
         read through the workspace's verified cache (``settings``, else the environment).
@@ -154,12 +159,22 @@ class BundleRuntime(Closing):
         holds the base in the process (on ``device``) instead of reading it from its
         verified files, kept in the page cache, each time a tensor is computed; default:
         resident on a GPU, from the page cache on the CPU (same speed, and the base
-        counts once per machine instead of once per process).
+        counts once per machine instead of once per process). ``sign_budget``: bytes of
+        disk the elementwise sign streams drawn for the fused kernel may take in a
+        private scratch directory, so that each task's are drawn once, not at every
+        switch (one bit per parameter per task; 0: draw them every time;
+        storage.sign_files).
         """
         dev = _device(device)
         source = open_source(path_or_ref, settings=settings)
         try:
-            return cls(source, device=dev, master=master, base_resident=base_resident)
+            return cls(
+                source,
+                device=dev,
+                master=master,
+                base_resident=base_resident,
+                sign_budget=sign_budget,
+            )
         except BaseException:
             source.close()
             raise
@@ -170,6 +185,8 @@ class BundleRuntime(Closing):
                 reader.close()
         self._private.clear()
         self._plans.clear()
+        if self._sign_files is not None:
+            self._sign_files.close()
         self.base.close()
         self._stored.close()
         self._source.close()
@@ -213,6 +230,11 @@ class BundleRuntime(Closing):
                 config=self.manifest.transform,
                 scale=self.info(task).scale,
                 buffers=self._buffers,
+                kept_signs=(
+                    self._sign_files.task(self.task_names.index(task))
+                    if self._sign_files is not None
+                    else None
+                ),
             )
         return plan
 
