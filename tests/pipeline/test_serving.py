@@ -47,11 +47,12 @@ def ws(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Workspace]:
         yield workspace
 
 
-@pytest.fixture
-def models(tmp_path: Path) -> dict[str, Path]:
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Built once: the tests only read them."""
     tasks = ("alpha", "beta", "gamma")
     shapes = {"gamma": {"task": "BertForTokenClassification"}}
-    return make_models(tmp_path / "models", tasks, shapes=shapes)
+    return make_models(tmp_path_factory.mktemp("models"), tasks, shapes=shapes)
 
 
 def _bundle(ws: Workspace, models: dict[str, Path], **config: Any) -> None:

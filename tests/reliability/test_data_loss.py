@@ -465,9 +465,8 @@ def test_directory_with_a_single_file_and_shards_folds_what_transformers_loads(
 def test_base_holding_nan_is_refused_at_base_add(local: Env, models: Models) -> None:
     ok("init")
     before = snapshot_registry_and_store(local.home)
-    nan_base = resave(
-        models.base, models.root / "nan-base", set_weight("h.1.mlp.c_fc.weight", (3, 4), float("nan"))
-    )
+    nan = set_weight("h.1.mlp.c_fc.weight", (3, 4), float("nan"))  # the bare base's own name
+    nan_base = resave(models.base, models.root / "nan-base", nan)
     refused("base", "add", "nanbase", str(nan_base), needle="NaN or Inf")
     assert snapshot_registry_and_store(local.home) == before
     refused("bundle", "create", BUNDLE, "--base", "nanbase", needle="nanbase")
