@@ -51,6 +51,11 @@ class SignFiles:
             self.used += nbytes
             return True
 
+    def stop_keeping(self) -> None:
+        """Keep nothing more (the scratch could not be written); kept streams stay."""
+        with self._lock:
+            self.budget = self.used
+
     def close(self) -> None:
         with self._lock:
             tasks, self._tasks = self._tasks, {}
@@ -100,6 +105,8 @@ class TaskSignFile:
                 written += os.pwrite(fd, data[written:], offset + written)
             with self._lock:
                 self._index[name] = (offset, nbytes)  # found once every byte is written
+        except OSError:  # scratch full or gone: keep drawing, the switch must not fail
+            self._owner.stop_keeping()
         finally:
             with self._lock:
                 self._pending.discard(name)
