@@ -131,7 +131,7 @@ class MappedCheckpointReader(CheckpointReader):
         if entry is None or nbytes == 0:
             return None
         flat = torch.frombuffer(entry[0], dtype=meta.dtype, count=meta.numel, offset=start)
-        return flat.view(meta.shape)
+        return flat if len(meta.shape) == 1 else flat.view(meta.shape)
 
     def release(self, name: str) -> None:
         """Done with what `mapped` lent of ``name``: drop its pages from the process."""

@@ -51,6 +51,11 @@ class SignFiles:
             self.used += nbytes
             return True
 
+    def stop_keeping(self) -> None:
+        """Keep nothing more (the scratch could not be written); kept streams stay."""
+        with self._lock:
+            self.budget = self.used
+
     def close(self) -> None:
         with self._lock:
             tasks, self._tasks = self._tasks, {}
@@ -67,6 +72,7 @@ class TaskSignFile:
         self._path = path
         self._fd: int | None = None
         self._index: dict[str, tuple[int, int]] = {}  # name -> (offset, bytes)
+        self._pending: set[str] = set()  # being written
         self._end = 0
         self._lock = threading.Lock()
 
@@ -82,18 +88,28 @@ class TaskSignFile:
 
     def keep(self, name: str, stream: np.ndarray) -> None:
         nbytes = stream.nbytes
-        if name in self._index or not nbytes or not self._owner.reserve(nbytes):
-            return
-        with self._lock:
+        with self._lock:  # two switches of this task at once keep a stream once
+            if not nbytes or name in self._index or name in self._pending:
+                return
+            if not self._owner.reserve(nbytes):
+                return
             if self._fd is None:
                 self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-            offset = self._end
+            fd, offset = self._fd, self._end
             self._end += nbytes
-        data = np.ascontiguousarray(stream).data.cast("B")
-        written = 0
-        while written < nbytes:
-            written += os.pwrite(self._fd, data[written:], offset + written)
-        self._index[name] = (offset, nbytes)  # found only once every byte is written
+            self._pending.add(name)
+        try:
+            data = np.ascontiguousarray(stream).data.cast("B")
+            written = 0
+            while written < nbytes:
+                written += os.pwrite(fd, data[written:], offset + written)
+            with self._lock:
+                self._index[name] = (offset, nbytes)  # found once every byte is written
+        except OSError:  # scratch full or gone: keep drawing, the switch must not fail
+            self._owner.stop_keeping()
+        finally:
+            with self._lock:
+                self._pending.discard(name)
 
     def close(self) -> None:
         with self._lock:

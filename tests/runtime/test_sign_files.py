@@ -3,6 +3,7 @@ after, the same bits either way; within budget; gone when the runtime closes."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,13 @@ from storage.sign_files import SignFiles
 from tests.runtime.conftest import Served
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not importable")
+
+
+@pytest.fixture(autouse=True)
+def _tiny_tensors_drawn_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Streams are kept for the tensors whose signs are drawn ahead; in these tiny
+    models that is none of them by default (randes.retrieve.SIGNS_AHEAD_MIN)."""
+    monkeypatch.setattr("randes.retrieve.SIGNS_AHEAD_MIN", 0)
 
 
 def _switched(rt: BundleRuntime, model: torch.nn.Module, task: str) -> dict[str, torch.Tensor]:
@@ -93,3 +101,17 @@ def test_a_cut_scratch_file_is_drawn_again(tmp_path: Path) -> None:
 def test_a_negative_budget_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="budget"):
         SignFiles(-1, parent=tmp_path)
+
+
+def test_a_scratch_that_cannot_be_written_stops_keeping_not_serving(tmp_path: Path) -> None:
+    files = SignFiles(parent=tmp_path)
+    store = files.task(0)
+    store.keep("a", np.ones(100, dtype=np.uint8))
+    fd = store._fd
+    assert fd is not None
+    os.close(fd)  # writes now fail (EBADF), as a full or vanished scratch disk would
+    store._fd = os.open(os.devnull, os.O_RDONLY)
+    store.keep("b", np.ones(100, dtype=np.uint8))  # no exception
+    assert files.budget == files.used  # nothing more is kept
+    assert not store.read_into("b", np.empty(100, dtype=np.uint8))
+    files.close()
