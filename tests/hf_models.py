@@ -8,7 +8,10 @@ from the same table, so a change of size lands in both at once.
 `save_base` and `save_finetune` write checkpoints the way users get them (the bare
 backbone as published, a task model trained a few steps, saved by ``save_pretrained``,
 in fp32 or bf16, with or without a pooler): the pipeline tests fold these rather than
-hand-made state dicts.
+hand-made state dicts. `resave` and `set_weight` make a test's corruption of such a
+checkpoint (a NaN, a huge weight) and save it again the same way; `save_state` writes
+what no model class can hold (float8 tensors, most tensors removed) as save_pretrained
+lays it out.
 """
 
 from __future__ import annotations
