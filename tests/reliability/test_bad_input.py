@@ -378,42 +378,13 @@ CHECKPOINT_CASES: dict[str, tuple[Callable[[World], Path], str]] = {
 }
 
 
-# Known bug: for a real wrong base (a fine-tune of a wider GPT-2, saved by transformers)
-# the refusal is right (exit 1, one line, "matches only", nothing changed) but the line is
-# 365 characters: randes/keymap.py `_mismatch` lists three tensor names on each side, and
-# real names ('transformer.h.0.attn.c_attn.weight') are longer than the hand-made state
-# dicts' ('h.0.attn.c_attn.weight') this case used before. Strict: it fails the day the
-# message is short again, so the mark comes off.
-KNOWN_LONG_LINE = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="keymap._mismatch's line is over MAX_ERROR_LINE for real tensor names",
-)
-
-
 @pytest.mark.usefixtures("unchanged")
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(case, marks=KNOWN_LONG_LINE) if case == "wrong-base" else case
-        for case in CHECKPOINT_CASES
-    ],
-)
+@pytest.mark.parametrize("case", list(CHECKPOINT_CASES))
 def test_bad_checkpoint_is_refused(world: World, case: str) -> None:
     build, needle = CHECKPOINT_CASES[case]
     source = build(world)
     result = cli("fold", BUNDLE, str(source), "--task", "newtask")
     assert_refused(result, needle, code=1)
-
-
-@pytest.mark.usefixtures("unchanged")
-def test_wrong_base_refusal_is_one_line_but_for_its_length(world: World) -> None:
-    """What the xfailed wrong-base case checks, all but the length (see KNOWN_LONG_LINE)."""
-    result = cli("fold", BUNDLE, str(_case_wrong_base(world)), "--task", "newtask")
-    assert result.code == 1 and "Traceback" not in result.out + result.err, result
-    lines = result.err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result
-    assert all(ch.isprintable() for ch in lines[0]) and "matches only" in lines[0], lines
 
 
 # ------------------------------------------------------------------ bad names
