@@ -216,7 +216,10 @@ class FusedJob:
     align: int
     """Ranges start at multiples of this (whole scale groups, code and sign bytes)."""
     map_range: Callable[[int, int], np.ndarray | None] | None = None
-    unmap_range: Callable[[int, int], None] | None = None
+    unmap_range: Callable[[int, int, bool], None] | None = None
+    """``(lo, hi, done)``: done with the lent entries ``[lo, hi)``; ``done``: with every
+    entry of this job's range up to ``hi`` (a reader dropping pages in whole spans drops
+    the last, partial one too)."""
     read_range: Callable[[int, int], None] | None = None
 
     def run(self, lo0: int, hi0: int) -> None:
@@ -226,6 +229,7 @@ class FusedJob:
         cols, rows = self.signs.get("cols"), self.signs.get("rows")
         width = int(self.signs.get("width", 1))
         lent_from: int | None = None
+        lent_any = False
         for lo in range(lo0, hi0, self.step):
             hi = min(lo + self.step, hi0)
             src = self.map_range(lo, hi) if self.map_range is not None else None
@@ -247,12 +251,13 @@ class FusedJob:
             )
             if src is not None:
                 del src
+                lent_any = True
                 lent_from = lo if lent_from is None else lent_from
                 if hi - lent_from >= UNMAP_ENTRIES and self.unmap_range is not None:
-                    self.unmap_range(lent_from, hi)
+                    self.unmap_range(lent_from, hi, False)
                     lent_from = None
-        if lent_from is not None and self.unmap_range is not None:
-            self.unmap_range(lent_from, hi0)
+        if lent_any and self.unmap_range is not None:  # done with [lo0, hi0): all of it
+            self.unmap_range(hi0 if lent_from is None else lent_from, hi0, True)
 
     def run_all(self, helper: ThreadPoolExecutor | None = None) -> None:
         """The whole tensor; with a ``helper`` thread its second half runs there while

@@ -57,8 +57,9 @@ class MappedReader(Protocol):
         """Flat entries ``[lo, hi)`` as a read-only float32 numpy array, or None."""
         ...
 
-    def unmap_range(self, name: str, lo: int, hi: int) -> None:
-        """Done with the range `map_range` lent (drop its pages from the process)."""
+    def unmap_range(self, name: str, lo: int, hi: int, done: bool = False) -> None:
+        """Done with the range `map_range` lent (drop its pages from the process);
+        ``done``: the caller has finished with everything it mapped up to ``hi``."""
         ...
 
 

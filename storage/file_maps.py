@@ -152,15 +152,15 @@ class MappedCheckpointReader(CheckpointReader):
             return None
         return np.frombuffer(entry[0], dtype=np.float32, count=hi - lo, offset=start)
 
-    def unmap_range(self, name: str, lo: int, hi: int) -> None:
-        """Done with entries ``[lo, hi)`` `map_range` lent: drop their pages, all of
-        them when the range reaches the tensor's end, else the whole spans before the
-        one in use (`FileMaps.drop`)."""
+    def unmap_range(self, name: str, lo: int, hi: int, done: bool = False) -> None:
+        """Done with entries ``[lo, hi)`` `map_range` lent: drop their pages; with
+        ``done`` (or at the tensor's end) all of them, else the whole spans before the
+        one in use, which the next range's drop takes (`FileMaps.drop`)."""
         meta = self._metas.get(name)
         if meta is None:
             return
         path, start, nbytes = self._span(name, lo, hi, 4)
-        self._file_maps.drop(path, start, start + nbytes, whole=hi >= meta.numel)
+        self._file_maps.drop(path, start, start + nbytes, whole=done or hi >= meta.numel)
 
     def close(self) -> None:
         self._file_maps.close()

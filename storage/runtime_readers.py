@@ -114,7 +114,7 @@ class ResidentReader(MetaTable, _Lending, Closing):
             return None
         return mine.view(-1)[lo:hi].numpy()
 
-    def unmap_range(self, name: str, lo: int, hi: int) -> None:
+    def unmap_range(self, name: str, lo: int, hi: int, done: bool = False) -> None:
         """Nothing to release: the tensor is resident."""
 
     def view(self, name: str) -> torch.Tensor:

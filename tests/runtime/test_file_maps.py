@@ -104,6 +104,30 @@ def test_a_pass_over_a_tensor_leaves_none_of_it_resident(checkpoint: Path) -> No
 
 
 @linux
+def test_a_pass_over_part_of_a_tensor_leaves_none_of_it_resident(checkpoint: Path) -> None:
+    """A thread computing the first half of a tensor (the second half runs on another)
+    stops mid-span: its final ``done`` drop takes that partial span too, so halves
+    leave nothing mapped behind them either."""
+    with MappedCheckpointReader.from_files([checkpoint]) as reader:
+        n = reader.meta("big").numel
+        mid = n // 2 + 1000  # not on a span boundary
+        window = SPAN // 8
+        address = 0
+        for lo in range(0, mid, window):
+            hi = min(mid, lo + window)
+            chunk = reader.map_range("big", lo, hi)
+            assert chunk is not None
+            address = chunk.ctypes.data
+            assert float(chunk[-1]) == float(chunk[-1])  # touch the pages
+            float(chunk.sum())
+            del chunk
+            reader.unmap_range("big", lo, hi, False)
+        assert _mapping_rss(address) > 0  # the span in use stays mapped until done
+        reader.unmap_range("big", mid, mid, True)
+        assert _mapping_rss(address) == 0
+
+
+@linux
 def test_released_tensors_leave_the_process(checkpoint: Path) -> None:
     with MappedCheckpointReader.from_files([checkpoint]) as reader:
         lent = reader.mapped("codes")
