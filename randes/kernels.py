@@ -190,9 +190,9 @@ SPLIT_ENTRIES = 1 << 17
 """A tensor is split over two threads from twice this size on (smaller ones are not
 worth the hand-over)."""
 
-UNMAP_ENTRIES = 1 << 19
-"""Entries (2 MiB of float32) a lent base range may span before its pages are dropped
-from the process: one ``madvise`` per 2 MiB instead of one per chunk."""
+UNMAP_ENTRIES = 1 << 20
+"""Entries (4 MiB of float32) a lent base range may span before its pages are dropped
+from the process: at most a chunk (randes.retrieve.FUSED_CHUNK) per thread stays mapped."""
 
 
 @dataclass

@@ -60,10 +60,11 @@ passes (unpack, sign, convert, scale, add) stay in the CPU's cache instead of ea
 crossing memory."""
 
 
-FUSED_CHUNK = 1 << 18
-"""Entries per call of the fused kernel (1 MiB of float32, a core's L2). A base lent in
-place (a mapping, a resident tensor) is read by the kernel itself; one read into the
-output (a file reader's ``pread``) is still in cache when the kernel adds into it."""
+FUSED_CHUNK = 1 << 20
+"""Entries per call of the fused kernel (4 MiB of float32). The kernel streams a base
+lent in place (a mapping, a resident tensor) from memory whatever the chunk, so a chunk
+is sized by the Python around each call: side by side in one process, a 124M switch
+took 0.104 s with chunks of 1M entries against 0.113 s with 256K and 0.140 s with 64K."""
 
 
 FUSED_THREADS = 2
