@@ -16,6 +16,7 @@ that made them (a forked child makes its own).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import threading
@@ -42,39 +43,77 @@ def _executor() -> ThreadPoolExecutor:
         return _pool[1]
 
 
+AHEAD_WORKERS = 2
+"""Helper threads that compute `ahead` items at once (2: this machine's cores; reads,
+sha256 and torch's kernels release the GIL, so two of them run side by side)."""
+
 _ahead: tuple[int, ThreadPoolExecutor] | None = None
 
 
 def _reader() -> ThreadPoolExecutor:
-    """This process's read-ahead thread (its own: it waits on the hashing threads)."""
+    """This process's read-ahead threads (their own: they wait on the hashing threads)."""
     global _ahead
     with _lock:
         if _ahead is None or _ahead[0] != os.getpid():
-            _ahead = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="randes-ahead"))
+            _ahead = (
+                os.getpid(),
+                ThreadPoolExecutor(AHEAD_WORKERS, thread_name_prefix="randes-ahead"),
+            )
         return _ahead[1]
 
 
-def ahead(fn: Callable[[T], R], items: Iterable[T]) -> Generator[R, None, None]:
-    """``fn(item)`` for each item in order, the next one computed on a helper thread
-    while the caller works on the current one (a checkpoint tensor read and hashed
-    while the previous one is folded). Errors surface where their result is taken; when
-    the caller stops early, the read under way finishes before this returns, so nothing
-    reads a file the caller is about to close."""
+def ahead(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    *,
+    cost: Callable[[T], int] | None = None,
+    budget: int = 0,
+) -> Generator[R, None, None]:
+    """``fn(item)`` for each item in order, the next ones computed on helper threads
+    while the caller works on the current one (checkpoint tensors read, hashed and
+    scrambled while the previous one is folded).
+
+    Without ``cost`` one item is computed ahead. With it, items are started ahead while
+    the ones started and not yet taken cost at most ``budget`` together (``cost(item)``:
+    the bytes its result holds; one item is always started, whatever its cost), and up
+    to `AHEAD_WORKERS` of them are computed at once: memory stays bounded by the budget
+    plus the result the caller holds. Errors surface where their result is taken, in
+    order; when the caller stops early, the items under way finish (the others are
+    dropped) before this returns, so nothing reads a file the caller is about to close.
+    ``fn`` must not wait on another `ahead` (the threads are shared)."""
     pool = _reader()
-    pending: Future[R] | None = None
+    source = iter(items)
+    pending: collections.deque[tuple[Future[R], int]] = collections.deque()
+    held = 0  # the cost of the items in pending
+    upcoming: list[T] = []  # the next item, taken from items but not started yet
+
+    def fill() -> None:
+        nonlocal held
+        while True:
+            if not upcoming:
+                try:
+                    upcoming.append(next(source))
+                except StopIteration:
+                    return
+            size = cost(upcoming[0]) if cost is not None else 0
+            if pending and (cost is None or held + size > budget):
+                return
+            pending.append((pool.submit(fn, upcoming.pop()), size))
+            held += size
+
     try:
-        for item in items:
-            previous, pending = pending, pool.submit(fn, item)
-            if previous is not None:
-                yield previous.result()
-        if pending is not None:
-            done, pending = pending, None
-            yield done.result()
+        fill()
+        while pending:
+            future, size = pending.popleft()
+            held -= size
+            fill()  # the next ones start before the caller works on this one
+            yield future.result()
     finally:
-        if pending is not None:
-            pending.cancel()
+        for future, _ in pending:
+            future.cancel()
+        for future, _ in pending:
             with contextlib.suppress(BaseException):
-                pending.result()
+                future.result()
 
 
 def _update_all(digests: Sequence[Any], data: memoryview) -> list[Future[None]]:
