@@ -50,6 +50,17 @@ sha256 and torch's kernels release the GIL, so two of them run side by side)."""
 _ahead: tuple[int, ThreadPoolExecutor] | None = None
 
 
+INLINE_CHUNK = 512 << 10
+"""Bytes per read and hash on a read-ahead thread (`read_hashing` there hashes each piece
+itself, just read and still in the core's cache: the read-ahead threads already run
+side by side, and handing pieces to the hashing threads would only add threads
+competing for the same cores)."""
+
+
+def _hash_inline() -> None:
+    _local.inline = True
+
+
 def _reader() -> ThreadPoolExecutor:
     """This process's read-ahead threads (their own: they wait on the hashing threads)."""
     global _ahead
@@ -57,7 +68,9 @@ def _reader() -> ThreadPoolExecutor:
         if _ahead is None or _ahead[0] != os.getpid():
             _ahead = (
                 os.getpid(),
-                ThreadPoolExecutor(AHEAD_WORKERS, thread_name_prefix="randes-ahead"),
+                ThreadPoolExecutor(
+                    AHEAD_WORKERS, thread_name_prefix="randes-ahead", initializer=_hash_inline
+                ),
             )
         return _ahead[1]
 
@@ -141,6 +154,15 @@ def read_hashing(
     """Fill ``target`` with ``readinto`` calls, hashing each chunk read while the next
     one is read. Returns the bytes read (fewer than ``len(target)`` only at EOF)."""
     got = 0
+    if getattr(_local, "inline", False):
+        while got < len(target):  # a helper thread: hash each piece while it is in cache
+            n = readinto(target[got : got + INLINE_CHUNK])
+            if not n:
+                break
+            for digest in digests:
+                digest.update(target[got : got + n])
+            got += n
+        return got
     pending: list[Future[None]] = []
     try:
         while got < len(target):
