@@ -123,7 +123,7 @@ def measure() -> dict[str, Any]:
 
         # sentence-transformers fine-tune of the same base, in and out
         st = SentenceTransformer(str(base_dir), device="cpu")
-        body = st[0].auto_model
+        body: torch.nn.Module = st[0].auto_model  # type: ignore[assignment]
         opt = torch.optim.AdamW(body.parameters(), lr=5e-5)
         for step in range(4):
             feats = st.tokenize(train_text[step * 8 : step * 8 + 8])

@@ -141,7 +141,7 @@ def measure_cli(
         ):
             _randes(code, homes[name], *argv)
         log(f"fold_cli: {name} ({code}): version 1 ready")
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in variants} | {"plain": []}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in [*variants, "plain"]}
     order = [*variants, "plain"]
     for r in range(repeats):
         task = r + 2

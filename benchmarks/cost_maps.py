@@ -103,9 +103,9 @@ def run(spec: ModelSpec, root: Path, repeats: int) -> dict[str, Any]:
                 )
                 shutil.rmtree(mat_out, ignore_errors=True)
                 print(f"r={r} threads={threads or 'default'} {kind}: done", flush=True)
-    for kind, s in shas.items():
+    for map_name, s in shas.items():
         if len(s) != 1:
-            raise RuntimeError(f"{kind}: folds of the same inputs wrote different bytes")
+            raise RuntimeError(f"{map_name}: folds of the same inputs wrote different bytes")
     return {
         "spec": spec,
         "runs": runs,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from statistics import median
 from typing import Any
 
@@ -37,7 +38,10 @@ def report(results: list[dict[str, Any]], repeats: int) -> tuple[str, list[str]]
     tasks = results[0]["tasks"]
     ks = list(range(1, tasks + 1))
     default_threads = results[0]["runs"][0]["threads"]
-    thread_modes = (("default", lambda t: t == default_threads), ("1 thread", lambda t: t == 1))
+    thread_modes: tuple[tuple[str, Callable[[Any], Any]], ...] = (
+        ("default", lambda t: t == default_threads),
+        ("1 thread", lambda t: t == 1),
+    )
     if default_threads == 1:
         thread_modes = thread_modes[:1]
 

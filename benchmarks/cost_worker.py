@@ -229,6 +229,7 @@ def serve() -> None:
         pid = os.fork()
         if pid == 0:  # child
             os.close(r)
+            out: dict[str, Any]
             try:
                 out = {"ok": _worker(job)}
             except BaseException:  # noqa: BLE001 - reported to the driver

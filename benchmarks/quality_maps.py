@@ -71,7 +71,7 @@ of the base, the budget is 0.25x)."""
 def variants(suite: str) -> dict[str, TransformConfig]:
     """Each map with the default rank-1 policy (and the default map with rank1="private"
     on PRIVATE_SUITES)."""
-    out = {m: TransformConfig(map=m) for m in MAPS}
+    out: dict[str, TransformConfig] = {m: TransformConfig(map=m) for m in MAPS}
     if DEFAULT.rank1 != "private" and suite in PRIVATE_SUITES:
         out[f"{DEFAULT.map}, rank1=private"] = TransformConfig(rank1="private")
     return out

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -125,12 +126,12 @@ class SuiteResult:
     suite: StorageSuite
     base_bytes: int
     rows: list[Row] = field(default_factory=list)
-    lam: dict[str, dict[str, object]] = field(default_factory=dict)  # fmt -> gap info
+    lam: dict[str, dict[str, Any]] = field(default_factory=dict)  # fmt -> gap info
     gains: dict[str, dict[float, float]] = field(default_factory=dict)  # fmt -> gain -> val
     gain_test: dict[str, tuple[float, float, float]] = field(default_factory=dict)
     sweep: dict[str, dict[float, tuple[float, float]]] = field(default_factory=dict)
-    capacity: list[dict[str, object]] = field(default_factory=list)
-    budget: list[dict[str, object]] = field(default_factory=list)
+    capacity: list[dict[str, Any]] = field(default_factory=list)
+    budget: list[dict[str, Any]] = field(default_factory=list)
     evals: int = 0
     seconds: float = 0.0
     serving_diff: float | None = None
@@ -190,7 +191,7 @@ def run_suite(
         lam, _ = best_fixed(ev, g, tasks, plan.grid)
         fx_test = ev.point(g, dict.fromkeys(tasks, lam), "test", tasks)
         add(g, "best fixed (val)", f"{lam:g}", fx_test)
-        info: dict[str, object] = {
+        info: dict[str, Any] = {
             "df_lams": df,
             "df_test": mean(df_test),
             "df_val": mean(ev.point(g, df, "val", tasks)),
@@ -329,7 +330,7 @@ def run_capacity(
         )
 
 
-def calibrate(cap: Sequence[Mapping[str, object]]) -> float:
+def calibrate(cap: Sequence[Mapping[str, Any]]) -> float:
     """Largest limit whose group keeps CALIBRATION_TARGET mean normalized val accuracy."""
     ok = [c["limit"] for c in cap if mean(c["val"]) >= CALIBRATION_TARGET]  # type: ignore[arg-type]
     return float(max(ok)) if ok else float(min(c["limit"] for c in cap))  # type: ignore[type-var]
@@ -412,7 +413,8 @@ def run_budget(
         members = plan_groups(f_flip, m_flip, tasks, limit)
         if len(members) >= 2:
             plans.setdefault(tuple(tuple(m) for m in members), []).append(limit)
-    for members, limits in plans.items():
+    for planned, limits in plans.items():
+        members = [list(m) for m in planned]
         limit_txt = ", ".join(f"{x:g}" for x in limits)
         mem_folds = []
         for m in members:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from benchmarks.quality_storage import (
     BUDGET_X,
@@ -254,7 +255,7 @@ def suite_block(res: SuiteResult, command: str, calibrated: float | None = None)
     return lines
 
 
-def _edge(lam: float, info: Mapping[str, object]) -> str:
+def _edge(lam: float, info: Mapping[str, Any]) -> str:
     grid = info.get("grid") or []
     return " (grid edge)" if grid and lam in (min(grid), max(grid)) else ""  # type: ignore[type-var, arg-type]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from benchmarks.quality_storage import (
     BUDGET_X,
@@ -22,10 +23,10 @@ from randes.capacity import DEFAULT_MAX_INTERFERENCE
 from randes.scaling import NOISE_GAIN
 
 
-def summarize(res: SuiteResult, calibrated: float | None = None) -> dict[str, object]:
+def summarize(res: SuiteResult, calibrated: float | None = None) -> dict[str, Any]:
     """The numbers the section's findings are written from (kept per suite on disk)."""
     d = default_row(res)
-    out: dict[str, object] = {"name": res.suite.name, "seconds": res.seconds}
+    out: dict[str, Any] = {"name": res.suite.name, "seconds": res.seconds}
     if d is not None:
         out["default"] = {
             "mean": mean(d.test),
@@ -99,7 +100,7 @@ def summarize(res: SuiteResult, calibrated: float | None = None) -> dict[str, ob
 ORDER = ("digits-8", "digits-13", "digits-8-large", "minilm")
 
 
-def findings(sums: Mapping[str, Mapping[str, object]]) -> list[str]:
+def findings(sums: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Bullets computed from every suite's summary (so no sentence can go stale)."""
     out = ["**Findings** (computed from the tables below).", ""]
     for name in ORDER:
@@ -231,7 +232,7 @@ def findings(sums: Mapping[str, Mapping[str, object]]) -> list[str]:
     return out
 
 
-def _cheapest_safe_format(sums: Mapping[str, Mapping[str, object]]) -> str | None:
+def _cheapest_safe_format(sums: Mapping[str, Mapping[str, Any]]) -> str | None:
     ok: dict[str, float] = {}
     for f, fmt in FORMATS.items():
         diffs = []

@@ -32,7 +32,7 @@ def gpt2_config(spec: ModelSpec, *, head: bool) -> dict[str, Any]:
         n_layer=spec.layers,
         n_head=12 if spec.d % 12 == 0 else 8,
         n_positions=spec.ctx,
-        num_labels=spec.labels,
+        num_labels=spec.labels,  # type: ignore[call-arg]  # a PretrainedConfig kwarg
         pad_token_id=0,
         architectures=["GPT2ForSequenceClassification" if head else "GPT2Model"],
     )

@@ -265,7 +265,9 @@ def memory(pulled: dict[int, Path], tmp: Path, repeats: int) -> dict[str, Any]:
     from storage.pulled import PulledVersion
 
     ready = PulledVersion(pulled[min(pulled)]).materialize("t1", tmp / "mem-ready")
-    jobs = {"from_pretrained (1 task)": {"kind": "from_pretrained", "dir": str(ready)}}
+    jobs: dict[str, dict[str, Any]] = {
+        "from_pretrained (1 task)": {"kind": "from_pretrained", "dir": str(ready)}
+    }
     for n, path in sorted(pulled.items()):
         jobs[f"runtime, {n} task{'s' if n > 1 else ''}"] = {"kind": "runtime", "dir": str(path)}
     n = max(pulled)
@@ -311,7 +313,7 @@ def mixed_throughput(pulled: Path, tasks: list[str], repeats: int) -> list[dict[
             def run_plain(ids: Any = ids) -> None:
                 model(input_ids=ids)
 
-            methods = {
+            methods: dict[str, Callable[[], None]] = {
                 "mixed model (one pass)": run_mixed,
                 f"{len(tasks)} switches + {len(tasks)} per-task passes": run_switches,
                 f"{len(tasks)} per-task passes, no switch (N resident models)": run_passes,

@@ -10,8 +10,9 @@ fold, a task switch on another device) is one more ``Part`` in ``PARTS`` with it
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,22 @@ PARTS: dict[str, Part] = {
 CORE = ("correct_tiny", "correct_large", "switch", "memory", "mixed")
 
 
+def evict_from_page_cache(roots: Iterable[Path]) -> int:
+    """Drop every file under ``roots`` from the page cache (``POSIX_FADV_DONTNEED``;
+    pages mapped by a live process stay). Returns the bytes advised."""
+    total = 0
+    for root in roots:
+        for path in Path(root).rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    total += os.fstat(fd).st_size
+                finally:
+                    os.close(fd)
+    return total
+
+
 class RuntimeSuite(BaseSuite):
     name = "runtime"
     title = "Serving runtime"
@@ -68,6 +85,12 @@ class RuntimeSuite(BaseSuite):
         ap.add_argument("--versions", default="1,8", help="task counts served (pulled versions)")
         ap.add_argument("--repeats", type=int, default=5)
         ap.add_argument("--parts", default=",".join(PARTS), help=f"of {','.join(PARTS)}")
+        ap.add_argument(
+            "--evict",
+            action="store_true",
+            help="drop the pulled files from the page cache first: the runtime reads them "
+            "back itself, the state a server meets after the kernel reclaimed them",
+        )
 
     def params(self, args: argparse.Namespace, quick: bool) -> dict[str, Any]:
         parts = [p for p in args.parts.split(",") if p]
@@ -77,11 +100,18 @@ class RuntimeSuite(BaseSuite):
         versions = sorted(int(v) for v in args.versions.split(","))
         repeats = 2 if quick and args.repeats == 5 else args.repeats
         spec = QUICK[0] if quick else GPT2_SMALL
-        return {"spec": asdict(spec), "versions": versions, "repeats": repeats, "parts": parts}
+        return {
+            "spec": asdict(spec),
+            "versions": versions,
+            "repeats": repeats,
+            "parts": parts,
+            "evict": bool(args.evict),
+        }
 
     def key(self, params: Mapping[str, Any]) -> str:
         parts = list(params["parts"])
-        return self.name if parts == list(PARTS) else f"{self.name}-{'-'.join(parts)}"
+        key = self.name if parts == list(PARTS) else f"{self.name}-{'-'.join(parts)}"
+        return f"{key}-evicted" if params.get("evict") else key
 
     def run(self, ctx: Context) -> dict[str, Any]:
         import torch
@@ -93,6 +123,9 @@ class RuntimeSuite(BaseSuite):
         root = Path(ctx.args.root or Path(tempfile.gettempdir()) / f"randes-runtime-{spec.name}")
         pulled = build(spec, root, list(p["versions"]), ctx.log)
         n = 8 if 8 in pulled else max(pulled)
+        if p.get("evict"):
+            evicted = evict_from_page_cache(pulled.values())
+            ctx.log(f"evicted {evicted >> 20} MiB from the page cache")
         run = RuntimeRun(
             pulled=pulled,
             n=n,
@@ -112,6 +145,12 @@ class RuntimeSuite(BaseSuite):
         spec = ModelSpec(**result.params["spec"])
         data = result.data
         lines: list[str] = []
+        if result.params.get("evict"):
+            lines += [
+                "Page cache: every pulled file was evicted before the run (`--evict`), so the"
+                " runtime read them back itself: the state after the kernel reclaimed them.",
+                "",
+            ]
         if all(c in data for c in CORE):
             lines.append(report(dict(data), spec))
         for name in result.params["parts"]:

@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 
@@ -33,6 +33,7 @@ from randes.header import DTYPES
 from randes.layout import check_superposition, layout_of
 from randes.manifest import KeyMap
 from randes.quantize import chunk_alignment as quant_alignment
+from randes.retrieval_inputs import KeptSigns, MappedReader, RangeReader, RangeSource
 from randes.serving import QuantizedReader
 from randes.source import TensorMeta, TensorSource
 from randes.transforms import TaskTransform
@@ -59,28 +60,6 @@ passes (unpack, sign, convert, scale, add) stay in the CPU's cache instead of ea
 crossing memory."""
 
 
-@runtime_checkable
-class RangeSource(TensorSource, Protocol):
-    """A source that computes an aligned range of a tensor's flat entries on its own
-    (`randes.serving.QuantizedReader`): retrieval then never holds a whole slot."""
-
-    def alignment(self, name: str) -> int:
-        """Flat offsets a range of ``name`` may start at are multiples of this."""
-        ...
-
-    def get_range(
-        self,
-        name: str,
-        lo: int,
-        hi: int,
-        buffers: WorkBuffers | None = None,
-        signs: Callable[[torch.Tensor, int], object] | None = None,
-    ) -> torch.Tensor:
-        """Flat entries ``[lo, hi)`` of ``get(name)``, possibly a view of ``buffers``,
-        flipped by ``signs(x, lo)`` (in place, at whatever stage is cheapest) if given."""
-        ...
-
-
 FUSED_CHUNK = 1 << 18
 """Entries per call of the fused kernel (1 MiB of float32, a core's L2). A base lent in
 place (a mapping, a resident tensor) is read by the kernel itself; one read into the
@@ -97,31 +76,6 @@ at most: the largest tensor's signs, the embeddings', are drawn while the tensor
 before it are computed)."""
 
 
-@runtime_checkable
-class RangeReader(Protocol):
-    """A base source that reads part of a tensor into given memory (a file reader's
-    positional read, a resident tensor's slice): fused retrieval then writes each
-    output tensor once instead of copying the whole base tensor first."""
-
-    def read_range_into(self, name: str, lo: int, out: torch.Tensor) -> bool:
-        """Flat entries ``[lo, lo + out.numel())`` into ``out``; False: not possible here."""
-        ...
-
-
-@runtime_checkable
-class MappedReader(Protocol):
-    """A base source that lends part of a float32 tensor in place (a mapping of its
-    file, a resident tensor): the fused kernel then reads the base without a copy."""
-
-    def map_range(self, name: str, lo: int, hi: int) -> Any:
-        """Flat entries ``[lo, hi)`` as a read-only float32 numpy array, or None."""
-        ...
-
-    def unmap_range(self, name: str, lo: int, hi: int) -> None:
-        """Done with the range `map_range` lent (drop its pages from the process)."""
-        ...
-
-
 class _Retrieval:
     """One task's output tensors: all planned from the headers, each computed on demand."""
 
@@ -136,9 +90,12 @@ class _Retrieval:
         config: TransformConfig,
         scale: float | Mapping[str, float],
         buffers: WorkBuffers | None = None,
+        kept_signs: KeptSigns | None = None,
     ) -> None:
         layout = layout_of(base, config)
         self.buffers = buffers if buffers is not None else WorkBuffers()
+        self.kept_signs = kept_signs
+        """Where the elementwise sign streams drawn for the fused kernel are kept."""
         self._ranged = isinstance(superposition, RangeSource)  # checked once: it is slow
         self._base_ranges = isinstance(base, RangeReader)
         self._base_maps = isinstance(base, MappedReader)
@@ -209,9 +166,7 @@ class _Retrieval:
         order = list(names)
         outs = outs or {}
         fused = [  # whose signs the helper thread draws ahead for the kernel
-            n
-            for n in order
-            if self._fusable(n) and (n not in outs or outs[n].device.type == "cpu")
+            n for n in order if self._fusable(n) and (n not in outs or outs[n].device.type == "cpu")
         ]
         threads = FUSED_THREADS if threads is None else threads
         with (
@@ -231,7 +186,10 @@ class _Retrieval:
                 if future is not None:
                     queued -= self._numel(ck_name)
                 signs = future.result() if future is not None else None
-                yield ck_name, self._compute(ck_name, outs.get(ck_name), signs, lend, helper)
+                value = self._compute(ck_name, outs.get(ck_name), signs, lend, helper)
+                if signs is not None and "borrowed" in signs:
+                    self.buffers.streams.give_back(signs["borrowed"])
+                yield ck_name, value
 
     def _numel(self, ck_name: str) -> int:
         return math.prod(self.plan[ck_name][1].shape)
@@ -245,16 +203,27 @@ class _Retrieval:
             return False
         slot = self.transform.slot_of(name)
         assert self.superposition is not None
-        return (
-            self.superposition.meta(slot).dtype == torch.float32
-            and meta.dtype.is_floating_point
-        )
+        return self.superposition.meta(slot).dtype == torch.float32 and meta.dtype.is_floating_point
 
     def _kernel_signs(self, ck_name: str) -> dict[str, Any]:
+        """The signs of ``ck_name`` for the kernel: read back from `kept_signs` where
+        kept, else drawn (and kept)."""
         name, meta = self.plan[ck_name]
         assert name is not None
         signs = self.transform.signs(name, meta.shape)
-        return signs.kernel_signs() if signs is not None else {}
+        if signs is None:
+            return {}
+        kept, pool = self.kept_signs, self.buffers.streams
+        if kept is None or signs.kind != "elementwise" or not signs.numel:
+            return signs.kernel_signs(pool)
+        nbytes = -(-signs.numel // 8)
+        buffer = pool.borrow(nbytes)
+        if kept.read_into(ck_name, buffer[:nbytes]):
+            return {"ebits": buffer[:nbytes], "borrowed": buffer}
+        pool.give_back(buffer)
+        drawn = signs.kernel_signs(pool)
+        kept.keep(ck_name, drawn["ebits"])
+        return drawn
 
     def _compute(
         self,
@@ -297,8 +266,9 @@ class _Retrieval:
         shape = meta.shape
         numel = math.prod(shape)
         target = out if out is not None else torch.empty(shape, dtype=meta.dtype)
-        if signs is None:
-            signs = self._kernel_signs(ck_name)
+        if signs is None:  # drawn here, not ahead: its stream is not lent from the pool
+            name_signs = self.transform.signs(name, meta.shape)
+            signs = name_signs.kernel_signs() if name_signs is not None else {}
         base_meta = self.base.meta(name)
         direct = (
             self._base_ranges and base_meta.dtype == torch.float32 and meta.dtype == torch.float32

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -126,6 +127,21 @@ class ServingWriter:
         self._scales.abort()
 
 
+@runtime_checkable
+class LendingSource(Protocol):
+    """A source that can lend a tensor in place (a mapping of its verified file) and
+    take it back: the codes a `QuantizedReader` dequantizes are then never copied into
+    the process (storage.file_maps.MappedCheckpointReader)."""
+
+    def mapped(self, name: str) -> torch.Tensor | None:
+        """``name`` over the source's own memory, read-only by contract; None: read it."""
+        ...
+
+    def release(self, name: str) -> None:
+        """Done with what `mapped` lent of ``name``."""
+        ...
+
+
 class QuantizedReader(MetaTable, Closing):
     """A serving copy read as the master superposition it was derived from.
 
@@ -147,6 +163,7 @@ class QuantizedReader(MetaTable, Closing):
         _check_layout(inner, scheme, slots)
         self._metas = {slot: slots[slot] for slot in sorted(slots)}
         self._held: tuple[str, QuantizedTensor] | None = None
+        self._lending = inner if isinstance(inner, LendingSource) else None  # a slow check: once
 
     def metas(self) -> dict[str, TensorMeta]:
         return dict(self._metas)
@@ -184,13 +201,22 @@ class QuantizedReader(MetaTable, Closing):
         """The codes and scales of ``name``, kept for the next ranges of the same slot
         (one slot's codes: an eighth of its float32 size at int4)."""
         if self._held is None or self._held[0] != name:
-            self._held = None
-            codes, scales = self._inner.get(codes_name(name)), self._inner.get(scales_name(name))
+            held, self._held = self._held, None
+            if held is not None and self._lending is not None:
+                self._lending.release(codes_name(held[0]))
+                self._lending.release(scales_name(held[0]))
+            codes, scales = self._read(codes_name(name)), self._read(scales_name(name))
             self._held = (name, QuantizedTensor(codes, scales))
         return self._held[1]
 
+    def _read(self, name: str) -> torch.Tensor:
+        """A lent tensor where the source lends them (read-only use only: dequantizing
+        reads the codes, never writes them), else a read."""
+        lent = self._lending.mapped(name) if self._lending is not None else None
+        return lent if lent is not None else self._inner.get(name)
+
     def close(self) -> None:
-        self._held = None
+        self._held = None  # before the mappings go: nothing lent outlives them
         self._inner.close()
 
     def __repr__(self) -> str:

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from randes.buffers import WorkBuffers
+from randes.buffers import ByteBuffers, WorkBuffers
 from randes.config import MapName
 from randes.layout import Layout
 from randes.rng import (
@@ -124,20 +124,26 @@ class SignMap:
             rows.mul_(self._on("rows", x)[r0 : r0 + n // width].unsqueeze(1))
         return x
 
-    def kernel_signs(self) -> dict[str, Any]:
+    def kernel_signs(self, buffers: ByteBuffers | None = None) -> dict[str, Any]:
         """These signs as `randes.kernels.dequant_add_` takes them: the whole packed
         elementwise stream (``ebits``: the stream chunks' bytes back to back, one bit
         per entry, since ELEMENT_CHUNK is a multiple of 8), or int8 column (and row)
-        signs with the row ``width`` (rank-0/1: one column sign per entry)."""
+        signs with the row ``width`` (rank-0/1: one column sign per entry). With
+        ``buffers`` the stream is written in a borrowed buffer, under ``"borrowed"``:
+        the caller gives it back when done with the signs."""
         if self.numel == 0:
             return {}
         if self.kind == "elementwise":
-            stream = np.empty(-(-self.numel // 8), dtype=np.uint8)
+            nbytes = -(-self.numel // 8)
+            borrowed = buffers.borrow(nbytes) if buffers is not None else None
+            stream = borrowed[:nbytes] if borrowed is not None else np.empty(nbytes, np.uint8)
             for c in range(-(-self.numel // ELEMENT_CHUNK)):
                 n = min(ELEMENT_CHUNK, self.numel - c * ELEMENT_CHUNK)
                 raw = element_sign_bytes(self.seed, self.name, c, n)
                 start = c * (ELEMENT_CHUNK // 8)
                 stream[start : start + len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+            if borrowed is not None:
+                return {"ebits": stream, "borrowed": borrowed}
             return {"ebits": stream}
         assert self._cols is not None
         out: dict[str, Any] = {

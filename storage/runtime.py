@@ -50,10 +50,12 @@ from randes.retrieve import TaskRetrieval
 from randes.scaling import manifest_task_scale
 from randes.serving import QuantizedReader
 from randes.source import Closing, TensorSource
+from storage.file_maps import MappedCheckpointReader
 from storage.registry import TaskNotFoundError
 from storage.runtime_readers import FileBaseReader, ResidentReader
 from storage.runtime_sources import BundleRuntimeError, RuntimeSource, open_source
 from storage.settings import Settings
+from storage.sign_files import DEFAULT_BUDGET, SignFiles
 
 if TYPE_CHECKING:
     from storage.mixed import MixedBatchModel
@@ -87,6 +89,7 @@ class BundleRuntime(Closing):
         device: torch.device,
         master: bool,
         base_resident: bool | None = None,
+        sign_budget: int = DEFAULT_BUDGET,
     ) -> None:
         self.device = device
         self.manifest: BundleManifest = source.manifest
@@ -100,10 +103,10 @@ class BundleRuntime(Closing):
             self.base = FileBaseReader(source.base_files(), device)
         stored: ResidentReader | CheckpointReader
         if quantized and device.type == "cpu" and kernels.available():
-            # The fused kernel reads a slot's codes once per switch: read them slot by
-            # slot from their verified files, like the base (page cache, not this
-            # process's RSS), so the process holds one slot's codes, not the whole copy.
-            stored = CheckpointReader.from_files(source.files(refs))
+            # The fused kernel reads a slot's codes once per switch: it reads them in
+            # place from their verified files, like the base (page cache, not this
+            # process's RSS, storage.file_maps), one slot's pages mapped at a time.
+            stored = MappedCheckpointReader.from_files(source.files(refs))
         else:
             with CheckpointReader.from_files(source.files(refs)) as sup_reader:
                 stored = ResidentReader.load(sup_reader, device, copies=not quantized)
@@ -119,6 +122,8 @@ class BundleRuntime(Closing):
             kernels.warm()  # JIT now, while the process is small (see randes.kernels)
         self._private: dict[str, CheckpointReader | None] = {}
         self._plans: dict[str, TaskRetrieval] = {}
+        self._sign_files = SignFiles(sign_budget) if sign_budget and kernels.available() else None
+        """The sign streams drawn for each task, kept for its next switches."""
         self._buffers = WorkBuffers()
         """Work buffers every task's retrieval reuses (a few chunks, any number of tasks)."""
         self._holding: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
@@ -144,6 +149,7 @@ class BundleRuntime(Closing):
         master: bool = False,
         base_resident: bool | None = None,
         settings: Settings | None = None,
+        sign_budget: int = DEFAULT_BUDGET,
     ) -> BundleRuntime:
         """Serve a directory written by `randes pull`, or ``BUNDLE[@VERSION|@ALIAS]``
         read through the workspace's verified cache (``settings``, else the environment).
@@ -153,12 +159,22 @@ class BundleRuntime(Closing):
         holds the base in the process (on ``device``) instead of reading it from its
         verified files, kept in the page cache, each time a tensor is computed; default:
         resident on a GPU, from the page cache on the CPU (same speed, and the base
-        counts once per machine instead of once per process).
+        counts once per machine instead of once per process). ``sign_budget``: bytes of
+        disk the elementwise sign streams drawn for the fused kernel may take in a
+        private scratch directory, so that each task's are drawn once, not at every
+        switch (one bit per parameter per task; 0: draw them every time;
+        storage.sign_files).
         """
         dev = _device(device)
         source = open_source(path_or_ref, settings=settings)
         try:
-            return cls(source, device=dev, master=master, base_resident=base_resident)
+            return cls(
+                source,
+                device=dev,
+                master=master,
+                base_resident=base_resident,
+                sign_budget=sign_budget,
+            )
         except BaseException:
             source.close()
             raise
@@ -169,6 +185,8 @@ class BundleRuntime(Closing):
                 reader.close()
         self._private.clear()
         self._plans.clear()
+        if self._sign_files is not None:
+            self._sign_files.close()
         self.base.close()
         self._stored.close()
         self._source.close()
@@ -212,6 +230,11 @@ class BundleRuntime(Closing):
                 config=self.manifest.transform,
                 scale=self.info(task).scale,
                 buffers=self._buffers,
+                kept_signs=(
+                    self._sign_files.task(self.task_names.index(task))
+                    if self._sign_files is not None
+                    else None
+                ),
             )
         return plan
 

@@ -9,20 +9,15 @@ materialize runs takes them where it takes a file reader, without a line of it c
 from __future__ import annotations
 
 import contextlib
-import mmap
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from randes.checkpoint import CheckpointReader, read_exact_into
+from randes.checkpoint import read_exact_into
 from randes.source import Closing, MetaTable, TensorMeta, TensorSource
-
-_DONTNEED: int | None = getattr(mmap, "MADV_DONTNEED", None)
-_FAULT_AROUND = 64 * 1024
-"""Linux's default fault_around_bytes: what one page fault of a file mapping maps."""
+from storage.file_maps import MappedCheckpointReader
 
 
 class _Lending:
@@ -84,7 +79,6 @@ class ResidentReader(MetaTable, _Lending, Closing):
         tensors = {name: reader.get(name).to(device) for name in reader.keys()}  # noqa: SIM118
         return cls(tensors, copies=copies)
 
-
     def _fits(self, name: str, target: torch.Tensor) -> bool:
         mine = self._tensors.get(name)
         return (
@@ -138,71 +132,22 @@ class ResidentReader(MetaTable, _Lending, Closing):
         return f"ResidentReader({len(self)} tensors, {self.nbytes} bytes)"
 
 
-class FileBaseReader(_Lending, CheckpointReader):
+class FileBaseReader(_Lending, MappedCheckpointReader):
     """The base read from its verified local files each time a tensor is computed.
 
     Its bytes then live in the page cache, not in the process: shared by every server
     on the machine, reclaimable, and outside the RSS of each. The fused kernel reads
-    them in place through `map_range` (a mapping, pages dropped after each chunk); the
-    torch path (CUDA, no numba) gets a lent read straight in the module's storage
-    (``readinto``). The files were checked against their sha256 when the runtime opened
-    them; like any mapped file (``from_pretrained`` maps its own) a base truncated by
-    someone else while a switch reads it would end the process with SIGBUS.
+    them in place through `map_range` (a mapping, pages dropped every few chunks,
+    `storage.file_maps`); the torch path (CUDA, no numba) gets a lent read straight in
+    the module's storage (``readinto``). The files were checked against their sha256
+    when the runtime opened them; like any mapped file (``from_pretrained`` maps its
+    own) a base truncated by someone else while a switch reads it would end the process
+    with SIGBUS.
     """
 
     def __init__(self, files: list[Path], device: torch.device) -> None:
         super().__init__(files)
         self.device = device
-        self._maps: dict[Path, mmap.mmap] = {}
-        self._map_lock = threading.Lock()
-
-    mapped = True
-    """Whether `map_range` lends mapped pages (False: every chunk is a positional read)."""
-
-    def map_range(self, name: str, lo: int, hi: int) -> np.ndarray | None:
-        """Flat entries ``[lo, hi)`` of a float32 tensor as a read-only array over a
-        mapping of its file: the fused kernel reads the page cache in place instead of
-        copying it out (a third cheaper than a positional read). `unmap_range` drops
-        the chunk's pages from the process again right after, so the mapped base never
-        adds more than a chunk to the RSS. None where that does not apply (another
-        dtype, an unaligned offset, no MADV_DONTNEED here): read it then.
-        """
-        meta = self._metas.get(name)
-        if not self.mapped or meta is None or meta.dtype != torch.float32 or _DONTNEED is None:
-            return None
-        offset = self._offset[name] + 4 * lo
-        if offset % 4:
-            return None
-        path = self._file_of[name]
-        with self._map_lock:  # two threads may ask for the first range of a file at once
-            mapped = self._maps.get(path)
-            if mapped is None:
-                with open(path, "rb") as fh:
-                    mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-                self._maps[path] = mapped
-        if offset + 4 * (hi - lo) > len(mapped):
-            return None  # the file shrank since its header was read: the read will say so
-        return np.frombuffer(mapped, dtype=np.float32, count=hi - lo, offset=offset)
-
-    def unmap_range(self, name: str, lo: int, hi: int) -> None:
-        """Drop the mapped pages of entries ``[lo, hi)`` from the process (they stay in
-        the page cache): what keeps a switch's RSS at the working model's."""
-        mapped = self._maps.get(self._file_of[name])
-        if mapped is None or _DONTNEED is None:
-            return
-        # the kernel's fault-around maps up to 64 KiB of neighbouring pages with each
-        # fault: drop those too, or they pile up tensor after tensor
-        first = max(0, self._offset[name] + 4 * lo - _FAULT_AROUND)
-        start = first // mmap.PAGESIZE * mmap.PAGESIZE
-        end = min(len(mapped), self._offset[name] + 4 * hi + _FAULT_AROUND)
-        if end > start:
-            mapped.madvise(_DONTNEED, start, end - start)
-
-    def close(self) -> None:
-        maps, self._maps = self._maps, {}
-        for mapped in maps.values():
-            mapped.close()
-        super().close()
 
     def _fits(self, name: str, target: torch.Tensor) -> bool:
         meta = self._metas.get(name)

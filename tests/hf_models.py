@@ -72,7 +72,7 @@ def _configs() -> dict[str, Callable[..., Any]]:
         ),
         "clip": lambda **kw: t.CLIPConfig(
             **(
-                {
+                {  # type: ignore[arg-type]
                     "text_config": {
                         "vocab_size": VOCAB,
                         **SMALL,

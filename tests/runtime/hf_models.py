@@ -19,7 +19,7 @@ VOCAB = 96
 SEQ = 12
 
 
-def _configs(arch: str) -> tuple[Any, type, type]:
+def _configs(arch: str) -> tuple[Any, Any, Any]:
     import transformers as tf
 
     if arch == "bert":

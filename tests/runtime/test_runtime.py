@@ -257,3 +257,23 @@ def test_fused_kernel_serves_the_torch_paths_bits(
             rt.switch(model, task)
             got = model.state_dict()
             _assert_same({n: got[n] for n in want[task]}, want[task])
+
+
+def test_switches_reuse_the_sign_streams_drawn_ahead(served_elementwise: Served) -> None:
+    """The elementwise sign streams a helper thread draws ahead are lent from the
+    runtime's pool and given back: after the first switch, the next ones allocate none
+    (no fresh pages per tensor, every switch), and what they compute is unchanged."""
+    if not kernels.available():
+        pytest.skip("numba is not importable")
+    with BundleRuntime.open(served_elementwise.pulled) as rt:
+        model = rt.model("t1")
+        rt.switch(model, "t3")
+        pool = rt._buffers.streams
+        held = pool.nbytes
+        assert held > 0  # the streams came from the pool and went back to it
+        for task in ["t1", "t3", "t1"]:
+            rt.switch(model, task)
+            assert pool.nbytes == held
+        got = model.state_dict()
+        want = rt.state_dict("t1")
+        _assert_same({n: got[n] for n in want}, want)

@@ -1,0 +1,167 @@
+"""Tensors of verified local checkpoint files read in place, through a mapping.
+
+A serving runtime reads the base and the quantized codes of every tensor once per task
+switch. Copying them out of the page cache (``pread``) costs a pass over memory and an
+allocation the process then holds; a mapping hands the page-cache pages to the kernel
+that reads them, and dropping the pages after use (``MADV_DONTNEED``: they stay in the
+page cache) keeps them out of the process's RSS. What a mapped read costs depends on
+the page-cache folios under it: over 2 MiB folios one fault maps 2 MiB (a PMD), over
+4 KiB ones it maps 64 KiB (Linux's fault-around), 32 times the faults and 512 times the
+page-table entries to set up and tear down, for a 124M model about 8,000 faults and
+0.08 s of system time per switch against 1,000 and 0.02 s (measured, see
+docs/benchmarks.md "Runtime"). So every mapping is advised ``MADV_HUGEPAGE`` (pages
+read in again after reclaim come in PMD-sized folios), and pages are dropped only in
+whole, aligned 2 MiB spans, which never splits a PMD mapping into small ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from randes.checkpoint import CheckpointReader
+
+_DONTNEED: int | None = getattr(mmap, "MADV_DONTNEED", None)
+_HUGEPAGE: int | None = getattr(mmap, "MADV_HUGEPAGE", None)
+FAULT_AROUND = 64 * 1024
+"""Linux's default fault_around_bytes: what one fault over small folios maps."""
+SPAN = 2 << 20
+"""Pages are dropped in aligned spans of this size (a PMD on x86-64 and arm64)."""
+
+_NUMPY = {
+    torch.float32: np.float32,
+    torch.float16: np.float16,
+    torch.uint8: np.uint8,
+    torch.int8: np.int8,
+}
+
+
+class FileMaps:
+    """One read-only view per file, made on first use and shared by every thread.
+
+    The mappings are private (``MAP_PRIVATE``): what they lend is writable memory, so
+    torch and numpy wrap it without a copy or a read-only warning, and a write by
+    mistake would change the process's copy, never the verified file.
+    """
+
+    def __init__(self) -> None:
+        self._maps: dict[Path, tuple[mmap.mmap, int]] = {}
+        self._lock = threading.Lock()
+
+    def view(self, path: Path, offset: int, nbytes: int) -> tuple[mmap.mmap, int] | None:
+        """The mapping of ``path`` and its start address, or None when the file no
+        longer holds ``[offset, offset + nbytes)`` (it shrank since its header was read:
+        a positional read will say so) or mappings cannot drop pages here."""
+        if _DONTNEED is None:
+            return None
+        with self._lock:  # two threads may ask for the first range of a file at once
+            entry = self._maps.get(path)
+            if entry is None:
+                with open(path, "rb") as fh:
+                    mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+                if _HUGEPAGE is not None:
+                    # no transparent huge pages in this kernel: small folios, still correct
+                    with contextlib.suppress(OSError):
+                        mapped.madvise(_HUGEPAGE)
+                address = np.frombuffer(mapped, dtype=np.uint8, count=1).ctypes.data
+                entry = self._maps[path] = (mapped, address)
+        if offset + nbytes > len(entry[0]):
+            return None
+        return entry
+
+    def drop(self, path: Path, start: int, end: int, *, whole: bool) -> None:
+        """Drop the pages mapped for bytes ``[start, end)`` of ``path`` from the process.
+
+        The span grows back by one fault-around to the pages the faults before it
+        mapped, and is cut to whole aligned `SPAN`s: ``whole=False`` (more of the same
+        range follows) rounds its end down, so the span in use stays mapped and is
+        dropped with the next range; ``whole=True`` (the range is done) rounds it up.
+        """
+        entry = self._maps.get(path)
+        if entry is None or _DONTNEED is None:
+            return
+        mapped, address = entry
+        lo = address + max(0, start - FAULT_AROUND)
+        hi = address + min(len(mapped), end + (FAULT_AROUND if whole else 0))
+        lo -= lo % SPAN
+        hi = hi + (-hi % SPAN) if whole else hi - hi % SPAN
+        lo, hi = max(lo, address), min(hi, address + len(mapped))
+        if hi > lo:
+            first = lo - address
+            first -= first % mmap.PAGESIZE  # madvise takes a page-aligned start
+            mapped.madvise(_DONTNEED, first, hi - address - first)
+
+    def close(self) -> None:
+        maps, self._maps = self._maps, {}
+        for mapped, _ in maps.values():
+            with contextlib.suppress(BufferError):  # a tensor still lent: freed with it
+                mapped.close()
+
+
+class MappedCheckpointReader(CheckpointReader):
+    """A `CheckpointReader` whose tensors can also be read in place (`mapped`,
+    `map_range`), for readers whose files were verified when they were opened."""
+
+    def __init__(self, files: list[Path]) -> None:
+        super().__init__(files)
+        self._file_maps = FileMaps()
+
+    mapped_reads = True
+    """Whether reads in place are lent (False: every read is a positional read)."""
+
+    def _span(self, name: str, lo: int, hi: int, itemsize: int) -> tuple[Path, int, int]:
+        start = self._offset[name] + itemsize * lo
+        return self._file_of[name], start, itemsize * (hi - lo)
+
+    def mapped(self, name: str) -> torch.Tensor | None:
+        """``name`` as a CPU tensor over the mapped file, no copy (read-only by
+        contract); `release` drops its pages. None for dtypes it does not lend or an
+        unaligned offset."""
+        meta = self._metas.get(name)
+        if not self.mapped_reads or meta is None or meta.dtype not in _NUMPY:
+            return None
+        path, start, nbytes = self._span(name, 0, meta.numel, meta.dtype.itemsize)
+        aligned = start % meta.dtype.itemsize == 0
+        entry = self._file_maps.view(path, start, nbytes) if aligned else None
+        if entry is None or nbytes == 0:
+            return None
+        flat = torch.frombuffer(entry[0], dtype=meta.dtype, count=meta.numel, offset=start)
+        return flat if len(meta.shape) == 1 else flat.view(meta.shape)
+
+    def release(self, name: str) -> None:
+        """Done with what `mapped` lent of ``name``: drop its pages from the process."""
+        meta = self._metas.get(name)
+        if meta is not None:
+            path, start, nbytes = self._span(name, 0, meta.numel, meta.dtype.itemsize)
+            self._file_maps.drop(path, start, start + nbytes, whole=True)
+
+    def map_range(self, name: str, lo: int, hi: int) -> np.ndarray | None:
+        """Flat entries ``[lo, hi)`` of a float32 tensor over the mapping, no copy;
+        None where that does not apply (another dtype, an unaligned offset)."""
+        meta = self._metas.get(name)
+        if not self.mapped_reads or meta is None or meta.dtype != torch.float32:
+            return None
+        path, start, nbytes = self._span(name, lo, hi, 4)
+        entry = self._file_maps.view(path, start, nbytes) if start % 4 == 0 else None
+        if entry is None:
+            return None
+        return np.frombuffer(entry[0], dtype=np.float32, count=hi - lo, offset=start)
+
+    def unmap_range(self, name: str, lo: int, hi: int) -> None:
+        """Done with entries ``[lo, hi)`` `map_range` lent: drop their pages, all of
+        them when the range reaches the tensor's end, else the whole spans before the
+        one in use (`FileMaps.drop`)."""
+        meta = self._metas.get(name)
+        if meta is None:
+            return
+        path, start, nbytes = self._span(name, lo, hi, 4)
+        self._file_maps.drop(path, start, start + nbytes, whole=hi >= meta.numel)
+
+    def close(self) -> None:
+        self._file_maps.close()
+        super().close()

@@ -1,0 +1,119 @@
+"""Drawn sign streams kept in one scratch file per task (randes.retrieval_inputs.KeptSigns).
+
+A stream is appended once, at the first retrieval of its tensor, and read back with a
+positional read (``pread`` releases the GIL; the helper thread that drew it now reads
+it, 15.5 MB per switch of a 124M model in a few milliseconds). The files are this
+process's own scratch: made in a private temporary directory, indexed in memory, and
+deleted when the runtime closes; nothing else reads them, so no digest is kept. A
+budget caps the disk they take (one bit per parameter per task): past it, streams are
+drawn each time, as without a store.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_BUDGET = 2 << 30
+"""Bytes of sign streams a runtime keeps at most (16 tasks of a 1B-parameter model)."""
+
+
+class SignFiles:
+    """The kept streams of every task a runtime serves, under one scratch directory."""
+
+    def __init__(self, budget: int = DEFAULT_BUDGET, parent: Path | None = None) -> None:
+        if budget < 0:
+            raise ValueError(f"sign stream budget must be >= 0 bytes, got {budget}")
+        self.budget = budget
+        self.used = 0
+        self._dir = Path(tempfile.mkdtemp(prefix=".randes-signs-", dir=parent))
+        self._lock = threading.Lock()
+        self._tasks: dict[int, TaskSignFile] = {}
+
+    def task(self, number: int) -> TaskSignFile:
+        """The store of task ``number`` (an index the runtime gives each task)."""
+        with self._lock:
+            store = self._tasks.get(number)
+            if store is None:
+                store = self._tasks[number] = TaskSignFile(self, self._dir / f"{number}.bits")
+            return store
+
+    def reserve(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more fit the budget (and they are now counted)."""
+        with self._lock:
+            if self.used + nbytes > self.budget:
+                return False
+            self.used += nbytes
+            return True
+
+    def stop_keeping(self) -> None:
+        """Keep nothing more (the scratch could not be written); kept streams stay."""
+        with self._lock:
+            self.budget = self.used
+
+    def close(self) -> None:
+        with self._lock:
+            tasks, self._tasks = self._tasks, {}
+        for store in tasks.values():
+            store.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class TaskSignFile:
+    """One task's kept streams: appended to one file, found by an in-memory index."""
+
+    def __init__(self, owner: SignFiles, path: Path) -> None:
+        self._owner = owner
+        self._path = path
+        self._fd: int | None = None
+        self._index: dict[str, tuple[int, int]] = {}  # name -> (offset, bytes)
+        self._pending: set[str] = set()  # being written
+        self._end = 0
+        self._lock = threading.Lock()
+
+    def read_into(self, name: str, out: np.ndarray) -> bool:
+        where = self._index.get(name)
+        if where is None or where[1] != out.nbytes or self._fd is None:
+            return False
+        got = os.preadv(self._fd, [out.data.cast("B")], where[0])
+        if got != where[1]:  # the scratch file was cut by someone else: draw it again
+            self._index.pop(name, None)
+            return False
+        return True
+
+    def keep(self, name: str, stream: np.ndarray) -> None:
+        nbytes = stream.nbytes
+        with self._lock:  # two switches of this task at once keep a stream once
+            if not nbytes or name in self._index or name in self._pending:
+                return
+            if not self._owner.reserve(nbytes):
+                return
+            if self._fd is None:
+                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            fd, offset = self._fd, self._end
+            self._end += nbytes
+            self._pending.add(name)
+        try:
+            data = np.ascontiguousarray(stream).data.cast("B")
+            written = 0
+            while written < nbytes:
+                written += os.pwrite(fd, data[written:], offset + written)
+            with self._lock:
+                self._index[name] = (offset, nbytes)  # found once every byte is written
+        except OSError:  # scratch full or gone: keep drawing, the switch must not fail
+            self._owner.stop_keeping()
+        finally:
+            with self._lock:
+                self._pending.discard(name)
+
+    def close(self) -> None:
+        with self._lock:
+            fd, self._fd = self._fd, None
+            self._index.clear()
+        if fd is not None:
+            os.close(fd)

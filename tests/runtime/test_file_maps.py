@@ -1,0 +1,144 @@
+"""storage.file_maps: tensors read in place from their files, and their pages given back.
+
+The files are written by safetensors' own ``save_file`` (what transformers writes).
+Residency is read from the kernel (/proc/self/smaps: the Rss of the mapping), so the
+tests see what a server's RSS sees.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from randes.checkpoint import CheckpointReader
+from randes.quantize import QuantScheme, quantize
+from randes.serving import QuantizedReader, codes_name, scales_name
+from randes.source import TensorMeta
+from storage.file_maps import SPAN, MappedCheckpointReader
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+
+
+def _mapping_rss(address: int) -> int:
+    """Bytes resident in this process of the mapping holding ``address``."""
+    inside = False
+    with open("/proc/self/smaps", encoding="utf-8") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "Rss:":
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no mapping holds that address")
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path / "model.safetensors"
+    save_file(
+        {
+            "big": torch.randn(6 * SPAN // 4 + 123, generator=g),  # 6 spans of float32 and a bit
+            "codes": torch.randint(0, 256, (3 * SPAN + 7,), dtype=torch.uint8, generator=g),
+            "half": torch.randn(33, 5, generator=g).to(torch.bfloat16),
+            "small": torch.randn(7, 3, generator=g),
+        },
+        str(path),
+    )
+    return path
+
+
+def test_mapped_tensors_are_the_file_s_tensors(checkpoint: Path) -> None:
+    want = load_file(str(checkpoint))
+    with MappedCheckpointReader.from_files([checkpoint]) as reader:
+        for name in ("big", "codes", "small"):
+            lent = reader.mapped(name)
+            assert lent is not None, name
+            assert lent.dtype == want[name].dtype and torch.equal(lent, want[name]), name
+        assert reader.mapped("half") is None  # a dtype it does not lend: read instead
+        assert torch.equal(reader.get("half"), want["half"])
+        lo, hi = 1000, 1000 + SPAN
+        ranged = reader.map_range("big", lo, hi)
+        assert ranged is not None
+        assert np.array_equal(ranged, want["big"][lo:hi].numpy())
+
+
+def test_writes_to_a_lent_tensor_never_reach_the_file(checkpoint: Path) -> None:
+    before = checkpoint.read_bytes()
+    with MappedCheckpointReader.from_files([checkpoint]) as reader:
+        lent = reader.mapped("small")
+        assert lent is not None
+        lent.fill_(7.0)  # a private mapping: the process's copy only
+        del lent
+    assert checkpoint.read_bytes() == before
+
+
+@linux
+def test_a_pass_over_a_tensor_leaves_none_of_it_resident(checkpoint: Path) -> None:
+    """The fused kernel's pattern (map a window, read it, give it back, next window):
+    at most the window and the spans around it are resident at any time, and none of
+    the tensor once the pass reached its end."""
+    with MappedCheckpointReader.from_files([checkpoint]) as reader:
+        n = reader.meta("big").numel
+        window = SPAN // 4  # entries: one span of float32
+        peak, address = 0, 0
+        total = 0.0
+        for lo in range(0, n, window):
+            hi = min(n, lo + window)
+            chunk = reader.map_range("big", lo, hi)
+            assert chunk is not None
+            address = chunk.ctypes.data
+            total += float(chunk.sum())
+            del chunk
+            peak = max(peak, _mapping_rss(address))
+            reader.unmap_range("big", lo, hi)
+        assert peak <= 4 * SPAN  # never the whole 6+ spans
+        assert _mapping_rss(address) == 0
+        assert total == pytest.approx(float(load_file(str(checkpoint))["big"].sum()), rel=1e-4)
+
+
+@linux
+def test_released_tensors_leave_the_process(checkpoint: Path) -> None:
+    with MappedCheckpointReader.from_files([checkpoint]) as reader:
+        lent = reader.mapped("codes")
+        assert lent is not None
+        address = lent.data_ptr()
+        assert int(lent.sum()) > 0  # touches every page
+        assert _mapping_rss(address) >= 3 * SPAN
+        del lent
+        reader.release("codes")
+        assert _mapping_rss(address) == 0
+
+
+@linux
+def test_a_quantized_reader_holds_one_slot_s_codes_mapped(tmp_path: Path) -> None:
+    """Over a lending source, QuantizedReader dequantizes codes read in place, gives
+    the same values as over a plain file reader, and gives a slot's pages back when it
+    moves to the next slot."""
+    g = torch.Generator().manual_seed(1)
+    scheme = QuantScheme(bits=4, group_size=64)
+    master = {f"w{i}": torch.randn(4 * SPAN, generator=g) for i in range(4)}  # 4 MiB of codes each
+    stored: dict[str, torch.Tensor] = {}
+    for name, value in master.items():
+        q = quantize(value, scheme)
+        stored[codes_name(name)], stored[scales_name(name)] = q.codes, q.scales
+    path = tmp_path / "serving.safetensors"
+    save_file(stored, str(path))
+    metas = {name: TensorMeta(t.dtype, tuple(t.shape)) for name, t in master.items()}
+    with (
+        QuantizedReader(MappedCheckpointReader.from_files([path]), scheme, metas) as lent,
+        QuantizedReader(CheckpointReader.from_files([path]), scheme, metas) as read,
+    ):
+        addresses = []
+        for name in sorted(master):
+            assert torch.equal(lent.get(name), read.get(name)), name
+            addresses.append(lent.quantized(name).codes.data_ptr())
+            # this slot's codes are resident, with at most a span on either side; the
+            # slots before it were given back (all four would be 16 MiB)
+            assert _mapping_rss(addresses[-1]) <= stored[codes_name(name)].numel() + 2 * SPAN

@@ -1,0 +1,110 @@
+"""Sign streams a runtime keeps (storage.sign_files): drawn once per task, read back
+after, the same bits either way; within budget; gone when the runtime closes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from randes import kernels, rng
+from storage.runtime import BundleRuntime
+from storage.sign_files import SignFiles
+from tests.runtime.conftest import Served
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not importable")
+
+
+def _switched(rt: BundleRuntime, model: torch.nn.Module, task: str) -> dict[str, torch.Tensor]:
+    rt.switch(model, task)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_streams_are_drawn_once_per_task_and_read_back_bit_for_bit(
+    served_elementwise: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with BundleRuntime.open(served_elementwise.pulled, sign_budget=0) as rt:
+        model = rt.model("t1")
+        want = {task: _switched(rt, model, task) for task in ["t3", "t1"]}
+    draws: list[str] = []
+    real = rng.element_sign_bytes
+
+    def counted(seed: int, name: str, chunk: int, n: int) -> bytes:
+        draws.append(name)
+        return real(seed, name, chunk, n)
+
+    monkeypatch.setattr("randes.transforms.element_sign_bytes", counted)
+    with BundleRuntime.open(served_elementwise.pulled) as rt:
+        model = rt.model("t1")
+        scratch = rt._sign_files._dir  # type: ignore[union-attr]
+        assert scratch.is_dir()
+        _same(_switched(rt, model, "t3"), want["t3"])
+        drawn_once = len(draws)
+        assert drawn_once > 0
+        _same(_switched(rt, model, "t1"), want["t1"])
+        after_both = len(draws)
+        for task in ["t3", "t1", "t3", "t1"]:
+            _same(_switched(rt, model, task), want[task])
+        assert len(draws) == after_both  # every later switch read its streams back
+    assert not scratch.exists()  # the scratch goes with the runtime
+
+
+def test_the_budget_caps_what_is_kept_and_results_do_not_change(
+    served_elementwise: Served,
+) -> None:
+    with BundleRuntime.open(served_elementwise.pulled, sign_budget=0) as rt:
+        assert rt._sign_files is None
+        model = rt.model("t1")
+        want = _switched(rt, model, "t3")
+    budget = 1000  # bytes: a few small tensors' streams, not the whole model's
+    with BundleRuntime.open(served_elementwise.pulled, sign_budget=budget) as rt:
+        model = rt.model("t1")
+        for _ in range(3):
+            _switched(rt, model, "t1")
+            _same(_switched(rt, model, "t3"), want)
+        files = rt._sign_files
+        assert files is not None and 0 < files.used <= budget
+
+
+def test_a_cut_scratch_file_is_drawn_again(tmp_path: Path) -> None:
+    files = SignFiles(parent=tmp_path)
+    store = files.task(0)
+    stream = np.arange(4096, dtype=np.uint8)
+    store.keep("w", stream)
+    out = np.empty(4096, dtype=np.uint8)
+    assert store.read_into("w", out) and np.array_equal(out, stream)
+    assert not store.read_into("w", np.empty(10, dtype=np.uint8))  # another size: not it
+    (path,) = list(Path(files._dir).iterdir())
+    with open(path, "r+b") as fh:
+        fh.truncate(100)
+    assert not store.read_into("w", out)  # short: not trusted, the caller draws again
+    files.close()
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_negative_budget_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="budget"):
+        SignFiles(-1, parent=tmp_path)
+
+
+def test_a_scratch_that_cannot_be_written_stops_keeping_not_serving(tmp_path: Path) -> None:
+    files = SignFiles(parent=tmp_path)
+    store = files.task(0)
+    store.keep("a", np.ones(100, dtype=np.uint8))
+    fd = store._fd
+    assert fd is not None
+    os.close(fd)  # writes now fail (EBADF), as a full or vanished scratch disk would
+    store._fd = os.open(os.devnull, os.O_RDONLY)
+    store.keep("b", np.ones(100, dtype=np.uint8))  # no exception
+    assert files.budget == files.used  # nothing more is kept
+    assert not store.read_into("b", np.empty(100, dtype=np.uint8))
+    files.close()
