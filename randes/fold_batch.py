@@ -13,7 +13,11 @@ The result is the sequential result to the byte: every slot is accumulated in th
 order of the members, with the same float32 operations and the same rounding to the
 bundle dtype after each member as the sequential folds (each writes its sum in that
 dtype, the next reads it back), the same overflow check after each member, the same
-per-task key maps, private tensors and delta norms.
+per-task key maps, private tensors and delta norms. What each member adds to a slot
+(its tensor read, hashed, subtracted from the base's and scrambled) is computed on two
+helper threads, several tensors ahead of the slot being added (`randes.hashio.ahead`,
+within ``ahead_bytes`` whatever the number of members); the additions themselves, the
+checks and the writes stay on the calling thread, in the members' order.
 
 A member is refused without blocking the others. Headers are checked first for all of
 them (randes.keymap, as a single fold does) and a refused one never enters the pass. A

@@ -6,7 +6,9 @@ verification, the content address of every shard), and sha256 costs about as muc
 CPU as the read or write beside it. Done one after the other they add up; here the
 digest of one chunk runs on a helper thread while the caller reads the next chunk
 (or writes the same one), so the two overlap. ``hashlib`` releases the GIL for
-buffers this size, and so do file reads and writes.
+buffers this size, and so do file reads and writes. The exception is a read on one
+of `ahead`'s threads (a batch fold reads its members there, two at once): it hashes
+each piece itself, so two such readers are two busy threads, not four.
 
 Digests are still fed strictly in order, each by one thread at a time: every call
 returns only once its hashing is done, so a digest, a buffer or a tensor handed in is
