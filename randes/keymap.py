@@ -308,15 +308,18 @@ def _mismatch(
     )
     return (
         f"checkpoint matches only {100 * matched / total:.0f}% of the base's parameters "
-        f"({rewrite}); is this the right base? base tensors without a match: "
-        f"{_few(base_only)}; checkpoint tensors without a match: {_few(ck_only)}"
+        f"({rewrite}); is this the right base? unmatched: base {_few(base_only)}; "
+        f"checkpoint {_few(ck_only)}"
     )
 
 
-def _few(names: list[str], n: int = 3) -> str:
+def _few(names: list[str], n: int = 1) -> str:
+    """An example, cut to its last 40 characters (the layer and weight
+    names that tell tensors apart), so the error stays one readable line for the real
+    names of a transformers model (``transformer.h.0.attn.c_attn.weight``)."""
     if not names:
         return "none (shapes differ)"
-    shown = ", ".join(repr(x if len(x) <= 80 else x[:77] + "...") for x in names[:n])
+    shown = ", ".join(repr(x if len(x) <= 40 else "..." + x[-37:]) for x in names[:n])
     return f"{shown}{f' and {len(names) - n} more' if len(names) > n else ''}"
 
 

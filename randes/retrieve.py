@@ -70,6 +70,11 @@ FUSED_THREADS = 2
 """Threads computing one tensor by the fused kernel in `tensors` (each a half of it;
 plus the thread drawing the signs ahead). 1: the calling thread alone."""
 
+SIGNS_AHEAD_MIN = 1 << 16
+"""Tensors of fewer entries get their signs drawn where they are computed: handing a
+small job to another thread (a wake-up and two GIL hand-overs, ~0.1 ms on a busy
+2-core machine) costs more than drawing a few hundred bytes of stream."""
+
 SIGNS_AHEAD = 1 << 26
 """Entries whose packed signs are drawn ahead of the tensor computed (8 MiB of stream
 at most: the largest tensor's signs, the embeddings', are drawn while the tensors
@@ -166,7 +171,11 @@ class _Retrieval:
         order = list(names)
         outs = outs or {}
         fused = [  # whose signs the helper thread draws ahead for the kernel
-            n for n in order if self._fusable(n) and (n not in outs or outs[n].device.type == "cpu")
+            n
+            for n in order
+            if self._fusable(n)
+            and (n not in outs or outs[n].device.type == "cpu")
+            and self._numel(n) >= SIGNS_AHEAD_MIN
         ]
         threads = FUSED_THREADS if threads is None else threads
         with (

@@ -8,7 +8,10 @@ from the same table, so a change of size lands in both at once.
 `save_base` and `save_finetune` write checkpoints the way users get them (the bare
 backbone as published, a task model trained a few steps, saved by ``save_pretrained``,
 in fp32 or bf16, with or without a pooler): the pipeline tests fold these rather than
-hand-made state dicts.
+hand-made state dicts. `resave` and `set_weight` make a test's corruption of such a
+checkpoint (a NaN, a huge weight) and save it again the same way; `save_state` writes
+what no model class can hold (float8 tensors, most tensors removed) as save_pretrained
+lays it out.
 """
 
 from __future__ import annotations
@@ -212,4 +215,49 @@ def save_finetune(
     if dtype is not None:
         model.to(getattr(torch, dtype))
     model.save_pretrained(directory)
+    return directory
+
+
+def resave(src: Path, directory: Path, edit: Callable[[Any], None]) -> Path:
+    """The checkpoint saved in ``src`` loaded with its own class (``architectures`` in
+    its config.json), ``edit`` applied (no grad: a test's corruption, e.g. a NaN the
+    training run wrote) and saved again by ``save_pretrained`` into ``directory``."""
+    import json
+
+    import torch
+
+    transformers = _quiet()
+    config = json.loads((src / "config.json").read_text())
+    cls = getattr(transformers, config["architectures"][0])
+    model = cls.from_pretrained(src)
+    with torch.no_grad():
+        edit(model)
+    model.save_pretrained(directory)
+    return directory
+
+
+def set_weight(name: str, index: tuple[int, ...] | None, value: float) -> Callable[[Any], None]:
+    """An ``edit`` (for `save_finetune`, `resave`): parameter ``name`` set to ``value``
+    at ``index``, or everywhere when ``index`` is None."""
+
+    def edit(model: Any) -> None:
+        weight = dict(model.named_parameters())[name]
+        if index is None:
+            weight.fill_(value)
+        else:
+            weight[index] = value
+
+    return edit
+
+
+def save_state(directory: Path, state: dict[str, Any], like: Path) -> Path:
+    """A hand-edited state dict (tensors no model class declares, tensors removed)
+    written as ``save_pretrained`` writes one: ``model.safetensors`` with its
+    ``{"format": "pt"}`` metadata, next to a copy of ``like``'s config.json."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in state.items()}
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_bytes((like / "config.json").read_bytes())
     return directory

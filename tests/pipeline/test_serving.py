@@ -9,6 +9,10 @@
   directory still materializes offline;
 - gc keeps the serving objects of live versions and reclaims those of dropped ones;
 - `randes bundle create` takes --serving / --group-size, refusing bad values in one line.
+
+The models are saved by transformers' ``save_pretrained``: a tiny bare BertModel base,
+sequence classifiers (alpha, beta) and a token classifier without the pooler (gamma)
+trained two steps from it.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from randes.retrieve import retrieve
 from storage.cache import version_context
 from storage.pulled import PulledVersion, PulledVersionError
 from storage.workspace import Workspace
-from tests.factories import make_base, make_finetune
+from tests.hf_models import save_base, save_finetune
 from tests.workspaces import BACKENDS, backend, make_models, open_workspace
 
 
@@ -43,10 +47,12 @@ def ws(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Workspace]:
         yield workspace
 
 
-@pytest.fixture
-def models(tmp_path: Path) -> dict[str, Path]:
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Built once: the tests only read them."""
     tasks = ("alpha", "beta", "gamma")
-    return make_models(tmp_path / "models", tasks, prefixes={"gamma": "transformer."})
+    shapes = {"gamma": {"task": "BertForTokenClassification"}}
+    return make_models(tmp_path_factory.mktemp("models"), tasks, shapes=shapes)
 
 
 def _bundle(ws: Workspace, models: dict[str, Path], **config: Any) -> None:
@@ -113,7 +119,8 @@ def test_materialize_serves_the_quantized_copy_and_master_on_request(
             assert err <= lam * step / 2 * (1 + 1e-4) + 1e-6, name
             differ += not torch.equal(served[name], tensor)
         assert differ, "the served model should carry the rounding of the serving copy"
-        assert torch.equal(served["score.weight"], master["score.weight"])  # private: verbatim
+        head = "classifier.weight"  # private: verbatim
+        assert torch.equal(served[head], master[head])
 
 
 def test_a_bundle_without_serving_format_serves_its_master(ws: Workspace, models, tmp_path) -> None:
@@ -210,7 +217,7 @@ def cli_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for name in [n for n in os.environ if n.startswith("RANDES_")]:
         monkeypatch.delenv(name)
     monkeypatch.setenv("RANDES_HOME", str(tmp_path / "home"))
-    base = make_base(tmp_path / "models" / "base")
+    base = save_base(tmp_path / "models" / "base")
     assert _cli("init")[0] == 0
     assert _cli("base", "add", "tiny", str(base))[0] == 0
     return tmp_path
@@ -262,7 +269,7 @@ def test_serving_options_set_the_bundle_format(
 
 def test_pull_and_materialize_master_flags(cli_home: Path) -> None:
     base = cli_home / "models" / "base"
-    alpha = make_finetune(base, cli_home / "models" / "alpha", 1)
+    alpha = save_finetune(base, cli_home / "models" / "alpha", 1)
     assert _cli("bundle", "create", "b", "--base", "tiny")[0] == 0
     assert _cli("fold", "b", str(alpha), "--task", "alpha")[0] == 0
     assert _cli("pull", "b@1", str(cli_home / "p"))[0] == 0

@@ -22,6 +22,13 @@ command or ingest run is harmless: DESIGN's "folding the same checkpoint twice m
 a no-op"); under ANOTHER task name it is refused (exit 1, one line naming the task that
 holds it), because the bundle cannot hold one delta twice and exit 0 would tell a
 script that a task exists which does not. Either way nothing changes.
+
+The models are saved by transformers' ``save_pretrained``: a tiny bare GPT2Model as the
+base, sequence classifiers trained two steps from it (backbone under ``transformer.``,
+head ``score``). A malformed file is made by hand from a real save (its
+model.safetensors truncated, its header rewritten...); a NaN or an Inf is written into
+the model before ``save_pretrained`` saves it, as a diverged training run would; the
+wrong base is another, wider GPT-2's fine-tune; the IA3 adapter is peft's.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import pickle
 import struct
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,16 +47,17 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from tests.cli_run import Result, cli
-from tests.factories import make_base, make_finetune, write_model
+from tests.hf_models import save_base, save_finetune, save_state, set_weight
 from tests.reliability.test_data_loss import snapshot_registry_and_store
 
 BUNDLE = "b"
 BASE = "tiny"
 MAX_ERROR_LINE = 300
 RANDES = Path(sys.executable).parent / "randes"
+PAST_EOF = 200_000  # a header length past the end of beta's ~115 KB model.safetensors
 
 
 # ----------------------------------------------------------------- the world
@@ -87,13 +96,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     home = root / "home"
     mp.setenv("RANDES_HOME", str(home))
     try:
-        base = make_base(root / "models" / "base")
+        base = save_base(root / "models" / "base", "gpt2")
         world = World(
             root=root,
             home=home,
             base=base,
-            alpha=make_finetune(base, root / "models" / "alpha", 1),
-            beta=make_finetune(base, root / "models" / "beta", 2),
+            alpha=save_finetune(base, root / "models" / "alpha", 1),
+            beta=save_finetune(base, root / "models" / "beta", 2),
             marker=root / "PICKLE-PAYLOAD-RAN",
         )
         for argv in (
@@ -176,20 +185,16 @@ def _dir_with(world: World, name: str, blob: bytes) -> Path:
 
 
 def _modified(world: World, name: str, change: Callable[[dict[str, torch.Tensor]], None]) -> Path:
+    """beta's saved tensors changed by hand, written next to its config.json."""
     state = world.state()
     change(state)
-    return write_model(world.models(name), state, {"model_type": "gpt2"})
+    return save_state(world.models(name), state, like=world.beta)
 
 
-def _set(
-    key: str, index: tuple[int, ...], value: float
-) -> Callable[[dict[str, torch.Tensor]], None]:
-    def change(state: dict[str, torch.Tensor]) -> None:
-        tensor = state[key].clone()
-        tensor[index] = value
-        state[key] = tensor
-
-    return change
+def _diverged(world: World, name: str, key: str, index: tuple[int, ...], value: float) -> Path:
+    """beta's training run (same seed) with ``value`` (a NaN, an Inf) written into
+    parameter ``key`` at ``index``, then saved by ``save_pretrained``."""
+    return save_finetune(world.base, world.models(name), 2, edit=set_weight(key, index, value))
 
 
 def _case_pickle_bin(w: World) -> Path:
@@ -249,32 +254,30 @@ def _case_garbage(w: World) -> Path:
 def _case_header_length(value: int) -> Callable[[World], Path]:
     def build(w: World) -> Path:
         blob = _safetensors_bytes(w)
+        if value == PAST_EOF:  # the claim of that case: the length points past the file
+            assert value > len(blob), len(blob)
         return _dir_with(w, f"length-{value}", struct.pack("<Q", value) + blob[8:])
 
     return build
 
 
 def _case_nan(w: World) -> Path:
-    return _modified(w, "nan", _set("h.0.mlp.c_fc.weight", (1, 2), float("nan")))
+    return _diverged(w, "nan", "transformer.h.0.mlp.c_fc.weight", (1, 2), float("nan"))
 
 
 def _case_inf_rank1(w: World) -> Path:
-    return _modified(w, "inf-rank1", _set("ln_f.weight", (3,), float("inf")))
+    return _diverged(w, "inf-rank1", "transformer.ln_f.weight", (3,), float("inf"))
 
 
 def _case_neg_inf_head(w: World) -> Path:
-    return _modified(w, "neg-inf-head", _set("score.weight", (0, 0), float("-inf")))
+    return _diverged(w, "neg-inf-head", "score.weight", (0, 0), float("-inf"))
 
 
 def _case_wrong_base(w: World) -> Path:
-    """Another model's checkpoint: no tensor has the base's shape."""
-
-    def change(state: dict[str, torch.Tensor]) -> None:
-        for name in list(state):
-            if state[name].dim() and state[name].shape[0] > 1:
-                state[name] = state[name][:-1].contiguous()
-
-    return _modified(w, "wrong-base", change)
+    """Another model's checkpoint: a fine-tune of a wider GPT-2 (48 wide, not 32), so no
+    tensor has the base's shape."""
+    other = save_base(w.models("wider-base"), "gpt2", n_embd=48)
+    return save_finetune(other, w.models("wrong-base"), 2)
 
 
 def _case_most_missing(w: World) -> Path:
@@ -286,12 +289,21 @@ def _case_most_missing(w: World) -> Path:
 
 
 def _case_unsupported_adapter(w: World) -> Path:
+    """An IA3 adapter of the base, saved by peft (adapter_config.json says ``IA3``)."""
+    import transformers
+    from peft import IA3Config, get_peft_model
+
     directory = w.models("ia3")
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {"base_model.model.h.0.mlp.ia3_l": torch.ones(4)}, directory / "adapter_model.safetensors"
+    model = transformers.GPT2Model.from_pretrained(w.base)
+    config = IA3Config(
+        target_modules=["c_attn", "mlp.c_proj"],
+        feedforward_modules=["mlp.c_proj"],
+        fan_in_fan_out=True,  # GPT-2's Conv1D weights are stored in x out
     )
-    (directory / "adapter_config.json").write_text('{"peft_type": "IA3"}')
+    with warnings.catch_warnings():  # peft calls transformers' deprecated
+        warnings.simplefilter("ignore", FutureWarning)  # is_gradient_checkpointing
+        get_peft_model(model, config).save_pretrained(directory)
+    assert (directory / "adapter_model.safetensors").is_file()
     return directory
 
 
@@ -323,7 +335,7 @@ def _case_index_missing_shard(w: World) -> Path:
     directory = w.models("index-missing")
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "model-00001-of-00002.safetensors").write_bytes(_safetensors_bytes(w))
-    weight_map = {"wte.weight": "model-00002-of-00002.safetensors"}
+    weight_map = {"transformer.wte.weight": "model-00002-of-00002.safetensors"}
     (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     return directory
 
@@ -331,7 +343,7 @@ def _case_index_missing_shard(w: World) -> Path:
 def _case_index_escapes(w: World) -> Path:
     directory = w.models("index-escape")
     directory.mkdir(parents=True, exist_ok=True)
-    weight_map = {"wte.weight": "../beta/model.safetensors"}
+    weight_map = {"transformer.wte.weight": "../beta/model.safetensors"}
     (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     return directory
 
@@ -348,7 +360,7 @@ CHECKPOINT_CASES: dict[str, tuple[Callable[[World], Path], str]] = {
     "random-garbage": (_case_garbage, "header"),
     "header-length-2**60": (_case_header_length(2**60), "absurd safetensors header length"),
     "header-length-2**64-1": (_case_header_length(2**64 - 1), "absurd"),
-    "header-length-past-eof": (_case_header_length(200_000), "absurd"),
+    "header-length-past-eof": (_case_header_length(PAST_EOF), "absurd"),
     "header-length-zero": (_case_header_length(0), "malformed JSON"),
     "nan-in-superposed-weight": (_case_nan, "NaN or Inf"),
     "inf-in-rank1-tensor": (_case_inf_rank1, "NaN or Inf"),
@@ -546,6 +558,6 @@ def test_ingest_of_a_bad_checkpoint_is_one_line(world: World) -> None:
     run, the temporary server's start and stop) stays off stderr, so the refusal is one
     line there too, and nothing is folded."""
     incoming = world.models("incoming")
-    _modified(world, "incoming/nan", _set("h.0.mlp.c_fc.weight", (0, 0), float("nan")))
+    _diverged(world, "incoming/nan", "transformer.h.0.mlp.c_fc.weight", (0, 0), float("nan"))
     result = cli("ingest", BUNDLE, str(incoming), "--no-validate")
     assert_refused(result, "NaN or Inf", code=1)

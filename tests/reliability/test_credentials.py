@@ -44,7 +44,7 @@ from urllib.parse import quote
 import pytest
 
 from flows.cli import main
-from tests.factories import make_base, make_finetune
+from tests.hf_models import save_base, save_finetune
 
 BUNDLE = "creds"
 BASE = "tiny"
@@ -212,11 +212,13 @@ def _dead_endpoint() -> str:
 
 @pytest.fixture(scope="module")
 def models(creds: Secrets) -> dict[str, Path]:
-    base = make_base(creds.root / "models" / "base")
+    """A tiny bare BertModel and sequence classifiers trained from it, all saved by
+    transformers' ``save_pretrained``."""
+    base = save_base(creds.root / "models" / "base")
     return {
         "base": base,
-        "alpha": make_finetune(base, creds.root / "models" / "alpha", 1),
-        "delta": make_finetune(base, creds.root / "models" / "delta", 4),
+        "alpha": save_finetune(base, creds.root / "models" / "alpha", 1),
+        "delta": save_finetune(base, creds.root / "models" / "delta", 4),
         "incoming": creds.root / "incoming",
     }
 
@@ -361,7 +363,7 @@ def test_flows_their_artifacts_and_their_failures_leak_nothing(
     assert cli(creds, "bundle", "create", bundle, "--base", BASE)[0] == 0
     incoming = models["incoming"]
     for i, task in enumerate(("beta", "gamma")):
-        make_finetune(models["base"], incoming / task, 10 + i)
+        save_finetune(models["base"], incoming / task, 10 + i)
 
     runs: list[uuid.UUID] = []
     state = ingest_flow(bundle, str(incoming), return_state=True)

@@ -31,7 +31,7 @@ from storage.registry.engine import make_engine
 from storage.registry.models import Bundle, IngestionLedger
 from storage.settings import Settings
 from tests.cli_run import Result, cli
-from tests.factories import make_base, make_finetune, write_model
+from tests.hf_models import resave, save_base, save_finetune, set_weight
 from tests.reliability.conftest import assert_one_error_line, child_env, run_cli, start_cli
 from tests.reliability.drift import assert_no_drift
 
@@ -64,9 +64,11 @@ class Models:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
+    """A tiny bare GPT2Model and four sequence classifiers trained from it (backbone
+    under ``transformer.``, head ``score``), saved by transformers' ``save_pretrained``."""
     root = tmp_path_factory.mktemp("data-loss-models")
-    base = make_base(root / "base")
-    tasks = {name: make_finetune(base, root / name, i + 1) for i, name in enumerate("abcd")}
+    base = save_base(root / "base", "gpt2")
+    tasks = {name: save_finetune(base, root / name, i + 1) for i, name in enumerate("abcd")}
     return Models(root, base, tasks)
 
 
@@ -217,17 +219,15 @@ def test_retried_remove_is_a_no_op_like_a_retried_fold(local: Env, models: Model
 
 # ---------------------------------------------------------------- finite overflow
 def _with(models: Models, name: str, key: str, value: float, src: str = "b") -> Path:
-    state = load_file(str(models.tasks[src] / "model.safetensors"))
-    tensor = state[key].clone()
-    tensor.view(-1)[: tensor.numel()] = value
-    state[key] = tensor
-    return write_model(models.root / name, state, {"model_type": "gpt2"})
+    """Task ``src`` with every element of ``key`` set to ``value``, saved again by
+    ``save_pretrained`` (a finite but huge fine-tune, as a diverging run leaves)."""
+    return resave(models.tasks[src], models.root / name, set_weight(key, None, value))
 
 
 def test_fold_that_would_overflow_float16_is_refused(local: Env, models: Models) -> None:
     _setup(models, "a", options=("--dtype", "float16"))
     before = snapshot_registry_and_store(local.home)
-    big = _with(models, "fp16-overflow", "wte.weight", 1e5)
+    big = _with(models, "fp16-overflow", "transformer.wte.weight", 1e5)
     refused("fold", BUNDLE, str(big), "--task", "big", needle="overflow float16")
     assert snapshot_registry_and_store(local.home) == before
     ok("materialize", BUNDLE, "a", str(local.home.parent / "out-a"))
@@ -235,8 +235,8 @@ def test_fold_that_would_overflow_float16_is_refused(local: Env, models: Models)
 
 def test_two_finite_checkpoints_that_overflow_float32_are_refused(env: Env, models: Models) -> None:
     _setup(models, "a")
-    first = _with(models, f"huge-1-{env.kind}", "wte.weight", 2e38, src="b")
-    second = _with(models, f"huge-2-{env.kind}", "wte.weight", 2e38, src="c")
+    first = _with(models, f"huge-1-{env.kind}", "transformer.wte.weight", 2e38, src="b")
+    second = _with(models, f"huge-2-{env.kind}", "transformer.wte.weight", 2e38, src="c")
     ok("fold", BUNDLE, str(first), "--task", "huge1")  # alone it is finite
     before = snapshot_registry_and_store(env.home) if env.kind == "local" else None
     refused("fold", BUNDLE, str(second), "--task", "huge2", needle="overflow float32")
@@ -465,9 +465,8 @@ def test_directory_with_a_single_file_and_shards_folds_what_transformers_loads(
 def test_base_holding_nan_is_refused_at_base_add(local: Env, models: Models) -> None:
     ok("init")
     before = snapshot_registry_and_store(local.home)
-    state = load_file(str(models.base / "model.safetensors"))
-    state["h.1.mlp.c_fc.weight"][3, 4] = float("nan")
-    nan_base = write_model(models.root / "nan-base", state, {"model_type": "gpt2"})
+    nan = set_weight("h.1.mlp.c_fc.weight", (3, 4), float("nan"))  # the bare base's own name
+    nan_base = resave(models.base, models.root / "nan-base", nan)
     refused("base", "add", "nanbase", str(nan_base), needle="NaN or Inf")
     assert snapshot_registry_and_store(local.home) == before
     refused("bundle", "create", BUNDLE, "--base", "nanbase", needle="nanbase")

@@ -29,11 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from storage.store import S3Store
 from storage.workspace import Workspace
-from tests.factories import gpt2_state, write_model
+from tests.hf_models import save_base
 from tests.reliability.conftest import (
     BASE,
     BUNDLE,
@@ -56,8 +55,11 @@ from tests.reliability.conftest import (
 pytestmark = pytest.mark.usefixtures("no_randes_env")
 
 MiB = 1024 * 1024
-# The GPT-2-shaped state the multipart test builds its ~22 MiB base around.
-N_LAYER, D_MODEL = 4, 160
+# The multipart test's base: a bare BertModel of the fault tests' width with BERT's own
+# 30,522-token vocabulary, so its embedding matrix (as in real models, the largest
+# tensor) makes the weight file ~24 MiB: more than one 16 MiB part.
+BIG_BASE = {"hidden_size": 160, "intermediate_size": 640, "num_hidden_layers": 4}
+BIG_VOCAB = 30522
 
 
 @pytest.fixture
@@ -204,11 +206,10 @@ def test_s3_restarted_mid_fold_the_fold_completes(
 # ------------------------------------------------- incomplete multipart uploads
 @pytest.fixture(scope="module")
 def big_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A base whose weight file (~22 MiB) goes up as a multipart upload (16 MiB parts)."""
-    state = gpt2_state(0, n_layer=N_LAYER, d=D_MODEL)
-    state["extra.weight"] = torch.randn(2200, 2500, generator=torch.Generator().manual_seed(1))
+    """A base whose weight file (~24 MiB) goes up as a multipart upload (16 MiB parts),
+    saved by transformers' ``save_pretrained``."""
     root = tmp_path_factory.mktemp("big-base")
-    return write_model(root / "base", state, {"model_type": "gpt2", "n_layer": N_LAYER})
+    return save_base(root / "base", vocab_size=BIG_VOCAB, **BIG_BASE)
 
 
 def test_gc_aborts_the_multipart_upload_of_a_killed_writer(

@@ -25,7 +25,7 @@ import torch
 from huggingface_hub import save_torch_state_dict
 from safetensors.torch import load_file
 
-from tests.factories import make_finetune, write_model
+from tests.hf_models import save_finetune, save_state
 from tests.reliability.test_data_loss import (
     BASE,
     BUNDLE,
@@ -291,7 +291,8 @@ def test_float8_tensors_fold_and_materialize(local: Env, models: Models) -> None
     state = load_file(str(models.tasks["b"] / "model.safetensors"))
     state["quant.scale"] = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float8_e4m3fn)
     state["quant.other"] = torch.tensor([1.0, -2.0], dtype=torch.float8_e5m2)
-    ckpt = write_model(models.root / "f8", state, {"model_type": "gpt2"})
+    # float8 tensors no transformers class declares: written by hand, next to b's config
+    ckpt = save_state(models.root / "f8", state, like=models.tasks["b"])
     ok("fold", BUNDLE, str(ckpt), "--task", "f8")
     out = local.home.parent / "out-f8"
     ok("materialize", BUNDLE, "f8", str(out))
@@ -300,7 +301,7 @@ def test_float8_tensors_fold_and_materialize(local: Env, models: Models) -> None
     assert torch.equal(got["quant.scale"].float(), state["quant.scale"].float())
     nan8 = dict(state)
     nan8["quant.scale"] = torch.tensor([float("nan")], dtype=torch.float32).to(torch.float8_e4m3fn)
-    bad = write_model(models.root / "f8-nan", nan8, {"model_type": "gpt2"})
+    bad = save_state(models.root / "f8-nan", nan8, like=models.tasks["b"])
     refused("fold", BUNDLE, str(bad), "--task", "f8nan", needle="NaN or Inf")
 
 
@@ -359,9 +360,9 @@ def test_a_folder_with_a_bad_name_does_not_stop_ingest(
 ) -> None:
     _bundle_ready(models)
     incoming = tmp_path / "incoming"
-    make_finetune(models.base, incoming / "bad name!", 21)
-    make_finetune(models.base, incoming / "good", 22)
-    make_finetune(models.base, incoming / "zz-after", 23)
+    save_finetune(models.base, incoming / "bad name!", 21)
+    save_finetune(models.base, incoming / "good", 22)
+    save_finetune(models.base, incoming / "zz-after", 23)
     line = refused("ingest", BUNDLE, str(incoming), "--no-validate", needle="bad name!")
     assert "folded 2, refused 1" in line, line
     assert set(_tasks()) == {"a", "good", "zz-after"}
@@ -391,7 +392,7 @@ def test_source_path_with_spaces_and_accents_can_be_removed(
     tmp_path: Path,
 ) -> None:
     _bundle_ready(models)
-    odd = make_finetune(models.base, tmp_path / "modèles d'été" / "tâche #1 %20", 31)
+    odd = save_finetune(models.base, tmp_path / "modèles d'été" / "tâche #1 %20", 31)
     ok("fold", BUNDLE, str(odd), "--task", "odd")
     assert "%" in _tasks()["odd"]["source_uri"]  # recorded as a file:// uri
     assert "removes task 'odd'" in ok("remove", BUNDLE, "odd").out

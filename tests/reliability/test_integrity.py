@@ -47,7 +47,7 @@ from randes.errors import IntegrityError
 from storage.cache import file_sha256
 from storage.settings import Settings
 from storage.workspace import Workspace
-from tests.factories import make_base, make_finetune
+from tests.hf_models import save_base, save_finetune
 
 BUNDLE = "b"
 BASE = "tiny"
@@ -102,13 +102,15 @@ def _build(kind: str, root: Path, store_url: str, extra_env: dict[str, str]) -> 
         s3_retry_seconds=2.0,
         cache_dir=root / "setup-cache",
     )
-    base = make_base(root / "models" / "base")
+    # a tiny bare BertModel and two sequence classifiers trained from it, saved by
+    # transformers' ``save_pretrained``
+    base = save_base(root / "models" / "base")
     with Workspace(settings) as ws:
         ws.init()
         ws.add_base(BASE, str(base))
         ws.create_bundle(BUNDLE, BASE, TransformConfig())
-        ws.fold(BUNDLE, str(make_finetune(base, root / "models" / "alpha", 1)), "alpha")
-        ws.fold(BUNDLE, str(make_finetune(base, root / "models" / "beta", 2)), "beta")
+        ws.fold(BUNDLE, str(save_finetune(base, root / "models" / "alpha", 1)), "alpha")
+        ws.fold(BUNDLE, str(save_finetune(base, root / "models" / "beta", 2)), "beta")
     return env
 
 

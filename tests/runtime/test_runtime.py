@@ -259,12 +259,15 @@ def test_fused_kernel_serves_the_torch_paths_bits(
             _assert_same({n: got[n] for n in want[task]}, want[task])
 
 
-def test_switches_reuse_the_sign_streams_drawn_ahead(served_elementwise: Served) -> None:
+def test_switches_reuse_the_sign_streams_drawn_ahead(
+    served_elementwise: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The elementwise sign streams a helper thread draws ahead are lent from the
     runtime's pool and given back: after the first switch, the next ones allocate none
     (no fresh pages per tensor, every switch), and what they compute is unchanged."""
     if not kernels.available():
         pytest.skip("numba is not importable")
+    monkeypatch.setattr("randes.retrieve.SIGNS_AHEAD_MIN", 0)  # tiny tensors drawn ahead too
     with BundleRuntime.open(served_elementwise.pulled) as rt:
         model = rt.model("t1")
         rt.switch(model, "t3")

@@ -18,6 +18,13 @@ from tests.runtime.conftest import Served
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not importable")
 
 
+@pytest.fixture(autouse=True)
+def _tiny_tensors_drawn_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Streams are kept for the tensors whose signs are drawn ahead; in these tiny
+    models that is none of them by default (randes.retrieve.SIGNS_AHEAD_MIN)."""
+    monkeypatch.setattr("randes.retrieve.SIGNS_AHEAD_MIN", 0)
+
+
 def _switched(rt: BundleRuntime, model: torch.nn.Module, task: str) -> dict[str, torch.Tensor]:
     rt.switch(model, task)
     return {k: v.clone() for k, v in model.state_dict().items()}
