@@ -13,7 +13,11 @@ The result is the sequential result to the byte: every slot is accumulated in th
 order of the members, with the same float32 operations and the same rounding to the
 bundle dtype after each member as the sequential folds (each writes its sum in that
 dtype, the next reads it back), the same overflow check after each member, the same
-per-task key maps, private tensors and delta norms.
+per-task key maps, private tensors and delta norms. What each member adds to a slot
+(its tensor read, hashed, subtracted from the base's and scrambled) is computed on two
+helper threads, several tensors ahead of the slot being added (`randes.hashio.ahead`,
+within ``ahead_bytes`` whatever the number of members); the additions themselves, the
+checks and the writes stay on the calling thread, in the members' order.
 
 A member is refused without blocking the others. Headers are checked first for all of
 them (randes.keymap, as a single fold does) and a refused one never enters the pass. A
@@ -30,9 +34,12 @@ they propagate, and everything written is deleted.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,6 +55,7 @@ from randes.fold import (
     open_writers,
 )
 from randes.fold_members import (
+    AHEAD_BYTES,
     BASE_CACHE_BYTES,
     BaseTensors,
     BatchMember,
@@ -100,6 +108,7 @@ def fold_batch(
     out_dir: Path,
     progress: Progress | None = None,
     base_cache_bytes: int = BASE_CACHE_BYTES,
+    ahead_bytes: int = AHEAD_BYTES,
 ) -> BatchFoldResult:
     """Add every member's scrambled delta to ``parent``, in the members' order.
 
@@ -134,6 +143,7 @@ def fold_batch(
         progress,
         base_cache_bytes,
         refused,
+        ahead_bytes,
     )
 
 
@@ -181,7 +191,7 @@ def scramble_task(
     try:
         for slot in writer.order:
             shape = tuple(base.meta(slot).shape)
-            writer.add(slot, member.contribution(slot, bases, shape, member.read(slot)))
+            writer.add(slot, member.contribution(slot, bases, shape))
         member.write_private(bases, layout, Ticks(0, None))
         delta = writer.finish()
         shards = private.finish()
@@ -227,6 +237,7 @@ def fold_scrambled(
         progress,
         0,
         {},
+        AHEAD_BYTES,
     )
 
 
@@ -241,6 +252,7 @@ def _fold_passes(
     progress: Progress | None,
     base_cache_bytes: int,
     refused: dict[int, CheckpointError],
+    ahead_bytes: int,
 ) -> BatchFoldResult:
     """Passes until one completes: a member whose data fails is refused, the rest
     folded again (its outputs so far were deleted)."""
@@ -255,6 +267,7 @@ def _fold_passes(
                 out_dir,
                 progress,
                 base_cache_bytes,
+                ahead_bytes,
             )
         except MemberFailed as failed:
             refused[failed.index] = failed.error
@@ -265,33 +278,63 @@ def _fold_passes(
     return BatchFoldResult(superposition=[], serving=[], refused=dict(sorted(refused.items())))
 
 
-def _accumulate(
-    slot: str,
+@dataclass(frozen=True)
+class _Job:
+    """One tensor a pass needs for a slot: the parent's (``contributor`` None) or what
+    a member adds to it; ``nbytes``, what its result holds."""
+
+    slot: str
+    shape: tuple[int, ...]
+    contributor: Contributor | None
+    nbytes: int
+
+
+def _jobs(
+    order: Sequence[str],
+    base: TensorSource,
     parent: TensorSource | None,
     active: list[Contributor],
-    bases: BaseTensors,
-    shape: tuple[int, ...],
+) -> Iterator[_Job]:
+    """Every tensor of a pass in the order the pass adds them: per slot, the parent's,
+    then each member's."""
+    for slot in order:
+        shape = tuple(base.meta(slot).shape)
+        if parent is not None:
+            yield _Job(slot, shape, None, parent.meta(slot).nbytes)
+        for contributor in active:
+            yield _Job(slot, shape, contributor, math.prod(shape) * 4)
+
+
+def _run(job: _Job, parent: TensorSource | None, bases: BaseTensors) -> Any:
+    """A job's result (on a helper thread): the parent's tensor, or `Contributor.compute`."""
+    if job.contributor is None:
+        assert parent is not None
+        return parent.get(job.slot)
+    return job.contributor.compute(job.slot, bases, job.shape)
+
+
+def _accumulate(
+    slot: str,
+    acc: torch.Tensor | None,
+    active: list[Contributor],
+    computed: Iterator[tuple[torch.Tensor, float | None]],
     dtype: torch.dtype,
     *,
     check: bool,
 ) -> torch.Tensor:
-    """One slot of the new superposition: the sequential folds' operations in their
-    order, rounding to the bundle dtype after each member (what its fold writes and
-    the next one reads back); with ``check``, each partial sum checked as it is."""
-    acc = parent.get(slot) if parent is not None else None
-    # each member's tensor read (and hashed) while the previous member is computed
-    reads = ahead(lambda contributor: contributor.read(slot), active)
-    try:
-        for contributor in active:
-            value = contributor.contribution(slot, bases, shape, next(reads))
-            if acc is not None:
-                value = value.add_(acc.to(torch.float32))
-            acc = value.to(dtype)
-            del value
-            if check:
-                contributor.guard(check_written, slot, acc)
-    finally:
-        reads.close()  # the read under way finishes first
+    """One slot of the new superposition from the parent's tensor ``acc`` and each
+    member's `Contributor.compute` result (``computed``, in the members' order): the
+    sequential folds' operations in their order, rounding to the bundle dtype after
+    each member (what its fold writes and the next one reads back); with ``check``,
+    each partial sum checked as it is."""
+    for contributor in active:
+        value = contributor.take(slot, next(computed))
+        if acc is not None:
+            value = value.add_(acc.to(torch.float32))
+        acc = value.to(dtype)
+        del value
+        if check:
+            contributor.guard(check_written, slot, acc)
     assert acc is not None
     return acc
 
@@ -305,6 +348,7 @@ def _one_pass(
     out_dir: Path,
     progress: Progress | None,
     base_cache_bytes: int,
+    ahead_bytes: int,
 ) -> BatchFoldResult:
     """Fold ``active`` in one pass; MemberFailed (everything written deleted) when a
     member's data is refused."""
@@ -321,19 +365,33 @@ def _one_pass(
     try:
         for member in members:
             writers.append(member.open_writer(out_dir / PRIVATE_DIR / str(member.index), config))
-        for slot in sup_writer.order:
-            shape = tuple(base.meta(slot).shape)
-            acc = _accumulate(slot, parent, active, bases, shape, dtype, check=False)
-            if not all_finite(acc):
-                # Inf/NaN never turn finite again under addition, so a finite sum had
-                # finite partial sums; this one did not: again, checking each member,
-                # to refuse the first whose addition overflowed (as its fold would).
-                acc = _accumulate(slot, parent, active, bases, shape, dtype, check=True)
-            sup_writer.add(slot, acc)
-            if serving_writer is not None:
-                serving_writer.add(slot, acc)
-            del acc
-            ticks.tick()
+        # every member's tensors read, hashed and scrambled on helper threads, several
+        # ahead (within ahead_bytes), while this thread adds and writes
+        results = ahead(
+            functools.partial(_run, parent=parent, bases=bases),
+            _jobs(sup_writer.order, base, parent, active),
+            cost=lambda job: job.nbytes,
+            budget=ahead_bytes,
+        )
+        try:
+            for slot in sup_writer.order:
+                acc = next(results) if parent is not None else None
+                acc = _accumulate(slot, acc, active, results, dtype, check=False)
+                if not all_finite(acc):
+                    # Inf/NaN never turn finite again under addition, so a finite sum had
+                    # finite partial sums; this one did not: again, checking each member,
+                    # to refuse the first whose addition overflowed (as its fold would).
+                    shape = tuple(base.meta(slot).shape)
+                    again = (c.compute(slot, bases, shape) for c in active)
+                    acc = parent.get(slot) if parent is not None else None
+                    acc = _accumulate(slot, acc, active, again, dtype, check=True)
+                sup_writer.add(slot, acc)
+                if serving_writer is not None:
+                    serving_writer.add(slot, acc)
+                del acc
+                ticks.tick()
+        finally:
+            results.close()  # the reads under way finish first
         privates = [m.write_private(bases, layout, ticks) for m in members]
         superposition = sup_writer.finish()
         serving = serving_writer.finish() if serving_writer is not None else []

@@ -11,8 +11,10 @@ refuse that member and fold the others.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ParamSpec, TypeVar
@@ -37,6 +39,11 @@ BASE_CACHE_BYTES = 128 * 2**20
 """Base tensors kept between members: with layer shuffling, the members of one slot
 read different base tensors of its layer group, each of them needed again a few slots
 later; a small cache saves most of those re-reads at a bounded cost in memory."""
+
+AHEAD_BYTES = 64 * 2**20
+"""What a batch pass computes ahead of the slot it adds (members' contributions read,
+hashed and scrambled on helper threads, `randes.hashio.ahead`): several tensors, so
+both cores stay busy while the caller adds and writes, within a bounded memory."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,9 @@ class BaseTensors:
     """Base tensors by name, the most recently used kept within a byte budget.
 
     Callers never modify what they get (deltas are computed into the checkpoint's
-    tensor), so one tensor serves every member that needs it.
+    tensor), so one tensor serves every member that needs it. Safe to share between
+    the threads that compute members' contributions at once (`randes.hashio.ahead`): a
+    tensor two of them ask for together is read once, the other waits for it.
     """
 
     def __init__(self, base: TensorSource, budget: int) -> None:
@@ -77,13 +86,35 @@ class BaseTensors:
         self._budget = budget
         self._held: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._bytes = 0
+        self._lock = threading.Lock()
+        self._reading: dict[str, Future[torch.Tensor]] = {}
 
     def get(self, name: str) -> torch.Tensor:
-        tensor = self._held.get(name)
-        if tensor is not None:
-            self._held.move_to_end(name)
-            return tensor
-        tensor = self._base.get(name)
+        with self._lock:
+            tensor = self._held.get(name)
+            if tensor is not None:
+                self._held.move_to_end(name)
+                return tensor
+            reading = self._reading.get(name)
+            mine = reading is None
+            if reading is None:
+                reading = self._reading[name] = Future()
+        if not mine:
+            return reading.result()
+        try:
+            tensor = self._base.get(name)
+        except BaseException as exc:
+            with self._lock:
+                del self._reading[name]
+            reading.set_exception(exc)
+            raise
+        with self._lock:
+            self._keep(name, tensor)
+            del self._reading[name]
+        reading.set_result(tensor)
+        return tensor
+
+    def _keep(self, name: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
         if size <= self._budget:
             while self._held and self._bytes + size > self._budget:
@@ -91,7 +122,6 @@ class BaseTensors:
                 self._bytes -= dropped.numel() * dropped.element_size()
             self._held[name] = tensor
             self._bytes += size
-        return tensor
 
 
 class Contributor:
@@ -100,17 +130,21 @@ class Contributor:
     def __init__(self, index: int) -> None:
         self.index = index
 
-    def read(self, slot: str) -> torch.Tensor | None:
-        """What `contribution` reads for ``slot`` (run ahead on a helper thread while
-        the previous member is computed; None: nothing to read)."""
-        return None
-
-    def contribution(
-        self, slot: str, base: BaseTensors, shape: tuple[int, ...], read: torch.Tensor | None
-    ) -> torch.Tensor:
-        """This member's float32 value for ``slot`` (fresh: the caller adds into it),
-        from ``read``, what `read` returned for it."""
+    def compute(
+        self, slot: str, base: BaseTensors, shape: tuple[int, ...]
+    ) -> tuple[torch.Tensor, float | None]:
+        """This member's float32 value for ``slot`` (fresh: the caller adds into it) and
+        the norm of the delta it holds (None: none). Changes nothing of the member, so
+        it runs on helper threads, for several slots at once; `take` records it."""
         raise NotImplementedError
+
+    def take(self, slot: str, computed: tuple[torch.Tensor, float | None]) -> torch.Tensor:
+        """The value of a `compute` result, its norm recorded (in the caller's order)."""
+        return computed[0]
+
+    def contribution(self, slot: str, base: BaseTensors, shape: tuple[int, ...]) -> torch.Tensor:
+        """`compute` and `take` in one call."""
+        return self.take(slot, self.compute(slot, base, shape))
 
     def guard(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """Call ``fn``, blaming this member for a checkpoint error it raises."""
@@ -152,27 +186,25 @@ class Member(Contributor):
         )
         return self.writer
 
-    def read(self, slot: str) -> torch.Tensor | None:
-        """The fine-tuned tensor this task's layer shuffle puts at ``slot`` (None where
-        the fine-tune lacks it)."""
-        source = self.transform.source_of(slot)
-        if source in self.rec.absent:
-            return None
-        return self.guard(self.rec.source.get, self.rec.key_map.to_checkpoint(source))
-
-    def contribution(
-        self, slot: str, base: BaseTensors, shape: tuple[int, ...], read: torch.Tensor | None
-    ) -> torch.Tensor:
+    def compute(
+        self, slot: str, base: BaseTensors, shape: tuple[int, ...]
+    ) -> tuple[torch.Tensor, float | None]:
         """T_t(delta) at ``slot`` in float32: the delta of the source this task's layer
-        shuffle puts there, scrambled; zeros where the fine-tune lacks that tensor."""
+        shuffle puts there (read, and hashed by a recording reader), scrambled, with its
+        norm; zeros where the fine-tune lacks that tensor."""
         source = self.transform.source_of(slot)
         if source in self.rec.absent:  # no delta: this task leaves the slot as it was
-            return torch.zeros(shape, dtype=torch.float32)
+            return torch.zeros(shape, dtype=torch.float32), None
         ck_name = self.rec.key_map.to_checkpoint(source)
-        value, self.delta_norms[source] = self.guard(
-            owned_delta, self.rec.source, ck_name, base.get(source), read
-        )
-        return self.transform.scramble_one(source, value, inplace=True)
+        tuned = self.guard(self.rec.source.get, ck_name)
+        value, norm = self.guard(owned_delta, self.rec.source, ck_name, base.get(source), tuned)
+        return self.transform.scramble_one(source, value, inplace=True), norm
+
+    def take(self, slot: str, computed: tuple[torch.Tensor, float | None]) -> torch.Tensor:
+        value, norm = computed
+        if norm is not None:
+            self.delta_norms[self.transform.source_of(slot)] = norm
+        return value
 
     def write_private(self, base: BaseTensors, layout: Layout, ticks: Ticks) -> ShardWriter:
         """Read, check and write this task's private tensors (their delta norms too)."""
@@ -202,14 +234,10 @@ class Partial(Contributor):
         super().__init__(index)
         self.partial = partial
 
-    def read(self, slot: str) -> torch.Tensor | None:
-        return self.guard(self.partial.delta.get, slot)
-
-    def contribution(
-        self, slot: str, base: BaseTensors, shape: tuple[int, ...], read: torch.Tensor | None
-    ) -> torch.Tensor:
-        value = read if read is not None else self.read(slot)
-        assert value is not None
+    def compute(
+        self, slot: str, base: BaseTensors, shape: tuple[int, ...]
+    ) -> tuple[torch.Tensor, float | None]:
+        value = self.guard(self.partial.delta.get, slot)
         if value.dtype != torch.float32 or tuple(value.shape) != shape:
             raise MemberFailed(
                 self.index,
@@ -218,7 +246,7 @@ class Partial(Contributor):
                     f"expected torch.float32{list(shape)}"
                 ),
             )
-        return value
+        return value, None
 
 
 class Ticks:

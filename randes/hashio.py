@@ -6,7 +6,9 @@ verification, the content address of every shard), and sha256 costs about as muc
 CPU as the read or write beside it. Done one after the other they add up; here the
 digest of one chunk runs on a helper thread while the caller reads the next chunk
 (or writes the same one), so the two overlap. ``hashlib`` releases the GIL for
-buffers this size, and so do file reads and writes.
+buffers this size, and so do file reads and writes. The exception is a read on one
+of `ahead`'s threads (a batch fold reads its members there, two at once): it hashes
+each piece itself, so two such readers are two busy threads, not four.
 
 Digests are still fed strictly in order, each by one thread at a time: every call
 returns only once its hashing is done, so a digest, a buffer or a tensor handed in is
@@ -16,6 +18,7 @@ that made them (a forked child makes its own).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import threading
@@ -42,39 +45,90 @@ def _executor() -> ThreadPoolExecutor:
         return _pool[1]
 
 
+AHEAD_WORKERS = 2
+"""Helper threads that compute `ahead` items at once (2: this machine's cores; reads,
+sha256 and torch's kernels release the GIL, so two of them run side by side)."""
+
 _ahead: tuple[int, ThreadPoolExecutor] | None = None
 
 
+INLINE_CHUNK = 512 << 10
+"""Bytes per read and hash on a read-ahead thread (`read_hashing` there hashes each piece
+itself, just read and still in the core's cache: the read-ahead threads already run
+side by side, and handing pieces to the hashing threads would only add threads
+competing for the same cores)."""
+
+
+def _hash_inline() -> None:
+    _local.inline = True
+
+
 def _reader() -> ThreadPoolExecutor:
-    """This process's read-ahead thread (its own: it waits on the hashing threads)."""
+    """This process's read-ahead threads (their own: they wait on the hashing threads)."""
     global _ahead
     with _lock:
         if _ahead is None or _ahead[0] != os.getpid():
-            _ahead = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="randes-ahead"))
+            _ahead = (
+                os.getpid(),
+                ThreadPoolExecutor(
+                    AHEAD_WORKERS, thread_name_prefix="randes-ahead", initializer=_hash_inline
+                ),
+            )
         return _ahead[1]
 
 
-def ahead(fn: Callable[[T], R], items: Iterable[T]) -> Generator[R, None, None]:
-    """``fn(item)`` for each item in order, the next one computed on a helper thread
-    while the caller works on the current one (a checkpoint tensor read and hashed
-    while the previous one is folded). Errors surface where their result is taken; when
-    the caller stops early, the read under way finishes before this returns, so nothing
-    reads a file the caller is about to close."""
+def ahead(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    *,
+    cost: Callable[[T], int] | None = None,
+    budget: int = 0,
+) -> Generator[R, None, None]:
+    """``fn(item)`` for each item in order, the next ones computed on helper threads
+    while the caller works on the current one (checkpoint tensors read, hashed and
+    scrambled while the previous one is folded).
+
+    Without ``cost`` one item is computed ahead. With it, items are started ahead while
+    the ones started and not yet taken cost at most ``budget`` together (``cost(item)``:
+    the bytes its result holds; one item is always started, whatever its cost), and up
+    to `AHEAD_WORKERS` of them are computed at once: memory stays bounded by the budget
+    plus the result the caller holds. Errors surface where their result is taken, in
+    order; when the caller stops early, the items under way finish (the others are
+    dropped) before this returns, so nothing reads a file the caller is about to close.
+    ``fn`` must not wait on another `ahead` (the threads are shared)."""
     pool = _reader()
-    pending: Future[R] | None = None
+    source = iter(items)
+    pending: collections.deque[tuple[Future[R], int]] = collections.deque()
+    held = 0  # the cost of the items in pending
+    upcoming: list[T] = []  # the next item, taken from items but not started yet
+
+    def fill() -> None:
+        nonlocal held
+        while True:
+            if not upcoming:
+                try:
+                    upcoming.append(next(source))
+                except StopIteration:
+                    return
+            size = cost(upcoming[0]) if cost is not None else 0
+            if pending and (cost is None or held + size > budget):
+                return
+            pending.append((pool.submit(fn, upcoming.pop()), size))
+            held += size
+
     try:
-        for item in items:
-            previous, pending = pending, pool.submit(fn, item)
-            if previous is not None:
-                yield previous.result()
-        if pending is not None:
-            done, pending = pending, None
-            yield done.result()
+        fill()
+        while pending:
+            future, size = pending.popleft()
+            held -= size
+            fill()  # the next ones start before the caller works on this one
+            yield future.result()
     finally:
-        if pending is not None:
-            pending.cancel()
+        for future, _ in pending:
+            future.cancel()
+        for future, _ in pending:
             with contextlib.suppress(BaseException):
-                pending.result()
+                future.result()
 
 
 def _update_all(digests: Sequence[Any], data: memoryview) -> list[Future[None]]:
@@ -102,6 +156,15 @@ def read_hashing(
     """Fill ``target`` with ``readinto`` calls, hashing each chunk read while the next
     one is read. Returns the bytes read (fewer than ``len(target)`` only at EOF)."""
     got = 0
+    if getattr(_local, "inline", False):
+        while got < len(target):  # a helper thread: hash each piece while it is in cache
+            n = readinto(target[got : got + INLINE_CHUNK])
+            if not n:
+                break
+            for digest in digests:
+                digest.update(target[got : got + n])
+            got += n
+        return got
     pending: list[Future[None]] = []
     try:
         while got < len(target):

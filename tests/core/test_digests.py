@@ -3,6 +3,8 @@ file changed while it was read is refused."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import threading
 import time
@@ -99,3 +101,54 @@ def test_ahead_keeps_order_surfaces_errors_and_waits_when_closed() -> None:
     running.wait(5)
     reads.close()  # item 1 was under way: it finished before close returned
     assert finished == [1]
+
+
+def test_ahead_with_a_budget_computes_several_at_once_within_it() -> None:
+    """Items cost 10, the budget is 30: at most 3 started and not yet taken beyond the
+    one the caller holds, two computed at once (the barrier needs both threads), and
+    the results still in order."""
+    lock = threading.Lock()
+    started = taken = 0
+    most_ahead = 0
+    both = threading.Barrier(2, timeout=30)
+
+    def work(x: int) -> int:
+        nonlocal started, most_ahead
+        with lock:
+            started += 1
+            most_ahead = max(most_ahead, started - taken)
+        if x < 2:
+            both.wait()  # items 0 and 1 run at the same time, or this times out
+        time.sleep(0.002)
+        return x * 3
+
+    got = []
+    for value in hashio.ahead(work, range(20), cost=lambda x: 10, budget=30):
+        with lock:
+            taken += 1
+        got.append(value)
+        time.sleep(0.005)  # the caller works: the helpers run ahead, up to the budget
+    assert got == [x * 3 for x in range(20)]
+    assert most_ahead <= 3 + 1  # the ahead budget, plus the one being handed over
+    assert most_ahead >= 3  # they did run ahead
+    # an item costing more than the whole budget still runs, one at a time
+    assert list(hashio.ahead(lambda x: x, range(4), cost=lambda x: 100, budget=30)) == [0, 1, 2, 3]
+
+
+def test_a_read_ahead_thread_hashes_inline_to_the_same_digest() -> None:
+    """On the read-ahead threads `read_hashing` hashes each piece itself: same bytes,
+    same digest as the hashing threads give."""
+    blob = os.urandom(3 * hashio.INLINE_CHUNK + 777)
+
+    def read(_: int) -> tuple[bytes, str, bool]:
+        src = io.BytesIO(blob)
+        target = memoryview(bytearray(len(blob)))
+        digest = hashlib.sha256()
+        n = hashio.read_hashing(src.readinto, target, [digest])
+        assert n == len(blob)
+        return bytes(target), digest.hexdigest(), getattr(hashio._local, "inline", False)
+
+    [(data, hexdigest, inline)] = list(hashio.ahead(read, [0]))
+    assert inline and data == blob and hexdigest == hashlib.sha256(blob).hexdigest()
+    # on the caller's thread the hashing threads do it: the same digest
+    assert read(0)[1:] == (hexdigest, False)

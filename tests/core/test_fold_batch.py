@@ -7,15 +7,21 @@ and trained a few steps (backbone under ``transformer.``, a head the base lacks)
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from randes.checkpoint import CheckpointReader
 from randes.config import TransformConfig
+from randes.digests import read_digests, source_digests
 from randes.errors import IncompatibleCheckpointError, NonFiniteTensorError
 from randes.fold import FoldResult, fold
 from randes.fold_batch import (
@@ -26,6 +32,7 @@ from randes.fold_batch import (
     fold_scrambled,
     scramble_task,
 )
+from randes.fold_members import BaseTensors
 from randes.writer import WrittenShard
 from tests.runtime.hf_models import make_models
 
@@ -285,3 +292,82 @@ def test_scrambled_partials_reduce_to_the_batch_bytes(
             out_dir=tmp_path / "map-nan",
         )
     assert not [p for p in (tmp_path / "map-nan").rglob("*") if p.is_file()]
+
+
+class _Watched(CheckpointReader):
+    """A checkpoint reader that counts its reads, and makes the first two reads on
+    helper threads (of any watched reader) wait for each other: a batch that never reads
+    two at once fails with BrokenBarrierError."""
+
+    lock = threading.Lock()
+    helper_reads = 0
+    both = threading.Barrier(2, timeout=30)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reads: Counter[str] = Counter()
+
+    def get(self, name: str) -> torch.Tensor:
+        helper = threading.current_thread() is not threading.main_thread()
+        with _Watched.lock:
+            self.reads[name] += 1
+            ticket = _Watched.helper_reads
+            _Watched.helper_reads += helper
+        if helper and ticket < 2:
+            _Watched.both.wait()
+        return super().get(name)
+
+
+def test_members_are_read_ahead_at_once_and_each_tensor_read_and_hashed_once(
+    tmp_path: Path, models: dict[str, Path], readers: dict[str, CheckpointReader]
+) -> None:
+    """Several members' tensors are read (and hashed) ahead on two threads at once,
+    still once each: the digests are those of a hashing pass of their own, and the
+    bytes those of sequential folds."""
+    config = TransformConfig()
+    names = ["t2", "t3", "t4"]
+    seeds = [3, 4, 5]
+    with ExitStack() as stack:
+        watched = [stack.enter_context(_Watched.open(models[n])) for n in names]
+        for reader in watched:
+            reader.record()  # hashed as the pass reads it (storage.batch does the same)
+        batch = fold_batch(
+            base=readers["base"],
+            members=[BatchMember(r, s) for r, s in zip(watched, seeds, strict=True)],
+            parent=None,
+            config=config,
+            out_dir=tmp_path / "batch",
+        )
+        assert batch.refused == {} and _Watched.helper_reads > len(names)
+        for name, reader in zip(names, watched, strict=True):
+            assert set(reader.reads) == set(reader) and set(reader.reads.values()) == {1}
+            with CheckpointReader.open(models[name]) as fresh:
+                assert read_digests(reader) == source_digests(fresh, legacy=False)
+    members = [(readers[n], s) for n, s in zip(names, seeds, strict=True)]
+    seq = _sequential(tmp_path, readers["base"], None, members, config)
+    _assert_same(batch, [0, 1, 2], seq)
+
+
+def test_base_tensors_asked_by_two_threads_at_once_are_read_once(
+    models: dict[str, Path],
+) -> None:
+    calls: list[str] = []
+    started = threading.Event()
+
+    class Slow(CheckpointReader):  # the base, slowed so that the second ask comes mid-read
+        def get(self, name: str) -> torch.Tensor:
+            calls.append(name)
+            started.set()
+            time.sleep(0.2)
+            return super().get(name)
+
+    with Slow.open(models["base"]) as base:
+        name = max(base, key=lambda n: base.meta(n).nbytes)
+        bases = BaseTensors(base, budget=2**30)
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(bases.get, name)
+            started.wait(10)
+            second = pool.submit(bases.get, name)
+            assert first.result() is second.result()
+        assert calls == [name]
+        assert bases.get(name) is first.result() and calls == [name]  # kept
