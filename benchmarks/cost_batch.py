@@ -35,12 +35,18 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from benchmarks.cost_models import ModelSpec, generate
 
 Log = Callable[[str], None]
+
+
+def _fold_each(ws: Any, items: list[Any]) -> list[Any]:
+    """K sequential folds, one version each: what ingestion did before batches."""
+    return [ws.fold("b", i.source, i.task) for i in items]
 
 
 @contextmanager
@@ -149,11 +155,11 @@ def _measure(spec: ModelSpec, work: Path, tasks: int, repeats: int, log: Log) ->
             load.append(os.getloadavg()[0])
             masters = {}
             with _seeds(), _home(work / "seq", base) as ws:
-                t, _ = _timed(lambda ws=ws: [ws.fold("b", i.source, i.task) for i in items])
+                t, _ = _timed(partial(_fold_each, ws, items))
                 times["sequential"].append(t)
                 masters["sequential"] = _master(ws)
             with _seeds(), _home(work / "batch", base) as ws:
-                t, out = _timed(lambda ws=ws: fold_many(ws, "b", items))
+                t, out = _timed(partial(fold_many, ws, "b", items))
                 assert out.version == 1 and not out.refused, out
                 times["batch"].append(t)
                 masters["batch"] = _master(ws)
@@ -163,8 +169,12 @@ def _measure(spec: ModelSpec, work: Path, tasks: int, repeats: int, log: Log) ->
             ):
                 with _seeds(), _home(work / name, base) as ws:
                     t, summary = _timed(
-                        lambda a=address: ingest_flow(
-                            "b", str(incoming), run_validation=False, dask_address=a
+                        partial(
+                            ingest_flow,
+                            "b",
+                            str(incoming),
+                            run_validation=False,
+                            dask_address=address,
                         )
                     )
                     assert summary["version"] == 1 and len(summary["folded"]) == tasks, summary
