@@ -79,25 +79,30 @@ def test_writes_to_a_lent_tensor_never_reach_the_file(checkpoint: Path) -> None:
     assert checkpoint.read_bytes() == before
 
 
+def _pass(reader: MappedCheckpointReader, hi_end: int, window: int) -> tuple[float, int, int]:
+    """The fused kernel's pattern over entries [0, hi_end) of "big": map a window, read
+    it, give it back (``done=False``), next window. Returns (sum, last address, peak
+    RSS of the mapping)."""
+    total, address, peak = 0.0, 0, 0
+    for lo in range(0, hi_end, window):
+        hi = min(hi_end, lo + window)
+        chunk = reader.map_range("big", lo, hi)
+        assert chunk is not None
+        address = chunk.ctypes.data
+        total += float(chunk.sum())  # touches every page
+        del chunk
+        peak = max(peak, _mapping_rss(address))
+        reader.unmap_range("big", lo, hi, False)
+    return total, address, peak
+
+
 @linux
 def test_a_pass_over_a_tensor_leaves_none_of_it_resident(checkpoint: Path) -> None:
-    """The fused kernel's pattern (map a window, read it, give it back, next window):
-    at most the window and the spans around it are resident at any time, and none of
+    """At most the window and the spans around it are resident at any time, and none of
     the tensor once the pass reached its end."""
     with MappedCheckpointReader.from_files([checkpoint]) as reader:
         n = reader.meta("big").numel
-        window = SPAN // 4  # entries: one span of float32
-        peak, address = 0, 0
-        total = 0.0
-        for lo in range(0, n, window):
-            hi = min(n, lo + window)
-            chunk = reader.map_range("big", lo, hi)
-            assert chunk is not None
-            address = chunk.ctypes.data
-            total += float(chunk.sum())
-            del chunk
-            peak = max(peak, _mapping_rss(address))
-            reader.unmap_range("big", lo, hi)
+        total, address, peak = _pass(reader, n, SPAN // 4)  # windows of one span of float32
         assert peak <= 4 * SPAN  # never the whole 6+ spans
         assert _mapping_rss(address) == 0
         assert total == pytest.approx(float(load_file(str(checkpoint))["big"].sum()), rel=1e-4)
@@ -109,19 +114,8 @@ def test_a_pass_over_part_of_a_tensor_leaves_none_of_it_resident(checkpoint: Pat
     stops mid-span: its final ``done`` drop takes that partial span too, so halves
     leave nothing mapped behind them either."""
     with MappedCheckpointReader.from_files([checkpoint]) as reader:
-        n = reader.meta("big").numel
-        mid = n // 2 + 1000  # not on a span boundary
-        window = SPAN // 8
-        address = 0
-        for lo in range(0, mid, window):
-            hi = min(mid, lo + window)
-            chunk = reader.map_range("big", lo, hi)
-            assert chunk is not None
-            address = chunk.ctypes.data
-            assert float(chunk[-1]) == float(chunk[-1])  # touch the pages
-            float(chunk.sum())
-            del chunk
-            reader.unmap_range("big", lo, hi, False)
+        mid = reader.meta("big").numel // 2 + 1000  # not on a span boundary
+        _, address, _ = _pass(reader, mid, SPAN // 8)
         assert _mapping_rss(address) > 0  # the span in use stays mapped until done
         reader.unmap_range("big", mid, mid, True)
         assert _mapping_rss(address) == 0
