@@ -51,12 +51,14 @@ __all__ = [
     "DTYPES",
     "DTYPE_NAMES",
     "PICKLE_SUFFIXES",
+    "Stamp",
     "CheckpointReader",
     "TensorMeta",
     "confined",
     "dtype_size",
     "read_exact_into",
     "read_header",
+    "stamp_of",
 ]
 
 
@@ -106,19 +108,13 @@ def read_exact_into(
     return view
 
 
-def _stamp(stat: os.stat_result) -> tuple[int, ...]:
+Stamp = tuple[int, int, int, int, int]
+"""(st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns): what changes when a file is
+written in place, truncated, replaced, touched or chmod-ed (ctime cannot be set back)."""
+
+
+def stamp_of(stat: os.stat_result) -> Stamp:
     return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
-
-
-def _pread_exact(handle: io.FileIO, offset: int, target: torch.Tensor, name: str) -> None:
-    """``target``'s bytes from ``offset``: positional reads, no shared file position."""
-    view = target.reshape(-1).view(torch.uint8).numpy().data.cast("B")
-    got = 0
-    while got < len(view):
-        n = os.preadv(handle.fileno(), [view[got:]], offset + got)
-        if not n:
-            raise CorruptCheckpointError(f"{handle.name}: truncated while reading {name!r}")
-        got += n
 
 
 class CheckpointReader(Closing):
@@ -147,10 +143,10 @@ class CheckpointReader(Closing):
         self._file_of: dict[str, Path] = {}
         self._offset: dict[str, int] = {}
         self._handles: dict[Path, io.FileIO] = {}
-        self._stamps: dict[Path, tuple[int, ...]] = {}
+        self._stamps: dict[Path, Stamp] = {}
         for path in self.files:
             check_weight_file(path)
-            self._stamps[path] = _stamp(os.stat(path))  # before its header is read
+            self._stamps[path] = stamp_of(os.stat(path))  # before its header is read
             layout = read_layout(path)
             for name, meta in layout.metas.items():
                 if name in self._metas:
@@ -260,14 +256,8 @@ class CheckpointReader(Closing):
             raise ValueError(f"range [{lo}, {lo + out.numel()}) outside {name!r}")
         if out.numel():
             offset = self._offset[name] + lo * out.element_size()
-            _pread_exact(self._handle(self._file_of[name]), offset, out, name)
+            read_exact_into(self._handles, self._file_of[name], offset, out, name)
         return True
-
-    def _handle(self, path: Path) -> io.FileIO:
-        handle = self._handles.get(path)
-        if handle is None:
-            handle = self._handles[path] = io.FileIO(path, "rb")
-        return handle
 
     def pin(self, tensor_sha256: dict[str, str]) -> None:
         """From now on every `get` checks its bytes against ``tensor_sha256``: what is
@@ -296,10 +286,10 @@ class CheckpointReader(Closing):
         hashed while folding cannot mix two versions of a file unnoticed."""
         for path, stamp in self._stamps.items():
             try:
-                now = [_stamp(os.stat(path))]
+                now = [stamp_of(os.stat(path))]
                 handle = self._handles.get(path)
                 if handle is not None:
-                    now.append(_stamp(os.fstat(handle.fileno())))
+                    now.append(stamp_of(os.fstat(handle.fileno())))
             except OSError as exc:
                 raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
             if any(s != stamp for s in now):

@@ -33,24 +33,35 @@ CHUNK = 8 << 20
 """Bytes per read and per hashing step (8 MB: large sequential reads, few syscalls)."""
 
 _lock = threading.Lock()
-_pool: tuple[int, ThreadPoolExecutor] | None = None
 
 
-def _executor() -> ThreadPoolExecutor:
-    """This process's hashing threads (a pool inherited through fork has none left)."""
-    global _pool
-    with _lock:
-        if _pool is None or _pool[0] != os.getpid():
-            _pool = (os.getpid(), ThreadPoolExecutor(2, thread_name_prefix="randes-hash"))
-        return _pool[1]
+class _ProcessPool:
+    """A thread pool of this process, made on first use and again in a forked child (a
+    pool inherited through fork has no threads left)."""
+
+    def __init__(
+        self, workers: int, prefix: str, initializer: Callable[[], None] | None = None
+    ) -> None:
+        self._workers, self._prefix, self._initializer = workers, prefix, initializer
+        self._made: tuple[int, ThreadPoolExecutor] | None = None
+
+    def get(self) -> ThreadPoolExecutor:
+        with _lock:
+            if self._made is None or self._made[0] != os.getpid():
+                pool = ThreadPoolExecutor(
+                    self._workers, thread_name_prefix=self._prefix, initializer=self._initializer
+                )
+                self._made = (os.getpid(), pool)
+            return self._made[1]
+
+
+_hashing = _ProcessPool(2, "randes-hash")
+"""The hashing threads."""
 
 
 AHEAD_WORKERS = 2
 """Helper threads that compute `ahead` items at once (2: this machine's cores; reads,
 sha256 and torch's kernels release the GIL, so two of them run side by side)."""
-
-_ahead: tuple[int, ThreadPoolExecutor] | None = None
-
 
 INLINE_CHUNK = 512 << 10
 """Bytes per read and hash on a read-ahead thread (`read_hashing` there hashes each piece
@@ -63,18 +74,8 @@ def _hash_inline() -> None:
     _local.inline = True
 
 
-def _reader() -> ThreadPoolExecutor:
-    """This process's read-ahead threads (their own: they wait on the hashing threads)."""
-    global _ahead
-    with _lock:
-        if _ahead is None or _ahead[0] != os.getpid():
-            _ahead = (
-                os.getpid(),
-                ThreadPoolExecutor(
-                    AHEAD_WORKERS, thread_name_prefix="randes-ahead", initializer=_hash_inline
-                ),
-            )
-        return _ahead[1]
+_readers = _ProcessPool(AHEAD_WORKERS, "randes-ahead", initializer=_hash_inline)
+"""The read-ahead threads (their own pool: they may wait on the hashing threads)."""
 
 
 def ahead(
@@ -96,7 +97,7 @@ def ahead(
     order; when the caller stops early, the items under way finish (the others are
     dropped) before this returns, so nothing reads a file the caller is about to close.
     ``fn`` must not wait on another `ahead` (the threads are shared)."""
-    pool = _reader()
+    pool = _readers.get()
     source = iter(items)
     pending: collections.deque[tuple[Future[R], int]] = collections.deque()
     held = 0  # the cost of the items in pending
@@ -132,7 +133,7 @@ def ahead(
 
 
 def _update_all(digests: Sequence[Any], data: memoryview) -> list[Future[None]]:
-    pool = _executor()
+    pool = _hashing.get()
     return [pool.submit(d.update, data) for d in digests]
 
 

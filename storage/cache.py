@@ -44,6 +44,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from randes.checkpoint import Stamp, stamp_of
 from randes.errors import IntegrityError
 from randes.hashio import stream_hashing
 from randes.manifest import ShardRef
@@ -81,14 +82,6 @@ def file_sha256(path: Path) -> str:
     with path.open("rb", buffering=0) as handle:
         stream_hashing(handle.readinto, [digest])
     return digest.hexdigest()
-
-
-Stamp = tuple[int, int, int, int, int]
-"""(st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns) of a cached copy."""
-
-
-def stamp_of(stat: os.stat_result) -> Stamp:
-    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
 
 
 class ObjectCache:

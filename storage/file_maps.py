@@ -111,9 +111,6 @@ class MappedCheckpointReader(CheckpointReader):
         super().__init__(files)
         self._file_maps = FileMaps()
 
-    mapped_reads = True
-    """Whether reads in place are lent (False: every read is a positional read)."""
-
     def _span(self, name: str, lo: int, hi: int, itemsize: int) -> tuple[Path, int, int]:
         start = self._offset[name] + itemsize * lo
         return self._file_of[name], start, itemsize * (hi - lo)
@@ -123,7 +120,7 @@ class MappedCheckpointReader(CheckpointReader):
         contract); `release` drops its pages. None for dtypes it does not lend or an
         unaligned offset."""
         meta = self._metas.get(name)
-        if not self.mapped_reads or meta is None or meta.dtype not in _NUMPY:
+        if meta is None or meta.dtype not in _NUMPY:
             return None
         path, start, nbytes = self._span(name, 0, meta.numel, meta.dtype.itemsize)
         aligned = start % meta.dtype.itemsize == 0
@@ -144,7 +141,7 @@ class MappedCheckpointReader(CheckpointReader):
         """Flat entries ``[lo, hi)`` of a float32 tensor over the mapping, no copy;
         None where that does not apply (another dtype, an unaligned offset)."""
         meta = self._metas.get(name)
-        if not self.mapped_reads or meta is None or meta.dtype != torch.float32:
+        if meta is None or meta.dtype != torch.float32:
             return None
         path, start, nbytes = self._span(name, lo, hi, 4)
         entry = self._file_maps.view(path, start, nbytes) if start % 4 == 0 else None
