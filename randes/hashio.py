@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
 import threading
 from collections.abc import Callable, Generator, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, TypeVar
+
+from randes.threads import ProcessPool
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -32,30 +33,8 @@ R = TypeVar("R")
 CHUNK = 8 << 20
 """Bytes per read and per hashing step (8 MB: large sequential reads, few syscalls)."""
 
-_lock = threading.Lock()
 
-
-class _ProcessPool:
-    """A thread pool of this process, made on first use and again in a forked child (a
-    pool inherited through fork has no threads left)."""
-
-    def __init__(
-        self, workers: int, prefix: str, initializer: Callable[[], None] | None = None
-    ) -> None:
-        self._workers, self._prefix, self._initializer = workers, prefix, initializer
-        self._made: tuple[int, ThreadPoolExecutor] | None = None
-
-    def get(self) -> ThreadPoolExecutor:
-        with _lock:
-            if self._made is None or self._made[0] != os.getpid():
-                pool = ThreadPoolExecutor(
-                    self._workers, thread_name_prefix=self._prefix, initializer=self._initializer
-                )
-                self._made = (os.getpid(), pool)
-            return self._made[1]
-
-
-_hashing = _ProcessPool(2, "randes-hash")
+_hashing = ProcessPool(2, "randes-hash")
 """The hashing threads."""
 
 
@@ -74,7 +53,7 @@ def _hash_inline() -> None:
     _local.inline = True
 
 
-_readers = _ProcessPool(AHEAD_WORKERS, "randes-ahead", initializer=_hash_inline)
+_readers = ProcessPool(AHEAD_WORKERS, "randes-ahead", initializer=_hash_inline)
 """The read-ahead threads (their own pool: they may wait on the hashing threads)."""
 
 

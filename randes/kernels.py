@@ -45,6 +45,10 @@ MODE_NONE = 0
 """No signs (the tensor is not flipped)."""
 MODE_ELEMENTWISE = 1
 """One sign per entry: bit ``i`` of a packed stream (LSB first, set bit: -1)."""
+MODE_ELEMENTWISE_UNITS = 3
+"""MODE_ELEMENTWISE, its signs applied in the add's pass, 64 entries to a word (for
+groups of a multiple of 64 entries: the quantized schemes' usual groups)."""
+WORD_SIGNS = True
 MODE_SIDES = 2
 """Entry ``i`` of a tensor viewed (rows, width) gets ``cols[i % width] * rows[i // width]``
 (``rows`` empty: column signs only; width = numel: one sign per entry, rank-0/1)."""
@@ -164,7 +168,7 @@ def dequant_add_(
         raise RuntimeError("the fused kernel needs numba: check randes.kernels.available()")
     mode = MODE_NONE
     if ebits is not None:
-        mode = MODE_ELEMENTWISE
+        mode = MODE_ELEMENTWISE_UNITS if group % 64 == 0 and WORD_SIGNS else MODE_ELEMENTWISE
     elif cols is not None:
         mode = MODE_SIDES
     kernel(

@@ -113,6 +113,49 @@ def _flip_sides(q: Any, cols: Any, rows: Any, width: int, pos: int, n: int) -> N
         k += m
 
 
+@_cached(inline="always")
+def _fma_groups(
+    out: Any, base: Any, q: Any, scales: Any, group: int, alpha: Any, b0: int, k: int, m: int
+) -> None:
+    """out[b0 + j] = fma(float32(q[j]) * scale, alpha, base[b0 + j]) for j in k..m."""
+    while k < m:
+        g = (b0 + k) // group
+        e = min(m, (g + 1) * group - b0)
+        s = scales[g]
+        o = out[b0 + k : b0 + e]
+        t = base[b0 + k : b0 + e]
+        qs = q[k:e]
+        for j in range(e - k):
+            o[j] = fma32(np.float32(qs[j]) * s, alpha, t[j])  # type: ignore[call-arg]
+        k = e
+
+
+@_cached(inline="always")
+def _signed_units(
+    out: Any, base: Any, q: Any, scales: Any, group: int, alpha: Any, ebits: Any, b0: int, m: int
+) -> int:
+    """The elementwise-signed `_fma_groups` over the whole 64-entry units of q[:m]
+    (``group`` a multiple of 64), the sign applied in the same pass: each unit's 64 bits
+    are read as one word and every lane negates its int32 value where its bit is set
+    (the same exact value as the int8 negation, so the same bits). Returns the entries
+    done."""
+    e = ebits[b0 >> 3 :]
+    units = m >> 6
+    for u in range(units):
+        w = np.uint64(0)
+        for k in range(8):
+            w |= np.uint64(e[8 * u + k]) << np.uint64(8 * k)
+        s = scales[(b0 + 64 * u) // group]
+        o = out[b0 + 64 * u : b0 + 64 * u + 64]
+        t = base[b0 + 64 * u : b0 + 64 * u + 64]
+        qs = q[64 * u : 64 * u + 64]
+        for j in range(64):
+            neg = -np.int32((w >> np.uint64(j)) & np.uint64(1))
+            value = (np.int32(qs[j]) ^ neg) - neg
+            o[j] = fma32(np.float32(value) * s, alpha, t[j])  # type: ignore[call-arg]
+    return units << 6
+
+
 @_cached()
 def dequant_add(
     out: Any,
@@ -129,24 +172,20 @@ def dequant_add(
     width: int,
     lo: int,
 ) -> None:
-    """See randes.kernels.dequant_add_."""
+    """See randes.kernels.dequant_add_ (mode 3: elementwise signs, ``group`` a multiple
+    of 64, applied in the add's pass)."""
     n = out.shape[0]
     q = np.empty(BLOCK, dtype=np.int8)
     for b0 in range(0, n, BLOCK):
         m = min(BLOCK, n - b0)
         _decode(codes, bits, q, b0, m)
-        if mode == 1:
+        k = 0
+        if mode == 3:
+            k = _signed_units(out, base, q, scales, group, alpha, ebits, b0, m)
+            if k < m:  # the tensor's last, partial unit
+                _flip_elementwise(q[k:], ebits, b0 + k, m - k)
+        elif mode == 1:
             _flip_elementwise(q, ebits, b0, m)
         elif mode == 2:
             _flip_sides(q, cols, rows, width, lo + b0, m)
-        k = 0
-        while k < m:
-            g = (b0 + k) // group
-            e = min(m, (g + 1) * group - b0)
-            s = scales[g]
-            o = out[b0 + k : b0 + e]
-            t = base[b0 + k : b0 + e]
-            qs = q[k:e]
-            for j in range(e - k):
-                o[j] = fma32(np.float32(qs[j]) * s, alpha, t[j])  # type: ignore[call-arg]
-            k = e
+        _fma_groups(out, base, q, scales, group, alpha, b0, k, m)

@@ -36,6 +36,7 @@ from randes.quantize import chunk_alignment as quant_alignment
 from randes.retrieval_inputs import KeptSigns, MappedReader, RangeReader, RangeSource
 from randes.serving import QuantizedReader
 from randes.source import TensorMeta, TensorSource
+from randes.threads import ProcessPool
 from randes.transforms import TaskTransform
 from randes.writer import ShardWriter, TensorSpec, WrittenShard
 
@@ -70,6 +71,11 @@ took 0.104 s with chunks of 1M entries against 0.113 s with 256K and 0.140 s wit
 FUSED_THREADS = 2
 """Threads computing one tensor by the fused kernel in `tensors` (each a half of it;
 plus the thread drawing the signs ahead). 1: the calling thread alone."""
+
+_halves = ProcessPool(1, "randes")
+"""The thread computing the second half of a tensor (FUSED_THREADS 2)."""
+_sign_drawing = ProcessPool(1, "randes-signs")
+"""The thread drawing (or reading back) the signs of the next tensors."""
 
 SIGNS_AHEAD_MIN = 1 << 16
 """Tensors of fewer entries get their signs drawn where they are computed: handing a
@@ -179,12 +185,10 @@ class _Retrieval:
             and self._numel(n) >= SIGNS_AHEAD_MIN
         ]
         threads = FUSED_THREADS if threads is None else threads
-        with (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="randes-signs") as pool,
-            ThreadPoolExecutor(max(1, threads - 1), thread_name_prefix="randes") as more,
-        ):
-            helper = more if threads > 1 else None
-            ahead: dict[str, Future[dict[str, Any]]] = {}
+        pool = _sign_drawing.get()
+        helper = _halves.get() if threads > 1 else None
+        ahead: dict[str, Future[dict[str, Any]]] = {}
+        try:
             queued = 0  # entries whose signs are drawn or being drawn, not yet used
             nxt = 0
             for ck_name in order:
@@ -200,6 +204,12 @@ class _Retrieval:
                 if signs is not None and "borrowed" in signs:
                     self.buffers.streams.give_back(signs["borrowed"])
                 yield ck_name, value
+        finally:  # a pass stopped early: its signs drawn ahead are not needed
+            for future in ahead.values():
+                if future.cancel() or future.exception() is not None:
+                    continue
+                if "borrowed" in (left := future.result()):
+                    self.buffers.streams.give_back(left["borrowed"])
 
     def _numel(self, ck_name: str) -> int:
         return math.prod(self.plan[ck_name][1].shape)

@@ -12,12 +12,22 @@ page-table entries to set up and tear down, for a 124M model about 8,000 faults 
 docs/benchmarks.md "Runtime"). So every mapping is advised ``MADV_HUGEPAGE`` (pages
 read in again after reclaim come in PMD-sized folios), and pages are dropped only in
 whole, aligned 2 MiB spans, which never splits a PMD mapping into small ones.
+
+Files that already sit in the page cache in small folios (copied with ``cp``, or read
+back after the kernel reclaimed them, by something else than such a mapping) stay that
+way as long as they are cached. A runtime therefore re-caches each file once when it
+opens (`FileMaps.recache`): it counts the faults of touching the file through its
+mapping, and where they show small folios it drops the file's cached pages
+(``POSIX_FADV_DONTNEED``: clean pages only, and none another process maps) and reads
+them back through the mapping, which brings them in as 2 MiB folios.
 """
 
 from __future__ import annotations
 
 import contextlib
 import mmap
+import os
+import resource
 import threading
 from pathlib import Path
 
@@ -28,10 +38,33 @@ from randes.checkpoint import CheckpointReader
 
 _DONTNEED: int | None = getattr(mmap, "MADV_DONTNEED", None)
 _HUGEPAGE: int | None = getattr(mmap, "MADV_HUGEPAGE", None)
+_RUSAGE_THREAD: int = getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)
 FAULT_AROUND = 64 * 1024
 """Linux's default fault_around_bytes: what one fault over small folios maps."""
 SPAN = 2 << 20
 """Pages are dropped in aligned spans of this size (a PMD on x86-64 and arm64)."""
+SMALL_FOLIO_FAULTS = 1.0
+"""Faults per MiB, touching a file every `FAULT_AROUND` bytes, above which its cached
+pages are taken to be smaller folios than they could be (16 per MiB when all are 4 KiB,
+0.5 when all are 2 MiB)."""
+_THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def _large_folios() -> bool:
+    """Whether ``MADV_HUGEPAGE`` can bring a file in as 2 MiB folios here: Linux with
+    transparent huge pages on (``always`` or ``madvise``)."""
+    try:
+        setting = _THP_SETTING.read_text(encoding="ascii")
+    except OSError:
+        return False
+    return "[never]" not in setting
+
+
+PENDING_SPANS = 8
+"""Spans `FileMaps.drop` may defer before it drops them all: 16 MiB of a process's RSS at
+most, against a fault and a page-table teardown per small tensor."""
+RECACHE_MIN = 2 * SPAN
+"""Files smaller than this are not worth a re-read."""
 
 _NUMPY = {
     torch.float32: np.float32,
@@ -51,6 +84,7 @@ class FileMaps:
 
     def __init__(self) -> None:
         self._maps: dict[Path, tuple[mmap.mmap, int]] = {}
+        self._pending: dict[Path, set[int]] = {}
         self._lock = threading.Lock()
 
     def view(self, path: Path, offset: int, nbytes: int) -> tuple[mmap.mmap, int] | None:
@@ -78,9 +112,11 @@ class FileMaps:
         """Drop the pages mapped for bytes ``[start, end)`` of ``path`` from the process.
 
         The span grows back by one fault-around to the pages the faults before it
-        mapped, and is cut to whole aligned `SPAN`s: ``whole=False`` (more of the same
-        range follows) rounds its end down, so the span in use stays mapped and is
-        dropped with the next range; ``whole=True`` (the range is done) rounds it up.
+        mapped, and is cut to whole aligned `SPAN`s; the last span, which holds ``end``,
+        stays mapped: with ``whole=False`` (more of the same range follows) the next
+        range's drop takes it; with ``whole=True`` (the range is done) it is deferred
+        (`flush`): the next tensor in the file mostly starts in it, and dropping it now
+        would have that tensor fault it back (a small tensor's range is within one span).
         """
         entry = self._maps.get(path)
         if entry is None or _DONTNEED is None:
@@ -89,14 +125,71 @@ class FileMaps:
         lo = address + max(0, start - FAULT_AROUND)
         hi = address + min(len(mapped), end + (FAULT_AROUND if whole else 0))
         lo -= lo % SPAN
-        hi = hi + (-hi % SPAN) if whole else hi - hi % SPAN
+        last = hi - hi % SPAN
+        self._drop_spans(mapped, address, lo, last)
+        if whole and last < hi:
+            self._defer(path, last)
+
+    def _drop_spans(self, mapped: mmap.mmap, address: int, lo: int, hi: int) -> None:
         lo, hi = max(lo, address), min(hi, address + len(mapped))
-        if hi > lo:
+        if hi > lo and _DONTNEED is not None:
             first = lo - address
             first -= first % mmap.PAGESIZE  # madvise takes a page-aligned start
             mapped.madvise(_DONTNEED, first, hi - address - first)
 
+    def _defer(self, path: Path, span: int) -> None:
+        with self._lock:
+            self._pending.setdefault(path, set()).add(span)
+            over = sum(map(len, self._pending.values())) > PENDING_SPANS
+        if over:
+            self.flush()
+
+    def flush(self) -> None:
+        """Drop the spans `drop` deferred (at most `PENDING_SPANS` are ever kept)."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for path, spans in pending.items():
+            entry = self._maps.get(path)
+            if entry is not None:
+                for span in sorted(spans):
+                    self._drop_spans(entry[0], entry[1], span, span + SPAN)
+
+    def recache(self, path: Path) -> bool:
+        """Bring ``path``'s cached pages into large folios when they are small ones (see
+        the module's docstring). Returns whether it re-read the file. A no-op where the
+        mapping is not advised ``MADV_HUGEPAGE`` (no re-read could help) or for files
+        under `RECACHE_MIN`."""
+        entry = self.view(path, 0, 0)
+        if entry is None or _HUGEPAGE is None or not hasattr(os, "posix_fadvise"):
+            return False
+        if not _large_folios():
+            return False
+        size = len(entry[0])
+        if size < RECACHE_MIN:
+            return False
+        faults = self._touch(path)
+        if faults * (1 << 20) <= SMALL_FOLIO_FAULTS * size:
+            return False
+        with open(path, "rb") as fh:
+            os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        self._touch(path)
+        return True
+
+    def _touch(self, path: Path) -> int:
+        """Touch every `FAULT_AROUND` bytes of ``path``'s mapping, then drop what that
+        mapped; returns the faults it took (this thread's)."""
+        mapped, _ = self._maps[path]
+        before = resource.getrusage(_RUSAGE_THREAD)
+        view = np.frombuffer(mapped, dtype=np.uint8)
+        int(view[::FAULT_AROUND].sum())
+        del view
+        after = resource.getrusage(_RUSAGE_THREAD)
+        self.drop(path, 0, len(mapped), whole=True)
+        self.flush()
+        return (after.ru_minflt - before.ru_minflt) + (after.ru_majflt - before.ru_majflt)
+
     def close(self) -> None:
+        self._pending = {}
         maps, self._maps = self._maps, {}
         for mapped, _ in maps.values():
             with contextlib.suppress(BufferError):  # a tensor still lent: freed with it
@@ -158,6 +251,15 @@ class MappedCheckpointReader(CheckpointReader):
             return
         path, start, nbytes = self._span(name, lo, hi, 4)
         self._file_maps.drop(path, start, start + nbytes, whole=done or hi >= meta.numel)
+
+    def flush_maps(self) -> None:
+        """Drop the pages `release` and `unmap_range` left mapped for the next tensor
+        (`FileMaps.drop`): at the end of a pass over the reader's tensors."""
+        self._file_maps.flush()
+
+    def recache(self) -> int:
+        """`FileMaps.recache` each of the reader's files; returns how many it re-read."""
+        return sum(self._file_maps.recache(path) for path in dict.fromkeys(self._file_of.values()))
 
     def close(self) -> None:
         self._file_maps.close()

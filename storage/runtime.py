@@ -32,9 +32,10 @@ Not thread-safe: one runtime serves one thread (or guard it with a lock).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -112,6 +113,10 @@ class BundleRuntime(Closing):
                 stored = ResidentReader.load(sup_reader, device, copies=not quantized)
         self._stored = stored
         """The superposition as stored: quantized codes + scales, or the master."""
+        if device.type == "cpu" and kernels.available():
+            for mapped in (self.base, stored):  # read in place by the kernel at each switch
+                if isinstance(mapped, MappedCheckpointReader):
+                    mapped.recache()  # small page-cache folios cost 5x the faults
         self.superposition: TensorSource = stored
         if quantized:
             assert self.manifest.serving is not None
@@ -248,7 +253,8 @@ class BundleRuntime(Closing):
         bit for bit what `randes materialize` writes."""
         plan = self.plan(task)
         names = [spec.name for spec in plan.specs()]
-        return {name: value.to(self.device) for name, value in plan.tensors(names)}
+        with self._mapped_pass():
+            return {name: value.to(self.device) for name, value in plan.tensors(names)}
 
     def switch(self, module: torch.nn.Module, task: str) -> torch.nn.Module:
         """Turn ``module`` (holding any task of this bundle) into ``task`` in place.
@@ -264,11 +270,22 @@ class BundleRuntime(Closing):
         _check_targets(task, specs, targets)
         self._holding.pop(module, None)  # a failure below leaves it half switched
         outs = {spec.name: targets[spec.name].data for spec in specs}
-        with torch.no_grad():
+        with torch.no_grad(), self._mapped_pass():
             for _ in plan.tensors(outs, outs, lend=self.base.lend):
                 pass  # each tensor is computed into the module's own storage
         self._holding[module] = task
         return module
+
+    @contextlib.contextmanager
+    def _mapped_pass(self) -> Iterator[None]:
+        """A pass over a task's tensors; at its end the pages of the files read in place
+        that were left mapped for the next tensor are dropped (storage.file_maps)."""
+        try:
+            yield
+        finally:
+            for reader in (self.base, self._stored):
+                if isinstance(reader, MappedCheckpointReader):
+                    reader.flush_maps()
 
     def model(self, task: str) -> torch.nn.Module:
         """A transformers model of ``task`` built from its stored config.json, in eval

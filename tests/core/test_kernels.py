@@ -70,6 +70,7 @@ def _kernel_range(base, q, shape, scheme, kind, lo, hi, alpha, in_place):  # typ
         QuantScheme(bits=3, group_size=24),
         QuantScheme(bits=8, group_size=None),
         QuantScheme(bits=4, group_size=None),
+        QuantScheme(bits=8, group_size=128),  # elementwise: 64-entry words, 2 per group
     ],
     ids=lambda s: s.name,
 )
@@ -119,6 +120,29 @@ def test_kernel_elementwise_across_sign_stream_chunks() -> None:
     want = _torch_range(base, q, shape, scheme, "elementwise", lo, shape[0], -1.5)
     got = _kernel_range(base, q, shape, scheme, "elementwise", lo, shape[0], -1.5, True)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "scheme",
+    [QuantScheme(bits=4, group_size=64), QuantScheme(bits=3, group_size=192)],
+    ids=lambda s: s.name,
+)
+def test_elementwise_signs_in_the_add_s_pass_equal_the_separate_flip(
+    scheme: QuantScheme, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Groups of a multiple of 64 entries take the signs 64 to a word, in the add's pass
+    (MODE_ELEMENTWISE_UNITS); the separate int8 flip gives the same bits, over many
+    kernel blocks and a last, partial word."""
+    shape = (3 * 4096 + 64 * 5 + 29,)
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(shape, generator=g) * 10.0 ** torch.randint(-3, 3, shape, generator=g)
+    q = quantize(torch.randn(shape, generator=g), scheme)
+    want = _torch_range(base, q, shape, scheme, "elementwise", 0, shape[0], 0.37)
+    got = {}
+    for units in (True, False):
+        monkeypatch.setattr(kernels, "WORD_SIGNS", units)
+        got[units] = _kernel_range(base, q, shape, scheme, "elementwise", 0, shape[0], 0.37, True)
+    assert torch.equal(got[True], want) and torch.equal(got[False], want)
 
 
 CASES = [

@@ -7,6 +7,8 @@ tests see what a server's RSS sees.
 
 from __future__ import annotations
 
+import mmap
+import os
 import sys
 from pathlib import Path
 
@@ -19,7 +21,15 @@ from randes.checkpoint import CheckpointReader
 from randes.quantize import QuantScheme, quantize
 from randes.serving import QuantizedReader, codes_name, scales_name
 from randes.source import TensorMeta
-from storage.file_maps import SPAN, MappedCheckpointReader
+from storage.file_maps import (
+    PENDING_SPANS,
+    RECACHE_MIN,
+    SMALL_FOLIO_FAULTS,
+    SPAN,
+    FileMaps,
+    MappedCheckpointReader,
+    _large_folios,
+)
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 
@@ -98,12 +108,15 @@ def _pass(reader: MappedCheckpointReader, hi_end: int, window: int) -> tuple[flo
 
 @linux
 def test_a_pass_over_a_tensor_leaves_none_of_it_resident(checkpoint: Path) -> None:
-    """At most the window and the spans around it are resident at any time, and none of
-    the tensor once the pass reached its end."""
+    """At most the window and the spans around it are resident at any time; once the
+    pass reached its end, only its last span (deferred: the next tensor in the file
+    starts there), and none of it once the pass over the reader ends (`flush_maps`)."""
     with MappedCheckpointReader.from_files([checkpoint]) as reader:
         n = reader.meta("big").numel
         total, address, peak = _pass(reader, n, SPAN // 4)  # windows of one span of float32
         assert peak <= 4 * SPAN  # never the whole 6+ spans
+        assert _mapping_rss(address) <= SPAN
+        reader.flush_maps()
         assert _mapping_rss(address) == 0
         assert total == pytest.approx(float(load_file(str(checkpoint))["big"].sum()), rel=1e-4)
 
@@ -111,13 +124,15 @@ def test_a_pass_over_a_tensor_leaves_none_of_it_resident(checkpoint: Path) -> No
 @linux
 def test_a_pass_over_part_of_a_tensor_leaves_none_of_it_resident(checkpoint: Path) -> None:
     """A thread computing the first half of a tensor (the second half runs on another)
-    stops mid-span: its final ``done`` drop takes that partial span too, so halves
-    leave nothing mapped behind them either."""
+    stops mid-span: its final ``done`` drop defers that partial span, which the end of
+    the pass drops, so halves leave nothing mapped behind them either."""
     with MappedCheckpointReader.from_files([checkpoint]) as reader:
         mid = reader.meta("big").numel // 2 + 1000  # not on a span boundary
         _, address, _ = _pass(reader, mid, SPAN // 8)
         assert _mapping_rss(address) > 0  # the span in use stays mapped until done
         reader.unmap_range("big", mid, mid, True)
+        assert _mapping_rss(address) <= SPAN
+        reader.flush_maps()
         assert _mapping_rss(address) == 0
 
 
@@ -131,6 +146,8 @@ def test_released_tensors_leave_the_process(checkpoint: Path) -> None:
         assert _mapping_rss(address) >= 3 * SPAN
         del lent
         reader.release("codes")
+        assert _mapping_rss(address) <= SPAN  # the last span, where the next tensor starts
+        reader.flush_maps()
         assert _mapping_rss(address) == 0
 
 
@@ -160,3 +177,74 @@ def test_a_quantized_reader_holds_one_slot_s_codes_mapped(tmp_path: Path) -> Non
             # this slot's codes are resident, with at most a span on either side; the
             # slots before it were given back (all four would be 16 MiB)
             assert _mapping_rss(addresses[-1]) <= stored[codes_name(name)].numel() + 2 * SPAN
+
+
+@linux
+def test_deferred_spans_are_bounded_and_dropped_at_the_end_of_a_pass(tmp_path: Path) -> None:
+    """Each released tensor leaves its last span mapped for the next one; never more than
+    PENDING_SPANS of them stay, and `flush_maps` drops them all."""
+    g = torch.Generator().manual_seed(2)
+    count = PENDING_SPANS + 6
+    path = tmp_path / "many.safetensors"
+    # each tensor a span and 4 KiB of float32: each ends in a span of its own
+    save_file(
+        {f"t{i:02d}": torch.randn(SPAN // 4 + 1024, generator=g) for i in range(count)}, str(path)
+    )
+    with MappedCheckpointReader.from_files([path]) as reader:
+        address = 0
+        for i in range(count):
+            lent = reader.mapped(f"t{i:02d}")
+            assert lent is not None
+            address = lent.data_ptr()
+            assert float(lent.sum()) != 0.0  # touches every page
+            del lent
+            reader.release(f"t{i:02d}")
+            assert _mapping_rss(address) <= (PENDING_SPANS + 1) * SPAN
+        assert _mapping_rss(address) > 0
+        reader.flush_maps()
+        assert _mapping_rss(address) == 0
+
+
+def _cache_in_small_folios(path: Path) -> None:
+    """Drop ``path`` from the page cache and read it back a 4 KiB page at a time with
+    readahead off: every page its own small folio."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages are not dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
+            mapped.madvise(mmap.MADV_RANDOM)
+            mapped.madvise(mmap.MADV_NOHUGEPAGE)
+            view = np.frombuffer(mapped, dtype=np.uint8)
+            int(view[:: mmap.PAGESIZE].sum())
+            del view
+    finally:
+        os.close(fd)
+
+
+@linux
+def test_recache_brings_a_file_cached_in_small_folios_into_large_ones(tmp_path: Path) -> None:
+    """Small folios cost a fault per 64 KiB (16 per MiB); `recache` reads the file back
+    so that one fault maps 2 MiB, where the kernel has transparent huge pages (else it
+    is a no-op), and the bytes read in place are unchanged."""
+    path = tmp_path / "base.safetensors"
+    value = torch.randn(4 * RECACHE_MIN // 4, generator=torch.Generator().manual_seed(3))
+    save_file({"w": value}, str(path))
+    _cache_in_small_folios(path)
+    maps = FileMaps()
+    try:
+        mib = path.stat().st_size / (1 << 20)
+        assert maps.view(path, 0, 0) is not None
+        small = maps._touch(path) / mib
+        assert small > 2 * SMALL_FOLIO_FAULTS  # the state this is for
+        if not _large_folios():
+            assert maps.recache(path) is False
+            return
+        assert maps.recache(path) is True
+        assert maps._touch(path) / mib <= SMALL_FOLIO_FAULTS
+        assert maps.recache(path) is False  # large already: not read again
+    finally:
+        maps.close()
+    with MappedCheckpointReader.from_files([path]) as reader:
+        lent = reader.mapped("w")
+        assert lent is not None and torch.equal(lent, value)
