@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from randes.retrieval_inputs import PageDrops
+
 MODE_NONE = 0
 """No signs (the tensor is not flipped)."""
 MODE_ELEMENTWISE = 1
@@ -73,17 +75,18 @@ def warm() -> bool:
         return False
     out = np.zeros(8, dtype=np.float32)
     dequant_add_(out, np.zeros(4, dtype=np.uint8), 4, np.ones(1, dtype=np.float32), 8, 1.0)
+    dequant_add_(out, np.zeros(4, dtype=np.uint8), 4, np.ones(1, dtype=np.float32), 8, 1.0, step=8)
     return True
 
 
 def _kernel() -> Any:
     if "kernel" not in _state:
         try:
-            from randes.kernels_jit import dequant_add
+            from randes.kernels_jit import dequant_add, dequant_add_lent
 
-            _state["kernel"] = dequant_add
+            _state["kernel"], _state["lent"] = dequant_add, dequant_add_lent
         except ImportError:  # numba missing or broken: retrieval keeps the torch path
-            _state["kernel"] = None
+            _state["kernel"] = _state["lent"] = None
     return _state["kernel"]
 
 
@@ -152,7 +155,9 @@ def dequant_add_(
     rows: np.ndarray | None = None,
     width: int = 1,
     base: np.ndarray | None = None,
-) -> None:
+    step: int = 0,
+    drops: PageDrops | None = None,
+) -> int:
     """``out[k] = fma(float32(q(k) * sign(lo + k)) * scales[k // group], alpha, base[k])``.
 
     ``base``: float32, the base entries ``[lo, lo + len(out))`` of the tensor (default:
@@ -162,16 +167,23 @@ def dequant_add_(
     ``group``). Signs: ``ebits``, the packed elementwise stream from entry ``lo`` on
     (``lo`` a multiple of 8); or ``cols`` (and ``rows``), int8 +1/-1 over the whole
     tensor viewed (rows, ``width``), see MODE_SIDES; or none.
+
+    ``step`` (a multiple of the range's alignment): the range is computed ``step``
+    entries at a time, in one call that holds no GIL throughout; with ``drops`` (a base
+    lent from a mapping) the whole spans of the base's pages it has passed are dropped
+    every `UNMAP_ENTRIES` entries, as `randes.retrieval_inputs.MappedReader.unmap_range`
+    would drop them. Returns the entry (from 0) from which the lent pages are still
+    mapped: the caller's final drop starts there.
     """
-    kernel = _kernel()
-    if kernel is None:
+    kernel, chunked = _kernel(), _state.get("lent")
+    if kernel is None or chunked is None:
         raise RuntimeError("the fused kernel needs numba: check randes.kernels.available()")
     mode = MODE_NONE
     if ebits is not None:
         mode = MODE_ELEMENTWISE_UNITS if group % 64 == 0 and WORD_SIGNS else MODE_ELEMENTWISE
     elif cols is not None:
         mode = MODE_SIDES
-    kernel(
+    args = (
         out,
         _read_only(out if base is None else base),
         codes,
@@ -186,8 +198,16 @@ def dequant_add_(
         width,
         lo,
     )
+    kept = 0
+    if step:
+        every = UNMAP_ENTRIES if drops is not None else 0
+        d = drops if drops is not None else PageDrops(0, 0, 1, 0, 0)
+        kept = chunked(*args, step, every, d.margin, d.span, d.low, d.high, d.advice)
+    else:
+        kernel(*args)
     if "released" not in _state:
         _state["released"] = _release_compiler_pages()
+    return kept
 
 
 SPLIT_ENTRIES = 1 << 17
@@ -204,9 +224,11 @@ class FusedJob:
     """One tensor's fused retrieval, a chunk of ``step`` entries at a time.
 
     ``out``: the float32 output (flat); the base comes from ``map_range(lo, hi)`` (a
-    read-only array lent in place, then ``unmap_range``), else ``read_range(lo, hi)``
-    fills ``out[lo:hi]`` with it, else ``out`` already holds it. ``signs``: the keyword
-    arguments of `dequant_add_` for the signs (SignMap.kernel_signs).
+    read-only array lent in place, its pages dropped as the kernel passes them where
+    ``drops`` says how, then ``unmap_range``), else ``read_range(lo, hi)`` fills
+    ``out[lo:hi]`` with it a chunk at a time, else ``out`` already holds it.
+    ``signs``: the keyword arguments of `dequant_add_` for the signs
+    (SignMap.kernel_signs).
     """
 
     out: np.ndarray
@@ -224,44 +246,45 @@ class FusedJob:
     """``(lo, hi, done)``: done with the lent entries ``[lo, hi)``; ``done``: with every
     entry of this job's range up to ``hi`` (a reader dropping pages in whole spans drops
     the last, partial one too)."""
+    drops: PageDrops | None = None
     read_range: Callable[[int, int], None] | None = None
 
-    def run(self, lo0: int, hi0: int) -> None:
-        """Entries ``[lo0, hi0)`` (``lo0`` a multiple of ``align``); releases the GIL in
-        the kernel and in the reads, so two threads can run two halves."""
+    def _kernel(self, lo: int, hi: int, base: np.ndarray | None, step: int) -> int:
         ebits = self.signs.get("ebits")
-        cols, rows = self.signs.get("cols"), self.signs.get("rows")
-        width = int(self.signs.get("width", 1))
-        lent_from: int | None = None
-        lent_any = False
-        for lo in range(lo0, hi0, self.step):
-            hi = min(lo + self.step, hi0)
-            src = self.map_range(lo, hi) if self.map_range is not None else None
-            if src is None and self.read_range is not None:
+        return dequant_add_(
+            self.out[lo:hi],
+            self.codes[lo * self.bits // 8 :],
+            self.bits,
+            self.scales[lo // self.group :],
+            self.group,
+            self.alpha,
+            lo=lo,
+            ebits=ebits[lo // 8 :] if ebits is not None else None,
+            cols=self.signs.get("cols"),
+            rows=self.signs.get("rows"),
+            width=int(self.signs.get("width", 1)),
+            base=base,
+            step=step,
+            drops=self.drops if base is not None else None,
+        )
+
+    def run(self, lo0: int, hi0: int) -> None:
+        """Entries ``[lo0, hi0)`` (``lo0`` a multiple of ``align``), in one call of the
+        kernel where the base is lent or already in ``out`` (no GIL held meanwhile, so
+        two threads run two halves side by side), else a read and a call per chunk."""
+        src = self.map_range(lo0, hi0) if self.map_range is not None else None
+        if src is not None:
+            kept = self._kernel(lo0, hi0, src, self.step)
+            del src
+            if self.unmap_range is not None:  # done with [lo0, hi0): all of it
+                self.unmap_range(lo0 + kept, hi0, True)
+        elif self.read_range is None:
+            self._kernel(lo0, hi0, None, self.step)
+        else:
+            for lo in range(lo0, hi0, self.step):
+                hi = min(lo + self.step, hi0)
                 self.read_range(lo, hi)
-            dequant_add_(
-                self.out[lo:hi],
-                self.codes[lo * self.bits // 8 :],
-                self.bits,
-                self.scales[lo // self.group :],
-                self.group,
-                self.alpha,
-                lo=lo,
-                ebits=ebits[lo // 8 :] if ebits is not None else None,
-                cols=cols,
-                rows=rows,
-                width=width,
-                base=src,
-            )
-            if src is not None:
-                del src
-                lent_any = True
-                lent_from = lo if lent_from is None else lent_from
-                if hi - lent_from >= UNMAP_ENTRIES and self.unmap_range is not None:
-                    self.unmap_range(lent_from, hi, False)
-                    lent_from = None
-        if lent_any and self.unmap_range is not None:  # done with [lo0, hi0): all of it
-            self.unmap_range(hi0 if lent_from is None else lent_from, hi0, True)
+                self._kernel(lo, hi, None, 0)
 
     def run_all(self, helper: ThreadPoolExecutor | None = None) -> None:
         """The whole tensor; with a ``helper`` thread its second half runs there while

@@ -11,6 +11,7 @@ from typing import Any
 import llvmlite.ir as ir
 import numpy as np
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 BLOCK = 4096
@@ -189,3 +190,76 @@ def dequant_add(
         elif mode == 2:
             _flip_sides(q, cols, rows, width, lo + b0, m)
         _fma_groups(out, base, q, scales, group, alpha, b0, k, m)
+
+
+@intrinsic
+def _madvise(typingctx: Any, address: Any, length: Any, advice: Any) -> Any:
+    """libc's madvise(address, length, advice), called from compiled code (the symbol is
+    resolved in the process, as numba resolves libm's)."""
+    sig = types.int32(types.uintp, types.uintp, types.int32)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        void_p = ir.IntType(8).as_pointer()
+        fnty = ir.FunctionType(ir.IntType(32), [void_p, ir.IntType(64), ir.IntType(32)])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "madvise")
+        return builder.call(fn, [builder.inttoptr(args[0], void_p), args[1], args[2]])
+
+    return sig, codegen
+
+
+@_cached()
+def dequant_add_lent(
+    out: Any,
+    base: Any,
+    codes: Any,
+    bits: int,
+    scales: Any,
+    group: int,
+    alpha: Any,
+    mode: int,
+    ebits: Any,
+    cols: Any,
+    rows: Any,
+    width: int,
+    lo: int,
+    step: int,
+    drop_every: int,
+    margin: int,
+    span: int,
+    map_lo: int,
+    map_hi: int,
+    advice: int,
+) -> int:
+    """`dequant_add` over a whole range, ``step`` entries at a time, its base lent from
+    a mapping ``[map_lo, map_hi)`` whose pages it drops as it goes (see
+    randes.kernels.dequant_add_lent_); returns the entry from which they are kept."""
+    n = out.shape[0]
+    address = base.ctypes.data
+    kept = 0
+    for c0 in range(0, n, step):
+        c1 = min(c0 + step, n)
+        dequant_add(
+            out[c0:c1],
+            base[c0:c1],
+            codes[(c0 * bits) >> 3 :],
+            bits,
+            scales[c0 // group :],
+            group,
+            alpha,
+            mode,
+            ebits[c0 >> 3 :] if ebits.shape[0] else ebits,
+            cols,
+            rows,
+            width,
+            lo + c0,
+        )
+        if drop_every and c1 - kept >= drop_every:
+            first = max(map_lo, address + 4 * kept - margin)
+            first -= first % span
+            last = min(map_hi, address + 4 * c1)
+            last -= last % span
+            first = max(first, map_lo)
+            if last > first:
+                _madvise(first, last - first, advice)  # type: ignore[call-arg]
+            kept = c1
+    return kept

@@ -6,7 +6,7 @@ is optional; retrieval checks for it once per plan and takes the plain path with
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -61,6 +61,25 @@ class MappedReader(Protocol):
         """Done with the range `map_range` lent (drop its pages from the process);
         ``done``: the caller has finished with everything it mapped up to ``hi``."""
         ...
+
+    def page_drops(self, name: str) -> PageDrops | None:
+        """How the kernel may drop the pages of ranges of ``name`` lent by `map_range`
+        while it computes them; None: nothing to drop (a resident tensor)."""
+        ...
+
+
+class PageDrops(NamedTuple):
+    """The pages of a mapping that compiled code may drop as it passes them: whole,
+    aligned ``span``s of bytes within ``[low, high)``, from the entry it started at less
+    ``margin`` (what faults map ahead), by ``madvise(..., advice)``. The kernel drops
+    what ``unmap_range(lo, hi, False)`` would (storage.file_maps.FileMaps.drop) without
+    coming back to Python for it."""
+
+    low: int
+    high: int
+    span: int
+    margin: int
+    advice: int
 
 
 class KeptSigns(Protocol):

@@ -318,6 +318,7 @@ class _Retrieval:
             if self._base_maps:
                 job.map_range = partial(base.map_range, name)
                 job.unmap_range = partial(base.unmap_range, name)
+                job.drops = base.page_drops(name)
             job.read_range = lambda lo, hi: _read_or_fail(base, name, lo, work[lo:hi])
         job.run_all(helper)
         if work.data_ptr() != target.data_ptr():

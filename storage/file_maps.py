@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from randes.checkpoint import CheckpointReader
+from randes.retrieval_inputs import PageDrops
 
 _DONTNEED: int | None = getattr(mmap, "MADV_DONTNEED", None)
 _HUGEPAGE: int | None = getattr(mmap, "MADV_HUGEPAGE", None)
@@ -60,6 +61,10 @@ def _large_folios() -> bool:
     return "[never]" not in setting
 
 
+LEND_MIN = 256 << 10
+"""Tensors of fewer bytes are read, not lent from the mapping: one fault maps a whole
+2 MiB span, which a small tensor would hold in the RSS for a few KiB, and its drop
+would have the tensors beside it fault it back."""
 PENDING_SPANS = 8
 """Spans `FileMaps.drop` may defer before it drops them all: 16 MiB of a process's RSS at
 most, against a fault and a page-table teardown per small tensor."""
@@ -208,12 +213,16 @@ class MappedCheckpointReader(CheckpointReader):
         start = self._offset[name] + itemsize * lo
         return self._file_of[name], start, itemsize * (hi - lo)
 
+    def _lends(self, name: str) -> bool:
+        meta = self._metas.get(name)
+        return meta is not None and meta.nbytes >= LEND_MIN
+
     def mapped(self, name: str) -> torch.Tensor | None:
         """``name`` as a CPU tensor over the mapped file, no copy (read-only by
-        contract); `release` drops its pages. None for dtypes it does not lend or an
-        unaligned offset."""
+        contract); `release` drops its pages. None for dtypes it does not lend, an
+        unaligned offset or a tensor under `LEND_MIN` (read it)."""
         meta = self._metas.get(name)
-        if meta is None or meta.dtype not in _NUMPY:
+        if meta is None or meta.dtype not in _NUMPY or not self._lends(name):
             return None
         path, start, nbytes = self._span(name, 0, meta.numel, meta.dtype.itemsize)
         aligned = start % meta.dtype.itemsize == 0
@@ -226,15 +235,16 @@ class MappedCheckpointReader(CheckpointReader):
     def release(self, name: str) -> None:
         """Done with what `mapped` lent of ``name``: drop its pages from the process."""
         meta = self._metas.get(name)
-        if meta is not None:
+        if meta is not None and self._lends(name):
             path, start, nbytes = self._span(name, 0, meta.numel, meta.dtype.itemsize)
             self._file_maps.drop(path, start, start + nbytes, whole=True)
 
     def map_range(self, name: str, lo: int, hi: int) -> np.ndarray | None:
         """Flat entries ``[lo, hi)`` of a float32 tensor over the mapping, no copy;
-        None where that does not apply (another dtype, an unaligned offset)."""
+        None where that does not apply (another dtype, an unaligned offset, a tensor
+        under `LEND_MIN`)."""
         meta = self._metas.get(name)
-        if meta is None or meta.dtype != torch.float32:
+        if meta is None or meta.dtype != torch.float32 or not self._lends(name):
             return None
         path, start, nbytes = self._span(name, lo, hi, 4)
         entry = self._file_maps.view(path, start, nbytes) if start % 4 == 0 else None
@@ -242,12 +252,25 @@ class MappedCheckpointReader(CheckpointReader):
             return None
         return np.frombuffer(entry[0], dtype=np.float32, count=hi - lo, offset=start)
 
+    def page_drops(self, name: str) -> PageDrops | None:
+        """How compiled code drops the pages of ``name``'s lent ranges as `unmap_range`
+        does (`FileMaps.drop`): the bounds of its file's mapping, in whole `SPAN`s."""
+        meta = self._metas.get(name)
+        if meta is None or _DONTNEED is None:
+            return None
+        path, start, nbytes = self._span(name, 0, meta.numel, meta.dtype.itemsize)
+        entry = self._file_maps.view(path, start, nbytes)
+        if entry is None:
+            return None
+        mapped, address = entry
+        return PageDrops(address, address + len(mapped), SPAN, FAULT_AROUND, _DONTNEED)
+
     def unmap_range(self, name: str, lo: int, hi: int, done: bool = False) -> None:
         """Done with entries ``[lo, hi)`` `map_range` lent: drop their pages; with
         ``done`` (or at the tensor's end) all of them, else the whole spans before the
         one in use, which the next range's drop takes (`FileMaps.drop`)."""
         meta = self._metas.get(name)
-        if meta is None:
+        if meta is None or not self._lends(name):
             return
         path, start, nbytes = self._span(name, lo, hi, 4)
         self._file_maps.drop(path, start, start + nbytes, whole=done or hi >= meta.numel)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from randes.checkpoint import read_exact_into
+from randes.retrieval_inputs import PageDrops
 from randes.source import Closing, MetaTable, TensorMeta, TensorSource
 from storage.file_maps import MappedCheckpointReader
 
@@ -116,6 +117,10 @@ class ResidentReader(MetaTable, _Lending, Closing):
 
     def unmap_range(self, name: str, lo: int, hi: int, done: bool = False) -> None:
         """Nothing to release: the tensor is resident."""
+
+    def page_drops(self, name: str) -> PageDrops | None:
+        """Nothing to drop: the tensor is resident."""
+        return None
 
     def view(self, name: str) -> torch.Tensor:
         """The resident tensor itself, read-only by contract (no copy)."""
