@@ -35,7 +35,7 @@ import ctypes
 import os
 import sys
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -286,9 +286,13 @@ class FusedJob:
                 self.read_range(lo, hi)
                 self._kernel(lo, hi, None, 0)
 
-    def run_all(self, helper: ThreadPoolExecutor | None = None) -> None:
+    def run_all(
+        self, helper: ThreadPoolExecutor | None = None, later: list[Future[None]] | None = None
+    ) -> None:
         """The whole tensor; with a ``helper`` thread its second half runs there while
-        this thread computes the first."""
+        this thread computes the first. With ``later``, the second half's future is
+        appended to it instead of waited for (the caller waits before it uses the
+        output: this thread goes on to the next tensor meanwhile)."""
         n = self.out.shape[0]
         if helper is None or n < 2 * SPLIT_ENTRIES:
             self.run(0, n)
@@ -297,5 +301,10 @@ class FusedJob:
         second = helper.submit(self.run, mid, n)
         try:
             self.run(0, mid)
-        finally:
+        except BaseException:
+            wait([second])  # never leave the other half running behind a failure
+            raise
+        if later is None:
             second.result()
+        else:
+            later.append(second)

@@ -16,8 +16,9 @@ from __future__ import annotations
 import math
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,9 @@ class _Retrieval:
         pool = _sign_drawing.get()
         helper = _halves.get() if threads > 1 else None
         ahead: dict[str, Future[dict[str, Any]]] = {}
+        # the tensor computed last, whose helper half may still run: yielded (and its
+        # borrowed signs given back) once the next one's first half is computed
+        done: _Computed | None = None
         try:
             queued = 0  # entries whose signs are drawn or being drawn, not yet used
             nxt = 0
@@ -200,11 +204,21 @@ class _Retrieval:
                 if future is not None:
                     queued -= self._numel(ck_name)
                 signs = future.result() if future is not None else None
-                value = self._compute(ck_name, outs.get(ck_name), signs, lend, helper)
-                if signs is not None and "borrowed" in signs:
-                    self.buffers.streams.give_back(signs["borrowed"])
-                yield ck_name, value
+                out = outs.get(ck_name)
+                if done is not None and out is not None and _shares_storage(out, done.value):
+                    tied, done = done, None  # one memory (tied weights): one at a time
+                    yield tied.finish(self.buffers)
+                later: list[Future[None]] = []
+                value = self._compute(ck_name, out, signs, lend, helper, later)
+                previous, done = done, _Computed(ck_name, value, signs, later)
+                if previous is not None:
+                    yield previous.finish(self.buffers)
+            if done is not None:
+                last, done = done, None
+                yield last.finish(self.buffers)
         finally:  # a pass stopped early: its signs drawn ahead are not needed
+            if done is not None:
+                wait(done.later)
             for future in ahead.values():
                 if future.cancel() or future.exception() is not None:
                     continue
@@ -252,10 +266,11 @@ class _Retrieval:
         signs: dict[str, Any] | None,
         lend: Callable[[str, torch.Tensor], AbstractContextManager[object]] | None,
         helper: ThreadPoolExecutor | None = None,
+        later: list[Future[None]] | None = None,
     ) -> torch.Tensor:
         fits = out is None or (out.device.type == "cpu" and out.is_contiguous())
         fused = fits and self._fusable(ck_name)
-        value = self._fused_tensor(ck_name, out, signs, helper) if fused else None
+        value = self._fused_tensor(ck_name, out, signs, helper, later) if fused else None
         if value is not None:
             return value
         if out is None:
@@ -272,8 +287,11 @@ class _Retrieval:
         out: torch.Tensor | None,
         signs: dict[str, Any] | None,
         helper: ThreadPoolExecutor | None,
+        later: list[Future[None]] | None = None,
     ) -> torch.Tensor | None:
-        """`tensor` by the kernel; None when the slot's codes are not on the CPU."""
+        """`tensor` by the kernel; None when the slot's codes are not on the CPU. With
+        ``later``, the part a ``helper`` computes may still be running on return: its
+        future is appended there."""
         name, meta = self.plan[ck_name]
         assert name is not None and isinstance(self.superposition, QuantizedReader)
         slot = self.transform.slot_of(name)
@@ -320,9 +338,11 @@ class _Retrieval:
                 job.unmap_range = partial(base.unmap_range, name)
                 job.drops = base.page_drops(name)
             job.read_range = lambda lo, hi: _read_or_fail(base, name, lo, work[lo:hi])
-        job.run_all(helper)
         if work.data_ptr() != target.data_ptr():
+            job.run_all(helper)
             flat.copy_(work)  # to the fine-tune's dtype, as .to(meta.dtype) does
+        else:
+            job.run_all(helper, later)
         return target
 
     def _torch_tensor(self, ck_name: str) -> torch.Tensor:
@@ -375,6 +395,27 @@ TaskRetrieval = _Retrieval
 """The per-task plan that `retrieve` and `materialize` run, under a public name: in-memory
 servers (storage.runtime) check its `specs` before touching a module and compute single
 tensors with `tensor`, so what they serve is what materialize writes, bit for bit."""
+
+
+def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+@dataclass
+class _Computed:
+    """A tensor `TaskRetrieval.tensors` computed, part of it maybe still on the helper."""
+
+    name: str
+    value: torch.Tensor
+    signs: dict[str, Any] | None
+    later: list[Future[None]]
+
+    def finish(self, buffers: WorkBuffers) -> tuple[str, torch.Tensor]:
+        for future in self.later:
+            future.result()
+        if self.signs is not None and "borrowed" in self.signs:
+            buffers.streams.give_back(self.signs["borrowed"])
+        return self.name, self.value
 
 
 def retrieve(

@@ -221,6 +221,23 @@ def test_retrieval_kernel_equals_torch_path(
         assert torch.equal(fused.tensor(name), want[name]), name
 
 
+def test_outputs_sharing_memory_are_computed_one_after_the_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tensors` yields a tensor once the next one's first half is computed (the helper
+    finishes the last half meanwhile); two outputs in one memory (a module's tied
+    weights) must not overlap that way: the second one's bits are what stays."""
+    monkeypatch.setattr(retrieve_mod, "FUSED_CHUNK", 64)
+    monkeypatch.setattr(kernels, "SPLIT_ENTRIES", 16)
+    reference, fused = _plans(tmp_path, monkeypatch, CASES[2])
+    first, second = "h.0.mlp.c_fc.weight", "h.1.mlp.c_fc.weight"
+    want = dict(reference.tensors([first, second]))
+    shared = torch.full_like(want[first], float("nan"))
+    for name, value in fused.tensors([first, second], {first: shared, second: shared}):
+        assert torch.equal(value, want[name]), name
+    assert torch.equal(shared, want[second])
+
+
 def test_without_numba_retrieval_takes_the_torch_path(tmp_path: Path) -> None:
     """numba blocked from import: randes imports, kernels are unavailable, and a
     materialize still runs (the torch path)."""
