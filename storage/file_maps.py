@@ -62,9 +62,10 @@ def _large_folios() -> bool:
 
 
 LEND_MIN = 256 << 10
-"""Tensors of fewer bytes are read, not lent from the mapping: one fault maps a whole
-2 MiB span, which a small tensor would hold in the RSS for a few KiB, and its drop
-would have the tensors beside it fault it back."""
+"""Tensors of fewer bytes are read once and lent from the process's memory, not from
+the mapping: one fault maps a whole 2 MiB span, which a small tensor would hold in the
+RSS for a few KiB, and its drop would have the tensors beside it fault it back (norms,
+biases and most slots' scales: 6 MB for a 124M GPT-2 and its int4 serving copy)."""
 PENDING_SPANS = 8
 """Spans `FileMaps.drop` may defer before it drops them all: 16 MiB of a process's RSS at
 most, against a fault and a page-table teardown per small tensor."""
@@ -208,6 +209,19 @@ class MappedCheckpointReader(CheckpointReader):
     def __init__(self, files: list[Path]) -> None:
         super().__init__(files)
         self._file_maps = FileMaps()
+        self._held: dict[str, torch.Tensor] = {}
+        """Tensors under `LEND_MIN`, read once and lent from memory afterwards."""
+
+    def _small(self, name: str) -> torch.Tensor:
+        held = self._held.get(name)
+        if held is None:
+            held = self._held[name] = super().get(name)
+        return held
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the small tensors held in the process (`LEND_MIN`)."""
+        return sum(t.numel() * t.element_size() for t in self._held.values())
 
     def _span(self, name: str, lo: int, hi: int, itemsize: int) -> tuple[Path, int, int]:
         start = self._offset[name] + itemsize * lo
@@ -219,11 +233,14 @@ class MappedCheckpointReader(CheckpointReader):
 
     def mapped(self, name: str) -> torch.Tensor | None:
         """``name`` as a CPU tensor over the mapped file, no copy (read-only by
-        contract); `release` drops its pages. None for dtypes it does not lend, an
-        unaligned offset or a tensor under `LEND_MIN` (read it)."""
+        contract); `release` drops its pages. A tensor under `LEND_MIN` is lent from
+        the process's memory instead (read once). None for dtypes it does not lend or
+        an unaligned offset."""
         meta = self._metas.get(name)
-        if meta is None or meta.dtype not in _NUMPY or not self._lends(name):
+        if meta is None or meta.dtype not in _NUMPY:
             return None
+        if not self._lends(name):
+            return self._small(name)
         path, start, nbytes = self._span(name, 0, meta.numel, meta.dtype.itemsize)
         aligned = start % meta.dtype.itemsize == 0
         entry = self._file_maps.view(path, start, nbytes) if aligned else None
@@ -240,12 +257,14 @@ class MappedCheckpointReader(CheckpointReader):
             self._file_maps.drop(path, start, start + nbytes, whole=True)
 
     def map_range(self, name: str, lo: int, hi: int) -> np.ndarray | None:
-        """Flat entries ``[lo, hi)`` of a float32 tensor over the mapping, no copy;
-        None where that does not apply (another dtype, an unaligned offset, a tensor
-        under `LEND_MIN`)."""
+        """Flat entries ``[lo, hi)`` of a float32 tensor over the mapping (from memory
+        under `LEND_MIN`), no copy; None where that does not apply (another dtype, an
+        unaligned offset)."""
         meta = self._metas.get(name)
-        if meta is None or meta.dtype != torch.float32 or not self._lends(name):
+        if meta is None or meta.dtype != torch.float32:
             return None
+        if not self._lends(name):
+            return self._small(name).view(-1)[lo:hi].numpy()
         path, start, nbytes = self._span(name, lo, hi, 4)
         entry = self._file_maps.view(path, start, nbytes) if start % 4 == 0 else None
         if entry is None:
@@ -256,7 +275,7 @@ class MappedCheckpointReader(CheckpointReader):
         """How compiled code drops the pages of ``name``'s lent ranges as `unmap_range`
         does (`FileMaps.drop`): the bounds of its file's mapping, in whole `SPAN`s."""
         meta = self._metas.get(name)
-        if meta is None or _DONTNEED is None:
+        if meta is None or _DONTNEED is None or not self._lends(name):
             return None
         path, start, nbytes = self._span(name, 0, meta.numel, meta.dtype.itemsize)
         entry = self._file_maps.view(path, start, nbytes)
@@ -285,5 +304,6 @@ class MappedCheckpointReader(CheckpointReader):
         return sum(self._file_maps.recache(path) for path in dict.fromkeys(self._file_of.values()))
 
     def close(self) -> None:
+        self._held.clear()
         self._file_maps.close()
         super().close()

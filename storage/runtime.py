@@ -210,8 +210,15 @@ class BundleRuntime(Closing):
     @property
     def resident_bytes(self) -> int:
         """Bytes the runtime holds: the superposition as stored (quantized or master)
-        and the base, each when it is resident (not read from its files)."""
-        return sum(r.nbytes for r in (self.base, self._stored) if isinstance(r, ResidentReader))
+        and the base, each when it is resident; of those read from their files, the
+        small tensors held once read (storage.file_maps.LEND_MIN)."""
+        held = 0
+        for reader in (self.base, self._stored):
+            if isinstance(reader, ResidentReader):
+                held += reader.nbytes
+            elif isinstance(reader, MappedCheckpointReader):
+                held += reader.held_bytes
+        return held
 
     def task_of(self, module: torch.nn.Module) -> str | None:
         """The task a module built or switched by this runtime holds (None if unknown)."""

@@ -180,5 +180,7 @@ class FileBaseReader(_Lending, MappedCheckpointReader):
         """A fresh copy: nothing of the base is resident."""
         return self.get(name)
 
-    nbytes = 0
-    """Bytes of the base held by the process."""
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the base held by the process (its small tensors)."""
+        return self.held_bytes

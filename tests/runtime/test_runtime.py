@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from randes import kernels
 from randes.errors import InvalidNameError
+from storage.file_maps import LEND_MIN
 from storage.pulled import PulledVersion, PulledVersionError
 from storage.registry import TaskNotFoundError
 from storage.runtime import BundleRuntime, BundleRuntimeError
@@ -66,9 +67,10 @@ def test_tasks_report_seed_lambda_and_config(served: Served, ws) -> None:
             assert info.config is not None and info.config["architectures"][0].endswith(
                 "ForSequenceClassification"
             )
-        # held on the CPU: nothing with the fused kernel (base and quantized codes are
-        # read slot by slot from their verified files: the page cache), the quantized
-        # superposition with the torch path; no private tensor of any task
+        # held on the CPU: with the fused kernel nothing before a task is computed (base
+        # and quantized codes are read slot by slot from their verified files: the page
+        # cache), then only tensors under LEND_MIN; the quantized superposition with
+        # the torch path; no private tensor of any task
         base_bytes = sum(r.size for r in PulledVersion(served.pulled).base.shards)
         serving_bytes = sum(r.size for r in manifest.serving.shards)
         assert serving_bytes < base_bytes / 2
@@ -77,6 +79,10 @@ def test_tasks_report_seed_lambda_and_config(served: Served, ws) -> None:
         else:
             assert 0 < rt.resident_bytes <= serving_bytes  # payload, no headers
         assert rt._private == {}  # nothing read for any task yet
+        if kernels.available():
+            rt.state_dict(rt.tasks[0].name)
+            small = [m for m in rt.base.metas().values() if m.nbytes < LEND_MIN]
+            assert 0 < rt.base.nbytes <= sum(m.nbytes for m in small)  # those the task uses
     with BundleRuntime.open(served.pulled, base_resident=True) as rt:
         assert rt.resident_bytes > 0.9 * base_bytes
 
