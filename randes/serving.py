@@ -201,13 +201,18 @@ class QuantizedReader(MetaTable, Closing):
         """The codes and scales of ``name``, kept for the next ranges of the same slot
         (one slot's codes: an eighth of its float32 size at int4)."""
         if self._held is None or self._held[0] != name:
-            held, self._held = self._held, None
-            if held is not None and self._lending is not None:
-                self._lending.release(codes_name(held[0]))
-                self._lending.release(scales_name(held[0]))
+            self.release_held()
             codes, scales = self._read(codes_name(name)), self._read(scales_name(name))
             self._held = (name, QuantizedTensor(codes, scales))
         return self._held[1]
+
+    def release_held(self) -> None:
+        """Give back the codes and scales of the slot read last (a pass over the slots
+        is done: they would otherwise stay mapped until the next one)."""
+        held, self._held = self._held, None
+        if held is not None and self._lending is not None:
+            self._lending.release(codes_name(held[0]))
+            self._lending.release(scales_name(held[0]))
 
     def _read(self, name: str) -> torch.Tensor:
         """A lent tensor where the source lends them (read-only use only: dequantizing

@@ -66,10 +66,12 @@ LEND_MIN = 256 << 10
 the mapping: one fault maps a whole 2 MiB span, which a small tensor would hold in the
 RSS for a few KiB, and its drop would have the tensors beside it fault it back (norms,
 biases and most slots' scales: 6 MB for a 124M GPT-2 and its int4 serving copy)."""
-PENDING_SPANS = 8
+PENDING_SPANS = 2
 """Spans `FileMaps.drop` may defer before it drops them all: 16 MiB of a process's RSS at
 most, against a fault and a page-table teardown per small tensor."""
 RECACHE_MIN = 2 * SPAN
+TOUCH_STEP = 16 * SPAN
+"""Bytes `FileMaps.recache` touches before it drops them."""
 """Files smaller than this are not worth a re-read."""
 
 _NUMPY = {
@@ -182,17 +184,21 @@ class FileMaps:
         return True
 
     def _touch(self, path: Path) -> int:
-        """Touch every `FAULT_AROUND` bytes of ``path``'s mapping, then drop what that
-        mapped; returns the faults it took (this thread's)."""
+        """Touch every `FAULT_AROUND` bytes of ``path``'s mapping, `TOUCH_STEP` bytes at
+        a time, each dropped before the next (so the process never holds more); returns
+        the faults it took (this thread's)."""
         mapped, _ = self._maps[path]
-        before = resource.getrusage(_RUSAGE_THREAD)
+        faults = 0
         view = np.frombuffer(mapped, dtype=np.uint8)
-        int(view[::FAULT_AROUND].sum())
+        for start in range(0, len(mapped), TOUCH_STEP):
+            before = resource.getrusage(_RUSAGE_THREAD)
+            int(view[start : start + TOUCH_STEP : FAULT_AROUND].sum())
+            after = resource.getrusage(_RUSAGE_THREAD)
+            faults += after.ru_minflt - before.ru_minflt + after.ru_majflt - before.ru_majflt
+            self.drop(path, start, start + TOUCH_STEP, whole=True)
         del view
-        after = resource.getrusage(_RUSAGE_THREAD)
-        self.drop(path, 0, len(mapped), whole=True)
         self.flush()
-        return (after.ru_minflt - before.ru_minflt) + (after.ru_majflt - before.ru_majflt)
+        return faults
 
     def close(self) -> None:
         self._pending = {}

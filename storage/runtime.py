@@ -290,6 +290,8 @@ class BundleRuntime(Closing):
         try:
             yield
         finally:
+            if isinstance(self.superposition, QuantizedReader):
+                self.superposition.release_held()
             for reader in (self.base, self._stored):
                 if isinstance(reader, MappedCheckpointReader):
                     reader.flush_maps()

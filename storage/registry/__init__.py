@@ -5,6 +5,11 @@
 top-level `migrations` package (`Registry.upgrade()`).
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from storage.registry.errors import (
     AliasNotFoundError,
     AlreadyIngestedError,
@@ -29,7 +34,6 @@ from storage.registry.errors import (
     VersionInUseError,
     VersionNotFoundError,
 )
-from storage.registry.models import VERSION_STATUSES
 from storage.registry.records import (
     AliasRecord,
     BaseRecord,
@@ -41,7 +45,27 @@ from storage.registry.records import (
     VersionRecord,
     VersionStatus,
 )
-from storage.registry.registry import Registry
+
+if TYPE_CHECKING:
+    from storage.registry.models import VERSION_STATUSES
+    from storage.registry.registry import Registry
+
+_NEED_SQLALCHEMY = {
+    "VERSION_STATUSES": "storage.registry.models",
+    "Registry": "storage.registry.registry",
+}
+"""Imported on first use: a process that only serves pulled bundles (storage.runtime)
+needs the errors and records, not SQLAlchemy (~20 MB of its RSS)."""
+
+
+def __getattr__(name: str) -> Any:
+    module = _NEED_SQLALCHEMY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "VERSION_STATUSES",

@@ -7,13 +7,27 @@ an `S3Store` (with ``RANDES_S3_ENDPOINT_URL`` for SeaweedFS, MinIO, R2...).
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from storage.errors import InvalidStoreUrlError
 from storage.store.base import ObjectInfo, ObjectStore, validate_key, validate_prefix
 from storage.store.local import LocalStore
-from storage.store.s3 import S3Store
+
+if TYPE_CHECKING:
+    from storage.store.s3 import S3Store
+
+
+def __getattr__(name: str) -> Any:
+    """`S3Store` on first use: boto3 (~15 MB of RSS) only where S3 is used."""
+    if name != "S3Store":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = importlib.import_module("storage.store.s3").S3Store
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "LocalStore",
@@ -57,6 +71,8 @@ def open_store(
             raise InvalidStoreUrlError(f"store URL {url!r}: missing bucket (s3://bucket/prefix)")
         if parts.query or parts.fragment:
             raise InvalidStoreUrlError(f"store URL {url!r}: no query or fragment allowed")
+        from storage.store.s3 import S3Store
+
         prefix = unquote(parts.path).strip("/")
         store = S3Store(parts.netloc, prefix, endpoint_url=endpoint_url, region=region)
         if retry_timeout is not None:
