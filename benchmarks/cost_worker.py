@@ -63,7 +63,7 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
     from randes.config import TransformConfig
     from randes.fold import fold
     from randes.manifest import KeyMap
-    from randes.retrieve import materialize
+    from randes.materialize import materialize
 
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))

@@ -25,6 +25,7 @@ from sqlalchemy import Connection, text
 
 from storage.registry.engine import make_engine, write_options
 from storage.registry.models import Base, UTCDateTime
+from storage.registry.validation import ValidationCheck  # noqa: F401  (its tables on Base)
 
 # An arbitrary constant: the advisory lock key that serializes schema upgrades.
 MIGRATION_LOCK_KEY = 0x72616E646573  # "randes"

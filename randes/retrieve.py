@@ -14,19 +14,16 @@ did.
 from __future__ import annotations
 
 import math
-import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from randes import kernels
-from randes.atomic import replacing, write_atomic
 from randes.buffers import WorkBuffers
 from randes.config import TransformConfig
 from randes.errors import IncompatibleCheckpointError, RandesError
@@ -39,7 +36,7 @@ from randes.serving import QuantizedReader
 from randes.source import TensorMeta, TensorSource
 from randes.threads import ProcessPool
 from randes.transforms import TaskTransform
-from randes.writer import ShardWriter, TensorSpec, WrittenShard
+from randes.writer import TensorSpec
 
 DEFAULT_SCALE_KEY = "*"
 """In a per-tensor scale dict, the lambda of tensors not named in it."""
@@ -448,74 +445,6 @@ def retrieve(
     yield from plan.tensors(plan.plan)
 
 
-def materialize(
-    *,
-    base: TensorSource,
-    superposition: TensorSource | None,
-    private: TensorSource | None,
-    seed: int,
-    key_map: KeyMap,
-    config: TransformConfig,
-    scale: float | Mapping[str, float],
-    out_dir: Path,
-    side_files: Mapping[str, Path] | None = None,
-    max_shard_bytes: int = 2 * 1024**3,
-    progress: Callable[[int, int], None] | None = None,
-    weights_dir: str = "",
-) -> list[WrittenShard]:
-    """Write one task as a standalone Hugging Face style model directory.
-
-    ``model.safetensors`` (or shards + ``model.safetensors.index.json``), in
-    ``weights_dir`` when the source kept them in a subfolder (sentence-transformers'
-    legacy ``0_Transformer/``), plus copies of the side files under their relative
-    paths (config.json, tokenizer, chat template, ``1_Pooling/config.json``...): what
-    the fine-tune's own loader reads. ``out_dir`` must be new or empty.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        # stale shards or index files would mix with the new ones when loaded
-        raise RandesError(f"{out_dir}: destination exists and is not an empty directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plan = _Retrieval(
-        base=base,
-        superposition=superposition,
-        private=private,
-        seed=seed,
-        key_map=key_map,
-        config=config,
-        scale=scale,
-    )
-    weights = out_dir.joinpath(*_relative_parts(weights_dir)) if weights_dir else out_dir
-    with ShardWriter(weights, max_shard_bytes=max_shard_bytes, plan=plan.specs()) as writer:
-        total = len(writer.order)
-        for done, (ck_name, value) in enumerate(plan.tensors(writer.order), start=1):
-            writer.add(ck_name, value)
-            if progress is not None:
-                progress(done, total)
-        shards = writer.finish(hf_index=True)
-    for fname, src in sorted((side_files or {}).items()):
-        dst = out_dir.joinpath(*_relative_parts(fname))
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        _copy_atomic(Path(src), dst)
-    return shards
-
-
 def _read_or_fail(base: Any, name: str, lo: int, out: torch.Tensor) -> None:
     if not base.read_range_into(name, lo, out):
         raise RandesError(f"base tensor {name!r}: range read refused")  # probed: cannot happen
-
-
-def _relative_parts(name: str) -> list[str]:
-    """The components of a '/'-separated relative path, none of them empty, '.' or '..'."""
-    parts = name.split("/")
-    if not all(parts) or any(p in (".", "..") or "\\" in p for p in parts):
-        raise ValueError(f"side file name {name!r} must be a relative path of plain names")
-    return parts
-
-
-def _copy_atomic(src: Path, dst: Path) -> None:
-    if src.stat().st_size <= 64 * 1024 * 1024:
-        write_atomic(dst, src.read_bytes())
-    else:  # pragma: no cover - side files are small
-        with replacing(dst) as tmp:
-            shutil.copyfile(src, tmp)

@@ -25,7 +25,7 @@ from randes.digests import source_digests
 from randes.errors import IntegrityError
 from randes.layout import superposition_metas
 from randes.manifest import BaseManifest, BundleManifest, ShardRef, TaskEntry
-from randes.retrieve import materialize as materialize_model
+from randes.materialize import materialize as materialize_model
 from randes.scaling import manifest_task_scale
 from randes.serving import QuantizedReader
 from randes.source import TensorSource

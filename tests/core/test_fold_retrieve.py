@@ -16,7 +16,8 @@ from randes.errors import IncompatibleCheckpointError, NonFiniteTensorError, Ran
 from randes.fold import FoldResult, fold, unfold
 from randes.layout import layout_of, superposed_names
 from randes.manifest import KeyMap
-from randes.retrieve import materialize, retrieve
+from randes.materialize import materialize
+from randes.retrieve import retrieve
 from randes.transforms import TaskTransform
 from tests.core.helpers import finetune, gpt2_like, open_dict, save
 
