@@ -67,8 +67,9 @@ the mapping: one fault maps a whole 2 MiB span, which a small tensor would hold 
 RSS for a few KiB, and its drop would have the tensors beside it fault it back (norms,
 biases and most slots' scales: 6 MB for a 124M GPT-2 and its int4 serving copy)."""
 PENDING_SPANS = 2
-"""Spans `FileMaps.drop` may defer before it drops them all: 16 MiB of a process's RSS at
-most, against a fault and a page-table teardown per small tensor."""
+"""Spans `FileMaps.drop` may defer before it drops them all: 4 MiB of a process's RSS at
+most (small tensors are not lent at all, `LEND_MIN`: what is deferred is the last span of
+a large tensor, where the next one in the file starts)."""
 RECACHE_MIN = 2 * SPAN
 TOUCH_STEP = 16 * SPAN
 """Bytes `FileMaps.recache` touches before it drops them."""
