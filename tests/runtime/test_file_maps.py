@@ -162,7 +162,7 @@ def test_released_tensors_leave_the_process(checkpoint: Path) -> None:
 def test_a_quantized_reader_holds_one_slot_s_codes_mapped(tmp_path: Path) -> None:
     """Over a lending source, QuantizedReader dequantizes codes read in place, gives
     the same values as over a plain file reader, and gives a slot's pages back when it
-    moves to the next slot."""
+    moves to the next slot, and the last one's when the pass is over (`release_held`)."""
     g = torch.Generator().manual_seed(1)
     scheme = QuantScheme(bits=4, group_size=64)
     master = {f"w{i}": torch.randn(4 * SPAN, generator=g) for i in range(4)}  # 4 MiB of codes each
@@ -173,8 +173,9 @@ def test_a_quantized_reader_holds_one_slot_s_codes_mapped(tmp_path: Path) -> Non
     path = tmp_path / "serving.safetensors"
     save_file(stored, str(path))
     metas = {name: TensorMeta(t.dtype, tuple(t.shape)) for name, t in master.items()}
+    mapped = MappedCheckpointReader.from_files([path])
     with (
-        QuantizedReader(MappedCheckpointReader.from_files([path]), scheme, metas) as lent,
+        QuantizedReader(mapped, scheme, metas) as lent,
         QuantizedReader(CheckpointReader.from_files([path]), scheme, metas) as read,
     ):
         addresses = []
@@ -184,6 +185,10 @@ def test_a_quantized_reader_holds_one_slot_s_codes_mapped(tmp_path: Path) -> Non
             # this slot's codes are resident, with at most a span on either side; the
             # slots before it were given back (all four would be 16 MiB)
             assert _mapping_rss(addresses[-1]) <= stored[codes_name(name)].numel() + 2 * SPAN
+        assert _mapping_rss(addresses[-1]) >= stored[codes_name("w3")].numel() // 2
+        lent.release_held()
+        mapped.flush_maps()
+        assert _mapping_rss(addresses[-1]) == 0
 
 
 @linux
