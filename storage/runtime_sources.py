@@ -12,8 +12,6 @@ scratch directory, as `storage.pulled` does.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +22,7 @@ from randes.manifest import BundleManifest, ShardRef, TaskEntry
 from randes.names import validate_name
 from storage.cache import version_context
 from storage.pulled import PulledVersion, PulledVersionError
+from storage.scratch import ScratchDir
 from storage.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -92,7 +91,8 @@ class PulledSource(RuntimeSource):
         self.pulled = PulledVersion(root)
         self.manifest = self.pulled.manifest
         self.base_norms = dict(self.pulled.base.norms)
-        self._links = Path(tempfile.mkdtemp(prefix=".randes-runtime-"))
+        self._scratch = ScratchDir("runtime")  # removes those killed runtimes left
+        self._links = self._scratch.path
 
     def files(self, refs: Sequence[ShardRef]) -> list[Path]:
         paths = []
@@ -118,7 +118,7 @@ class PulledSource(RuntimeSource):
         return refs, quantized
 
     def close(self) -> None:
-        shutil.rmtree(self._links, ignore_errors=True)
+        self._scratch.remove()
 
 
 class StoreSource(RuntimeSource):

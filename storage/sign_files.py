@@ -4,7 +4,8 @@ A stream is appended once, at the first retrieval of its tensor, and read back w
 positional read (``pread`` releases the GIL; the helper thread that drew it now reads
 it, 15.5 MB per switch of a 124M model in a few milliseconds). The files are this
 process's own scratch: made in a private temporary directory, indexed in memory, and
-deleted when the runtime closes; nothing else reads them, so no digest is kept. A
+deleted when the runtime closes (or by the next runtime, when this one was killed:
+storage.scratch); nothing else reads them, so no digest is kept. A
 budget caps the disk they take (one bit per parameter per task): past it, streams are
 drawn each time, as without a store.
 """
@@ -12,12 +13,12 @@ drawn each time, as without a store.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import threading
 from pathlib import Path
 
 import numpy as np
+
+from storage.scratch import ScratchDir
 
 DEFAULT_BUDGET = 2 << 30
 """Bytes of sign streams a runtime keeps at most (16 tasks of a 1B-parameter model)."""
@@ -31,7 +32,8 @@ class SignFiles:
             raise ValueError(f"sign stream budget must be >= 0 bytes, got {budget}")
         self.budget = budget
         self.used = 0
-        self._dir = Path(tempfile.mkdtemp(prefix=".randes-signs-", dir=parent))
+        self._scratch = ScratchDir("signs", parent)  # removes those killed runtimes left
+        self._dir = self._scratch.path
         self._lock = threading.Lock()
         self._tasks: dict[int, TaskSignFile] = {}
 
@@ -61,7 +63,7 @@ class SignFiles:
             tasks, self._tasks = self._tasks, {}
         for store in tasks.values():
             store.close()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        self._scratch.remove()
 
 
 class TaskSignFile:
