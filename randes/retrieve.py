@@ -171,9 +171,11 @@ class _Retrieval:
         """(name, `tensor`) for each of ``names`` in order, into ``outs[name]`` where
         given. The elementwise sign stream of the next tensor (SHAKE-256, a tenth to a
         third of the work) is drawn by a helper thread while this one computes: the
-        kernel and the positional reads release the GIL. ``lend(base name, out)``, when
-        given, wraps each torch-path computation (a runtime lends the base read to the
-        module's storage, `storage.runtime_readers`)."""
+        kernel and the positional reads release the GIL. A large tensor's second half is
+        computed by another thread, which may still be at it while this one computes the
+        next tensor's first half: each tensor is yielded once it is complete. ``lend(base
+        name, out)``, when given, wraps each torch-path computation (a runtime lends the
+        base read to the module's storage, `storage.runtime_readers`)."""
         order = list(names)
         outs = outs or {}
         fused = [  # whose signs the helper thread draws ahead for the kernel
