@@ -237,12 +237,15 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     else:
         from storage.runtime import BundleRuntime
 
-        rt = BundleRuntime.open(Path(job["dir"]), base_resident=job.get("resident", False))
-        model = rt.model(rt.task_names[0])
-        for task in rt.task_names:
-            rt.switch(model, task)
-        with torch.no_grad():
-            model(input_ids=ids)
+        with BundleRuntime.open(
+            Path(job["dir"]), base_resident=job.get("resident", False)
+        ) as rt:  # closed: its scratch (kept sign streams) is removed
+            model = rt.model(rt.task_names[0])
+            for task in rt.task_names:
+                rt.switch(model, task)
+            with torch.no_grad():
+                model(input_ids=ids)
+            return {"idle": idle, **_status()}
     return {"idle": idle, **_status()}
 
 
