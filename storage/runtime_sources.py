@@ -12,6 +12,7 @@ scratch directory, as `storage.pulled` does.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,8 +23,8 @@ from randes.manifest import BundleManifest, ShardRef, TaskEntry
 from randes.names import validate_name
 from storage.cache import version_context
 from storage.pulled import PulledVersion, PulledVersionError
-from storage.scratch import ScratchDir
 from storage.settings import Settings, load_settings
+from storage.workdirs import scratch_root, work_dir
 
 if TYPE_CHECKING:
     from storage.workspace import Workspace
@@ -91,8 +92,8 @@ class PulledSource(RuntimeSource):
         self.pulled = PulledVersion(root)
         self.manifest = self.pulled.manifest
         self.base_norms = dict(self.pulled.base.norms)
-        self._scratch = ScratchDir("runtime")  # removes those killed runtimes left
-        self._links = self._scratch.path
+        self._scratch = contextlib.ExitStack()
+        self._links = self._scratch.enter_context(work_dir(scratch_root()))  # sweeps too
 
     def files(self, refs: Sequence[ShardRef]) -> list[Path]:
         paths = []
@@ -118,7 +119,7 @@ class PulledSource(RuntimeSource):
         return refs, quantized
 
     def close(self) -> None:
-        self._scratch.remove()
+        self._scratch.close()
 
 
 class StoreSource(RuntimeSource):

@@ -5,20 +5,21 @@ positional read (``pread`` releases the GIL; the helper thread that drew it now 
 it, 15.5 MB per switch of a 124M model in a few milliseconds). The files are this
 process's own scratch: made in a private temporary directory, indexed in memory, and
 deleted when the runtime closes (or by the next runtime, when this one was killed:
-storage.scratch); nothing else reads them, so no digest is kept. A
+storage.workdirs); nothing else reads them, so no digest is kept. A
 budget caps the disk they take (one bit per parameter per task): past it, streams are
 drawn each time, as without a store.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from pathlib import Path
 
 import numpy as np
 
-from storage.scratch import ScratchDir
+from storage.workdirs import scratch_root, work_dir
 
 DEFAULT_BUDGET = 2 << 30
 """Bytes of sign streams a runtime keeps at most (16 tasks of a 1B-parameter model)."""
@@ -32,8 +33,9 @@ class SignFiles:
             raise ValueError(f"sign stream budget must be >= 0 bytes, got {budget}")
         self.budget = budget
         self.used = 0
-        self._scratch = ScratchDir("signs", parent)  # removes those killed runtimes left
-        self._dir = self._scratch.path
+        self._scratch = contextlib.ExitStack()
+        root = parent if parent is not None else scratch_root()
+        self._dir = self._scratch.enter_context(work_dir(root))  # sweeps killed runtimes'
         self._lock = threading.Lock()
         self._tasks: dict[int, TaskSignFile] = {}
 
@@ -63,7 +65,7 @@ class SignFiles:
             tasks, self._tasks = self._tasks, {}
         for store in tasks.values():
             store.close()
-        self._scratch.remove()
+        self._scratch.close()
 
 
 class TaskSignFile:

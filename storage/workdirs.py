@@ -1,4 +1,5 @@
-"""Private work directories of writers (folds, removals), and the sweep of dead ones.
+"""Private work directories of writers (folds, removals) and of serving runtimes, and
+the sweep of dead ones.
 
 A fold computes a whole superposition on local disk before anything is uploaded. A
 fold killed outright (SIGKILL, OOM killer, power loss) cannot remove its directory, so
@@ -14,6 +15,7 @@ import contextlib
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import time
 import uuid
@@ -56,6 +58,20 @@ def work_dir(root: Path) -> Iterator[Path]:
         Path(pending).unlink(missing_ok=True)
         lock.unlink(missing_ok=True)
         os.close(fd)  # releases the lock, after the directory is gone
+
+
+def scratch_root() -> Path:
+    """This user's root for the work directories of serving runtimes (their file links
+    and kept sign streams), under the temporary directory: made private (0700) and
+    refused when it is not a directory of this user's alone. A runtime that was killed
+    leaves its directory there, and the next one sweeps it (`work_dir`)."""
+    root = Path(tempfile.gettempdir()) / f".randes-scratch-{os.getuid()}"
+    with contextlib.suppress(FileExistsError):
+        root.mkdir(mode=0o700)
+    info = root.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise OSError(f"{root}: not a private directory of this user")
+    return root
 
 
 def sweep_work_dirs(root: Path) -> None:

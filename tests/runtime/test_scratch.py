@@ -1,4 +1,5 @@
-"""storage.scratch: a killed runtime's scratch is removed by the next one, a live one's never.
+"""A killed runtime's scratch is removed by the next one, a live one's never
+(storage.workdirs, the work directories folds use too).
 
 The processes are real: a child makes its scratch (the sign streams a runtime keeps,
 `storage.sign_files.SignFiles`) and is killed with SIGKILL, so nothing of its own
@@ -7,19 +8,15 @@ clean-up runs.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-import storage.scratch as scratch
-from storage.scratch import ScratchDir, sweep
 from storage.sign_files import SignFiles
+from storage.workdirs import scratch_root, sweep_work_dirs, work_dir
 
 CHILD = """
 import sys, time
@@ -43,12 +40,7 @@ def _child(parent: Path) -> tuple[subprocess.Popen[str], Path]:
     return proc, path
 
 
-@pytest.fixture
-def no_grace(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(scratch, "GRACE_S", 0.0)
-
-
-def test_a_killed_runtime_s_signs_are_removed_by_the_next_one(tmp_path: Path, no_grace) -> None:  # type: ignore[no-untyped-def]
+def test_a_killed_runtime_s_signs_are_removed_by_the_next_one(tmp_path: Path) -> None:
     proc, left = _child(tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -56,47 +48,27 @@ def test_a_killed_runtime_s_signs_are_removed_by_the_next_one(tmp_path: Path, no
     signs = SignFiles(1 << 20, parent=tmp_path)
     try:
         assert not left.exists()
-        assert signs._scratch.swept == 1
-        assert [p.name for p in tmp_path.iterdir()] == [signs._dir.name]
+        assert {p.name for p in tmp_path.iterdir()} == {signs._dir.name, f"{signs._dir.name}.lock"}
     finally:
         signs.close()
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_live_runtime_s_signs_are_left_alone(tmp_path: Path, no_grace) -> None:  # type: ignore[no-untyped-def]
+def test_a_live_runtime_s_signs_are_left_alone(tmp_path: Path) -> None:
     proc, live = _child(tmp_path)
     try:
-        assert sweep("signs", tmp_path) == 0
+        sweep_work_dirs(tmp_path)
         assert (live / "0.bits").is_file()
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert sweep("signs", tmp_path) == 1 and not live.exists()
+    sweep_work_dirs(tmp_path)
+    assert not live.exists()
 
 
-def test_what_is_not_an_abandoned_scratch_stays(tmp_path: Path) -> None:
-    """No lock file (another tool's, an older release's), a lock file younger than the
-    grace period (its process may not have locked it yet), another kind."""
-    unlocked = tmp_path / ".randes-signs-old"
-    unlocked.mkdir()
-    young = tmp_path / ".randes-signs-young"
-    young.mkdir()
-    (young / scratch.LOCK).touch()
-    other = tmp_path / ".randes-runtime-x"
-    other.mkdir()
-    (other / scratch.LOCK).touch()
-    os.utime(other / scratch.LOCK, (time.time() - 3600, time.time() - 3600))
-    assert sweep("signs", tmp_path) == 0
-    assert unlocked.is_dir() and young.is_dir() and other.is_dir()
-    assert sweep("runtime", tmp_path) == 1 and not other.exists()
-
-
-def test_a_scratch_dir_is_private_and_locked_while_it_lives(tmp_path: Path, no_grace) -> None:  # type: ignore[no-untyped-def]
-    made = ScratchDir("signs", tmp_path)
-    try:
-        assert made.path.stat().st_mode & 0o777 == 0o700
-        assert sweep("signs", tmp_path) == 0  # this process holds its lock
-        np.zeros(1).tofile(made.path / "x")
-    finally:
-        made.remove()
-    assert not made.path.exists()
+def test_the_scratch_root_is_private_to_this_user() -> None:
+    root = scratch_root()
+    assert root.stat().st_mode & 0o777 == 0o700
+    with work_dir(root) as made:
+        np.zeros(1).tofile(made / "x")
+    assert not made.exists()
