@@ -74,8 +74,23 @@ def warm() -> bool:
     if not available():
         return False
     out = np.zeros(8, dtype=np.float32)
-    dequant_add_(out, np.zeros(4, dtype=np.uint8), 4, np.ones(1, dtype=np.float32), 8, 1.0)
-    dequant_add_(out, np.zeros(4, dtype=np.uint8), 4, np.ones(1, dtype=np.float32), 8, 1.0, step=8)
+    codes, scales = np.zeros(4, dtype=np.uint8), np.ones(1, dtype=np.float32)
+    dequant_add_(out, codes, 4, scales, 8, 1.0)
+    dequant_add_(out, codes, 4, scales, 8, 1.0, step=8)
+    row = np.zeros((1, ROW_FIELDS), dtype=np.int64)
+    row[0, [OUT, N, BASE, CODES, SCALES, N_SCALES, GROUP, BITS, STEP]] = (
+        out.ctypes.data,
+        8,
+        out.ctypes.data,
+        codes.ctypes.data,
+        scales.ctypes.data,
+        1,
+        8,
+        4,
+        8,
+    )
+    run_program_(row, np.ones(1, dtype=np.float32), 0, 0, 1, 0)
+    drop_pages([], [], 0)
     return True
 
 
@@ -208,6 +223,57 @@ def dequant_add_(
     if "released" not in _state:
         _state["released"] = _release_compiler_pages()
     return kept
+
+
+# The columns of a row of a compiled switch (randes.switch_program): one range of one
+# tensor, by addresses. OUT: the output; N: entries; BASE, CODES, SCALES, EBITS (0:
+# none), COLS and ROWS (side signs, 0: none): the inputs at the range's first entry;
+# WIDTH: the side signs' row width; LO: the range's first entry in its tensor (side
+# signs are indexed by it); GROUP, BITS, MODE, STEP: as dequant_add_ takes them;
+# N_SCALES, N_ROWS: lengths; BASE_LOW, BASE_HIGH: the base's mapping (0: lent from
+# memory, nothing dropped).
+(
+    OUT,
+    N,
+    BASE,
+    CODES,
+    SCALES,
+    EBITS,
+    COLS,
+    ROWS,
+    WIDTH,
+    LO,
+    GROUP,
+    BITS,
+    MODE,
+    STEP,
+    N_SCALES,
+    N_ROWS,
+    BASE_LOW,
+    BASE_HIGH,
+) = range(18)
+DROPS, DROP_FIELDS = 18, 4
+"""Then (address, bytes, low, high) of the codes, the scales and the sign stream: their
+pages are dropped once the row is done (high = 0: nothing to drop)."""
+ROW_FIELDS = DROPS + 3 * DROP_FIELDS
+
+
+def run_program_(
+    rows: np.ndarray, alphas: np.ndarray, drop_every: int, margin: int, span: int, advice: int
+) -> None:
+    """Every row of a compiled switch (randes.switch_program) in one call, no GIL held:
+    see randes.kernels_jit.run_program."""
+    from randes.kernels_jit import run_program
+
+    run_program(rows, alphas, drop_every, margin, span, advice)
+
+
+def drop_pages(lows: list[int], highs: list[int], advice: int) -> None:
+    """``madvise(advice)`` each address range ``[lows[i], highs[i])`` (pages of mappings
+    a compiled switch read: see randes.switch_program)."""
+    from randes.kernels_jit import drop_ranges
+
+    drop_ranges(np.array(lows, dtype=np.int64), np.array(highs, dtype=np.int64), advice)
 
 
 SPLIT_ENTRIES = 1 << 17

@@ -10,9 +10,33 @@ from typing import Any
 
 import llvmlite.ir as ir
 import numpy as np
-from numba import njit, types
+from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from randes.kernels import (
+    BASE,
+    BASE_HIGH,
+    BASE_LOW,
+    BITS,
+    CODES,
+    COLS,
+    DROP_FIELDS,
+    DROPS,
+    EBITS,
+    GROUP,
+    LO,
+    MODE,
+    N_ROWS,
+    N_SCALES,
+    OUT,
+    ROW_FIELDS,
+    ROWS,
+    SCALES,
+    STEP,
+    WIDTH,
+    N,
+)
 
 BLOCK = 4096
 """Entries decoded per inner step: their int8 codes stay in L1 between the passes."""
@@ -263,3 +287,95 @@ def dequant_add_lent(
                 _madvise(first, last - first, advice)  # type: ignore[call-arg]
             kept = c1
     return kept
+
+
+def _pointer(dtype: Any) -> Any:
+    """An intrinsic that reads an int64 address as a pointer to ``dtype`` (for `carray`):
+    a compiled program addresses every tensor it computes by number, so one call covers
+    them all with no Python object per tensor."""
+
+    @intrinsic
+    def as_pointer(typingctx: Any, address: Any) -> Any:
+        sig = types.CPointer(dtype)(types.int64)
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            return builder.inttoptr(args[0], context.get_value_type(types.CPointer(dtype)))
+
+        return sig, codegen
+
+    return as_pointer
+
+
+_f32_at = _pointer(types.float32)
+_u8_at = _pointer(types.uint8)
+_i8_at = _pointer(types.int8)
+
+
+@_cached(inline="always")
+def _drop(first: int, last: int, low: int, high: int, span: int, advice: int) -> None:
+    """madvise the whole spans of ``[first, last)`` within ``[low, high)`` (the last
+    partial span is kept: the next range in the file usually starts in it)."""
+    first = max(first, low)
+    first -= first % span
+    first = max(first, low - low % span)
+    last = min(last, high)
+    last -= last % span
+    if last > first:
+        _madvise(first, last - first, advice)  # type: ignore[call-arg]
+
+
+@_cached()
+def run_program(
+    rows: Any, alphas: Any, drop_every: int, margin: int, span: int, advice: int
+) -> None:
+    """Every range of ``rows`` (randes.switch_program.SwitchProgram) by `dequant_add_lent`,
+    in order, the pages of each lent input dropped once it is passed: one call, no GIL,
+    no Python between tensors."""
+    none_i8 = np.empty(0, dtype=np.int8)
+    for r in range(rows.shape[0]):
+        row = rows[r]
+        n, bits = row[N], row[BITS]
+        out = carray(_f32_at(row[OUT]), (n,))
+        base = carray(_f32_at(row[BASE]), (n,))
+        codes = carray(_u8_at(row[CODES]), ((n * bits + 7) >> 3,))
+        scales = carray(_f32_at(row[SCALES]), (row[N_SCALES],))
+        ebits = carray(_u8_at(row[EBITS]), (((n + 7) >> 3) if row[EBITS] else 0,))
+        cols = carray(_i8_at(row[COLS]), (row[WIDTH],)) if row[COLS] else none_i8
+        signs_rows = carray(_i8_at(row[ROWS]), (row[N_ROWS],)) if row[ROWS] else none_i8
+        low, high = row[BASE_LOW], row[BASE_HIGH]
+        kept = dequant_add_lent(
+            out,
+            base,
+            codes,
+            bits,
+            scales,
+            row[GROUP],
+            alphas[r],
+            row[MODE],
+            ebits,
+            cols,
+            signs_rows,
+            row[WIDTH],
+            row[LO],
+            row[STEP],
+            drop_every if high else 0,
+            margin,
+            span,
+            low,
+            high,
+            advice,
+        )
+        if high:  # the lent base's pages after the last in-kernel drop
+            _drop(row[BASE] + 4 * kept - margin, row[BASE] + 4 * n, low, high, span, advice)
+        for d in range(DROPS, ROW_FIELDS, DROP_FIELDS):
+            if row[d + 3]:
+                _drop(row[d] - margin, row[d] + row[d + 1], row[d + 2], row[d + 3], span, advice)
+
+
+@_cached()
+def drop_ranges(lows: Any, highs: Any, advice: int) -> None:
+    """madvise ``[lows[i], highs[i])`` (starts rounded down to a page)."""
+    for i in range(lows.shape[0]):
+        first = lows[i] - lows[i] % 4096
+        if highs[i] > first:
+            _madvise(first, highs[i] - first, advice)  # type: ignore[call-arg]

@@ -105,3 +105,9 @@ class KeptSigns(Protocol):
     def keep(self, name: str, stream: np.ndarray) -> None:
         """Keep the stream just drawn for ``name`` (or not, when over budget)."""
         ...
+
+    def stream_address(self, name: str, nbytes: int) -> tuple[int, PageDrops] | None:
+        """The address of the kept stream of ``name`` (``nbytes`` long) in a read-only
+        mapping that lives as long as this store, and how its pages are dropped; None
+        when it is not kept (randes.switch_program reads it there, no copy)."""
+        ...

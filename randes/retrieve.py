@@ -71,7 +71,7 @@ FUSED_THREADS = 2
 """Threads computing one tensor by the fused kernel in `tensors` (each a half of it;
 plus the thread drawing the signs ahead). 1: the calling thread alone."""
 
-_halves = ProcessPool(1, "randes")
+halves = ProcessPool(1, "randes")
 """The thread computing the second half of a tensor (FUSED_THREADS 2)."""
 _sign_drawing = ProcessPool(1, "randes-signs")
 """The thread drawing (or reading back) the signs of the next tensors."""
@@ -181,13 +181,13 @@ class _Retrieval:
         fused = [  # whose signs the helper thread draws ahead for the kernel
             n
             for n in order
-            if self._fusable(n)
+            if self.fusable(n)
             and (n not in outs or outs[n].device.type == "cpu")
             and self._numel(n) >= SIGNS_AHEAD_MIN
         ]
         threads = FUSED_THREADS if threads is None else threads
         pool = _sign_drawing.get()
-        helper = _halves.get() if threads > 1 else None
+        helper = halves.get() if threads > 1 else None
         ahead: dict[str, Future[dict[str, Any]]] = {}
         # the tensor computed last, whose helper half may still run: yielded (and its
         # borrowed signs given back) once the next one's first half is computed
@@ -229,7 +229,7 @@ class _Retrieval:
         return math.prod(self.plan[ck_name][1].shape)
 
     # ------------------------------------------------------------------ internals
-    def _fusable(self, ck_name: str) -> bool:
+    def fusable(self, ck_name: str) -> bool:
         """Whether the kernel computes ``ck_name``: a float output from a float32 slot
         of a quantized copy (its codes' device is checked when they are read)."""
         name, meta = self.plan[ck_name]
@@ -269,7 +269,7 @@ class _Retrieval:
         later: list[Future[None]] | None = None,
     ) -> torch.Tensor:
         fits = out is None or (out.device.type == "cpu" and out.is_contiguous())
-        fused = fits and self._fusable(ck_name)
+        fused = fits and self.fusable(ck_name)
         value = self._fused_tensor(ck_name, out, signs, helper, later) if fused else None
         if value is not None:
             return value

@@ -37,6 +37,7 @@ from randes.quantize import (
     dequantize_range,
     quantize,
 )
+from randes.retrieval_inputs import PageDrops
 from randes.source import ClosableSource, Closing, MetaTable, TensorMeta, TensorSource
 from randes.writer import ShardWriter, TensorSpec, WrittenShard
 
@@ -141,6 +142,11 @@ class LendingSource(Protocol):
         """Done with what `mapped` lent of ``name``."""
         ...
 
+    def page_drops(self, name: str) -> PageDrops | None:
+        """How compiled code drops the pages `mapped` lent of ``name`` (None: it lent
+        from the process's memory, nothing to drop)."""
+        ...
+
 
 class QuantizedReader(MetaTable, Closing):
     """A serving copy read as the master superposition it was derived from.
@@ -205,6 +211,16 @@ class QuantizedReader(MetaTable, Closing):
             codes, scales = self._read(codes_name(name)), self._read(scales_name(name))
             self._held = (name, QuantizedTensor(codes, scales))
         return self._held[1]
+
+    def lent_drops(self, name: str) -> tuple[PageDrops | None, PageDrops | None]:
+        """How compiled code drops the pages of slot ``name``'s codes and scales that
+        `quantized` lent (randes.switch_program), each None where nothing is dropped."""
+        if self._lending is None:
+            return None, None
+        return (
+            self._lending.page_drops(codes_name(name)),
+            self._lending.page_drops(scales_name(name)),
+        )
 
     def release_held(self) -> None:
         """Give back the codes and scales of the slot read last (a pass over the slots

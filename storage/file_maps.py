@@ -83,6 +83,14 @@ _NUMPY = {
 }
 
 
+def advise_huge(mapped: mmap.mmap) -> None:
+    """Advise ``mapped`` ``MADV_HUGEPAGE``: pages read in through it come in PMD-sized
+    folios (without transparent huge pages in this kernel: small ones, still correct)."""
+    if _HUGEPAGE is not None:
+        with contextlib.suppress(OSError):
+            mapped.madvise(_HUGEPAGE)
+
+
 class FileMaps:
     """One read-only view per file, made on first use and shared by every thread.
 
@@ -107,10 +115,7 @@ class FileMaps:
             if entry is None:
                 with open(path, "rb") as fh:
                     mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
-                if _HUGEPAGE is not None:
-                    # no transparent huge pages in this kernel: small folios, still correct
-                    with contextlib.suppress(OSError):
-                        mapped.madvise(_HUGEPAGE)
+                advise_huge(mapped)
                 address = np.frombuffer(mapped, dtype=np.uint8, count=1).ctypes.data
                 entry = self._maps[path] = (mapped, address)
         if offset + nbytes > len(entry[0]):

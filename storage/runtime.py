@@ -47,10 +47,11 @@ from randes.buffers import WorkBuffers
 from randes.checkpoint import CheckpointReader
 from randes.layout import superposition_metas
 from randes.manifest import BundleManifest, TaskEntry
-from randes.retrieve import TaskRetrieval
+from randes.retrieve import FUSED_THREADS, TaskRetrieval
 from randes.scaling import manifest_task_scale
 from randes.serving import QuantizedReader
 from randes.source import Closing, TensorSource
+from randes.switch_program import SwitchProgram
 from storage.file_maps import MappedCheckpointReader
 from storage.registry import TaskNotFoundError
 from storage.runtime_readers import FileBaseReader, ResidentReader
@@ -127,6 +128,8 @@ class BundleRuntime(Closing):
             kernels.warm()  # JIT now, while the process is small (see randes.kernels)
         self._private: dict[str, CheckpointReader | None] = {}
         self._plans: dict[str, TaskRetrieval] = {}
+        self._programs: dict[str, SwitchProgram | None] = {}
+        """Each task's compiled switch (randes.switch_program); None: it has none."""
         self._sign_files = SignFiles(sign_budget) if sign_budget and kernels.available() else None
         """The sign streams drawn for each task, kept for its next switches."""
         self._buffers = WorkBuffers()
@@ -189,6 +192,7 @@ class BundleRuntime(Closing):
             if reader is not None:
                 reader.close()
         self._private.clear()
+        self._programs.clear()  # their addresses point into the readers closed below
         self._plans.clear()
         if self._sign_files is not None:
             self._sign_files.close()
@@ -278,10 +282,28 @@ class BundleRuntime(Closing):
         self._holding.pop(module, None)  # a failure below leaves it half switched
         outs = {spec.name: targets[spec.name].data for spec in specs}
         with torch.no_grad(), self._mapped_pass():
-            for _ in plan.tensors(outs, outs, lend=self.base.lend):
+            left = self._run_program(task, plan, outs)
+            for _ in plan.tensors(left, outs, lend=self.base.lend):
                 pass  # each tensor is computed into the module's own storage
         self._holding[module] = task
         return module
+
+    def _run_program(
+        self, task: str, plan: TaskRetrieval, outs: Mapping[str, torch.Tensor]
+    ) -> Sequence[str]:
+        """Compute what ``task``'s compiled switch covers into ``outs``
+        (randes.switch_program), when it has one that fits them; returns the names
+        left to compute. A task gets its program at its second switch on the CPU: the
+        first keeps its sign streams."""
+        program = self._programs.get(task)
+        if program is None and task not in self._programs and self.device.type == "cpu":
+            program = SwitchProgram.build(plan, FUSED_THREADS)
+            if program is not None or plan.kept_signs is None:
+                self._programs[task] = program  # None: nothing kept, it never will have one
+        if program is None or not program.fits(outs):
+            return list(outs)
+        program.run(outs)
+        return program.rest
 
     @contextlib.contextmanager
     def _mapped_pass(self) -> Iterator[None]:

@@ -13,12 +13,15 @@ drawn each time, as without a store.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import threading
 from pathlib import Path
 
 import numpy as np
 
+from randes.retrieval_inputs import PageDrops
+from storage.file_maps import FAULT_AROUND, SPAN, advise_huge
 from storage.workdirs import scratch_root, work_dir
 
 DEFAULT_BUDGET = 2 << 30
@@ -79,6 +82,27 @@ class TaskSignFile:
         self._pending: set[str] = set()  # being written
         self._end = 0
         self._lock = threading.Lock()
+        self._maps: list[tuple[mmap.mmap, int]] = []
+        """Read-only mappings of the file, the newest last: one is made again when the file
+        has grown past it, and none is closed before the store (addresses in them are
+        handed out)."""
+
+    def stream_address(self, name: str, nbytes: int) -> tuple[int, PageDrops] | None:
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        with self._lock:
+            where = self._index.get(name)
+            if where is None or where[1] != nbytes or self._fd is None or advice is None:
+                return None
+            offset = where[0]
+            if not self._maps or len(self._maps[-1][0]) < offset + nbytes:
+                mapped = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+                advise_huge(mapped)
+                buffer = np.frombuffer(mapped, dtype=np.uint8, count=1)
+                self._maps.append((mapped, buffer.ctypes.data))
+                del buffer  # the address stays valid; the mapping must not stay exported
+            mapped, address = self._maps[-1]
+        drops = PageDrops(address, address + len(mapped), SPAN, FAULT_AROUND, advice)
+        return address + offset, drops
 
     def read_into(self, name: str, out: np.ndarray) -> bool:
         where = self._index.get(name)
@@ -119,5 +143,8 @@ class TaskSignFile:
         with self._lock:
             fd, self._fd = self._fd, None
             self._index.clear()
+            maps, self._maps = self._maps, []
+        for mapped, _ in maps:
+            mapped.close()
         if fd is not None:
             os.close(fd)

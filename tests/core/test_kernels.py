@@ -202,7 +202,7 @@ def test_retrieval_kernel_equals_torch_path(
     reference, fused = _plans(tmp_path, monkeypatch, case)
     names = list(reference.plan)
     want = dict(reference.tensors(names))
-    assert not reference._fusable(names[0]) and any(fused._fusable(n) for n in names)
+    assert not reference.fusable(names[0]) and any(fused.fusable(n) for n in names)
     for threads in (1, 2):
         got = dict(fused.tensors(names, threads=threads))
         for name in names:

@@ -274,6 +274,8 @@ def test_switches_reuse_the_sign_streams_drawn_ahead(
     if not kernels.available():
         pytest.skip("numba is not importable")
     monkeypatch.setattr("randes.retrieve.SIGNS_AHEAD_MIN", 0)  # tiny tensors drawn ahead too
+    # the plan's own path: a compiled switch (randes.switch_program) draws no streams
+    monkeypatch.setattr("storage.runtime.SwitchProgram.build", lambda *a, **k: None)
     with BundleRuntime.open(served_elementwise.pulled) as rt:
         model = rt.model("t1")
         rt.switch(model, "t3")
