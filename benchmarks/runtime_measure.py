@@ -241,8 +241,9 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
             Path(job["dir"]), base_resident=job.get("resident", False)
         ) as rt:  # closed: its scratch (kept sign streams) is removed
             model = rt.model(rt.task_names[0])
-            for task in rt.task_names:
-                rt.switch(model, task)
+            for _ in range(2):  # a task's first switch keeps its signs, the next are compiled
+                for task in rt.task_names:
+                    rt.switch(model, task)
             with torch.no_grad():
                 model(input_ids=ids)
             return {"idle": idle, **_status()}

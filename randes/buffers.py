@@ -76,3 +76,8 @@ class ByteBuffers:
         """Bytes held for lending (those lent out not counted)."""
         with self._lock:
             return sum(buf.shape[0] for buf in self._free)
+
+    def clear(self) -> None:
+        """Free what is held for lending (those lent out come back as usual)."""
+        with self._lock:
+            self._free.clear()

@@ -312,29 +312,40 @@ _i8_at = _pointer(types.int8)
 
 
 @_cached(inline="always")
-def _drop(first: int, last: int, low: int, high: int, span: int, advice: int) -> None:
-    """madvise the whole spans of ``[first, last)`` within ``[low, high)`` (the last
-    partial span is kept: the next range in the file usually starts in it)."""
-    first = max(first, low)
+def drop_bounds(first: int, last: int, low: int, high: int, span: int) -> tuple[int, int]:
+    """The whole spans of ``[first, last)`` within the mapping ``[low, high)`` (``low``
+    page-aligned): the last partial span is kept (the next range in the file usually
+    starts in it), and never a byte outside the mapping is included: below it lies
+    other memory of the process, which ``MADV_DONTNEED`` would zero. Empty: lo >= hi."""
     first -= first % span
-    first = max(first, low - low % span)
+    first = max(first, low)
     last = min(last, high)
     last -= last % span
-    if last > first:
-        _madvise(first, last - first, advice)  # type: ignore[call-arg]
+    return first, last
+
+
+@_cached(inline="always")
+def _drop(first: int, last: int, low: int, high: int, span: int, advice: int) -> None:
+    """madvise the `drop_bounds` of ``[first, last)``."""
+    lo, hi = drop_bounds(first, last, low, high, span)
+    if hi > lo:
+        _madvise(lo, hi - lo, advice)  # type: ignore[call-arg]
 
 
 @_cached()
 def run_program(
     rows: Any, alphas: Any, drop_every: int, margin: int, span: int, advice: int
 ) -> None:
-    """Every range of ``rows`` (randes.switch_program.SwitchProgram) by `dequant_add_lent`,
-    in order, the pages of each lent input dropped once it is passed: one call, no GIL,
-    no Python between tensors."""
+    """Every range of ``rows`` (randes.switch_program.SwitchProgram) by `dequant_add`,
+    ``STEP`` entries at a time, in order: one call, no GIL, no Python between tensors.
+    Every ``drop_every`` entries the whole spans each lent input (base, codes, scales,
+    sign stream) has passed are dropped from the process, so a large tensor never holds
+    more than a few spans of any of them (the last partial span is left for the next
+    drop, or the next range in the file)."""
     none_i8 = np.empty(0, dtype=np.int8)
     for r in range(rows.shape[0]):
         row = rows[r]
-        n, bits = row[N], row[BITS]
+        n, bits, group, step = row[N], row[BITS], row[GROUP], row[STEP]
         out = carray(_f32_at(row[OUT]), (n,))
         base = carray(_f32_at(row[BASE]), (n,))
         codes = carray(_u8_at(row[CODES]), ((n * bits + 7) >> 3,))
@@ -342,34 +353,35 @@ def run_program(
         ebits = carray(_u8_at(row[EBITS]), (((n + 7) >> 3) if row[EBITS] else 0,))
         cols = carray(_i8_at(row[COLS]), (row[WIDTH],)) if row[COLS] else none_i8
         signs_rows = carray(_i8_at(row[ROWS]), (row[N_ROWS],)) if row[ROWS] else none_i8
-        low, high = row[BASE_LOW], row[BASE_HIGH]
-        kept = dequant_add_lent(
-            out,
-            base,
-            codes,
-            bits,
-            scales,
-            row[GROUP],
-            alphas[r],
-            row[MODE],
-            ebits,
-            cols,
-            signs_rows,
-            row[WIDTH],
-            row[LO],
-            row[STEP],
-            drop_every if high else 0,
-            margin,
-            span,
-            low,
-            high,
-            advice,
-        )
-        if high:  # the lent base's pages after the last in-kernel drop
-            _drop(row[BASE] + 4 * kept - margin, row[BASE] + 4 * n, low, high, span, advice)
-        for d in range(DROPS, ROW_FIELDS, DROP_FIELDS):
-            if row[d + 3]:
-                _drop(row[d] - margin, row[d] + row[d + 1], row[d + 2], row[d + 3], span, advice)
+        kept = 0
+        for c0 in range(0, n, step):
+            c1 = min(c0 + step, n)
+            dequant_add(
+                out[c0:c1],
+                base[c0:c1],
+                codes[(c0 * bits) >> 3 :],
+                bits,
+                scales[c0 // group :],
+                group,
+                alphas[r],
+                row[MODE],
+                ebits[c0 >> 3 :] if ebits.shape[0] else ebits,
+                cols,
+                signs_rows,
+                row[WIDTH],
+                row[LO] + c0,
+            )
+            if c1 - kept < drop_every and c1 < n:
+                continue
+            if row[BASE_HIGH]:
+                first, last = row[BASE] + 4 * kept, row[BASE] + 4 * c1
+                _drop(first - margin, last, row[BASE_LOW], row[BASE_HIGH], span, advice)
+            for d in range(DROPS, ROW_FIELDS, DROP_FIELDS):
+                if row[d + 3]:  # the bytes of [kept, c1) of this input, pro rata
+                    first = row[d] + row[d + 1] * kept // n
+                    last = row[d] + row[d + 1] * c1 // n
+                    _drop(first - margin, last, row[d + 2], row[d + 3], span, advice)
+            kept = c1
 
 
 @_cached()

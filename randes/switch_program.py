@@ -91,8 +91,8 @@ class SwitchProgram:
     margin: int
     advice: int
     flush: list[tuple[int, int]]
-    """Address ranges whose pages are dropped when a run is done (each part leaves its
-    last partial spans mapped)."""
+    """The mappings whose pages are dropped when a run is done (each part leaves its
+    last partial spans mapped, and faults map pages around what they read)."""
     held: list[Any] = field(default_factory=list)
     """What the rows address that is not lent from a mapping: kept alive here."""
 
@@ -115,10 +115,10 @@ class SwitchProgram:
                 row = _row(plan, sup, base, spec.name, held, drops_seen)
                 if row is False:
                     return None
-                if row is None:
-                    rest.append(spec.name)
-                else:
+                if isinstance(row, _Row):
                     rows.append(row)
+                else:
+                    rest.append(spec.name)
         finally:
             sup.release_held()
         if not rows:
@@ -322,14 +322,12 @@ def _cut(row: _Row, cut: int) -> tuple[_Row, _Row]:
 
 
 def _flush_ranges(rows: list[_Row]) -> list[tuple[int, int]]:
-    """Per mapping the rows read (by its bounds), the address range they span."""
-    ranges: dict[tuple[int, int], list[int]] = {}
+    """The bounds of every mapping the rows read: all of it is dropped at the end of a
+    run (faults map pages around the bytes read, beyond a row's own range; dropping
+    what is not mapped costs a page-table walk, not a fault)."""
+    mappings = set()
     for row in rows:
         v = row.values
-        inputs = [(v[BASE], 4 * v[N], v[BASE_LOW], v[BASE_HIGH])]
-        inputs += [tuple(v[a : a + DROP_FIELDS]) for a in range(DROPS, ROW_FIELDS, DROP_FIELDS)]
-        for address, nbytes, low, high in inputs:
-            if high:
-                span = ranges.setdefault((low, high), [address, address + nbytes])
-                span[0], span[1] = min(span[0], address), max(span[1], address + nbytes)
-    return [(lo, hi) for lo, hi in ranges.values()]
+        mappings.add((v[BASE_LOW], v[BASE_HIGH]))
+        mappings.update((v[a + 2], v[a + 3]) for a in range(DROPS, ROW_FIELDS, DROP_FIELDS))
+    return sorted(m for m in mappings if m[1])

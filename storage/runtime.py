@@ -302,6 +302,7 @@ class BundleRuntime(Closing):
                 self._programs[task] = program  # None: nothing kept, it never will have one
         if program is None or not program.fits(outs):
             return list(outs)
+        self._buffers.streams.clear()  # a program reads kept streams in place: none lent
         program.run(outs)
         return program.rest
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,8 +29,8 @@ class Served:
         return Workspace(self.settings)
 
 
-def _serve(root: Path, arch: str, config: TransformConfig) -> Served:
-    models = make_models(root / "models", arch)
+def _serve(root: Path, arch: str, config: TransformConfig, **model: Any) -> Served:
+    models = make_models(root / "models", arch, **model)
     settings = Settings(home=root / "home")
     with Workspace(settings) as ws:
         ws.init()
@@ -63,6 +64,15 @@ def served_elementwise(tmp_path_factory: pytest.TempPathFactory) -> Served:
     """GPT-2 in a bundle of the default config (elementwise signs, rank-1 tensors flipped)."""
     root = tmp_path_factory.mktemp("served-elementwise")
     return _serve(root, "gpt2", TransformConfig())
+
+
+@pytest.fixture(scope="module")
+def served_wide(tmp_path_factory: pytest.TempPathFactory) -> Served:
+    """GPT-2 (default config) whose embedding spans several 2 MiB pages of every input:
+    16 MiB of base, 2 MiB of int4 codes, 512 KiB of sign stream (large enough that its
+    signs are kept, randes.retrieve.SIGNS_AHEAD_MIN, and its pages dropped as passed)."""
+    root = tmp_path_factory.mktemp("served-wide")
+    return _serve(root, "gpt2", TransformConfig(), tasks=3, steps=2, vocab_size=32768, n_embd=128)
 
 
 @pytest.fixture

@@ -19,13 +19,16 @@ VOCAB = 96
 SEQ = 12
 
 
-def _configs(arch: str) -> tuple[Any, Any, Any]:
+def _configs(arch: str, **overrides: Any) -> tuple[Any, Any, Any]:
     import transformers as tf
 
     if arch == "bert":
-        return config_of("bert", vocab_size=VOCAB), tf.BertModel, tf.BertForSequenceClassification
+        cfg = config_of("bert", **({"vocab_size": VOCAB} | overrides))
+        return cfg, tf.BertModel, tf.BertForSequenceClassification
     if arch == "gpt2":
-        cfg = config_of("gpt2", vocab_size=VOCAB, bos_token_id=1, eos_token_id=1)
+        cfg = config_of(
+            "gpt2", **({"vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": 1} | overrides)
+        )
         return cfg, tf.GPT2Model, tf.GPT2ForSequenceClassification
     raise ValueError(arch)
 
@@ -39,9 +42,12 @@ def inputs(seed: int, batch: int = 4) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def make_models(root: Path, arch: str, tasks: int = 3, steps: int = 3) -> dict[str, Path]:
-    """``{"base": dir, "t1": dir, ...}`` for ``arch`` in {"bert", "gpt2"}."""
-    cfg, base_cls, task_cls = _configs(arch)
+def make_models(
+    root: Path, arch: str, tasks: int = 3, steps: int = 3, **config: Any
+) -> dict[str, Path]:
+    """``{"base": dir, "t1": dir, ...}`` for ``arch`` in {"bert", "gpt2"} (``config``:
+    overrides of its tiny config)."""
+    cfg, base_cls, task_cls = _configs(arch, **config)
     torch.manual_seed(0)
     base = base_cls(cfg)
     out = {"base": root / f"{arch}-base"}
