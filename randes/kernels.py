@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from randes.program_rows import BASE, BITS, CODES, GROUP, N_SCALES, OUT, ROW_FIELDS, SCALES, STEP, N
 from randes.retrieval_inputs import PageDrops
 
 MODE_NONE = 0
@@ -223,39 +224,6 @@ def dequant_add_(
     if "released" not in _state:
         _state["released"] = _release_compiler_pages()
     return kept
-
-
-# The columns of a row of a compiled switch (randes.switch_program): one range of one
-# tensor, by addresses. OUT: the output; N: entries; BASE, CODES, SCALES, EBITS (0:
-# none), COLS and ROWS (side signs, 0: none): the inputs at the range's first entry;
-# WIDTH: the side signs' row width; LO: the range's first entry in its tensor (side
-# signs are indexed by it); GROUP, BITS, MODE, STEP: as dequant_add_ takes them;
-# N_SCALES, N_ROWS: lengths; BASE_LOW, BASE_HIGH: the base's mapping (0: lent from
-# memory, nothing dropped).
-(
-    OUT,
-    N,
-    BASE,
-    CODES,
-    SCALES,
-    EBITS,
-    COLS,
-    ROWS,
-    WIDTH,
-    LO,
-    GROUP,
-    BITS,
-    MODE,
-    STEP,
-    N_SCALES,
-    N_ROWS,
-    BASE_LOW,
-    BASE_HIGH,
-) = range(18)
-DROPS, DROP_FIELDS = 18, 4
-"""Then (address, bytes, low, high) of the codes, the scales and the sign stream: their
-pages are dropped once the row is done (high = 0: nothing to drop)."""
-ROW_FIELDS = DROPS + 3 * DROP_FIELDS
 
 
 def run_program_(

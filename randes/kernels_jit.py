@@ -14,7 +14,7 @@ from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from randes.kernels import (
+from randes.program_rows import (
     BASE,
     BASE_HIGH,
     BASE_LOW,

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from randes import kernels, retrieve
-from randes.kernels import (
+from randes.program_rows import (
     BASE,
     BASE_HIGH,
     BASE_LOW,

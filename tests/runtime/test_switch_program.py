@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from randes import kernels
-from randes.kernels import BASE_LOW, DROP_FIELDS, DROPS, MODE, ROW_FIELDS, N
+from randes.program_rows import BASE_LOW, DROP_FIELDS, DROPS, MODE, ROW_FIELDS, N
 from randes.switch_program import SwitchProgram
 from storage.file_maps import SPAN
 from storage.runtime import BundleRuntime
