@@ -85,9 +85,9 @@ def report(res: dict[str, Any], spec: ModelSpec) -> str:
         "",
         "### 2. Task switch (s, median)",
         "",
-        "Thread CPU is the calling thread's; process CPU adds the helper threads a switch "
-        "uses (one drawing the sign stream ahead, one computing the second half of each "
-        "tensor: randes.retrieve.FUSED_THREADS).",
+        "Thread CPU is the calling thread's; process CPU adds the helper thread a switch "
+        "uses (a compiled switch runs its second half of the base there: "
+        "randes.switch_program, randes.retrieve.FUSED_THREADS).",
         "",
         "| method | median | vs warm reload | thread CPU s | CPU vs warm reload "
         "| process CPU s | vs warm reload |",
