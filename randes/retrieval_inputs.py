@@ -106,6 +106,10 @@ class KeptSigns(Protocol):
         """Keep the stream just drawn for ``name`` (or not, when over budget)."""
         ...
 
+    def holds(self, name: str, nbytes: int) -> bool:
+        """Whether the stream of ``name`` (``nbytes`` long) is kept."""
+        ...
+
     def stream_address(self, name: str, nbytes: int) -> tuple[int, PageDrops] | None:
         """The address of the kept stream of ``name`` (``nbytes`` long) in a read-only
         mapping that lives as long as this store, and how its pages are dropped; None

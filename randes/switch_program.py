@@ -98,9 +98,9 @@ class SwitchProgram:
 
     @classmethod
     def build(cls, plan: TaskRetrieval, threads: int = 2) -> SwitchProgram | None:
-        """The program of ``plan``, or None where no part of it can be compiled yet
-        (no kernel here, a base that lends nothing, a task whose large sign streams
-        are not all kept: its first switch keeps them)."""
+        """The program of ``plan``, or None where none can be compiled (no kernel here,
+        a base that lends nothing, large sign streams that cannot be kept: no store, or
+        over its budget). The streams not kept yet are drawn and kept first."""
         sup, base = plan.superposition, plan.base
         if not (kernels.available() and isinstance(sup, QuantizedReader)):
             return None
@@ -110,6 +110,7 @@ class SwitchProgram:
         rest: list[str] = []
         held: list[Any] = []
         drops_seen: list[PageDrops] = []
+        _keep_streams(plan)
         try:
             for spec in plan.specs():
                 row = _row(plan, sup, base, spec.name, held, drops_seen)
@@ -240,17 +241,17 @@ def _row(
     if signs is not None and signs.numel:
         if signs.kind == "elementwise":
             nbytes = -(-numel // 8)
-            kept = plan.kept_signs.stream_address(ck_name, nbytes) if plan.kept_signs else None
-            if kept is not None:
-                values[EBITS] = kept[0]
-                _drops_at(values, DROPS + 2 * DROP_FIELDS, kept[0], nbytes, kept[1])
-                drops_seen.append(kept[1])
-            elif numel < retrieve.SIGNS_AHEAD_MIN:  # drawn where computed, not kept: held here
+            if numel < retrieve.SIGNS_AHEAD_MIN:  # a few bytes: drawn here and held
                 stream = signs.kernel_signs()["ebits"]
                 held.append(stream)
                 values[EBITS] = stream.ctypes.data
             else:
-                return False
+                kept = plan.kept_signs.stream_address(ck_name, nbytes) if plan.kept_signs else None
+                if kept is None:
+                    return False  # over the streams' budget (or none kept at all)
+                values[EBITS] = kept[0]
+                _drops_at(values, DROPS + 2 * DROP_FIELDS, kept[0], nbytes, kept[1])
+                drops_seen.append(kept[1])
             words = group % 64 == 0 and kernels.WORD_SIGNS
             values[MODE] = kernels.MODE_ELEMENTWISE_UNITS if words else kernels.MODE_ELEMENTWISE
         else:
@@ -263,6 +264,33 @@ def _row(
     else:
         values[MODE] = kernels.MODE_NONE
     return _Row(ck_name, values, _scale_for(plan.scale, name), align)
+
+
+def _keep_streams(plan: TaskRetrieval) -> None:
+    """Draw and keep every large elementwise stream of ``plan`` not kept yet (a task's
+    first switch; 15.5 MB of SHAKE-256 for a 124M model, ~0.03 s on one core, which
+    holds the GIL: drawing on two threads is slower), all before any is mapped, so the
+    scratch file is mapped once at its full size. Streams over the budget stay unkept
+    (`build` then gives no program)."""
+    kept_signs, pool = plan.kept_signs, plan.buffers.streams
+    if kept_signs is None:
+        return
+    for ck_name in (spec.name for spec in plan.specs()):
+        name, meta = plan.plan[ck_name]
+        numel = math.prod(meta.shape)
+        if name is None or numel < retrieve.SIGNS_AHEAD_MIN or not plan.fusable(ck_name):
+            continue
+        signs = plan.transform.signs(name, meta.shape)
+        if signs is None or signs.kind != "elementwise" or not signs.numel:
+            continue
+        if kept_signs.holds(ck_name, -(-numel // 8)):
+            continue
+        drawn = signs.kernel_signs(pool)
+        try:
+            kept_signs.keep(ck_name, drawn["ebits"])
+        finally:
+            if "borrowed" in drawn:
+                pool.give_back(drawn["borrowed"])
 
 
 def _drops_at(

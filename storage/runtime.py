@@ -293,13 +293,12 @@ class BundleRuntime(Closing):
     ) -> Sequence[str]:
         """Compute what ``task``'s compiled switch covers into ``outs``
         (randes.switch_program), when it has one that fits them; returns the names
-        left to compute. A task gets its program at its second switch on the CPU: the
-        first keeps its sign streams."""
+        left to compute. A task gets its program at its first switch on the CPU (which
+        draws and keeps its sign streams), or never (no kernel, no streams kept, over
+        their budget: then every switch takes the plan's own path)."""
+        if task not in self._programs and self.device.type == "cpu":
+            self._programs[task] = SwitchProgram.build(plan, FUSED_THREADS)
         program = self._programs.get(task)
-        if program is None and task not in self._programs and self.device.type == "cpu":
-            program = SwitchProgram.build(plan, FUSED_THREADS)
-            if program is not None or plan.kept_signs is None:
-                self._programs[task] = program  # None: nothing kept, it never will have one
         if program is None or not program.fits(outs):
             return list(outs)
         self._buffers.streams.clear()  # a program reads kept streams in place: none lent

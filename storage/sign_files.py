@@ -87,6 +87,10 @@ class TaskSignFile:
         has grown past it, and none is closed before the store (addresses in them are
         handed out)."""
 
+    def holds(self, name: str, nbytes: int) -> bool:
+        where = self._index.get(name)
+        return where is not None and where[1] == nbytes and self._fd is not None
+
     def stream_address(self, name: str, nbytes: int) -> tuple[int, PageDrops] | None:
         advice = getattr(mmap, "MADV_DONTNEED", None)
         with self._lock:

@@ -49,18 +49,20 @@ def _mappings(program: SwitchProgram) -> set[int]:
     return starts - {0}
 
 
-def test_a_task_s_second_switch_is_compiled_and_bit_for_bit(served_wide: Served) -> None:
-    """The first switch keeps the task's large sign streams (no program yet); the next
-    one compiles every superposed tensor, split over two threads inside a tensor, and
-    writes what the plan's path computes, bit for bit, for every task in turn."""
+def test_a_task_s_first_switch_keeps_its_streams_and_runs_compiled(served_wide: Served) -> None:
+    """The first switch of a task draws and keeps its large sign streams, then runs
+    compiled: every superposed tensor, split over two threads inside a tensor, written
+    as the plan's path computes it, bit for bit, for every task in turn."""
     with BundleRuntime.open(served_wide.pulled) as rt:
         model = rt.model("t1")
-        assert rt._programs.get("t1") is None  # its embedding's stream was not kept yet
-        rt.switch(model, "t3")
-        for task in ["t1", "t3", "t1"]:
+        assert isinstance(rt._programs.get("t1"), SwitchProgram)
+        files = rt._sign_files
+        assert files is not None and files.used >= 32768 * 128 // 8  # the embedding's stream
+        _assert_same(model.state_dict(), rt.state_dict("t1"))
+        for task in ["t3", "t1", "t3"]:
             program = _compiled(rt, model, task)
             _assert_same(model.state_dict(), rt.state_dict(task))
-        plan = rt.plan("t1")
+        plan = rt.plan("t3")
         private = [name for name, (base, _) in plan.plan.items() if base is None]
         assert program.rest == private  # the head: everything else is compiled
         assert sorted(program.sizes) == sorted(set(plan.plan) - set(private))
@@ -118,8 +120,9 @@ def test_a_module_the_program_does_not_fit_is_switched_by_the_plan(served_wide: 
 
 
 def test_without_kept_streams_no_program_is_built(served_wide: Served) -> None:
-    """``sign_budget=0``: the large streams are drawn at every switch, which a program
-    cannot read in place; the runtime remembers that and keeps the plan's path."""
+    """``sign_budget=0`` (or a budget the large streams do not fit): they are drawn at
+    every switch, which a program cannot read in place; the runtime remembers that
+    and keeps the plan's path."""
     with BundleRuntime.open(served_wide.pulled, sign_budget=0) as rt:
         model = rt.model("t1")
         for task in ["t3", "t1"]:
