@@ -14,9 +14,9 @@ Questions (issue 13, "Must show"):
    directory vs materialize (to a new directory, fsynced) + load_file + load_state_dict.
    On a GPU: ``rt.switch`` on the device vs a device-to-device copy of the same bytes.
 3. Memory: peak RSS (VmHWM, fresh process each) of a runtime serving N tasks (open, build
-   the working model, switch through every task twice: a task's second switch runs
-   compiled, one forward pass) vs one
-   ``from_pretrained`` (+ one forward pass), for N = 1, 8 (and more with ``--versions``).
+   the working model, switch through every task twice: first switches, which draw the
+   sign streams, then later ones; one forward pass) vs one ``from_pretrained`` (+ one
+   forward pass), for N = 1, 8 (and more with ``--versions``).
 4. Mixed batches: one batch of 8 requests from 8 tasks through the mixed model vs 8
    per-task passes with a switch before each vs one plain model on the same batch (the
    floor: no task differences at all); and the same with 8 requests per task.
