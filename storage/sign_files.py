@@ -1,8 +1,10 @@
 """Drawn sign streams kept in one scratch file per task (randes.retrieval_inputs.KeptSigns).
 
-A stream is appended once, at the first retrieval of its tensor, and read back with a
-positional read (``pread`` releases the GIL; the helper thread that drew it now reads
-it, 15.5 MB per switch of a 124M model in a few milliseconds). The files are this
+A stream is appended once, at the first retrieval of its tensor (or a task's first
+switch), and read back in place through a read-only mapping of the file by a compiled
+switch (randes.switch_program: its pages dropped as the kernel passes them), or with a
+positional read by the per-tensor path (``pread`` releases the GIL; 15.5 MB per switch
+of a 124M model in a few milliseconds). The files are this
 process's own scratch: made in a private temporary directory, indexed in memory, and
 deleted when the runtime closes (or by the next runtime, when this one was killed:
 storage.workdirs); nothing else reads them, so no digest is kept. A
@@ -99,7 +101,10 @@ class TaskSignFile:
                 return None
             offset = where[0]
             if not self._maps or len(self._maps[-1][0]) < offset + nbytes:
-                mapped = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+                try:
+                    mapped = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+                except (OSError, ValueError):  # no address space left: read it back instead
+                    return None
                 advise_huge(mapped)
                 buffer = np.frombuffer(mapped, dtype=np.uint8, count=1)
                 self._maps.append((mapped, buffer.ctypes.data))

@@ -115,3 +115,27 @@ def test_a_scratch_that_cannot_be_written_stops_keeping_not_serving(tmp_path: Pa
     assert files.budget == files.used  # nothing more is kept
     assert not store.read_into("b", np.empty(100, dtype=np.uint8))
     files.close()
+
+
+def test_kept_streams_are_lent_in_place_from_a_mapping(tmp_path: Path) -> None:
+    """A compiled switch reads a kept stream at the address `stream_address` gives: the
+    kept bytes, also after the file grew (a new mapping; the old one stays valid, its
+    addresses may be in use), and nothing for a stream not kept or of another size."""
+    import ctypes
+
+    files = SignFiles(parent=tmp_path)
+    store = files.task(0)
+    first, second = np.arange(5000, dtype=np.uint8), np.arange(7000, dtype=np.uint8)[::-1]
+    store.keep("a", first)
+    assert store.holds("a", 5000) and not store.holds("a", 10) and not store.holds("b", 7000)
+    where_a = store.stream_address("a", 5000)
+    assert where_a is not None and store.stream_address("b", 7000) is None
+    store.keep("b", np.ascontiguousarray(second))
+    where_b = store.stream_address("b", 7000)
+    assert where_b is not None and where_b[1] != where_a[1]  # mapped again, bigger
+    assert ctypes.string_at(where_a[0], 5000) == first.tobytes()  # the old mapping still
+    assert ctypes.string_at(where_b[0], 7000) == second.tobytes()
+    low, high = where_b[1].low, where_b[1].high
+    assert low <= where_b[0] and where_b[0] + 7000 <= high
+    files.close()
+    assert not any(tmp_path.iterdir())
