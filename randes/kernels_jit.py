@@ -14,29 +14,7 @@ from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from randes.program_rows import (
-    BASE,
-    BASE_HIGH,
-    BASE_LOW,
-    BITS,
-    CODES,
-    COLS,
-    DROP_FIELDS,
-    DROPS,
-    EBITS,
-    GROUP,
-    LO,
-    MODE,
-    N_ROWS,
-    N_SCALES,
-    OUT,
-    ROW_FIELDS,
-    ROWS,
-    SCALES,
-    STEP,
-    WIDTH,
-    N,
-)
+from randes import program_rows as fields
 
 BLOCK = 4096
 """Entries decoded per inner step: their int8 codes stay in L1 between the passes."""
@@ -216,6 +194,43 @@ def dequant_add(
         _fma_groups(out, base, q, scales, group, alpha, b0, k, m)
 
 
+@_cached(inline="always")
+def _chunk(
+    out: Any,
+    base: Any,
+    codes: Any,
+    bits: int,
+    scales: Any,
+    group: int,
+    alpha: Any,
+    mode: int,
+    ebits: Any,
+    cols: Any,
+    rows: Any,
+    width: int,
+    lo: int,
+    c0: int,
+    c1: int,
+) -> None:
+    """`dequant_add` over entries ``[c0, c1)`` of a range starting at tensor entry
+    ``lo`` (``c0`` aligned: whole groups, code and sign bytes)."""
+    dequant_add(
+        out[c0:c1],
+        base[c0:c1],
+        codes[(c0 * bits) >> 3 :],
+        bits,
+        scales[c0 // group :],
+        group,
+        alpha,
+        mode,
+        ebits[c0 >> 3 :] if ebits.shape[0] else ebits,
+        cols,
+        rows,
+        width,
+        lo + c0,
+    )
+
+
 @intrinsic
 def _madvise(typingctx: Any, address: Any, length: Any, advice: Any) -> Any:
     """libc's madvise(address, length, advice), called from compiled code (the symbol is
@@ -262,20 +277,8 @@ def dequant_add_lent(
     kept = 0
     for c0 in range(0, n, step):
         c1 = min(c0 + step, n)
-        dequant_add(
-            out[c0:c1],
-            base[c0:c1],
-            codes[(c0 * bits) >> 3 :],
-            bits,
-            scales[c0 // group :],
-            group,
-            alpha,
-            mode,
-            ebits[c0 >> 3 :] if ebits.shape[0] else ebits,
-            cols,
-            rows,
-            width,
-            lo + c0,
+        _chunk(
+            out, base, codes, bits, scales, group, alpha, mode, ebits, cols, rows, width, lo, c0, c1
         )
         if drop_every and c1 - kept >= drop_every:
             first = max(map_lo, address + 4 * kept - margin)
@@ -345,38 +348,47 @@ def run_program(
     none_i8 = np.empty(0, dtype=np.int8)
     for r in range(rows.shape[0]):
         row = rows[r]
-        n, bits, group, step = row[N], row[BITS], row[GROUP], row[STEP]
-        out = carray(_f32_at(row[OUT]), (n,))
-        base = carray(_f32_at(row[BASE]), (n,))
-        codes = carray(_u8_at(row[CODES]), ((n * bits + 7) >> 3,))
-        scales = carray(_f32_at(row[SCALES]), (row[N_SCALES],))
-        ebits = carray(_u8_at(row[EBITS]), (((n + 7) >> 3) if row[EBITS] else 0,))
-        cols = carray(_i8_at(row[COLS]), (row[WIDTH],)) if row[COLS] else none_i8
-        signs_rows = carray(_i8_at(row[ROWS]), (row[N_ROWS],)) if row[ROWS] else none_i8
+        n, bits, group, step = row[fields.N], row[fields.BITS], row[fields.GROUP], row[fields.STEP]
+        out = carray(_f32_at(row[fields.OUT]), (n,))
+        base = carray(_f32_at(row[fields.BASE]), (n,))
+        codes = carray(_u8_at(row[fields.CODES]), ((n * bits + 7) >> 3,))
+        scales = carray(_f32_at(row[fields.SCALES]), (row[fields.N_SCALES],))
+        ebits = carray(_u8_at(row[fields.EBITS]), (((n + 7) >> 3) if row[fields.EBITS] else 0,))
+        cols = (
+            carray(_i8_at(row[fields.COLS]), (row[fields.WIDTH],)) if row[fields.COLS] else none_i8
+        )
+        signs_rows = (
+            carray(_i8_at(row[fields.ROWS]), (row[fields.N_ROWS],)) if row[fields.ROWS] else none_i8
+        )
+        mode, width, lo = row[fields.MODE], row[fields.WIDTH], row[fields.LO]
         kept = 0
         for c0 in range(0, n, step):
             c1 = min(c0 + step, n)
-            dequant_add(
-                out[c0:c1],
-                base[c0:c1],
-                codes[(c0 * bits) >> 3 :],
+            _chunk(
+                out,
+                base,
+                codes,
                 bits,
-                scales[c0 // group :],
+                scales,
                 group,
                 alphas[r],
-                row[MODE],
-                ebits[c0 >> 3 :] if ebits.shape[0] else ebits,
+                mode,
+                ebits,
                 cols,
                 signs_rows,
-                row[WIDTH],
-                row[LO] + c0,
+                width,
+                lo,
+                c0,
+                c1,
             )
             if c1 - kept < drop_every and c1 < n:
                 continue
-            if row[BASE_HIGH]:
-                first, last = row[BASE] + 4 * kept, row[BASE] + 4 * c1
-                _drop(first - margin, last, row[BASE_LOW], row[BASE_HIGH], span, advice)
-            for d in range(DROPS, ROW_FIELDS, DROP_FIELDS):
+            if row[fields.BASE_HIGH]:
+                first, last = row[fields.BASE] + 4 * kept, row[fields.BASE] + 4 * c1
+                _drop(
+                    first - margin, last, row[fields.BASE_LOW], row[fields.BASE_HIGH], span, advice
+                )
+            for d in range(fields.DROPS, fields.ROW_FIELDS, fields.DROP_FIELDS):
                 if row[d + 3]:  # the bytes of [kept, c1) of this input, pro rata
                     first = row[d] + row[d + 1] * kept // n
                     last = row[d] + row[d + 1] * c1 // n

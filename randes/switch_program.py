@@ -130,7 +130,6 @@ class SwitchProgram:
         rows.sort(key=lambda r: r.values[BASE])
         parts = _split(rows, max(1, threads))
         any_drops = drops_seen[0] if drops_seen else None
-        flush = _flush_ranges(rows)
         return cls(
             parts=[
                 np.array([r.values for r in p], dtype=np.int64).reshape(-1, ROW_FIELDS)
@@ -143,7 +142,7 @@ class SwitchProgram:
             span=any_drops.span if any_drops else 1,
             margin=any_drops.margin if any_drops else 0,
             advice=any_drops.advice if any_drops else 0,
-            flush=flush if any_drops else [],
+            flush=_flush_ranges(rows),
             held=held,
         )
 
@@ -173,11 +172,10 @@ class SwitchProgram:
                 table[i, OUT] = outs[name].data_ptr() + offset
             tables.append(table)
         args = (kernels.UNMAP_ENTRIES, self.margin, self.span, self.advice)
-        helper = halves.get() if len(tables) > 1 else None
+        helper = halves.get()
         others = [
             helper.submit(kernels.run_program_, table, alphas, *args)
             for table, alphas in zip(tables[1:], self.alphas[1:], strict=True)
-            if helper is not None
         ]
         try:
             kernels.run_program_(tables[0], self.alphas[0], *args)

@@ -91,6 +91,12 @@ def advise_huge(mapped: mmap.mmap) -> None:
             mapped.madvise(_HUGEPAGE)
 
 
+def mapping_address(mapped: mmap.mmap) -> int:
+    """The start address of ``mapped`` (read through a one-entry view that is dropped at
+    once: a mapping with a live export cannot be closed)."""
+    return int(np.frombuffer(mapped, dtype=np.uint8, count=1).ctypes.data)
+
+
 class FileMaps:
     """One read-only view per file, made on first use and shared by every thread.
 
@@ -116,7 +122,7 @@ class FileMaps:
                 with open(path, "rb") as fh:
                     mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
                 advise_huge(mapped)
-                address = np.frombuffer(mapped, dtype=np.uint8, count=1).ctypes.data
+                address = mapping_address(mapped)
                 entry = self._maps[path] = (mapped, address)
         if offset + nbytes > len(entry[0]):
             return None

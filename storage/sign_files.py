@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from randes.retrieval_inputs import PageDrops
-from storage.file_maps import FAULT_AROUND, SPAN, advise_huge
+from storage.file_maps import FAULT_AROUND, SPAN, advise_huge, mapping_address
 from storage.workdirs import scratch_root, work_dir
 
 DEFAULT_BUDGET = 2 << 30
@@ -106,9 +106,7 @@ class TaskSignFile:
                 except (OSError, ValueError):  # no address space left: read it back instead
                     return None
                 advise_huge(mapped)
-                buffer = np.frombuffer(mapped, dtype=np.uint8, count=1)
-                self._maps.append((mapped, buffer.ctypes.data))
-                del buffer  # the address stays valid; the mapping must not stay exported
+                self._maps.append((mapped, mapping_address(mapped)))
             mapped, address = self._maps[-1]
         drops = PageDrops(address, address + len(mapped), SPAN, FAULT_AROUND, advice)
         return address + offset, drops
